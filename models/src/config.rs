@@ -1,0 +1,381 @@
+//! The Hugging Face `config.json` of a Llama-family model.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fsutil::write_atomic;
+
+/// Model types whose architecture is the one implemented here.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama"];
+
+/// `rope_scaling` of a Hugging Face config. Only the `llama3` type changes the frequencies here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    /// `"llama3"`; other types are rejected by [`LlamaConfig::validate`].
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    /// Overall factor (8.0 for Llama 3.1).
+    pub factor: f64,
+    /// Low-frequency factor (1.0 for Llama 3.1).
+    #[serde(default = "default_low_freq")]
+    pub low_freq_factor: f64,
+    /// High-frequency factor (4.0 for Llama 3.1).
+    #[serde(default = "default_high_freq")]
+    pub high_freq_factor: f64,
+    /// Context length of the original pre-training (8192 for Llama 3.1).
+    #[serde(default = "default_orig_max")]
+    pub original_max_position_embeddings: usize,
+}
+
+fn default_low_freq() -> f64 {
+    1.0
+}
+fn default_high_freq() -> f64 {
+    4.0
+}
+fn default_orig_max() -> usize {
+    8192
+}
+
+/// A token id field that HF writes either as a number or a list of numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// One id.
+    One(u32),
+    /// Several ids (any of them ends generation).
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// All ids as a vector.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(i) => vec![*i],
+            TokenIds::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The fields of a Llama-family `config.json` that this crate uses. Other fields are ignored on
+/// read and not written back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Always `llama` for now.
+    pub model_type: String,
+    /// `["LlamaForCausalLM"]`.
+    #[serde(default = "default_architectures")]
+    pub architectures: Vec<String>,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); HF's default is the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Size of one head; HF's default is `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// Epsilon of RMSNorm.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Optional RoPE frequency scaling.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Longest context the model supports.
+    pub max_position_embeddings: usize,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Whether `lm_head` shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence id.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence id(s).
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    /// Padding id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<u32>,
+    /// Weight dtype name as HF writes it (`float32`, `bfloat16`, ...), informational.
+    #[serde(default = "default_torch_dtype")]
+    pub torch_dtype: String,
+}
+
+fn default_architectures() -> Vec<String> {
+    vec!["LlamaForCausalLM".to_string()]
+}
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_torch_dtype() -> String {
+    "float32".to_string()
+}
+
+impl LlamaConfig {
+    /// A small config for tests and from-scratch students.
+    pub fn tiny(vocab_size: usize) -> Self {
+        LlamaConfig {
+            model_type: "llama".into(),
+            architectures: default_architectures(),
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 512,
+            vocab_size,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_id: Some(TokenIds::One(2)),
+            pad_token_id: None,
+            torch_dtype: default_torch_dtype(),
+        }
+    }
+
+    /// Parses a config from JSON text; `path` only labels errors.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let cfg: LlamaConfig = serde_json::from_str(text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates `config.json` (or any file path given).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Serializes as pretty JSON.
+    pub fn to_json_string(&self) -> String {
+        // Serialization of plain numbers and strings cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Writes the config atomically to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_atomic(path, self.to_json_string().as_bytes())
+    }
+
+    /// Checks the values, naming the first field that is wrong.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, expected: &str, got: String| Error::Config {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            expected: expected.to_string(),
+            got,
+        };
+        if !SUPPORTED_MODEL_TYPES.contains(&self.model_type.as_str()) {
+            return Err(bad(
+                "model_type",
+                &format!("one of {SUPPORTED_MODEL_TYPES:?}"),
+                format!("{:?}", self.model_type),
+            ));
+        }
+        for (field, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if v == 0 {
+                return Err(bad(field, "a positive integer", "0".into()));
+            }
+        }
+        let kv = self.kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return Err(bad(
+                "num_key_value_heads",
+                &format!("a divisor of num_attention_heads ({})", self.num_attention_heads),
+                kv.to_string(),
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(bad(
+                "hidden_size",
+                "a multiple of num_attention_heads when head_dim is absent",
+                self.hidden_size.to_string(),
+            ));
+        }
+        if self.head_size() % 2 != 0 {
+            return Err(bad("head_dim", "an even number (RoPE)", self.head_size().to_string()));
+        }
+        if !(self.rms_norm_eps > 0.0) {
+            return Err(bad("rms_norm_eps", "a positive number", self.rms_norm_eps.to_string()));
+        }
+        if !(self.rope_theta > 0.0) {
+            return Err(bad("rope_theta", "a positive number", self.rope_theta.to_string()));
+        }
+        if let Some(rs) = &self.rope_scaling {
+            if rs.rope_type != "llama3" {
+                return Err(bad(
+                    "rope_scaling.rope_type",
+                    "\"llama3\"",
+                    format!("{:?}", rs.rope_type),
+                ));
+            }
+            if !(rs.factor > 0.0) || !(rs.low_freq_factor > 0.0) || rs.high_freq_factor <= rs.low_freq_factor {
+                return Err(bad(
+                    "rope_scaling",
+                    "factor > 0 and high_freq_factor > low_freq_factor > 0",
+                    format!("{rs:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Size of one attention head.
+    pub fn head_size(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// End-of-sequence ids (may be empty).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map(|t| t.to_vec()).unwrap_or_default()
+    }
+
+    /// The inverse RoPE frequencies (`head_dim / 2` values), with llama3 scaling applied.
+    /// Follows `_compute_llama3_parameters` of HF transformers `modeling_rope_utils.py`.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_size();
+        let base: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        let Some(rs) = &self.rope_scaling else {
+            return base.iter().map(|&f| f as f32).collect();
+        };
+        let old = rs.original_max_position_embeddings as f64;
+        let low_wavelen = old / rs.low_freq_factor;
+        let high_wavelen = old / rs.high_freq_factor;
+        base.iter()
+            .map(|&f| {
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                let v = if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    f / rs.factor
+                } else {
+                    let smooth = (old / wavelen - rs.low_freq_factor)
+                        / (rs.high_freq_factor - rs.low_freq_factor);
+                    (1.0 - smooth) * f / rs.factor + smooth * f
+                };
+                v as f32
+            })
+            .collect()
+    }
+
+    /// Number of parameters of the model this config describes.
+    pub fn num_parameters(&self) -> usize {
+        let h = self.hidden_size;
+        let d = self.head_size();
+        let attn = h * self.num_attention_heads * d * 2 + h * self.kv_heads() * d * 2;
+        let mlp = 3 * h * self.intermediate_size;
+        let per_layer = attn + mlp + 2 * h;
+        let emb = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { emb };
+        emb + head + self.num_hidden_layers * per_layer + h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() -> Result<()> {
+        let mut cfg = LlamaConfig::tiny(100);
+        cfg.rope_scaling = Some(RopeScaling {
+            rope_type: "llama3".into(),
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        });
+        cfg.eos_token_id = Some(TokenIds::Many(vec![2, 3]));
+        let text = cfg.to_json_string();
+        let back = LlamaConfig::from_json_str(&text, Path::new("mem"))?;
+        assert_eq!(cfg, back);
+        Ok(())
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let cfg = LlamaConfig::tiny(100);
+        let mut v: serde_json::Value = serde_json::from_str(&cfg.to_json_string()).unwrap();
+        v.as_object_mut().unwrap().remove("intermediate_size");
+        let err = LlamaConfig::from_json_str(&v.to_string(), Path::new("x/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("intermediate_size"), "{err}");
+        assert!(err.contains("x/config.json"), "{err}");
+    }
+
+    #[test]
+    fn unknown_model_type_is_rejected() {
+        let mut cfg = LlamaConfig::tiny(100);
+        cfg.model_type = "gpt2".into();
+        let err = LlamaConfig::from_json_str(&cfg.to_json_string(), Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model_type") && err.contains("gpt2"), "{err}");
+    }
+
+    #[test]
+    fn hf_smollm2_config_parses() -> Result<()> {
+        let text = r#"{"architectures":["LlamaForCausalLM"],"attention_bias":false,"bos_token_id":1,
+        "eos_token_id":2,"hidden_act":"silu","hidden_size":576,"initializer_range":0.041666666666666664,
+        "intermediate_size":1536,"max_position_embeddings":8192,"model_type":"llama",
+        "num_attention_heads":9,"num_hidden_layers":30,"num_key_value_heads":3,"pretraining_tp":1,
+        "rms_norm_eps":1e-05,"rope_scaling":null,"rope_theta":100000,"tie_word_embeddings":true,
+        "torch_dtype":"bfloat16","transformers_version":"4.42.3","use_cache":true,"vocab_size":49152}"#;
+        let cfg = LlamaConfig::from_json_str(text, Path::new("smollm2"))?;
+        assert_eq!(cfg.head_size(), 64);
+        assert_eq!(cfg.kv_heads(), 3);
+        assert!((cfg.num_parameters() as f64 - 134.5e6).abs() < 0.1e6);
+        Ok(())
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies() {
+        let mut cfg = LlamaConfig::tiny(10);
+        cfg.head_dim = Some(128);
+        cfg.rope_theta = 500000.0;
+        let plain = cfg.inv_freq();
+        cfg.rope_scaling = Some(RopeScaling {
+            rope_type: "llama3".into(),
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        });
+        let scaled = cfg.inv_freq();
+        assert_eq!(plain[0], scaled[0]);
+        let last = plain.len() - 1;
+        assert!((plain[last] / 8.0 - scaled[last]).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,39 @@
+//! Llama-family models for the STEPER toolchain, in candle.
+//!
+//! - [`LlamaConfig`]: the Hugging Face `config.json`.
+//! - [`Llama`]: the decoder; [`Llama::forward`] gives differentiable full-sequence logits for
+//!   training, [`Llama::forward_cached`] extends a [`KvCache`] for generation.
+//! - [`Weights`] / [`Checkpoint`]: named tensors, random init, single or sharded safetensors.
+//! - [`gguf::import_gguf`]: a llama.cpp GGUF file to an HF-style checkpoint directory, with the
+//!   tokenizer rebuilt from the GGUF metadata.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use steper_models::{Llama, LlamaConfig, Weights};
+//!
+//! let cfg = LlamaConfig::tiny(32);
+//! let weights = Weights::random(&cfg, 0, &Device::Cpu)?;
+//! let model = Llama::new(&cfg, &weights)?;
+//! let ids = Tensor::new(&[[1u32, 5, 7]], &Device::Cpu)?;
+//! let logits = model.forward(&ids, None)?;
+//! assert_eq!(logits.dims(), &[1, 3, 32]);
+//! # Ok::<(), steper_models::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod fsutil;
+pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use checkpoint::{load_tokenizer, Checkpoint};
+pub use config::{LlamaConfig, RopeScaling, TokenIds};
+pub use error::{Error, Result};
+pub use generate::{generate, GenerateOptions, Generation, Sampling};
+pub use model::{KvCache, Llama};
+pub use weights::Weights;
