@@ -1,1 +1,12 @@
-//! placeholder
+//! The STEPER edge runtime: data formats, the prompt template, metrics, BM25 retrieval and the
+//! multi-step reasoning loop, run on ONNX Runtime (`ort`) or tract. No candle dependency, so the
+//! edge binary stays small.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod generator;
+pub mod manifest;
+
+pub use error::{Error, Result};
+pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
+pub use manifest::{Manifest, TEMPLATE_VERSION};

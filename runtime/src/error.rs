@@ -1,0 +1,71 @@
+//! The one error type of `steper-runtime`.
+
+use std::path::PathBuf;
+
+/// Everything the runtime can report. Variants carry the structured facts (file, line, field,
+/// what was expected); add a variant rather than formatting facts into a string elsewhere.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line of a JSONL file is malformed.
+    #[error("{path}:{line}: {message}")]
+    BadLine {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong (serde names the field).
+        message: String,
+    },
+    /// A model directory is missing a file or holds an inconsistent one.
+    #[error("model {path}: {message}")]
+    Model {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A backend (ONNX Runtime, tract) failed or could not be set up.
+    #[error("{backend}: {message}")]
+    Backend {
+        /// `ort` or `tract`.
+        backend: &'static str,
+        /// What failed.
+        message: String,
+    },
+    /// An execution provider that was asked for cannot be registered.
+    #[error("execution provider {provider} is not available: {reason}")]
+    ProviderUnavailable {
+        /// The provider name.
+        provider: String,
+        /// What is missing.
+        reason: String,
+    },
+    /// Invalid input given to an API call.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// A tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

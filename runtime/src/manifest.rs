@@ -1,0 +1,218 @@
+//! `steper.json`: the runtime manifest written beside an exported `model.onnx`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The `format` value of every manifest.
+pub const MANIFEST_FORMAT: &str = "steper-manifest";
+/// The manifest version this runtime reads and writes.
+pub const MANIFEST_VERSION: u32 = 1;
+/// File name of the manifest inside an export directory.
+pub const MANIFEST_FILE: &str = "steper.json";
+/// The prompt template version this runtime renders (DESIGN.md, "The prompt").
+pub const TEMPLATE_VERSION: &str = "ircot-v1";
+
+/// Reasoning-loop defaults stored with a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopDefaults {
+    /// Phrase that introduces the answer (`So the answer is:`).
+    pub stop_phrase: String,
+    /// Maximum reasoning steps before forced aggregation.
+    pub max_steps: usize,
+    /// Passages retrieved per step.
+    pub top_k: usize,
+    /// Cap on passages held in total.
+    pub max_passages: usize,
+    /// Words kept per passage text.
+    pub passage_word_cap: usize,
+    /// Maximum new tokens per generated sentence.
+    pub max_sentence_tokens: usize,
+}
+
+impl Default for LoopDefaults {
+    fn default() -> Self {
+        LoopDefaults {
+            stop_phrase: "So the answer is:".into(),
+            max_steps: 5,
+            top_k: 4,
+            max_passages: 15,
+            passage_word_cap: 100,
+            max_sentence_tokens: 48,
+        }
+    }
+}
+
+/// The graph's shape facts and I/O names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GraphInfo {
+    /// Decoder layers (one past/present key and value each).
+    pub num_layers: usize,
+    /// Key/value heads held in the cache.
+    pub num_kv_heads: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Logits per position.
+    pub vocab_size: usize,
+    /// Graph inputs, in order (`input_ids`, `attention_mask`, `position_ids`,
+    /// `past_key_values.{i}.key|value`).
+    pub inputs: Vec<String>,
+    /// Graph outputs, in order (`logits`, `present.{i}.key|value`).
+    pub outputs: Vec<String>,
+}
+
+/// Contents of `steper.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// [`MANIFEST_VERSION`].
+    pub version: u32,
+    /// Prompt template version the model was trained with.
+    pub template_version: String,
+    /// The ONNX file, relative to the manifest.
+    pub model_file: String,
+    /// The tokenizer file, relative to the manifest.
+    pub tokenizer_file: String,
+    /// `fp32`, `fp16` or `int8` (QDQ).
+    pub dtype: String,
+    /// Longest sequence the model accepts.
+    pub context_length: usize,
+    /// BOS id, if the model uses one.
+    pub bos_token_id: Option<u32>,
+    /// Ids that end a generated sentence.
+    pub eos_token_ids: Vec<u32>,
+    /// Padding id.
+    pub pad_token_id: Option<u32>,
+    /// Graph facts and I/O names.
+    pub graph: GraphInfo,
+    /// Loop defaults.
+    #[serde(rename = "loop")]
+    pub loop_defaults: LoopDefaults,
+    /// What produced the export (tool and version), informational.
+    #[serde(default)]
+    pub producer: String,
+}
+
+impl Manifest {
+    /// Reads and checks `steper.json` (format, version, template version, I/O names).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::BadLine {
+            path: path.to_path_buf(),
+            line: e.line(),
+            message: e.to_string(),
+        })?;
+        m.check(path)?;
+        Ok(m)
+    }
+
+    /// Checks the fields a runtime relies on.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        let bad = |message: String| Error::Model {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.format != MANIFEST_FORMAT {
+            return Err(bad(format!(
+                "field `format`: expected {MANIFEST_FORMAT:?}, got {:?}",
+                self.format
+            )));
+        }
+        if self.version != MANIFEST_VERSION {
+            return Err(bad(format!(
+                "field `version`: this runtime reads manifest version {MANIFEST_VERSION}, got {}",
+                self.version
+            )));
+        }
+        if self.template_version != TEMPLATE_VERSION {
+            return Err(bad(format!(
+                "field `template_version`: expected {TEMPLATE_VERSION:?}, got {:?}",
+                self.template_version
+            )));
+        }
+        let g = &self.graph;
+        let want_in = Self::input_names(g.num_layers);
+        if g.inputs != want_in {
+            return Err(bad(format!(
+                "field `graph.inputs`: expected {want_in:?}, got {:?}",
+                g.inputs
+            )));
+        }
+        let want_out = Self::output_names(g.num_layers);
+        if g.outputs != want_out {
+            return Err(bad(format!(
+                "field `graph.outputs`: expected {want_out:?}, got {:?}",
+                g.outputs
+            )));
+        }
+        if self.context_length == 0 || g.vocab_size == 0 || g.head_dim == 0 || g.num_kv_heads == 0 {
+            return Err(bad(
+                "fields `context_length`, `graph.vocab_size`, `graph.head_dim`, `graph.num_kv_heads` must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes the manifest (pretty JSON) atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Input(e.to_string()))?;
+        write_atomic(path, text.as_bytes())
+    }
+
+    /// Optimum's input names for `layers` decoder layers.
+    pub fn input_names(layers: usize) -> Vec<String> {
+        let mut v = vec![
+            "input_ids".to_string(),
+            "attention_mask".to_string(),
+            "position_ids".to_string(),
+        ];
+        for i in 0..layers {
+            v.push(format!("past_key_values.{i}.key"));
+            v.push(format!("past_key_values.{i}.value"));
+        }
+        v
+    }
+
+    /// Optimum's output names for `layers` decoder layers.
+    pub fn output_names(layers: usize) -> Vec<String> {
+        let mut v = vec!["logits".to_string()];
+        for i in 0..layers {
+            v.push(format!("present.{i}.key"));
+            v.push(format!("present.{i}.value"));
+        }
+        v
+    }
+}
+
+/// Writes `bytes` to a temporary sibling of `path`, then renames it into place.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
