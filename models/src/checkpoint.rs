@@ -56,7 +56,12 @@ impl Checkpoint {
     }
 
     /// Writes `config.json` and the weights into `dir` (each file atomically).
-    pub fn save(dir: &Path, config: &LlamaConfig, weights: &Weights, max_shard_bytes: Option<usize>) -> Result<()> {
+    pub fn save(
+        dir: &Path,
+        config: &LlamaConfig,
+        weights: &Weights,
+        max_shard_bytes: Option<usize>,
+    ) -> Result<()> {
         weights.check(config, dir)?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         weights.save_dir(dir, max_shard_bytes)?;
@@ -67,7 +72,10 @@ impl Checkpoint {
 /// Loads a `tokenizer.json`, checking that its ids fit a vocabulary of `vocab_size`.
 pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<tokenizers::Tokenizer> {
     if !path.is_file() {
-        return Err(Error::Tokenizer(format!("{}: file not found", path.display())));
+        return Err(Error::Tokenizer(format!(
+            "{}: file not found",
+            path.display()
+        )));
     }
     let tok = tokenizers::Tokenizer::from_file(path)
         .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;

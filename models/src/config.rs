@@ -204,7 +204,10 @@ impl LlamaConfig {
         if kv == 0 || self.num_attention_heads % kv != 0 {
             return Err(bad(
                 "num_key_value_heads",
-                &format!("a divisor of num_attention_heads ({})", self.num_attention_heads),
+                &format!(
+                    "a divisor of num_attention_heads ({})",
+                    self.num_attention_heads
+                ),
                 kv.to_string(),
             ));
         }
@@ -216,13 +219,25 @@ impl LlamaConfig {
             ));
         }
         if self.head_size() % 2 != 0 {
-            return Err(bad("head_dim", "an even number (RoPE)", self.head_size().to_string()));
+            return Err(bad(
+                "head_dim",
+                "an even number (RoPE)",
+                self.head_size().to_string(),
+            ));
         }
         if !(self.rms_norm_eps > 0.0) {
-            return Err(bad("rms_norm_eps", "a positive number", self.rms_norm_eps.to_string()));
+            return Err(bad(
+                "rms_norm_eps",
+                "a positive number",
+                self.rms_norm_eps.to_string(),
+            ));
         }
         if !(self.rope_theta > 0.0) {
-            return Err(bad("rope_theta", "a positive number", self.rope_theta.to_string()));
+            return Err(bad(
+                "rope_theta",
+                "a positive number",
+                self.rope_theta.to_string(),
+            ));
         }
         if let Some(rs) = &self.rope_scaling {
             if rs.rope_type != "llama3" {
@@ -232,7 +247,10 @@ impl LlamaConfig {
                     format!("{:?}", rs.rope_type),
                 ));
             }
-            if !(rs.factor > 0.0) || !(rs.low_freq_factor > 0.0) || rs.high_freq_factor <= rs.low_freq_factor {
+            if !(rs.factor > 0.0)
+                || !(rs.low_freq_factor > 0.0)
+                || rs.high_freq_factor <= rs.low_freq_factor
+            {
                 return Err(bad(
                     "rope_scaling",
                     "factor > 0 and high_freq_factor > low_freq_factor > 0",
@@ -256,7 +274,10 @@ impl LlamaConfig {
 
     /// End-of-sequence ids (may be empty).
     pub fn eos_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(|t| t.to_vec()).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(|t| t.to_vec())
+            .unwrap_or_default()
     }
 
     /// The inverse RoPE frequencies (`head_dim / 2` values), with llama3 scaling applied.

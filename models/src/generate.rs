@@ -67,7 +67,11 @@ pub fn generate_with(
         return Err(Error::Input("empty prompt".into()));
     }
     let mut rng = match &opts.sampling {
-        Sampling::Sample { seed, temperature, top_p } => {
+        Sampling::Sample {
+            seed,
+            temperature,
+            top_p,
+        } => {
             if !(*temperature > 0.0) || !(*top_p > 0.0 && *top_p <= 1.0) {
                 return Err(Error::Input(format!(
                     "sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature} / {top_p}"
@@ -94,11 +98,20 @@ pub fn generate_with(
         decode_secs: 0.0,
     };
     for _ in 0..opts.max_new_tokens {
-        let probs: Vec<f32> = candle_nn::ops::softmax(&last.to_dtype(DType::F32)?, D::Minus1)?.to_vec1()?;
+        let probs: Vec<f32> =
+            candle_nn::ops::softmax(&last.to_dtype(DType::F32)?, D::Minus1)?.to_vec1()?;
         let next = match (&opts.sampling, rng.as_mut()) {
-            (Sampling::Sample { temperature, top_p, .. }, Some(rng)) => {
-                sample(&last.to_dtype(DType::F32)?.to_vec1()?, *temperature, *top_p, rng)
-            }
+            (
+                Sampling::Sample {
+                    temperature, top_p, ..
+                },
+                Some(rng),
+            ) => sample(
+                &last.to_dtype(DType::F32)?.to_vec1()?,
+                *temperature,
+                *top_p,
+                rng,
+            ),
             _ => argmax(&probs),
         };
         let entropy: f32 = probs
@@ -120,7 +133,9 @@ pub fn generate_with(
             break;
         }
         let ids = Tensor::new(&[next], dev)?.unsqueeze(0)?;
-        last = model.forward_cached(&ids, None, &mut cache)?.flatten_all()?;
+        last = model
+            .forward_cached(&ids, None, &mut cache)?
+            .flatten_all()?;
     }
     out.decode_secs = t1.elapsed().as_secs_f64();
     Ok(out)
@@ -164,4 +179,60 @@ fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut ChaCha8Rng) ->
         }
     }
     kept.last().map(|x| x.0 as u32).unwrap_or(0)
+}
+
+/// A text continuation with its statistics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TextGeneration {
+    /// The prompt as given.
+    pub prompt: String,
+    /// The decoded continuation.
+    pub text: String,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// New tokens.
+    pub new_tokens: usize,
+    /// Prompt tokens per second.
+    pub prefill_tokens_per_sec: f64,
+    /// New tokens per second.
+    pub decode_tokens_per_sec: f64,
+    /// Mean probability of the chosen tokens.
+    pub mean_token_prob: f32,
+}
+
+/// Encodes `prompt`, generates, decodes. Stops at the config's EOS ids.
+pub fn generate_text(
+    model: &Llama,
+    tokenizer: &tokenizers::Tokenizer,
+    prompt: &str,
+    opts: &GenerateOptions,
+) -> Result<TextGeneration> {
+    let enc = tokenizer
+        .encode(prompt, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let ids = enc.get_ids().to_vec();
+    let mut opts = opts.clone();
+    for id in model.config().eos_ids() {
+        if !opts.stop_ids.contains(&id) {
+            opts.stop_ids.push(id);
+        }
+    }
+    let g = generate(model, &ids, &opts)?;
+    let text = tokenizer
+        .decode(&g.tokens, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let n = g.tokens.len();
+    Ok(TextGeneration {
+        prompt: prompt.to_string(),
+        text,
+        prompt_tokens: ids.len(),
+        new_tokens: n,
+        prefill_tokens_per_sec: ids.len() as f64 / g.prefill_secs.max(1e-9),
+        decode_tokens_per_sec: n as f64 / g.decode_secs.max(1e-9),
+        mean_token_prob: if n == 0 {
+            0.0
+        } else {
+            g.probs.iter().sum::<f32>() / n as f32
+        },
+    })
 }

@@ -72,8 +72,8 @@ impl GgufFile {
         };
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let content = Content::read(&mut file)
-            .map_err(|e| gerr(format!("not a readable GGUF file: {e}")))?;
+        let content =
+            Content::read(&mut file).map_err(|e| gerr(format!("not a readable GGUF file: {e}")))?;
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
@@ -120,7 +120,8 @@ impl GgufFile {
         let v = self
             .meta(key)
             .ok_or_else(|| self.err(format!("missing metadata key `{key}`")))?;
-        value_u64(v).ok_or_else(|| self.err(format!("metadata `{key}`: expected an integer, got {v:?}")))
+        value_u64(v)
+            .ok_or_else(|| self.err(format!("metadata `{key}`: expected an integer, got {v:?}")))
     }
 
     fn meta_u64_opt(&self, key: &str) -> Result<Option<u64>> {
@@ -156,10 +157,15 @@ impl GgufFile {
                 .enumerate()
                 .map(|(i, v)| match v {
                     Value::String(s) => Ok(s.clone()),
-                    other => Err(self.err(format!("metadata `{key}`[{i}]: expected a string, got {other:?}"))),
+                    other => Err(self.err(format!(
+                        "metadata `{key}`[{i}]: expected a string, got {other:?}"
+                    ))),
                 })
                 .collect(),
-            Some(v) => Err(self.err(format!("metadata `{key}`: expected an array of strings, got {}", type_name(v)))),
+            Some(v) => Err(self.err(format!(
+                "metadata `{key}`: expected an array of strings, got {}",
+                type_name(v)
+            ))),
             None => Err(self.err(format!("missing metadata key `{key}`"))),
         }
     }
@@ -211,20 +217,29 @@ impl GgufFile {
             num_hidden_layers: self.meta_u64("llama.block_count")? as usize,
             num_attention_heads: heads,
             num_key_value_heads: Some(kv),
-            head_dim: if head_dim * heads == hidden { None } else { Some(head_dim) },
+            head_dim: if head_dim * heads == hidden {
+                None
+            } else {
+                Some(head_dim)
+            },
             rms_norm_eps: self
                 .meta_f64("llama.attention.layer_norm_rms_epsilon")?
                 .unwrap_or(1e-5),
             rope_theta: self.meta_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
             rope_scaling: None,
-            max_position_embeddings: self.meta_u64_opt("llama.context_length")?.unwrap_or(2048) as usize,
+            max_position_embeddings: self.meta_u64_opt("llama.context_length")?.unwrap_or(2048)
+                as usize,
             vocab_size: vocab,
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            bos_token_id: self.meta_u64_opt("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
+            bos_token_id: self
+                .meta_u64_opt("tokenizer.ggml.bos_token_id")?
+                .map(|v| v as u32),
             eos_token_id: self
                 .meta_u64_opt("tokenizer.ggml.eos_token_id")?
                 .map(|v| TokenIds::One(v as u32)),
-            pad_token_id: self.meta_u64_opt("tokenizer.ggml.padding_token_id")?.map(|v| v as u32),
+            pad_token_id: self
+                .meta_u64_opt("tokenizer.ggml.padding_token_id")?
+                .map(|v| v as u32),
             torch_dtype: "float32".into(),
         };
         cfg.validate(&self.path)?;
@@ -245,7 +260,11 @@ impl GgufFile {
             )));
         }
         let q = info
-            .read(&mut self.file, self.content.tensor_data_offset, &Device::Cpu)
+            .read(
+                &mut self.file,
+                self.content.tensor_data_offset,
+                &Device::Cpu,
+            )
             .map_err(|e| Error::Gguf {
                 path: self.path.clone(),
                 message: format!("tensor `{name}`: {e}"),
@@ -265,7 +284,10 @@ impl GgufFile {
         let mut w = Weights::default();
         let heads = cfg.num_attention_heads;
         let kv = cfg.kv_heads();
-        w.insert("model.embed_tokens.weight", self.dequantize("token_embd.weight")?);
+        w.insert(
+            "model.embed_tokens.weight",
+            self.dequantize("token_embd.weight")?,
+        );
         w.insert("model.norm.weight", self.dequantize("output_norm.weight")?);
         if !cfg.tie_word_embeddings {
             w.insert("lm_head.weight", self.dequantize("output.weight")?);
@@ -274,7 +296,10 @@ impl GgufFile {
             let g = |s: &str| format!("blk.{l}.{s}.weight");
             let h = |s: &str| format!("model.layers.{l}.{s}.weight");
             w.insert(h("input_layernorm"), self.dequantize(&g("attn_norm"))?);
-            w.insert(h("post_attention_layernorm"), self.dequantize(&g("ffn_norm"))?);
+            w.insert(
+                h("post_attention_layernorm"),
+                self.dequantize(&g("ffn_norm"))?,
+            );
             let q = self.dequantize(&g("attn_q"))?;
             w.insert(h("self_attn.q_proj"), unpermute_rope_rows(&q, heads)?);
             let k = self.dequantize(&g("attn_k"))?;
@@ -314,10 +339,15 @@ impl GgufFile {
         let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| value_u64(v).map(|x| x as i64).or(match v {
-                    Value::I32(x) => Some(*x as i64),
-                    _ => None,
-                }).unwrap_or(1))
+                .map(|v| {
+                    value_u64(v)
+                        .map(|x| x as i64)
+                        .or(match v {
+                            Value::I32(x) => Some(*x as i64),
+                            _ => None,
+                        })
+                        .unwrap_or(1)
+                })
                 .collect(),
             _ => vec![1; tokens.len()],
         };
@@ -328,8 +358,13 @@ impl GgufFile {
                 tokens.len()
             )));
         }
-        let add_bos = matches!(self.meta("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
-        let bos = self.meta_u64_opt("tokenizer.ggml.bos_token_id")?.map(|v| v as u32);
+        let add_bos = matches!(
+            self.meta("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
+        let bos = self
+            .meta_u64_opt("tokenizer.ggml.bos_token_id")?
+            .map(|v| v as u32);
         let spec = crate::tokenizer::GgufTokenizerSpec {
             tokens,
             merges,

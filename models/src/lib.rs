@@ -34,6 +34,8 @@ pub mod weights;
 pub use checkpoint::{load_tokenizer, Checkpoint};
 pub use config::{LlamaConfig, RopeScaling, TokenIds};
 pub use error::{Error, Result};
-pub use generate::{generate, GenerateOptions, Generation, Sampling};
+pub use generate::{
+    generate, generate_text, GenerateOptions, Generation, Sampling, TextGeneration,
+};
 pub use model::{KvCache, Llama};
 pub use weights::Weights;

@@ -281,10 +281,10 @@ impl Llama {
         let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
 
         let ids_t = Tensor::from_vec(ids, b * s, &self.device)?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids_t, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids_t, 0)?
+                .reshape((b, s, self.cfg.hidden_size))?;
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let hn = rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
@@ -405,7 +405,11 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 }
 
 /// cos / sin tables `[max_position_embeddings, head_dim / 2]`.
-pub(crate) fn rope_tables(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+pub(crate) fn rope_tables(
+    cfg: &LlamaConfig,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     let inv = cfg.inv_freq();
     let n = cfg.max_position_embeddings;
     let half = inv.len();

@@ -53,7 +53,9 @@ pub fn build_byte_level_bpe(spec: &GgufTokenizerSpec) -> Result<Tokenizer, Strin
     let mut ordered: Vec<(String, u32)> = Vec::with_capacity(spec.tokens.len());
     for (i, t) in spec.tokens.iter().enumerate() {
         if vocab.insert(t.clone(), i as u32).is_some() {
-            return Err(format!("tokenizer.ggml.tokens: token {t:?} appears twice (id {i})"));
+            return Err(format!(
+                "tokenizer.ggml.tokens: token {t:?} appears twice (id {i})"
+            ));
         }
         ordered.push((t.clone(), i as u32));
     }

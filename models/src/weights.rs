@@ -52,7 +52,10 @@ impl Weights {
         if t.dims() != shape {
             return Err(Error::Checkpoint {
                 path: "<weights>".into(),
-                message: format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims()),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                ),
             });
         }
         Ok(t.clone())
@@ -65,7 +68,10 @@ impl Weights {
         let nh = cfg.num_attention_heads;
         let kv = cfg.kv_heads();
         let i = cfg.intermediate_size;
-        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+        let mut v = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![cfg.vocab_size, h],
+        )];
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             v.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -108,10 +114,11 @@ impl Weights {
         let files = safetensors_files(dir)?;
         let mut tensors = BTreeMap::new();
         for f in files {
-            let loaded = candle_core::safetensors::load(&f, device).map_err(|e| Error::Checkpoint {
-                path: f.clone(),
-                message: format!("cannot read safetensors: {e}"),
-            })?;
+            let loaded =
+                candle_core::safetensors::load(&f, device).map_err(|e| Error::Checkpoint {
+                    path: f.clone(),
+                    message: format!("cannot read safetensors: {e}"),
+                })?;
             for (k, t) in loaded {
                 tensors.insert(k, t.to_dtype(dtype)?);
             }

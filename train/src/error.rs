@@ -1,0 +1,29 @@
+//! The one error type of `steper-train`.
+
+use std::path::PathBuf;
+
+/// Everything the training library can report.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An error from the models crate (config, checkpoint, GGUF, candle).
+    #[error(transparent)]
+    Models(#[from] steper_models::Error),
+    /// An error from the runtime crate (data files, retrieval, prompt).
+    #[error(transparent)]
+    Runtime(#[from] steper_runtime::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Invalid input.
+    #[error("invalid input: {0}")]
+    Input(String),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
