@@ -55,6 +55,39 @@ pub enum Error {
     /// A tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A prompt cannot fit the model's context even with every passage removed (the question,
+    /// the reasoning and the answer prefix are never cut).
+    #[error("prompt needs {tokens} tokens without any passage; the context leaves {budget} for it (question too long for the model's context)")]
+    ContextOverflow {
+        /// Tokens of the prompt with all passages removed.
+        tokens: usize,
+        /// Tokens available for the prompt (context length minus the generation allowance).
+        budget: usize,
+    },
+    /// The search index (tantivy) failed.
+    #[error("index {path}: {message}")]
+    Index {
+        /// The index directory.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A directory holds an index of another schema than this runtime writes.
+    #[error(
+        "index {path}: not a steper-run index ({message}); rebuild it with `steper-run index`"
+    )]
+    IndexSchema {
+        /// The index directory.
+        path: PathBuf,
+        /// Which field is missing or differs.
+        message: String,
+    },
+    /// A corpus to index holds no document.
+    #[error("corpus {path}: no documents to index")]
+    EmptyCorpus {
+        /// The corpus file (or the first QA file it was built from).
+        path: PathBuf,
+    },
 }
 
 /// Result alias of this crate.

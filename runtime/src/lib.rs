@@ -3,10 +3,18 @@
 //! edge binary stays small.
 #![warn(missing_docs)]
 
+pub mod answer;
+pub mod data;
 pub mod error;
 pub mod generator;
 pub mod manifest;
+pub mod metrics;
+pub mod prompt;
+pub mod reasoning;
+pub mod retrieval;
 
 pub use error::{Error, Result};
 pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
 pub use manifest::{Manifest, TEMPLATE_VERSION};
+pub use reasoning::{reason, GeneratorStepModel, LoopOptions, Reasoning, StepModel};
+pub use retrieval::{Bm25Index, Retriever};

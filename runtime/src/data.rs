@@ -1,0 +1,421 @@
+//! Files on disk (DESIGN.md, "Files on disk"): QA datasets, corpora and step-wise records, all
+//! JSONL. Readers name the file and the 1-based line of anything malformed; with
+//! [`ReadOptions::skip_bad`] they skip such lines and count them instead.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// One paragraph handed out with a QA question (gold or distractor).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Paragraph {
+    /// Wikipedia title.
+    pub title: String,
+    /// Paragraph text.
+    pub text: String,
+    /// Whether the paragraph supports the answer (absent in some sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_supporting: Option<bool>,
+}
+
+/// One question of a QA dataset file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QaExample {
+    /// Question id, unique within the file.
+    pub id: String,
+    /// Dataset name (`hotpotqa`, `musique`, `2wikimultihopqa`…).
+    #[serde(default)]
+    pub dataset: String,
+    /// The question.
+    pub question: String,
+    /// Gold answers (aliases); metrics take the max over them.
+    pub answers: Vec<String>,
+    /// Question type, where the source has one.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    pub kind: Option<String>,
+    /// Gold and distractor paragraphs.
+    #[serde(default)]
+    pub paragraphs: Vec<Paragraph>,
+    /// Titles of the supporting paragraphs, where the source lists them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supporting_titles: Option<Vec<String>>,
+    /// Any other field of the line (kept so a record round-trips).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl QaExample {
+    /// The gold titles: the titles of paragraphs marked `is_supporting`, else
+    /// `supporting_titles`; deduplicated, in order of first appearance.
+    pub fn gold_titles(&self) -> Vec<String> {
+        let mut seen = HashSet::new();
+        let mut out: Vec<String> = self
+            .paragraphs
+            .iter()
+            .filter(|p| p.is_supporting == Some(true))
+            .filter(|p| seen.insert(p.title.clone()))
+            .map(|p| p.title.clone())
+            .collect();
+        if out.is_empty() {
+            if let Some(titles) = &self.supporting_titles {
+                out = titles
+                    .iter()
+                    .filter(|t| seen.insert((*t).clone()))
+                    .cloned()
+                    .collect();
+            }
+        }
+        out
+    }
+}
+
+/// One corpus document: `{"id", "title", "text"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Document {
+    /// Document id, unique within the corpus.
+    pub id: String,
+    /// Wikipedia title.
+    pub title: String,
+    /// Text.
+    pub text: String,
+}
+
+/// A training stage of DESIGN.md, "The prompt".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// s = 1: Q + P_1 → R_1.
+    Init,
+    /// 1 < s < S: Q + P_≤s + R_<s → R_s.
+    Expand,
+    /// s = S: Q + P_≤S + R_<S → `So the answer is: {answer}.`
+    Aggregate,
+}
+
+/// A passage as the prompt shows it (title and text; the text is capped at render time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptPassage {
+    /// Wikipedia title.
+    pub title: String,
+    /// Full text.
+    pub text: String,
+}
+
+/// One step-wise training example (DESIGN.md, "Step-wise records"). The prompt is rendered from
+/// these fields by [`crate::prompt::render`] at training time; data never carries a prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepwiseRecord {
+    /// Question id.
+    pub qid: String,
+    /// Stage of this step.
+    pub stage: Stage,
+    /// 1-based step.
+    pub step: usize,
+    /// The question.
+    pub question: String,
+    /// Passages held at this step (P_≤s), in prompt order.
+    pub passages: Vec<PromptPassage>,
+    /// Prior sentences R_<s.
+    pub reasoning: Vec<String>,
+    /// The sentence to learn (R_s, or `So the answer is: {answer}.` at aggregation).
+    pub target: String,
+    /// Which teacher produced the target.
+    pub teacher: String,
+    /// Gold answers of the question.
+    pub answers: Vec<String>,
+}
+
+/// How JSONL readers treat malformed lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Skip malformed lines (counting them) instead of failing on the first.
+    pub skip_bad: bool,
+}
+
+/// What a JSONL reader returns: the parsed rows and the lines it skipped.
+#[derive(Debug, Clone)]
+pub struct Loaded<T> {
+    /// Parsed rows, in file order.
+    pub rows: Vec<T>,
+    /// Malformed lines skipped (only with [`ReadOptions::skip_bad`]): 1-based line and error.
+    pub skipped: Vec<(usize, String)>,
+}
+
+/// Reads a JSONL file of `T`. Blank lines are ignored. A malformed line is an
+/// [`Error::BadLine`] naming the file and its 1-based line (serde's message names the field),
+/// unless `opts.skip_bad`.
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path, opts: ReadOptions) -> Result<Loaded<T>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut rows = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<T>(&line) {
+            Ok(row) => rows.push(row),
+            Err(e) if opts.skip_bad => skipped.push((i + 1, e.to_string())),
+            Err(e) => {
+                return Err(Error::BadLine {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+    Ok(Loaded { rows, skipped })
+}
+
+/// Reads a QA dataset file and checks what the loop relies on (a non-empty question, unique
+/// ids).
+pub fn read_qa(path: &Path, opts: ReadOptions) -> Result<Loaded<QaExample>> {
+    let loaded: Loaded<QaExample> = read_jsonl(path, opts)?;
+    let mut ids = HashSet::new();
+    for q in &loaded.rows {
+        if q.question.trim().is_empty() {
+            return Err(Error::Input(format!(
+                "{}: question {:?}: field `question` is empty",
+                path.display(),
+                q.id
+            )));
+        }
+        if !ids.insert(q.id.as_str()) {
+            return Err(Error::Input(format!(
+                "{}: field `id`: {:?} appears twice",
+                path.display(),
+                q.id
+            )));
+        }
+    }
+    Ok(loaded)
+}
+
+/// Reads a corpus file (`{"id","title","text"}` per line); ids must be unique.
+pub fn read_corpus(path: &Path, opts: ReadOptions) -> Result<Loaded<Document>> {
+    let loaded: Loaded<Document> = read_jsonl(path, opts)?;
+    let mut ids = HashSet::new();
+    for d in &loaded.rows {
+        if !ids.insert(d.id.as_str()) {
+            return Err(Error::Input(format!(
+                "{}: field `id`: {:?} appears twice",
+                path.display(),
+                d.id
+            )));
+        }
+    }
+    Ok(loaded)
+}
+
+/// The corpus made of the paragraphs of QA examples: deduplicated by (title, text), in order of
+/// first appearance, with ids `"{n}"` (0-based position).
+pub fn corpus_from_qa<'a>(examples: impl IntoIterator<Item = &'a QaExample>) -> Vec<Document> {
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    let mut docs = Vec::new();
+    for q in examples {
+        for p in &q.paragraphs {
+            if seen.insert((p.title.as_str(), p.text.as_str())) {
+                docs.push(Document {
+                    id: docs.len().to_string(),
+                    title: p.title.clone(),
+                    text: p.text.clone(),
+                });
+            }
+        }
+    }
+    docs
+}
+
+/// Writes rows as JSONL to a temporary file beside `path` and renames it into place, so a crash
+/// never leaves a half-written file.
+pub fn write_jsonl<'a, T: Serialize + 'a>(
+    path: &Path,
+    rows: impl IntoIterator<Item = &'a T>,
+) -> Result<()> {
+    let mut w = AtomicWriter::create(path)?;
+    for row in rows {
+        w.write_row(row)?;
+    }
+    w.commit()
+}
+
+/// A JSONL writer that writes to `<path>.tmp` and renames into place on [`AtomicWriter::commit`].
+/// Dropped without commit, it removes the temporary file.
+pub struct AtomicWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<BufWriter<File>>,
+}
+
+impl AtomicWriter {
+    /// Opens `<path>.tmp` for writing.
+    pub fn create(path: &Path) -> Result<Self> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(AtomicWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out: Some(BufWriter::new(file)),
+        })
+    }
+
+    /// Appends one JSON line.
+    pub fn write_row<T: Serialize + ?Sized>(&mut self, row: &T) -> Result<()> {
+        let tmp = self.tmp.clone();
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| Error::Input("writer already committed".into()))?;
+        serde_json::to_writer(&mut *out, row)
+            .map_err(|e| Error::io(&tmp, std::io::Error::other(e)))?;
+        out.write_all(b"\n").map_err(|e| Error::io(&tmp, e))
+    }
+
+    /// Flushes, syncs and renames the file into place.
+    pub fn commit(mut self) -> Result<()> {
+        if let Some(out) = self.out.take() {
+            let file = out
+                .into_inner()
+                .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+            file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        }
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+impl Drop for AtomicWriter {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write fixture");
+        p
+    }
+
+    const GOOD: &str = r#"{"id":"q1","dataset":"hotpotqa","question":"Who?","answers":["A"],"type":null,"paragraphs":[{"title":"T1","text":"x y","is_supporting":true},{"title":"T2","text":"z","is_supporting":false}],"source":"s"}"#;
+    const GOOD2: &str = r#"{"id":"q2","question":"What?","answers":["B"],"paragraphs":[{"title":"T1","text":"x y"},{"title":"T1","text":"other"}],"supporting_titles":["T1"]}"#;
+
+    #[test]
+    fn reads_qa_and_keeps_extra_fields() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let p = write(dir.path(), "qa.jsonl", &format!("{GOOD}\n\n{GOOD2}\n"));
+        let qa = read_qa(&p, ReadOptions::default())?;
+        assert_eq!(qa.rows.len(), 2);
+        assert_eq!(qa.rows[0].gold_titles(), vec!["T1".to_string()]);
+        assert_eq!(qa.rows[1].gold_titles(), vec!["T1".to_string()]);
+        assert_eq!(
+            qa.rows[0].extra.get("source"),
+            Some(&serde_json::json!("s"))
+        );
+        let again: QaExample = serde_json::from_str(
+            &serde_json::to_string(&qa.rows[0]).map_err(|e| Error::Input(e.to_string()))?,
+        )
+        .map_err(|e| Error::Input(e.to_string()))?;
+        assert_eq!(again, qa.rows[0]);
+        Ok(())
+    }
+
+    #[test]
+    fn malformed_line_names_file_and_line() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let bad = r#"{"id":"q3","question":"Why?"}"#; // no answers
+        let p = write(
+            dir.path(),
+            "qa.jsonl",
+            &format!("{GOOD}\n{bad}\n{GOOD2}\nnot json\n"),
+        );
+        match read_qa(&p, ReadOptions::default()) {
+            Err(Error::BadLine {
+                path,
+                line,
+                message,
+            }) => {
+                assert_eq!(path, p);
+                assert_eq!(line, 2);
+                assert!(message.contains("answers"), "{message}");
+            }
+            other => panic!("expected BadLine, got {other:?}"),
+        }
+        let qa = read_qa(&p, ReadOptions { skip_bad: true })?;
+        assert_eq!(qa.rows.len(), 2);
+        assert_eq!(
+            qa.skipped.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![2, 4]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn corpus_from_qa_dedups_by_title_and_text() -> Result<()> {
+        let a: QaExample = serde_json::from_str(GOOD).map_err(|e| Error::Input(e.to_string()))?;
+        let b: QaExample = serde_json::from_str(GOOD2).map_err(|e| Error::Input(e.to_string()))?;
+        let docs = corpus_from_qa([&a, &b]);
+        let pairs: Vec<_> = docs
+            .iter()
+            .map(|d| (d.id.as_str(), d.title.as_str(), d.text.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![("0", "T1", "x y"), ("1", "T2", "z"), ("2", "T1", "other")]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn stepwise_record_round_trips_with_lowercase_stage() -> Result<()> {
+        let r = StepwiseRecord {
+            qid: "q".into(),
+            stage: Stage::Aggregate,
+            step: 3,
+            question: "Q?".into(),
+            passages: vec![PromptPassage {
+                title: "T".into(),
+                text: "x".into(),
+            }],
+            reasoning: vec!["a.".into(), "b.".into()],
+            target: "So the answer is: c.".into(),
+            teacher: "gold".into(),
+            answers: vec!["c".into()],
+        };
+        let s = serde_json::to_string(&r).map_err(|e| Error::Input(e.to_string()))?;
+        assert!(s.contains(r#""stage":"aggregate""#));
+        let back: StepwiseRecord =
+            serde_json::from_str(&s).map_err(|e| Error::Input(e.to_string()))?;
+        assert_eq!(back, r);
+        Ok(())
+    }
+
+    #[test]
+    fn atomic_writer_renames_into_place() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let p = dir.path().join("c.jsonl");
+        let docs = vec![Document {
+            id: "0".into(),
+            title: "T".into(),
+            text: "x".into(),
+        }];
+        write_jsonl(&p, &docs)?;
+        assert!(!dir.path().join("c.jsonl.tmp").exists());
+        let back = read_corpus(&p, ReadOptions::default())?;
+        assert_eq!(back.rows, docs);
+        Ok(())
+    }
+}

@@ -1,0 +1,1114 @@
+//! The multi-step loop (DESIGN.md, "The multi-step loop"), shared by the runtime and the
+//! teachers.
+//!
+//! 1. query = question; retrieve the top-k new passages (skip held ones; cap the total).
+//! 2. Generate one sentence ([`StepModel`]); keep the first sentence.
+//! 3. If it matches `answer is:? (.*)` → the answer; stop.
+//! 4. Else query = the sentence, IRCoT-cleaned; next step.
+//! 5. At the last step (`max_steps`) without an answer, the prompt ends with the stop phrase
+//!    (`So the answer is:`) and what the model generates after it is the answer.
+//!
+//! The sentence producer is pluggable: [`StepModel`] takes the rendered, context-fitted prompt
+//! and returns one continuation with its statistics. [`GeneratorStepModel`] drives any
+//! [`Generator`] (ONNX Runtime, tract) with cross-step KV reuse; teachers implement the trait
+//! on their own models.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::answer::{clean_query, extract_answer, first_sentence};
+use crate::data::{PromptPassage, Stage, StepwiseRecord};
+use crate::error::{Error, Result};
+use crate::generator::{Generator, LogitsMode, Sequence};
+use crate::manifest::LoopDefaults;
+use crate::prompt;
+use crate::retrieval::Retriever;
+
+/// Settings of the loop. Defaults are DESIGN.md's (and [`LoopDefaults`]'s).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopOptions {
+    /// Passages retrieved per step.
+    pub top_k: usize,
+    /// Cap on passages held in total.
+    pub max_passages: usize,
+    /// Steps before forced aggregation (the last step is the forced one).
+    pub max_steps: usize,
+    /// Words kept per passage text.
+    pub passage_word_cap: usize,
+    /// Phrase appended to force the answer.
+    pub stop_phrase: String,
+    /// Maximum new tokens per sentence.
+    pub max_sentence_tokens: usize,
+}
+
+impl Default for LoopOptions {
+    fn default() -> Self {
+        LoopOptions::from(&LoopDefaults::default())
+    }
+}
+
+impl From<&LoopDefaults> for LoopOptions {
+    fn from(d: &LoopDefaults) -> Self {
+        LoopOptions {
+            top_k: d.top_k,
+            max_passages: d.max_passages,
+            max_steps: d.max_steps,
+            passage_word_cap: d.passage_word_cap,
+            stop_phrase: d.stop_phrase.clone(),
+            max_sentence_tokens: d.max_sentence_tokens,
+        }
+    }
+}
+
+impl LoopOptions {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_steps == 0 {
+            return Err(Error::Input(
+                "loop option max_steps must be at least 1".into(),
+            ));
+        }
+        if self.max_sentence_tokens == 0 {
+            return Err(Error::Input(
+                "loop option max_sentence_tokens must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a [`StepModel`] is asked for at one step.
+#[derive(Debug, Clone)]
+pub struct StepRequest<'a> {
+    /// The question.
+    pub question: &'a str,
+    /// 1-based step.
+    pub step: usize,
+    /// Whether the prompt ends with the stop phrase (forced aggregation): the continuation is
+    /// the answer.
+    pub forced: bool,
+    /// Passages held (full text, in prompt order; the prompt may show fewer words).
+    pub passages: &'a [PromptPassage],
+    /// Prior sentences.
+    pub reasoning: &'a [String],
+    /// The rendered, context-fitted prompt.
+    pub prompt: &'a str,
+    /// Maximum new tokens.
+    pub max_new_tokens: usize,
+}
+
+/// One continuation produced by a [`StepModel`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepOutput {
+    /// The generated text (the loop keeps its first sentence).
+    pub text: String,
+    /// Tokens generated.
+    pub new_tokens: usize,
+    /// Mean probability of the generated tokens (models without logits: `None`).
+    pub mean_prob: Option<f64>,
+    /// Mean entropy (nats) of the next-token distributions.
+    pub mean_entropy: Option<f64>,
+    /// Prompt tokens run through the model at this step.
+    pub prefilled_tokens: usize,
+    /// Prompt tokens whose keys/values were kept from the previous step.
+    pub reused_tokens: usize,
+    /// Prefill time in milliseconds.
+    pub prefill_ms: f64,
+    /// Decode time in milliseconds.
+    pub decode_ms: f64,
+}
+
+/// Produces one sentence per step. The runtime's implementation is [`GeneratorStepModel`];
+/// teachers (a candle checkpoint, an HTTP endpoint, gold annotations) implement it too, so one
+/// loop serves them all.
+pub trait StepModel {
+    /// A short name, recorded as the teacher of step-wise records.
+    fn name(&self) -> &str;
+
+    /// Tokens a prompt may hold when `max_new_tokens` are to be generated after it; `None` when
+    /// unbounded (then no context fitting is done).
+    fn prompt_budget(&self, max_new_tokens: usize) -> Option<usize>;
+
+    /// Prompt length in tokens (used to fit the prompt into [`StepModel::prompt_budget`]).
+    fn count_tokens(&self, text: &str) -> Result<usize>;
+
+    /// Called once before the first step of each question.
+    fn begin_question(&mut self, _question: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Generates the continuation of `req.prompt`.
+    fn generate(&mut self, req: &StepRequest<'_>) -> Result<StepOutput>;
+}
+
+/// A passage held by the loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldPassage {
+    /// Document id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// Full text.
+    pub text: String,
+    /// BM25 score when retrieved.
+    pub score: f32,
+    /// Step that retrieved it.
+    pub step: usize,
+}
+
+/// A retrieved passage as the trace shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PassageRef {
+    /// Document id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// BM25 score.
+    pub score: f32,
+}
+
+/// What happened at one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepTrace {
+    /// 1-based step.
+    pub step: usize,
+    /// Stage of the step: init (first), expand, or aggregate (the step that gave the answer).
+    pub stage: Stage,
+    /// Whether the step was forced aggregation.
+    pub forced: bool,
+    /// Query sent to the retriever (empty when the cap left no room).
+    pub query: String,
+    /// Passages retrieved at this step.
+    pub retrieved: Vec<PassageRef>,
+    /// Passages held after retrieval (P_≤s = the first `held` of [`Reasoning::passages`]).
+    pub held: usize,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Passage words dropped to fit the context.
+    pub words_dropped: usize,
+    /// Oldest passages dropped to fit the context.
+    pub passages_dropped: usize,
+    /// Whether the prompt was cut to fit the context.
+    pub truncated: bool,
+    /// The sentence of this step (at forced aggregation: the stop phrase and the answer).
+    pub sentence: String,
+    /// Tokens generated.
+    pub new_tokens: usize,
+    /// Mean probability of the generated tokens.
+    pub mean_prob: Option<f64>,
+    /// Mean entropy of the next-token distributions (nats).
+    pub mean_entropy: Option<f64>,
+    /// Prompt tokens run through the model.
+    pub prefilled_tokens: usize,
+    /// Prompt tokens reused from the previous step's cache.
+    pub reused_tokens: usize,
+    /// Retrieval time (ms).
+    pub retrieval_ms: f64,
+    /// Prefill time (ms).
+    pub prefill_ms: f64,
+    /// Decode time (ms).
+    pub decode_ms: f64,
+}
+
+/// The result of the loop for one question.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reasoning {
+    /// The question.
+    pub question: String,
+    /// The answer (possibly empty when the model produced none).
+    pub answer: String,
+    /// Whether the answer came from forced aggregation.
+    pub forced: bool,
+    /// Step by step.
+    pub steps: Vec<StepTrace>,
+    /// Every passage held, in prompt order.
+    pub passages: Vec<HeldPassage>,
+}
+
+impl Reasoning {
+    /// The reasoning sentences (all steps but an answering one).
+    pub fn sentences(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter(|s| s.stage != Stage::Aggregate)
+            .map(|s| s.sentence.clone())
+            .collect()
+    }
+
+    /// Tokens generated over all steps.
+    pub fn new_tokens(&self) -> usize {
+        self.steps.iter().map(|s| s.new_tokens).sum()
+    }
+
+    /// Prompt tokens prefilled over all steps.
+    pub fn prefilled_tokens(&self) -> usize {
+        self.steps.iter().map(|s| s.prefilled_tokens).sum()
+    }
+
+    /// Prompt tokens reused over all steps.
+    pub fn reused_tokens(&self) -> usize {
+        self.steps.iter().map(|s| s.reused_tokens).sum()
+    }
+
+    /// The step-wise training records of this trace (DESIGN.md, "Step-wise records"): one per
+    /// step, with P_≤s, R_<s and the step's sentence as target.
+    pub fn stepwise_records(
+        &self,
+        qid: &str,
+        answers: &[String],
+        teacher: &str,
+    ) -> Vec<StepwiseRecord> {
+        let mut prior = Vec::new();
+        let mut out = Vec::with_capacity(self.steps.len());
+        for s in &self.steps {
+            out.push(StepwiseRecord {
+                qid: qid.to_string(),
+                stage: s.stage,
+                step: s.step,
+                question: self.question.clone(),
+                passages: self.passages[..s.held.min(self.passages.len())]
+                    .iter()
+                    .map(|p| PromptPassage {
+                        title: p.title.clone(),
+                        text: p.text.clone(),
+                    })
+                    .collect(),
+                reasoning: prior.clone(),
+                target: s.sentence.clone(),
+                teacher: teacher.to_string(),
+                answers: answers.to_vec(),
+            });
+            prior.push(s.sentence.clone());
+        }
+        out
+    }
+}
+
+/// Runs the loop for `question`.
+pub fn reason(
+    question: &str,
+    retriever: &dyn Retriever,
+    model: &mut dyn StepModel,
+    opts: &LoopOptions,
+) -> Result<Reasoning> {
+    opts.validate()?;
+    if question.trim().is_empty() {
+        return Err(Error::Input("the question is empty".into()));
+    }
+    model.begin_question(question)?;
+    let mut held_ids: HashSet<String> = HashSet::new();
+    let mut passages: Vec<HeldPassage> = Vec::new();
+    let mut prompt_passages: Vec<PromptPassage> = Vec::new();
+    let mut reasoning: Vec<String> = Vec::new();
+    let mut steps: Vec<StepTrace> = Vec::new();
+    let mut query = question.trim().to_string();
+    let budget = model.prompt_budget(opts.max_sentence_tokens);
+    for step in 1..=opts.max_steps {
+        let forced = step == opts.max_steps;
+        // 1. Retrieval of new passages, up to the cap.
+        let t = Instant::now();
+        let room = opts.max_passages.saturating_sub(passages.len());
+        let k = opts.top_k.min(room);
+        let hits = if k > 0 {
+            retriever.retrieve(&query, k, &held_ids)?
+        } else {
+            Vec::new()
+        };
+        let retrieval_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut retrieved = Vec::with_capacity(hits.len());
+        for h in hits {
+            if !held_ids.insert(h.id.clone()) {
+                continue; // a retriever that ignored `exclude`
+            }
+            retrieved.push(PassageRef {
+                id: h.id.clone(),
+                title: h.title.clone(),
+                score: h.score,
+            });
+            prompt_passages.push(PromptPassage {
+                title: h.title.clone(),
+                text: h.text.clone(),
+            });
+            passages.push(HeldPassage {
+                id: h.id,
+                title: h.title,
+                text: h.text,
+                score: h.score,
+                step,
+            });
+        }
+        // 2. Prompt, fitted to the context.
+        let suffix = forced.then_some(opts.stop_phrase.as_str());
+        let fitted = match budget {
+            Some(budget) => prompt::fit(
+                question,
+                &prompt_passages,
+                &reasoning,
+                suffix,
+                opts.passage_word_cap,
+                budget,
+                |s| model.count_tokens(s),
+            )?,
+            None => {
+                let text = prompt::render_with_suffix(
+                    question,
+                    &prompt_passages,
+                    &reasoning,
+                    opts.passage_word_cap,
+                    suffix,
+                );
+                prompt::FittedPrompt {
+                    tokens: model.count_tokens(&text)?,
+                    text,
+                    words_dropped: 0,
+                    passages_dropped: 0,
+                }
+            }
+        };
+        let req = StepRequest {
+            question,
+            step,
+            forced,
+            passages: &prompt_passages,
+            reasoning: &reasoning,
+            prompt: &fitted.text,
+            max_new_tokens: opts.max_sentence_tokens,
+        };
+        let out = model.generate(&req)?;
+        // 3. One sentence; the answer if it has one.
+        let generated = first_sentence(&out.text);
+        let sentence = if forced {
+            format!("{} {}", opts.stop_phrase.trim(), generated)
+                .trim()
+                .to_string()
+        } else {
+            generated.to_string()
+        };
+        let answer = extract_answer(&sentence)
+            .or_else(|| forced.then(|| generated.trim_end_matches('.').trim().to_string()));
+        let stage = if answer.is_some() {
+            Stage::Aggregate
+        } else if step == 1 {
+            Stage::Init
+        } else {
+            Stage::Expand
+        };
+        steps.push(StepTrace {
+            step,
+            stage,
+            forced,
+            query: if k > 0 { query.clone() } else { String::new() },
+            retrieved,
+            held: passages.len(),
+            prompt_tokens: fitted.tokens,
+            words_dropped: fitted.words_dropped,
+            passages_dropped: fitted.passages_dropped,
+            truncated: fitted.truncated(),
+            sentence: sentence.clone(),
+            new_tokens: out.new_tokens,
+            mean_prob: out.mean_prob,
+            mean_entropy: out.mean_entropy,
+            prefilled_tokens: out.prefilled_tokens,
+            reused_tokens: out.reused_tokens,
+            retrieval_ms,
+            prefill_ms: out.prefill_ms,
+            decode_ms: out.decode_ms,
+        });
+        if let Some(answer) = answer {
+            return Ok(Reasoning {
+                question: question.to_string(),
+                answer,
+                forced,
+                steps,
+                passages,
+            });
+        }
+        // 4. Next query.
+        let cleaned = clean_query(&sentence);
+        query = if cleaned.trim().is_empty() {
+            question.trim().to_string()
+        } else {
+            cleaned
+        };
+        reasoning.push(sentence);
+    }
+    // The last step is always forced and always yields an answer.
+    Err(Error::Input("the loop ended without an answer".into()))
+}
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub enum Decoding {
+    /// The most probable token (the default; deterministic).
+    #[default]
+    Greedy,
+    /// Sampling at `temperature` from a generator seeded with `seed`.
+    Sample {
+        /// Softmax temperature (> 0).
+        temperature: f32,
+        /// Seed of the sampler (one stream per question).
+        seed: u64,
+    },
+}
+
+/// Drives a [`Generator`] + tokenizer as a [`StepModel`], keeping the [`Sequence`] between steps:
+/// the new prompt is tokenized, the cache truncated to the longest common token prefix with
+/// what it holds, and only the rest prefilled. With reuse off every step starts from an empty
+/// sequence.
+pub struct GeneratorStepModel<'a> {
+    generator: &'a dyn Generator,
+    tokenizer: &'a Tokenizer,
+    eos: Vec<u32>,
+    kv_reuse: bool,
+    decoding: Decoding,
+    rng: u64,
+    seq: Option<Sequence>,
+}
+
+impl<'a> GeneratorStepModel<'a> {
+    /// A step model over `generator`; generation stops at any of `eos_token_ids`, a newline or
+    /// a complete first sentence.
+    pub fn new(
+        generator: &'a dyn Generator,
+        tokenizer: &'a Tokenizer,
+        eos_token_ids: &[u32],
+    ) -> Self {
+        GeneratorStepModel {
+            generator,
+            tokenizer,
+            eos: eos_token_ids.to_vec(),
+            kv_reuse: true,
+            decoding: Decoding::Greedy,
+            rng: 0,
+            seq: None,
+        }
+    }
+
+    /// Turns cross-step KV reuse on (default) or off.
+    pub fn with_kv_reuse(mut self, on: bool) -> Self {
+        self.kv_reuse = on;
+        self
+    }
+
+    /// Sets the decoding rule (greedy by default).
+    pub fn with_decoding(mut self, decoding: Decoding) -> Self {
+        self.decoding = decoding;
+        self
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Picks a token from `logits`; returns it with its probability and the entropy of the
+    /// distribution (both at temperature 1).
+    fn pick(&mut self, logits: &[f32]) -> Result<(u32, f64, f64)> {
+        let stats = softmax_stats(logits)?;
+        let id = match self.decoding {
+            Decoding::Greedy => stats.argmax,
+            Decoding::Sample { temperature, .. } => {
+                let t = f64::from(temperature.max(f32::MIN_POSITIVE));
+                let weights: Vec<f64> = logits
+                    .iter()
+                    .map(|&l| ((f64::from(l) - stats.max) / t).exp())
+                    .collect();
+                let total: f64 = weights.iter().sum();
+                let mut u = next_uniform(&mut self.rng) * total;
+                let mut chosen = weights.len() - 1;
+                for (i, w) in weights.iter().enumerate() {
+                    if u < *w {
+                        chosen = i;
+                        break;
+                    }
+                    u -= w;
+                }
+                chosen
+            }
+        };
+        let p = (f64::from(logits[id]) - stats.max).exp() / stats.z;
+        let id = u32::try_from(id).map_err(|_| Error::Input("vocabulary over u32".into()))?;
+        Ok((id, p, stats.entropy))
+    }
+}
+
+struct SoftmaxStats {
+    argmax: usize,
+    max: f64,
+    z: f64,
+    entropy: f64,
+}
+
+fn softmax_stats(logits: &[f32]) -> Result<SoftmaxStats> {
+    let (argmax, max) =
+        logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                if v > bv {
+                    (i, v)
+                } else {
+                    (bi, bv)
+                }
+            });
+    if !max.is_finite() {
+        return Err(Error::Input(
+            "the model returned no finite logit (empty vocabulary or NaN)".into(),
+        ));
+    }
+    let max = f64::from(max);
+    let mut z = 0.0;
+    let mut zx = 0.0;
+    for &l in logits {
+        let x = f64::from(l) - max;
+        let e = x.exp();
+        z += e;
+        zx += e * x;
+    }
+    // H = -Σ p log p = log z - Σ e·x / z, with x = l - max and p = e / z.
+    let entropy = z.ln() - zx / z;
+    Ok(SoftmaxStats {
+        argmax,
+        max,
+        z,
+        entropy,
+    })
+}
+
+/// SplitMix64 → uniform in [0, 1).
+fn next_uniform(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl StepModel for GeneratorStepModel<'_> {
+    fn name(&self) -> &str {
+        &self.generator.info().backend
+    }
+
+    fn prompt_budget(&self, max_new_tokens: usize) -> Option<usize> {
+        Some(
+            self.generator
+                .info()
+                .context_length
+                .saturating_sub(max_new_tokens),
+        )
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize> {
+        Ok(self.encode(text)?.len())
+    }
+
+    fn begin_question(&mut self, question: &str) -> Result<()> {
+        self.seq = None;
+        if let Decoding::Sample { seed, .. } = self.decoding {
+            // One stream per (seed, question), whatever ran before.
+            let mut h = seed;
+            for b in question.bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
+            }
+            self.rng = h;
+        }
+        Ok(())
+    }
+
+    fn generate(&mut self, req: &StepRequest<'_>) -> Result<StepOutput> {
+        let ids = self.encode(req.prompt)?;
+        if ids.is_empty() {
+            return Err(Error::Input("the prompt encodes to no token".into()));
+        }
+        let context = self.generator.info().context_length;
+        if ids.len() >= context {
+            return Err(Error::ContextOverflow {
+                tokens: ids.len(),
+                budget: context.saturating_sub(req.max_new_tokens),
+            });
+        }
+        let mut seq = match (self.kv_reuse, self.seq.take()) {
+            (true, Some(seq)) => seq,
+            _ => self.generator.new_sequence()?,
+        };
+        // Keep the common prefix, but always run at least the last prompt token: its logits
+        // start the generation.
+        let common = seq
+            .tokens()
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
+        if common < seq.len() {
+            self.generator.truncate(&mut seq, common)?;
+        }
+        let t = Instant::now();
+        let mut logits = self
+            .generator
+            .append(&mut seq, &ids[common..], LogitsMode::Last)?;
+        let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let max_new = req.max_new_tokens.min(context.saturating_sub(ids.len()));
+        let mut generated: Vec<u32> = Vec::new();
+        let (mut sum_p, mut sum_h, mut n) = (0.0, 0.0, 0usize);
+        let mut text = String::new();
+        for _ in 0..max_new {
+            let (id, p, h) = self.pick(logits.last())?;
+            sum_p += p;
+            sum_h += h;
+            n += 1;
+            if self.eos.contains(&id) {
+                break;
+            }
+            generated.push(id);
+            text = self.decode(&generated)?;
+            let trimmed = text.trim();
+            if text.trim_start().contains('\n')
+                || (!trimmed.is_empty() && first_sentence(trimmed).len() < trimmed.len())
+            {
+                break;
+            }
+            if generated.len() == max_new {
+                break;
+            }
+            logits = self.generator.append(&mut seq, &[id], LogitsMode::Last)?;
+        }
+        let decode_ms = t.elapsed().as_secs_f64() * 1e3;
+        if self.kv_reuse {
+            self.seq = Some(seq);
+        }
+        Ok(StepOutput {
+            text,
+            new_tokens: generated.len(),
+            mean_prob: (n > 0).then(|| sum_p / n as f64),
+            mean_entropy: (n > 0).then(|| sum_h / n as f64),
+            prefilled_tokens: ids.len() - common,
+            reused_tokens: common,
+            prefill_ms,
+            decode_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::retrieval::Hit;
+
+    /// A retriever over a fixed list, scoring by the number of query words in title + text;
+    /// records every call.
+    pub(crate) struct ListRetriever {
+        pub docs: Vec<(String, String, String)>,
+        pub calls: Mutex<Vec<(String, usize, HashSet<String>)>>,
+    }
+
+    impl ListRetriever {
+        pub fn new(n: usize) -> Self {
+            ListRetriever {
+                docs: (0..n)
+                    .map(|i| {
+                        (
+                            format!("d{i}"),
+                            format!("Title {i}"),
+                            format!("text of doc {i}"),
+                        )
+                    })
+                    .collect(),
+                calls: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl Retriever for ListRetriever {
+        fn retrieve(&self, query: &str, k: usize, exclude: &HashSet<String>) -> Result<Vec<Hit>> {
+            if let Ok(mut c) = self.calls.lock() {
+                c.push((query.to_string(), k, exclude.clone()));
+            }
+            let words: HashSet<String> =
+                query.split_whitespace().map(|w| w.to_lowercase()).collect();
+            let mut scored: Vec<Hit> = self
+                .docs
+                .iter()
+                .filter(|d| !exclude.contains(&d.0))
+                .map(|(id, title, text)| Hit {
+                    id: id.clone(),
+                    title: title.clone(),
+                    text: text.clone(),
+                    score: format!("{title} {text}")
+                        .split_whitespace()
+                        .filter(|w| words.contains(&w.to_lowercase()))
+                        .count() as f32,
+                })
+                .collect();
+            scored.sort_by(|a, b| b.score.total_cmp(&a.score));
+            scored.truncate(k);
+            Ok(scored)
+        }
+    }
+
+    /// Answers from a script, one entry per step; records the requests' prompts.
+    struct Scripted {
+        lines: Vec<&'static str>,
+        prompts: Vec<(usize, bool, String)>,
+        budget: Option<usize>,
+    }
+
+    impl StepModel for Scripted {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+        fn prompt_budget(&self, _: usize) -> Option<usize> {
+            self.budget
+        }
+        fn count_tokens(&self, text: &str) -> Result<usize> {
+            Ok(text.split_whitespace().count())
+        }
+        fn generate(&mut self, req: &StepRequest<'_>) -> Result<StepOutput> {
+            self.prompts
+                .push((req.step, req.forced, req.prompt.to_string()));
+            let text = self.lines.get(req.step - 1).copied().unwrap_or("x.");
+            Ok(StepOutput {
+                text: text.to_string(),
+                new_tokens: text.split_whitespace().count(),
+                ..StepOutput::default()
+            })
+        }
+    }
+
+    fn scripted(lines: Vec<&'static str>) -> Scripted {
+        Scripted {
+            lines,
+            prompts: Vec::new(),
+            budget: None,
+        }
+    }
+
+    #[test]
+    fn stops_on_the_answer() -> Result<()> {
+        let r = ListRetriever::new(20);
+        let mut m = scripted(vec![
+            " Doc 3 is about text. Extra sentence.",
+            " So the answer is: Title 3.",
+            " never reached.",
+        ]);
+        let out = reason("Which doc?", &r, &mut m, &LoopOptions::default())?;
+        assert_eq!(out.answer, "Title 3");
+        assert!(!out.forced);
+        assert_eq!(out.steps.len(), 2);
+        assert_eq!(out.steps[0].stage, Stage::Init);
+        assert_eq!(out.steps[0].sentence, "Doc 3 is about text.");
+        assert_eq!(out.steps[1].stage, Stage::Aggregate);
+        assert_eq!(out.steps[1].query, "Doc 3 is about text.");
+        assert_eq!(out.sentences(), vec!["Doc 3 is about text.".to_string()]);
+        // The second prompt appends passages and the first sentence.
+        assert!(m.prompts[1]
+            .2
+            .ends_with("Q: Which doc?\nA: Doc 3 is about text."));
+        assert_eq!(out.passages.len(), 8);
+        Ok(())
+    }
+
+    #[test]
+    fn forces_aggregation_at_max_steps_and_never_re_retrieves() -> Result<()> {
+        let r = ListRetriever::new(40);
+        let mut m = scripted(vec![
+            " What is doc 1?",
+            " Therefore doc 2 matters.",
+            " Doc 4.",
+            " Doc 5.",
+            " Title 9. trailing",
+        ]);
+        let opts = LoopOptions::default();
+        let out = reason("Which doc?", &r, &mut m, &opts)?;
+        assert_eq!(out.steps.len(), 5);
+        assert!(out.forced);
+        assert_eq!(out.answer, "Title 9");
+        assert_eq!(out.steps[4].sentence, "So the answer is: Title 9.");
+        assert_eq!(out.steps[4].stage, Stage::Aggregate);
+        assert!(m.prompts[4].1);
+        assert!(m.prompts[4].2.ends_with(
+            "A: What is doc 1? Therefore doc 2 matters. Doc 4. Doc 5. So the answer is:"
+        ));
+        assert!(m.prompts[..4].iter().all(|p| !p.1));
+        // Cleaned queries.
+        assert_eq!(out.steps[1].query, "is doc 1?");
+        assert_eq!(out.steps[2].query, "doc 2 matters.");
+        // 4 + 4 + 4 + 3 = 15 (the cap), nothing at step 5.
+        let per_step: Vec<usize> = out.steps.iter().map(|s| s.retrieved.len()).collect();
+        assert_eq!(per_step, vec![4, 4, 4, 3, 0]);
+        let ids: Vec<&str> = out.passages.iter().map(|p| p.id.as_str()).collect();
+        let unique: HashSet<&str> = ids.iter().copied().collect();
+        assert_eq!(unique.len(), ids.len());
+        // Each call excluded everything held before it.
+        let calls = r
+            .calls
+            .lock()
+            .map_err(|_| Error::Input("poisoned".into()))?;
+        assert_eq!(calls.len(), 4);
+        for (i, (_, k, excl)) in calls.iter().enumerate() {
+            assert_eq!(excl.len(), 4 * i);
+            assert_eq!(*k, if i == 3 { 3 } else { 4 });
+        }
+        // Step-wise records: stages and P_≤s / R_<s.
+        let recs = out.stepwise_records("q1", &["Title 9".into()], "scripted");
+        let stages: Vec<Stage> = recs.iter().map(|r| r.stage).collect();
+        assert_eq!(
+            stages,
+            vec![
+                Stage::Init,
+                Stage::Expand,
+                Stage::Expand,
+                Stage::Expand,
+                Stage::Aggregate
+            ]
+        );
+        assert_eq!(recs[2].passages.len(), 12);
+        assert_eq!(recs[2].reasoning.len(), 2);
+        assert_eq!(recs[4].target, "So the answer is: Title 9.");
+        Ok(())
+    }
+
+    #[test]
+    fn prompts_are_fitted_and_too_long_questions_fail() -> Result<()> {
+        let r = ListRetriever::new(8);
+        let mut m = scripted(vec![" So the answer is: x."]);
+        m.budget = Some(20);
+        let out = reason("Which doc?", &r, &mut m, &LoopOptions::default())?;
+        assert!(out.steps[0].truncated);
+        assert!(out.steps[0].prompt_tokens <= 20);
+        let mut m = scripted(vec![" So the answer is: x."]);
+        m.budget = Some(3);
+        let long = "word ".repeat(50);
+        assert!(matches!(
+            reason(&long, &r, &mut m, &LoopOptions::default()),
+            Err(Error::ContextOverflow { .. })
+        ));
+        Ok(())
+    }
+
+    /// A deterministic fake LM over a real-looking vocabulary: its cache holds the tokens it was
+    /// fed, and the next token is a hash of the last few cached tokens, so a runtime that
+    /// mis-truncates the cache gets different text. It ends a sentence with `.` then EOS after
+    /// a length drawn from the hash.
+    pub(crate) struct HashLm {
+        pub info: crate::generator::GeneratorInfo,
+        pub words: Vec<u32>,
+        pub period: u32,
+        pub eos: u32,
+        pub appended: Mutex<usize>,
+    }
+
+    /// Named tolerance: logits of the chosen token stand this far above the rest.
+    const FAKE_MARGIN: f32 = 4.0;
+
+    impl HashLm {
+        fn next(&self, cache: &[u32]) -> u32 {
+            let tail = &cache[cache.len().saturating_sub(6)..];
+            let mut h: u64 = 1469598103934665603;
+            for &t in tail {
+                h = (h ^ u64::from(t)).wrapping_mul(1099511628211);
+            }
+            let last = cache.last().copied().unwrap_or(0);
+            if last == self.period {
+                return self.eos;
+            }
+            let since_prompt_like = h % 7;
+            if since_prompt_like == 0 {
+                self.period
+            } else {
+                self.words[(h as usize / 7) % self.words.len()]
+            }
+        }
+    }
+
+    impl Generator for HashLm {
+        fn info(&self) -> &crate::generator::GeneratorInfo {
+            &self.info
+        }
+        fn new_sequence(&self) -> Result<Sequence> {
+            Ok(Sequence::new(Box::new(Vec::<u32>::new())))
+        }
+        fn append(
+            &self,
+            seq: &mut Sequence,
+            tokens: &[u32],
+            mode: LogitsMode,
+        ) -> Result<crate::generator::Logits> {
+            if let Ok(mut a) = self.appended.lock() {
+                *a += tokens.len();
+            }
+            let cache = seq
+                .cache_mut()
+                .downcast_mut::<Vec<u32>>()
+                .ok_or_else(|| Error::Input("foreign sequence".into()))?;
+            let vocab = self.info.vocab_size;
+            let mut data = Vec::new();
+            let rows = if mode == LogitsMode::All {
+                tokens.len()
+            } else {
+                1
+            };
+            let start = cache.len();
+            cache.extend_from_slice(tokens);
+            for r in 0..rows {
+                let end = if mode == LogitsMode::All {
+                    start + r + 1
+                } else {
+                    cache.len()
+                };
+                let next = self.next(&cache[..end]) as usize;
+                let mut row = vec![0.0f32; vocab];
+                row[next % vocab] = FAKE_MARGIN;
+                data.extend(row);
+            }
+            seq.push_tokens(tokens);
+            Ok(crate::generator::Logits { rows, vocab, data })
+        }
+        fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()> {
+            let cache = seq
+                .cache_mut()
+                .downcast_mut::<Vec<u32>>()
+                .ok_or_else(|| Error::Input("foreign sequence".into()))?;
+            cache.truncate(len);
+            seq.truncate_tokens(len);
+            Ok(())
+        }
+    }
+
+    /// A word-level tokenizer over a small vocabulary, built in code.
+    pub(crate) fn word_tokenizer(words: &[&str]) -> Result<Tokenizer> {
+        let mut vocab: HashMap<String, u32> = HashMap::new();
+        for w in ["[UNK]", "[EOS]"].iter().chain(words) {
+            let n = vocab.len() as u32;
+            vocab.entry(w.to_string()).or_insert(n);
+        }
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("[UNK]".into())
+            .build()
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut t = Tokenizer::new(model);
+        t.with_pre_tokenizer(Some(
+            tokenizers::pre_tokenizers::whitespace::Whitespace::default(),
+        ));
+        Ok(t)
+    }
+
+    #[test]
+    fn generator_step_model_reuses_the_prefix_and_gives_identical_answers() -> Result<()> {
+        let words = [
+            "Wikipedia",
+            "Title",
+            ":",
+            "Q",
+            "A",
+            "text",
+            "of",
+            "doc",
+            "Which",
+            "?",
+            ".",
+            "So",
+            "the",
+            "answer",
+            "is",
+            "0",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+            "6",
+            "7",
+            "8",
+            "9",
+            "10",
+            "11",
+            "12",
+            "13",
+            "14",
+            "15",
+            "16",
+            "17",
+            "18",
+            "19",
+        ];
+        let tok = word_tokenizer(&words)?;
+        let id = |w: &str| tok.token_to_id(w).ok_or_else(|| Error::Tokenizer(w.into()));
+        let lm = HashLm {
+            info: crate::generator::GeneratorInfo {
+                backend: "hash-lm".into(),
+                providers: vec!["CPU".into()],
+                vocab_size: tok.get_vocab_size(true),
+                context_length: 4096,
+            },
+            words: ["text", "doc", "1", "2", "3", "of"]
+                .iter()
+                .map(|w| id(w))
+                .collect::<Result<_>>()?,
+            period: id(".")?,
+            eos: id("[EOS]")?,
+            appended: Mutex::new(0),
+        };
+        let r = ListRetriever::new(20);
+        let mut with = Vec::new();
+        let mut without = Vec::new();
+        for reuse in [true, false] {
+            let mut m = GeneratorStepModel::new(&lm, &tok, &[lm.eos]).with_kv_reuse(reuse);
+            let out = reason("Which doc ?", &r, &mut m, &LoopOptions::default())?;
+            if reuse { &mut with } else { &mut without }.push(out);
+        }
+        let (a, b) = (&with[0], &without[0]);
+        assert_eq!(a.answer, b.answer);
+        assert_eq!(a.sentences(), b.sentences());
+        assert_eq!(
+            a.steps.len(),
+            5,
+            "the fake never answers: {:?}",
+            a.sentences()
+        );
+        assert_eq!(b.reused_tokens(), 0);
+        assert!(a.reused_tokens() > 0);
+        assert_eq!(
+            a.prefilled_tokens() + a.reused_tokens(),
+            b.prefilled_tokens(),
+            "same prompts either way"
+        );
+        assert!((a.prefilled_tokens() as f64) < 0.6 * b.prefilled_tokens() as f64);
+        for s in &a.steps {
+            let p = s.mean_prob.ok_or_else(|| Error::Input("no prob".into()))?;
+            assert!(p > 0.0 && p <= 1.0);
+            assert!(s.mean_entropy.is_some_and(|h| h >= 0.0));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_stats_are_exact_on_a_uniform_row() -> Result<()> {
+        /// Named tolerance for f64 sums of four terms.
+        const EPS: f64 = 1e-12;
+        let s = softmax_stats(&[1.0, 1.0, 1.0, 1.0])?;
+        assert!((s.entropy - 4f64.ln()).abs() < EPS);
+        assert!(((1.0f64).exp().ln() - 1.0).abs() < EPS);
+        assert!(softmax_stats(&[]).is_err());
+        Ok(())
+    }
+}
