@@ -1,1 +1,253 @@
-//! placeholder
+//! `steper-export`: a STEPER checkpoint (HF-style directory) to a decoder ONNX graph with a KV
+//! cache, runnable by ONNX Runtime (CPU, CUDA, TensorRT), tract and onnxruntime-genai.
+//!
+//! - [`graph::build_decoder`]: the graph (standard ONNX operators only, Optimum I/O names).
+//! - [`export`]: the export directory: `model.onnx` (+ `model.onnx.data` when over 2 GB),
+//!   `tokenizer.json`, `steper.json` (the runtime [`Manifest`]) and `genai_config.json`.
+//! - [`verify::verify`]: runs the export on the runtime backends against the candle model.
+//!
+//! ```no_run
+//! use steper_export::{export, ExportOptions};
+//! let report = export(std::path::Path::new("ckpt"), std::path::Path::new("out"), &ExportOptions::default())?;
+//! println!("{}", report.model_file.display());
+//! # Ok::<(), steper_export::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod files;
+pub mod graph;
+pub mod onnx;
+pub mod verify;
+
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use serde::Serialize;
+use tract_onnx::pb::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto};
+
+pub use error::{Error, Result};
+pub use onnx::Elem;
+pub use steper_runtime::Manifest;
+
+/// File name of the ONNX graph in an export directory.
+pub const MODEL_FILE: &str = "model.onnx";
+/// File name of the external weights, when used.
+pub const EXTERNAL_DATA_FILE: &str = "model.onnx.data";
+/// Protobuf's hard limit on one message; above it weights go to [`EXTERNAL_DATA_FILE`].
+pub const PROTOBUF_LIMIT: usize = 2_000_000_000;
+
+/// Weight precision of an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportDtype {
+    /// f32 everywhere.
+    Fp32,
+    /// fp16 weights, matmuls and KV cache; norms, softmax, residual stream and logits in f32.
+    Fp16,
+}
+
+impl ExportDtype {
+    /// `fp32` / `fp16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExportDtype::Fp32 => "fp32",
+            ExportDtype::Fp16 => "fp16",
+        }
+    }
+
+    /// The ONNX element type of weights and cache.
+    pub fn elem(self) -> Elem {
+        match self {
+            ExportDtype::Fp32 => Elem::F32,
+            ExportDtype::Fp16 => Elem::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for ExportDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp32" | "f32" | "float32" => Ok(ExportDtype::Fp32),
+            "fp16" | "f16" | "float16" => Ok(ExportDtype::Fp16),
+            _ => Err(Error::Option {
+                option: "--dtype",
+                expected: "fp32 or fp16".into(),
+                got: s.into(),
+            }),
+        }
+    }
+}
+
+/// Where the weights go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExternalData {
+    /// Inline below [`PROTOBUF_LIMIT`], external above.
+    Auto,
+    /// Always in [`EXTERNAL_DATA_FILE`].
+    Always,
+}
+
+/// Options of [`export`].
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Weight precision.
+    pub dtype: ExportDtype,
+    /// ONNX opset (17 or 18).
+    pub opset: i64,
+    /// Inline or external weights.
+    pub external_data: ExternalData,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            dtype: ExportDtype::Fp32,
+            opset: 17,
+            external_data: ExternalData::Auto,
+        }
+    }
+}
+
+/// What [`export`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    /// The export directory.
+    pub out: PathBuf,
+    /// `model.onnx`.
+    pub model_file: PathBuf,
+    /// `model.onnx.data`, when weights are external.
+    pub external_data: Option<PathBuf>,
+    /// Size of the graph file in bytes.
+    pub model_bytes: u64,
+    /// Bytes of initializers in total.
+    pub weight_bytes: u64,
+    /// Graph nodes.
+    pub nodes: usize,
+    /// Opset written.
+    pub opset: i64,
+    /// IR version written.
+    pub ir_version: i64,
+    /// `fp32` or `fp16`.
+    pub dtype: ExportDtype,
+    /// Whether a tokenizer was copied.
+    pub tokenizer: bool,
+}
+
+/// Exports the checkpoint `checkpoint` into the directory `out` (created if needed; files in it
+/// are replaced one by one, each atomically).
+pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+    let ck = steper_models::Checkpoint::load(
+        checkpoint,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    let cfg = &ck.config;
+    let model = graph::build_decoder(
+        cfg,
+        &ck.weights,
+        graph::GraphOptions {
+            dtype: opts.dtype.elem(),
+            opset: opts.opset,
+        },
+    )?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let nodes = model.graph.as_ref().map(|g| g.node.len()).unwrap_or(0);
+    let (model_bytes, weight_bytes, external) =
+        write_model(model, &out.join(MODEL_FILE), opts.external_data)?;
+
+    let tok_src = checkpoint.join(steper_models::weights::TOKENIZER_FILE);
+    let tokenizer = tok_src.is_file();
+    if tokenizer {
+        let bytes = std::fs::read(&tok_src).map_err(|e| Error::io(&tok_src, e))?;
+        steper_models::fsutil::write_atomic(&out.join(files::TOKENIZER_FILE), &bytes)?;
+        files::write_tokenizer_config(checkpoint, out)?;
+    }
+    let manifest = files::manifest(cfg, opts.dtype);
+    manifest.save(&out.join(steper_runtime::manifest::MANIFEST_FILE))?;
+    let genai = files::genai_config(cfg);
+    steper_models::fsutil::write_atomic(
+        &out.join(files::GENAI_CONFIG_FILE),
+        serde_json::to_string_pretty(&genai)?.as_bytes(),
+    )?;
+    Ok(ExportReport {
+        out: out.to_path_buf(),
+        model_file: out.join(MODEL_FILE),
+        external_data: external,
+        model_bytes,
+        weight_bytes,
+        nodes,
+        opset: opts.opset,
+        ir_version: graph::IR_VERSION,
+        dtype: opts.dtype,
+        tokenizer,
+    })
+}
+
+/// Writes `model` to `path` (atomically), moving initializers to `model.onnx.data` beside it
+/// when the graph would exceed [`PROTOBUF_LIMIT`] or when asked. Returns (graph bytes, weight
+/// bytes, external data path).
+pub fn write_model(
+    mut model: ModelProto,
+    path: &Path,
+    mode: ExternalData,
+) -> Result<(u64, u64, Option<PathBuf>)> {
+    let graph = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| Error::Unsupported("model without graph".into()))?;
+    let weight_bytes: usize = graph.initializer.iter().map(|t| t.raw_data.len()).sum();
+    let external = mode == ExternalData::Always || weight_bytes + (1 << 20) > PROTOBUF_LIMIT;
+    let mut ext_path = None;
+    if external {
+        let data_path = path.with_file_name(EXTERNAL_DATA_FILE);
+        let mut blobs: Vec<Vec<u8>> = Vec::new();
+        let mut offset = 0usize;
+        for t in graph.initializer.iter_mut() {
+            if t.raw_data.len() < 1024 {
+                continue;
+            }
+            // Offsets aligned to 4 KiB so ONNX Runtime can memory-map them.
+            let pad = (4096 - offset % 4096) % 4096;
+            if pad > 0 {
+                blobs.push(vec![0u8; pad]);
+                offset += pad;
+            }
+            let raw = std::mem::take(&mut t.raw_data);
+            let len = raw.len();
+            t.data_location = Some(DataLocation::External as i32);
+            t.external_data = vec![
+                kv("location", EXTERNAL_DATA_FILE),
+                kv("offset", &offset.to_string()),
+                kv("length", &len.to_string()),
+            ];
+            offset += len;
+            blobs.push(raw);
+        }
+        steper_models::fsutil::write_atomic_with(&data_path, |f| {
+            use std::io::Write;
+            for b in &blobs {
+                f.write_all(b)?;
+            }
+            Ok(())
+        })?;
+        ext_path = Some(data_path);
+    }
+    let bytes = model.encode_to_vec();
+    steper_models::fsutil::write_atomic(path, &bytes)?;
+    if !external {
+        let stale = path.with_file_name(EXTERNAL_DATA_FILE);
+        if stale.exists() {
+            std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+        }
+    }
+    Ok((bytes.len() as u64, weight_bytes as u64, ext_path))
+}
+
+fn kv(k: &str, v: &str) -> StringStringEntryProto {
+    StringStringEntryProto {
+        key: k.into(),
+        value: v.into(),
+    }
+}

@@ -49,6 +49,14 @@ pub enum Error {
         /// What is missing.
         reason: String,
     },
+    /// The ONNX Runtime shared library could not be loaded.
+    #[error("ONNX Runtime library {path}: {reason} (set ORT_DYLIB_PATH to libonnxruntime.so, e.g. ORT_DYLIB_PATH=$(scripts/install-ort.sh))")]
+    OrtLibrary {
+        /// The library path tried.
+        path: PathBuf,
+        /// Why it failed.
+        reason: String,
+    },
     /// Invalid input given to an API call.
     #[error("invalid input: {0}")]
     Input(String),

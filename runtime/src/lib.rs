@@ -5,6 +5,7 @@
 
 pub mod answer;
 pub mod data;
+pub mod backend;
 pub mod error;
 pub mod generator;
 pub mod manifest;
@@ -18,3 +19,4 @@ pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
 pub use manifest::{Manifest, TEMPLATE_VERSION};
 pub use reasoning::{reason, GeneratorStepModel, LoopOptions, Reasoning, StepModel};
 pub use retrieval::{Bm25Index, Retriever};
+pub use backend::{load_model, BackendKind, ExecutionProvider, LoadedModel, OptLevel, OrtOptions, TensorRtOptions};

@@ -17,12 +17,15 @@ struct Cli {
 enum Command {
     /// Print the runtime version and the ONNX Runtime library in use.
     Version(commands::version::Args),
+    /// Prefill / decode tokens per second of exports on ort and tract.
+    BenchDecode(commands::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Version(a) => commands::version::run(a),
+        Command::BenchDecode(a) => commands::bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,60 @@
+//! The one error type of `steper-export`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while exporting or verifying a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Loading the checkpoint or running the candle reference failed.
+    #[error(transparent)]
+    Model(#[from] steper_models::Error),
+    /// Loading or running the export through a runtime backend failed.
+    #[error(transparent)]
+    Runtime(#[from] steper_runtime::Error),
+    /// A candle tensor operation failed while converting weights.
+    #[error("tensor `{name}`: {message}")]
+    Tensor {
+        /// HF name of the tensor.
+        name: String,
+        /// What candle reported.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An export option is not acceptable.
+    #[error("option `{option}`: expected {expected}, got {got}")]
+    Option {
+        /// The option name (as on the command line).
+        option: &'static str,
+        /// What is accepted.
+        expected: String,
+        /// What was given.
+        got: String,
+    },
+    /// The model cannot be expressed by this exporter.
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    /// JSON serialization failed.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! The Llama decoder as an ONNX graph of standard operators, with Optimum's I/O names.
+//!
+//! Per layer the graph computes exactly what `steper_models::Llama::forward_cached` computes:
+//! RMSNorm (`x / sqrt(mean(x²) + eps) * w`), q/k/v projections, RoPE in HF's rotate-half layout
+//! (`x·cos + rotate_half(x)·sin`, tables gathered by `position_ids`), the new keys/values
+//! concatenated after `past_key_values.{i}.*` into `present.{i}.*`, grouped-query attention with
+//! the cache kept at `kv_heads` (the query heads of a group are folded into the row axis, so the
+//! keys/values are never copied per head), `softmax(q·kᵀ·scale + mask)`, the output projection,
+//! and a SwiGLU MLP; then the final norm and the (possibly tied) LM head.
+//!
+//! The additive mask is built inside the graph from `attention_mask` (padding, 0 → −1e9) and the
+//! causal relation `key index ≤ past + query index`.
+//!
+//! **fp16 export.** Weights, matmuls, RoPE and the KV cache are fp16. Kept in f32, with `Cast`
+//! nodes around them: the residual stream (sums over 30+ layers overflow or lose the small
+//! updates in fp16), every RMSNorm (the mean of squares overflows fp16 for activations above
+//! ~256) including its weight, the attention scores from the scale on (scale, mask, softmax: the
+//! −1e9 mask and the exponentials need f32 range), and the logits.
+
+use steper_models::LlamaConfig;
+use tract_onnx::pb::{GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto};
+
+use crate::error::{Error, Result};
+use crate::onnx::{attr_f, attr_i, attr_ints, value_info, Dim, Elem, GraphBuilder};
+
+/// Additive mask value of the graph; the same finite value as the candle model, so a fully
+/// masked (left-padding) row gives a uniform distribution instead of NaN.
+pub const MASKED: f32 = -1e9;
+
+/// Symbolic dimension names of the graph's inputs and outputs.
+pub mod dims {
+    /// Batch size.
+    pub const BATCH: &str = "batch_size";
+    /// New tokens in this call.
+    pub const SEQ: &str = "sequence_length";
+    /// Tokens already in the cache.
+    pub const PAST: &str = "past_sequence_length";
+    /// `past_sequence_length + sequence_length`.
+    pub const TOTAL: &str = "total_sequence_length";
+}
+
+/// Source of a weight tensor: f32 values in row-major order and their shape.
+pub trait WeightSource {
+    /// The tensor `name` (HF naming) as f32 values and shape; `transpose` asks for a 2-D tensor
+    /// transposed (`[out, in]` → `[in, out]`, MatMul's right-hand layout).
+    fn tensor(&self, name: &str, transpose: bool) -> Result<(Vec<f32>, Vec<usize>)>;
+}
+
+impl WeightSource for steper_models::Weights {
+    fn tensor(&self, name: &str, transpose: bool) -> Result<(Vec<f32>, Vec<usize>)> {
+        let err = |e: candle_core::Error| Error::Tensor {
+            name: name.to_string(),
+            message: e.to_string(),
+        };
+        let t = self.tensors().get(name).ok_or_else(|| Error::Tensor {
+            name: name.to_string(),
+            message: "missing from the checkpoint".into(),
+        })?;
+        let t = t.to_dtype(candle_core::DType::F32).map_err(err)?;
+        let t = if transpose {
+            t.t().and_then(|t| t.contiguous()).map_err(err)?
+        } else {
+            t
+        };
+        let shape = t.dims().to_vec();
+        let data = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(err)?;
+        Ok((data, shape))
+    }
+}
+
+/// What the graph is built for.
+#[derive(Debug, Clone, Copy)]
+pub struct GraphOptions {
+    /// Storage and compute type of weights, matmuls and the KV cache.
+    pub dtype: Elem,
+    /// Opset of the default domain (17 or 18).
+    pub opset: i64,
+}
+
+/// Builds the decoder `ModelProto` (all weights inline as `raw_data`; [`crate::write_model`]
+/// moves them to an external file when needed).
+pub fn build_decoder(
+    cfg: &LlamaConfig,
+    w: &dyn WeightSource,
+    opts: GraphOptions,
+) -> Result<ModelProto> {
+    if !(17..=18).contains(&opts.opset) {
+        return Err(Error::Option {
+            option: "--opset",
+            expected: "17 or 18".into(),
+            got: opts.opset.to_string(),
+        });
+    }
+    if !matches!(opts.dtype, Elem::F32 | Elem::F16) {
+        return Err(Error::Option {
+            option: "--dtype",
+            expected: "fp32 or fp16".into(),
+            got: format!("{:?}", opts.dtype),
+        });
+    }
+    let ft = opts.dtype;
+    let h = cfg.hidden_size as i64;
+    let nh = cfg.num_attention_heads as i64;
+    let kv = cfg.kv_heads() as i64;
+    let d = cfg.head_size() as i64;
+    let inter = cfg.intermediate_size as i64;
+    let vocab = cfg.vocab_size as i64;
+    if nh % kv != 0 || d % 2 != 0 {
+        return Err(Error::Unsupported(format!(
+            "num_attention_heads {nh} must be a multiple of num_key_value_heads {kv}, head_dim {d} even"
+        )));
+    }
+    let layers = cfg.num_hidden_layers;
+    let mut g = GraphBuilder::new(opts.opset);
+
+    // Constants.
+    let c_one = g.const_i64("const/one", &[], &[1]);
+    let c_zero = g.const_i64("const/zero", &[], &[0]);
+    let c_eps = g.init_float("const/rms_eps", Elem::F32, &[], &[cfg.rms_norm_eps as f32]);
+    let c_scale = g.init_float(
+        "const/attn_scale",
+        Elem::F32,
+        &[],
+        &[1.0 / (d as f32).sqrt()],
+    );
+    let c_mask_on = g.init_float("const/mask_zero", Elem::F32, &[], &[0.0]);
+    let c_mask_off = g.init_float("const/mask_neg", Elem::F32, &[], &[MASKED]);
+    let shape_heads_q = g.const_i64("const/shape_q", &[4], &[0, 0, nh, d]);
+    let shape_heads_kv = g.const_i64("const/shape_kv", &[4], &[0, 0, kv, d]);
+    let shape_group = g.const_i64("const/shape_group", &[5], &[0, kv, nh / kv, -1, d]);
+    let shape_out_heads = g.const_i64("const/shape_out_heads", &[4], &[0, nh, -1, d]);
+    let shape_merge = g.const_i64("const/shape_merge", &[3], &[0, 0, nh * d]);
+    let shape_rows = g.const_i64("const/shape_rows", &[2], &[-1, h]);
+    let c_vocab = g.const_i64("const/vocab", &[1], &[vocab]);
+    let half = d / 2;
+    let s_lo = g.const_i64("const/rope_lo_start", &[1], &[0]);
+    let s_mid = g.const_i64("const/rope_mid", &[1], &[half]);
+    let s_hi = g.const_i64("const/rope_hi_end", &[1], &[d]);
+    let s_axis = g.const_i64("const/rope_axis", &[1], &[3]);
+
+    // RoPE tables [max_pos, head_dim]: cos repeated over both halves, sin with the sign of
+    // rotate_half folded in (−sin for the first half), so rope(x) = x·cos + swap_halves(x)·sin'.
+    let inv = cfg.inv_freq();
+    let maxp = cfg.max_position_embeddings;
+    let mut cos_t = Vec::with_capacity(maxp * d as usize);
+    let mut sin_t = Vec::with_capacity(maxp * d as usize);
+    for p in 0..maxp {
+        let ang: Vec<f32> = inv.iter().map(|&f| p as f32 * f).collect();
+        for rep in 0..2 {
+            for &a in &ang {
+                cos_t.push(a.cos());
+                sin_t.push(if rep == 0 { -a.sin() } else { a.sin() });
+            }
+        }
+    }
+    let cos_tab = g.init_float("rope.cos", ft, &[maxp as i64, d], &cos_t);
+    let sin_tab = g.init_float("rope.sin_signed", ft, &[maxp as i64, d], &sin_t);
+    drop((cos_t, sin_t));
+
+    // Mask [B, 1, S, T] (f32, additive).
+    let ids_shape = g.op("Shape", "mask", &["input_ids"], vec![]);
+    let seq = g.op(
+        "Gather",
+        "mask",
+        &[&ids_shape, &c_one],
+        vec![attr_i("axis", 0)],
+    );
+    let am_shape = g.op("Shape", "mask", &["attention_mask"], vec![]);
+    let total = g.op(
+        "Gather",
+        "mask",
+        &[&am_shape, &c_one],
+        vec![attr_i("axis", 0)],
+    );
+    let past = g.op("Sub", "mask", &[&total, &seq], vec![]);
+    let q_idx = g.op("Range", "mask", &[&past, &total, &c_one], vec![]);
+    let k_idx = g.op("Range", "mask", &[&c_zero, &total, &c_one], vec![]);
+    let q_col = g.unsqueeze("mask", &q_idx, &[1]);
+    let k_row = g.unsqueeze("mask", &k_idx, &[0]);
+    let causal = g.op("LessOrEqual", "mask", &[&k_row, &q_col], vec![]);
+    let pad = g.cast("mask", "attention_mask", Elem::Bool);
+    let pad4 = g.unsqueeze("mask", &pad, &[1, 2]);
+    let allowed = g.op("And", "mask", &[&causal, &pad4], vec![]);
+    let mask = g.op(
+        "Where",
+        "mask",
+        &[&allowed, &c_mask_on, &c_mask_off],
+        vec![],
+    );
+    // [B, 1, 1, S, T] for the grouped scores [B, kv, rep, S, T].
+    let mask = g.unsqueeze("mask", &mask, &[1]);
+
+    // RoPE rows for this call [B, 1, S, D].
+    let cos_g = g.op(
+        "Gather",
+        "rope",
+        &[&cos_tab, "position_ids"],
+        vec![attr_i("axis", 0)],
+    );
+    let sin_g = g.op(
+        "Gather",
+        "rope",
+        &[&sin_tab, "position_ids"],
+        vec![attr_i("axis", 0)],
+    );
+    let cos4 = g.unsqueeze("rope", &cos_g, &[1]);
+    let sin4 = g.unsqueeze("rope", &sin_g, &[1]);
+
+    // Embeddings; the residual stream is f32.
+    let embed = {
+        let (data, shape) = w.tensor("model.embed_tokens.weight", false)?;
+        let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+        g.init_float("model.embed_tokens.weight", ft, &dims, &data)
+    };
+    let mut x = g.op(
+        "Gather",
+        "embed",
+        &[&embed, "input_ids"],
+        vec![attr_i("axis", 0)],
+    );
+    if ft != Elem::F32 {
+        x = g.cast("embed", &x, Elem::F32);
+    }
+
+    let linear_w = |g: &mut GraphBuilder, name: &str| -> Result<String> {
+        let (data, shape) = w.tensor(name, true)?;
+        let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+        Ok(g.init_float(&format!("{name}.T"), ft, &dims, &data))
+    };
+    let norm_w = |g: &mut GraphBuilder, name: &str| -> Result<String> {
+        let (data, shape) = w.tensor(name, false)?;
+        let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+        Ok(g.init_float(name, Elem::F32, &dims, &data))
+    };
+    // RMSNorm in f32, result in the compute dtype.
+    let rms = |g: &mut GraphBuilder, hint: &str, x: &str, wname: &str| -> String {
+        let sq = g.op("Mul", hint, &[x, x], vec![]);
+        let ms = g.reduce_mean_last(hint, &sq);
+        let ve = g.op("Add", hint, &[&ms, &c_eps], vec![]);
+        let den = g.op("Sqrt", hint, &[&ve], vec![]);
+        let xn = g.op("Div", hint, &[x, &den], vec![]);
+        let y = g.op("Mul", hint, &[&xn, wname], vec![]);
+        if ft != Elem::F32 {
+            g.cast(hint, &y, ft)
+        } else {
+            y
+        }
+    };
+    let rope = |g: &mut GraphBuilder, hint: &str, t: &str| -> String {
+        let lo = g.op("Slice", hint, &[t, &s_lo, &s_mid, &s_axis], vec![]);
+        let hi = g.op("Slice", hint, &[t, &s_mid, &s_hi, &s_axis], vec![]);
+        let sw = g.op("Concat", hint, &[&hi, &lo], vec![attr_i("axis", -1)]);
+        let a = g.op("Mul", hint, &[t, &cos4], vec![]);
+        let b = g.op("Mul", hint, &[&sw, &sin4], vec![]);
+        g.op("Add", hint, &[&a, &b], vec![])
+    };
+
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        let hint = format!("layers.{l}");
+        let ln1 = norm_w(&mut g, &format!("{p}.input_layernorm.weight"))?;
+        let wq = linear_w(&mut g, &format!("{p}.self_attn.q_proj.weight"))?;
+        let wk = linear_w(&mut g, &format!("{p}.self_attn.k_proj.weight"))?;
+        let wv = linear_w(&mut g, &format!("{p}.self_attn.v_proj.weight"))?;
+        let wo = linear_w(&mut g, &format!("{p}.self_attn.o_proj.weight"))?;
+        let ln2 = norm_w(&mut g, &format!("{p}.post_attention_layernorm.weight"))?;
+        let wg = linear_w(&mut g, &format!("{p}.mlp.gate_proj.weight"))?;
+        let wu = linear_w(&mut g, &format!("{p}.mlp.up_proj.weight"))?;
+        let wd = linear_w(&mut g, &format!("{p}.mlp.down_proj.weight"))?;
+
+        let ha = format!("{hint}/attn");
+        let hn = rms(&mut g, &format!("{hint}/input_norm"), &x, &ln1);
+        let q = g.op("MatMul", &ha, &[&hn, &wq], vec![]);
+        let q = g.op("Reshape", &ha, &[&q, &shape_heads_q], vec![]);
+        let q = g.op(
+            "Transpose",
+            &ha,
+            &[&q],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
+        );
+        let k = g.op("MatMul", &ha, &[&hn, &wk], vec![]);
+        let k = g.op("Reshape", &ha, &[&k, &shape_heads_kv], vec![]);
+        let k = g.op(
+            "Transpose",
+            &ha,
+            &[&k],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
+        );
+        let v = g.op("MatMul", &ha, &[&hn, &wv], vec![]);
+        let v = g.op("Reshape", &ha, &[&v, &shape_heads_kv], vec![]);
+        let v = g.op(
+            "Transpose",
+            &ha,
+            &[&v],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
+        );
+        let q = rope(&mut g, &ha, &q);
+        let k = rope(&mut g, &ha, &k);
+        let pk = format!("present.{l}.key");
+        let pv = format!("present.{l}.value");
+        g.op_to(
+            "Concat",
+            &pk,
+            &[&format!("past_key_values.{l}.key"), &k],
+            vec![attr_i("axis", 2)],
+        );
+        g.op_to(
+            "Concat",
+            &pv,
+            &[&format!("past_key_values.{l}.value"), &v],
+            vec![attr_i("axis", 2)],
+        );
+        // Grouped-query attention: queries [B, nh, S, D] → [B, kv, rep, S, D] (heads of one
+        // group are consecutive, as in HF's repeat_kv) against keys/values [B, kv, 1, T, D]
+        // broadcast over the group, so the cache is never copied per head. (Reshapes only divide
+        // by constant sizes, which symbolic shape inference needs.)
+        let qg = g.op("Reshape", &ha, &[&q, &shape_group], vec![]);
+        let kt = g.op(
+            "Transpose",
+            &ha,
+            &[&pk],
+            vec![attr_ints("perm", &[0, 1, 3, 2])],
+        );
+        let kt = g.unsqueeze(&ha, &kt, &[2]);
+        let mut sc = g.op("MatMul", &ha, &[&qg, &kt], vec![]);
+        if ft != Elem::F32 {
+            sc = g.cast(&ha, &sc, Elem::F32);
+        }
+        let sc = g.op("Mul", &ha, &[&sc, &c_scale], vec![]);
+        let sc = g.op("Add", &ha, &[&sc, &mask], vec![]);
+        let mut pr = g.op("Softmax", &ha, &[&sc], vec![attr_i("axis", -1)]);
+        if ft != Elem::F32 {
+            pr = g.cast(&ha, &pr, ft);
+        }
+        let v5 = g.unsqueeze(&ha, &pv, &[2]);
+        let y = g.op("MatMul", &ha, &[&pr, &v5], vec![]);
+        let y = g.op("Reshape", &ha, &[&y, &shape_out_heads], vec![]);
+        let y = g.op(
+            "Transpose",
+            &ha,
+            &[&y],
+            vec![attr_ints("perm", &[0, 2, 1, 3])],
+        );
+        let y = g.op("Reshape", &ha, &[&y, &shape_merge], vec![]);
+        let mut o = g.op("MatMul", &ha, &[&y, &wo], vec![]);
+        if ft != Elem::F32 {
+            o = g.cast(&ha, &o, Elem::F32);
+        }
+        let x1 = g.op("Add", &hint, &[&x, &o], vec![]);
+
+        let hm = format!("{hint}/mlp");
+        let hn = rms(&mut g, &format!("{hint}/post_attention_norm"), &x1, &ln2);
+        let gt = g.op("MatMul", &hm, &[&hn, &wg], vec![]);
+        let sg = g.op("Sigmoid", &hm, &[&gt], vec![]);
+        let act = g.op("Mul", &hm, &[&gt, &sg], vec![]);
+        let up = g.op("MatMul", &hm, &[&hn, &wu], vec![]);
+        let gu = g.op("Mul", &hm, &[&act, &up], vec![]);
+        let mut m = g.op("MatMul", &hm, &[&gu, &wd], vec![]);
+        if ft != Elem::F32 {
+            m = g.cast(&hm, &m, Elem::F32);
+        }
+        x = g.op("Add", &hint, &[&x1, &m], vec![]);
+    }
+
+    let normf = norm_w(&mut g, "model.norm.weight")?;
+    let xn = rms(&mut g, "final_norm", &x, &normf);
+    let head = if cfg.tie_word_embeddings {
+        embed.clone()
+    } else {
+        let (data, shape) = w.tensor("lm_head.weight", false)?;
+        let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+        g.init_float("lm_head.weight", ft, &dims, &data)
+    };
+    let rows = g.op("Reshape", "lm_head", &[&xn, &shape_rows], vec![]);
+    // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings share one
+    // initializer with the Gather above.
+    let mut lg = g.op(
+        "Gemm",
+        "lm_head",
+        &[&rows, &head],
+        vec![attr_i("transB", 1), attr_f("alpha", 1.0)],
+    );
+    if ft != Elem::F32 {
+        lg = g.cast("lm_head", &lg, Elem::F32);
+    }
+    let out_shape = g.op(
+        "Concat",
+        "lm_head",
+        &[&ids_shape, &c_vocab],
+        vec![attr_i("axis", 0)],
+    );
+    g.op_to("Reshape", "logits", &[&lg, &out_shape], vec![]);
+
+    // Declared inputs and outputs.
+    use dims::*;
+    let mut inputs = vec![
+        value_info("input_ids", Elem::I64, &[Dim::Sym(BATCH), Dim::Sym(SEQ)]),
+        value_info(
+            "attention_mask",
+            Elem::I64,
+            &[Dim::Sym(BATCH), Dim::Sym(TOTAL)],
+        ),
+        value_info("position_ids", Elem::I64, &[Dim::Sym(BATCH), Dim::Sym(SEQ)]),
+    ];
+    let cache_dims =
+        |t: &'static str| [Dim::Sym(BATCH), Dim::Fixed(kv), Dim::Sym(t), Dim::Fixed(d)];
+    let mut outputs = vec![value_info(
+        "logits",
+        Elem::F32,
+        &[Dim::Sym(BATCH), Dim::Sym(SEQ), Dim::Fixed(vocab)],
+    )];
+    for l in 0..layers {
+        for kind in ["key", "value"] {
+            inputs.push(value_info(
+                &format!("past_key_values.{l}.{kind}"),
+                ft,
+                &cache_dims(PAST),
+            ));
+            outputs.push(value_info(
+                &format!("present.{l}.{kind}"),
+                ft,
+                &cache_dims(TOTAL),
+            ));
+        }
+    }
+    let _ = inter;
+    let graph = GraphProto {
+        node: g.nodes,
+        name: "steper_llama_decoder".into(),
+        initializer: g.initializers,
+        input: inputs,
+        output: outputs,
+        ..Default::default()
+    };
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: opts.opset,
+        }],
+        producer_name: "steper-export".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: Some(graph),
+        metadata_props: vec![StringStringEntryProto {
+            key: "steper.dtype".into(),
+            value: if ft == Elem::F16 { "fp16" } else { "fp32" }.into(),
+        }],
+        ..Default::default()
+    })
+}
+
+/// IR version written (ONNX Runtime 1.31 reads up to 13; 8 is the IR of opsets 17/18's era).
+pub const IR_VERSION: i64 = 8;

@@ -1,0 +1,326 @@
+//! ONNX backends behind [`Generator`]: ONNX Runtime ([`ort`], loaded dynamically, CPU / CUDA /
+//! TensorRT execution providers) and tract ([`tract`], pure Rust).
+//!
+//! [`load_model`] opens an export directory (`steper.json`, `model.onnx`, `tokenizer.json`),
+//! checks it and returns a shared [`Generator`]. Both backends also implement
+//! [`BatchDecoder`], the raw batched step (left-padded batches, explicit masks and positions)
+//! that the single-sequence [`Generator`] is built on.
+
+pub mod ort;
+pub mod tract;
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::generator::{Generator, Logits, LogitsMode, Sequence};
+use crate::manifest::{Manifest, MANIFEST_FILE};
+
+pub use self::ort::{ExecutionProvider, OptLevel, OrtGenerator, OrtOptions, TensorRtOptions};
+pub use self::tract::TractGenerator;
+
+/// Which backend runs the graph.
+#[derive(Debug, Clone)]
+pub enum BackendKind {
+    /// ONNX Runtime with these session options.
+    Ort(OrtOptions),
+    /// tract (pure Rust, CPU).
+    Tract,
+}
+
+impl BackendKind {
+    /// `ort` or `tract`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BackendKind::Ort(_) => "ort",
+            BackendKind::Tract => "tract",
+        }
+    }
+}
+
+/// An export directory opened by [`load_model`].
+pub struct LoadedModel {
+    /// The model, shareable across threads.
+    pub generator: Arc<dyn Generator>,
+    /// The tokenizer of the export (checked against the vocabulary size).
+    pub tokenizer: tokenizers::Tokenizer,
+    /// `steper.json`.
+    pub manifest: Manifest,
+    /// The export directory.
+    pub dir: PathBuf,
+}
+
+/// Opens the export in `dir` on `backend`: reads and checks `steper.json`, loads the tokenizer
+/// (its vocabulary must fit the model's), and builds the backend session. Every missing or
+/// inconsistent file is an [`Error::Model`] naming it.
+pub fn load_model(dir: &Path, backend: &BackendKind) -> Result<LoadedModel> {
+    let manifest = load_manifest(dir)?;
+    let tokenizer = load_tokenizer(dir, &manifest)?;
+    let model_path = model_path(dir, &manifest)?;
+    let generator: Arc<dyn Generator> = match backend {
+        BackendKind::Ort(opts) => Arc::new(OrtGenerator::load(&model_path, &manifest, opts)?),
+        BackendKind::Tract => Arc::new(TractGenerator::load(&model_path, &manifest)?),
+    };
+    Ok(LoadedModel {
+        generator,
+        tokenizer,
+        manifest,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Reads `dir/steper.json` (format and version checked).
+pub fn load_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST_FILE);
+    if !path.is_file() {
+        return Err(Error::Model {
+            path,
+            message: format!("{MANIFEST_FILE} not found (is this a steper-export directory?)"),
+        });
+    }
+    Manifest::load(&path)
+}
+
+/// The graph file named by the manifest; an error when it is missing or empty.
+pub fn model_path(dir: &Path, manifest: &Manifest) -> Result<PathBuf> {
+    let path = dir.join(&manifest.model_file);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() && m.len() > 0 => Ok(path),
+        Ok(_) => Err(Error::Model {
+            path,
+            message: "model file is empty or not a file".into(),
+        }),
+        Err(_) => Err(Error::Model {
+            path,
+            message: "model file not found".into(),
+        }),
+    }
+}
+
+/// Loads the manifest's tokenizer and checks that its ids fit the model's vocabulary.
+pub fn load_tokenizer(dir: &Path, manifest: &Manifest) -> Result<tokenizers::Tokenizer> {
+    let path = dir.join(&manifest.tokenizer_file);
+    if !path.is_file() {
+        return Err(Error::Model {
+            path,
+            message: "tokenizer file not found".into(),
+        });
+    }
+    let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Model {
+        path: path.clone(),
+        message: format!("tokenizer does not load: {e}"),
+    })?;
+    let n = tok.get_vocab_size(true);
+    if n > manifest.graph.vocab_size {
+        return Err(Error::Model {
+            path,
+            message: format!(
+                "tokenizer has {n} tokens but the model's vocab_size is {} (tokenizer of another model?)",
+                manifest.graph.vocab_size
+            ),
+        });
+    }
+    Ok(tok)
+}
+
+/// One batched call of the decoder graph, in the graph's own terms (Optimum conventions).
+#[derive(Debug, Clone)]
+pub struct BatchInput {
+    /// Rows.
+    pub batch: usize,
+    /// New tokens per row.
+    pub seq: usize,
+    /// `[batch, seq]` token ids (padding ids are arbitrary valid ids).
+    pub input_ids: Vec<i64>,
+    /// `[batch, past + seq]`: 1 for a real token, 0 for padding (cached and new positions).
+    pub attention_mask: Vec<i64>,
+    /// `[batch, seq]` RoPE positions (real tokens counted per row; 0 for padding).
+    pub position_ids: Vec<i64>,
+}
+
+impl BatchInput {
+    /// Builds the step for left-padded rows of new tokens appended to a cache of `past`
+    /// positions whose mask is `past_mask` (`[batch, past]`); `None` marks padding. Positions
+    /// continue from `next_pos` per row, which is advanced.
+    pub fn left_padded(
+        rows: &[Vec<Option<u32>>],
+        past_mask: &[Vec<i64>],
+        next_pos: &mut [i64],
+    ) -> Result<Self> {
+        let batch = rows.len();
+        let seq = rows.first().map(|r| r.len()).unwrap_or(0);
+        if rows.iter().any(|r| r.len() != seq)
+            || past_mask.len() != batch
+            || next_pos.len() != batch
+        {
+            return Err(Error::Input(
+                "rows, masks and positions must agree in batch and length".into(),
+            ));
+        }
+        let mut input_ids = Vec::with_capacity(batch * seq);
+        let mut attention_mask = Vec::new();
+        let mut position_ids = Vec::with_capacity(batch * seq);
+        for (r, row) in rows.iter().enumerate() {
+            attention_mask.extend_from_slice(&past_mask[r]);
+            for t in row {
+                match t {
+                    Some(id) => {
+                        input_ids.push(*id as i64);
+                        attention_mask.push(1);
+                        position_ids.push(next_pos[r]);
+                        next_pos[r] += 1;
+                    }
+                    None => {
+                        input_ids.push(0);
+                        attention_mask.push(0);
+                        position_ids.push(0);
+                    }
+                }
+            }
+        }
+        Ok(BatchInput {
+            batch,
+            seq,
+            input_ids,
+            attention_mask,
+            position_ids,
+        })
+    }
+
+    fn check(&self, past: usize, batch: usize) -> Result<()> {
+        if self.batch != batch {
+            return Err(Error::Input(format!(
+                "cache holds batch {batch}, input has batch {}",
+                self.batch
+            )));
+        }
+        let n = self.batch * self.seq;
+        if self.input_ids.len() != n || self.position_ids.len() != n {
+            return Err(Error::Input(format!(
+                "input_ids / position_ids must hold batch*seq = {n} values"
+            )));
+        }
+        if self.attention_mask.len() != self.batch * (past + self.seq) {
+            return Err(Error::Input(format!(
+                "attention_mask must hold batch*(past+seq) = {} values, got {}",
+                self.batch * (past + self.seq),
+                self.attention_mask.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A backend's KV cache for a batch (held on the backend's side; opaque here).
+pub struct BatchCache {
+    /// Rows.
+    pub(crate) batch: usize,
+    /// Cached positions.
+    pub(crate) past: usize,
+    /// Backend-specific per-layer keys and values.
+    pub(crate) inner: Box<dyn Any + Send>,
+}
+
+impl BatchCache {
+    /// Rows.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Cached positions.
+    pub fn past(&self) -> usize {
+        self.past
+    }
+}
+
+/// The raw batched decoder step shared by the backends.
+pub trait BatchDecoder: Send + Sync {
+    /// An empty cache for `batch` rows.
+    fn new_cache(&self, batch: usize) -> Result<BatchCache>;
+
+    /// Runs one call of the graph; the cache is replaced by the graph's `present.*` outputs.
+    /// Returns the logits of every new position (`rows = batch * seq`, row-major by batch) or
+    /// of the last position of each row (`rows = batch`).
+    fn step(&self, cache: &mut BatchCache, input: &BatchInput, mode: LogitsMode) -> Result<Logits>;
+
+    /// Keeps the first `len` cached positions.
+    fn truncate_cache(&self, cache: &mut BatchCache, len: usize) -> Result<()>;
+}
+
+/// [`Generator::append`] for any [`BatchDecoder`]: batch 1, no padding.
+pub(crate) fn append_single(
+    dec: &dyn BatchDecoder,
+    context_length: usize,
+    seq: &mut Sequence,
+    tokens: &[u32],
+    mode: LogitsMode,
+) -> Result<Logits> {
+    if tokens.is_empty() {
+        return Err(Error::Input("append: no tokens".into()));
+    }
+    let past = seq.tokens.len();
+    if past + tokens.len() > context_length {
+        return Err(Error::Input(format!(
+            "sequence of {} tokens exceeds the context length {context_length}",
+            past + tokens.len()
+        )));
+    }
+    let cache = seq
+        .cache
+        .downcast_mut::<BatchCache>()
+        .ok_or_else(|| Error::Input("sequence belongs to another generator".into()))?;
+    let input = BatchInput {
+        batch: 1,
+        seq: tokens.len(),
+        input_ids: tokens.iter().map(|&t| t as i64).collect(),
+        attention_mask: vec![1; past + tokens.len()],
+        position_ids: (past as i64..(past + tokens.len()) as i64).collect(),
+    };
+    let logits = dec.step(cache, &input, mode)?;
+    seq.push_tokens(tokens);
+    Ok(logits)
+}
+
+/// [`Generator::truncate`] for any [`BatchDecoder`].
+pub(crate) fn truncate_single(
+    dec: &dyn BatchDecoder,
+    seq: &mut Sequence,
+    len: usize,
+) -> Result<()> {
+    if len >= seq.tokens.len() {
+        return Ok(());
+    }
+    let cache = seq
+        .cache
+        .downcast_mut::<BatchCache>()
+        .ok_or_else(|| Error::Input("sequence belongs to another generator".into()))?;
+    dec.truncate_cache(cache, len)?;
+    seq.truncate_tokens(len);
+    Ok(())
+}
+
+/// Checks that the graph's inputs and outputs are the manifest's, in any order.
+pub(crate) fn check_io(
+    path: &Path,
+    manifest: &Manifest,
+    inputs: &[String],
+    outputs: &[String],
+) -> Result<()> {
+    for (what, want, got) in [
+        ("inputs", &manifest.graph.inputs, inputs),
+        ("outputs", &manifest.graph.outputs, outputs),
+    ] {
+        let mut a = want.clone();
+        let mut b = got.to_vec();
+        a.sort();
+        b.sort();
+        if a != b {
+            return Err(Error::Model {
+                path: path.to_path_buf(),
+                message: format!("graph {what} {got:?} do not match the manifest's {want:?}"),
+            });
+        }
+    }
+    Ok(())
+}

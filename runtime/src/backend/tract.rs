@@ -1,0 +1,252 @@
+//! The tract backend (pure Rust, CPU, no shared library).
+//!
+//! The graph is loaded with its inputs typed by three symbols (`B` batch, `S` new tokens, `P`
+//! cached positions; `attention_mask` is `[B, P+S]`), optimized once at load, and run with the
+//! symbols resolved from each call's inputs. A run needs only `&self` (tract spawns a fresh
+//! state per call), so the generator is `Send + Sync` without a lock. The cache holds the
+//! `present.*` values of the last call (reference-counted tensors, fed back without a copy).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::prelude::{
+    tvec, DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TDim,
+    TValue, Tensor, TypedRunnableModel,
+};
+
+use super::{append_single, check_io, truncate_single, BatchCache, BatchDecoder, BatchInput};
+use crate::error::{Error, Result};
+use crate::generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
+use crate::manifest::Manifest;
+
+fn backend_err(message: impl std::fmt::Display) -> Error {
+    Error::Backend {
+        backend: "tract",
+        message: message.to_string(),
+    }
+}
+
+/// A model running on tract.
+pub struct TractGenerator {
+    plan: Arc<TypedRunnableModel>,
+    info: GeneratorInfo,
+    cache_dt: DatumType,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Position of `input_ids`, `attention_mask`, `position_ids`, then the past values, in the
+    /// plan's inputs.
+    input_order: Vec<usize>,
+    /// Index in the plan's outputs of `logits`, then the present values (manifest order).
+    output_order: Vec<usize>,
+    n_inputs: usize,
+}
+
+struct TractCache {
+    values: Vec<TValue>,
+}
+
+impl TractGenerator {
+    /// Loads, types and optimizes `model`.
+    pub fn load(model: &Path, manifest: &Manifest) -> Result<Self> {
+        let bad = |e: tract_onnx::prelude::TractError| Error::Model {
+            path: model.to_path_buf(),
+            message: format!("tract cannot load the graph: {e:#}"),
+        };
+        let mut m = tract_onnx::onnx().model_for_path(model).map_err(bad)?;
+        let in_names: Vec<String> = m
+            .input_outlets()
+            .map_err(bad)?
+            .iter()
+            .map(|o| m.node(o.node).name.clone())
+            .collect();
+        let out_names: Vec<String> = m
+            .output_outlets()
+            .map_err(bad)?
+            .iter()
+            .map(|o| {
+                m.outlet_label(*o)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| m.node(o.node).name.clone())
+            })
+            .collect();
+        check_io(model, manifest, &in_names, &out_names)?;
+        let g = &manifest.graph;
+        let cache_dt = if manifest.dtype == "fp16" {
+            DatumType::F16
+        } else {
+            DatumType::F32
+        };
+        let b = TDim::from(m.symbols.sym("B"));
+        let s = TDim::from(m.symbols.sym("S"));
+        let p = TDim::from(m.symbols.sym("P"));
+        for (i, name) in in_names.iter().enumerate() {
+            let fact = match name.as_str() {
+                "input_ids" | "position_ids" => {
+                    InferenceFact::dt_shape(DatumType::I64, tvec![b.clone(), s.clone()])
+                }
+                "attention_mask" => {
+                    InferenceFact::dt_shape(DatumType::I64, tvec![b.clone(), p.clone() + s.clone()])
+                }
+                _ => InferenceFact::dt_shape(
+                    cache_dt,
+                    tvec![
+                        b.clone(),
+                        TDim::from(g.num_kv_heads as i64),
+                        p.clone(),
+                        TDim::from(g.head_dim as i64)
+                    ],
+                ),
+            };
+            m.set_input_fact(i, fact).map_err(bad)?;
+        }
+        for i in 0..out_names.len() {
+            m.set_output_fact(i, InferenceFact::default())
+                .map_err(bad)?;
+        }
+        let plan = m
+            .into_optimized()
+            .map_err(bad)?
+            .into_runnable()
+            .map_err(bad)?;
+        let pos = |names: &[String], want: &str| -> Result<usize> {
+            names
+                .iter()
+                .position(|n| n == want)
+                .ok_or_else(|| Error::Model {
+                    path: model.to_path_buf(),
+                    message: format!("graph has no `{want}`"),
+                })
+        };
+        let input_order = g
+            .inputs
+            .iter()
+            .map(|n| pos(&in_names, n))
+            .collect::<Result<Vec<_>>>()?;
+        let output_order = g
+            .outputs
+            .iter()
+            .map(|n| pos(&out_names, n))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TractGenerator {
+            plan,
+            info: GeneratorInfo {
+                backend: "tract".into(),
+                providers: vec!["tract-cpu".into()],
+                vocab_size: g.vocab_size,
+                context_length: manifest.context_length,
+            },
+            cache_dt,
+            kv_heads: g.num_kv_heads,
+            head_dim: g.head_dim,
+            n_inputs: in_names.len(),
+            input_order,
+            output_order,
+        })
+    }
+}
+
+impl BatchDecoder for TractGenerator {
+    fn new_cache(&self, batch: usize) -> Result<BatchCache> {
+        let empty = Tensor::zero_dt(self.cache_dt, &[batch, self.kv_heads, 0, self.head_dim])
+            .map_err(backend_err)?;
+        let empty = empty.into_tvalue();
+        Ok(BatchCache {
+            batch,
+            past: 0,
+            inner: Box::new(TractCache {
+                values: vec![empty; self.output_order.len() - 1],
+            }),
+        })
+    }
+
+    fn step(&self, cache: &mut BatchCache, input: &BatchInput, mode: LogitsMode) -> Result<Logits> {
+        input.check(cache.past, cache.batch)?;
+        let (b, s) = (input.batch, input.seq);
+        let tc = cache
+            .inner
+            .downcast_mut::<TractCache>()
+            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+        let t = |v: &[i64], cols: usize| -> Result<TValue> {
+            Ok(Tensor::from_shape(&[b, cols], v)
+                .map_err(backend_err)?
+                .into_tvalue())
+        };
+        let mut ordered: Vec<Option<TValue>> = vec![None; self.n_inputs];
+        ordered[self.input_order[0]] = Some(t(&input.input_ids, s)?);
+        ordered[self.input_order[1]] = Some(t(&input.attention_mask, cache.past + s)?);
+        ordered[self.input_order[2]] = Some(t(&input.position_ids, s)?);
+        for (k, v) in tc.values.iter().enumerate() {
+            ordered[self.input_order[3 + k]] = Some(v.clone());
+        }
+        let inputs = ordered
+            .into_iter()
+            .map(|v| v.ok_or_else(|| backend_err("graph input not fed")))
+            .collect::<Result<_>>()?;
+        let out = self
+            .plan
+            .run(inputs)
+            .map_err(|e| backend_err(format!("{e:#}")))?;
+        let logits = &out[self.output_order[0]];
+        let view = logits.to_plain_array_view::<f32>().map_err(backend_err)?;
+        let vocab = *view.shape().last().unwrap_or(&0);
+        let all: Vec<f32> = view.iter().copied().collect();
+        let logits = match mode {
+            LogitsMode::All => Logits {
+                rows: b * s,
+                vocab,
+                data: all,
+            },
+            LogitsMode::Last => {
+                let mut v = Vec::with_capacity(b * vocab);
+                for r in 0..b {
+                    let off = (r * s + s - 1) * vocab;
+                    v.extend_from_slice(&all[off..off + vocab]);
+                }
+                Logits {
+                    rows: b,
+                    vocab,
+                    data: v,
+                }
+            }
+        };
+        tc.values = self.output_order[1..]
+            .iter()
+            .map(|&i| out[i].clone())
+            .collect();
+        cache.past += s;
+        Ok(logits)
+    }
+
+    fn truncate_cache(&self, cache: &mut BatchCache, len: usize) -> Result<()> {
+        if len >= cache.past {
+            return Ok(());
+        }
+        let tc = cache
+            .inner
+            .downcast_mut::<TractCache>()
+            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+        for v in tc.values.iter_mut() {
+            *v = v.slice(2, 0, len).map_err(backend_err)?.into_tvalue();
+        }
+        cache.past = len;
+        Ok(())
+    }
+}
+
+impl Generator for TractGenerator {
+    fn info(&self) -> &GeneratorInfo {
+        &self.info
+    }
+
+    fn new_sequence(&self) -> Result<Sequence> {
+        Ok(Sequence::new(Box::new(self.new_cache(1)?)))
+    }
+
+    fn append(&self, seq: &mut Sequence, tokens: &[u32], mode: LogitsMode) -> Result<Logits> {
+        append_single(self, self.info.context_length, seq, tokens, mode)
+    }
+
+    fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()> {
+        truncate_single(self, seq, len)
+    }
+}
