@@ -11,6 +11,9 @@ pub enum Error {
     /// An error from the runtime crate (data files, retrieval, prompt).
     #[error(transparent)]
     Runtime(#[from] steper_runtime::Error),
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -3,6 +3,11 @@
 //! generation).
 #![warn(missing_docs)]
 
+pub mod distill;
 pub mod error;
+pub mod fit;
+pub mod student;
+pub mod synth;
+pub mod teacher;
 
 pub use error::{Error, Result};

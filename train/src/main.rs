@@ -19,6 +19,14 @@ enum Command {
     Import(commands::import::Args),
     /// Generate a continuation of a prompt with a checkpoint (candle, KV cache).
     Generate(commands::generate::Args),
+    /// Generate a synthetic multi-hop world (corpus + 2/3/4-hop questions with gold chains).
+    Synth(commands::synth::Args),
+    /// Train a student on step-wise records (σ-weighted STEPER loss, uniform, or vanilla-KD).
+    Fit(commands::fit::Args),
+    /// Run a teacher through the reasoning loop and write step-wise records.
+    Distill(commands::distill::Args),
+    /// Create a from-scratch student: a BPE tokenizer trained on the data and random weights.
+    InitStudent(commands::init_student::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -26,6 +34,10 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Import(a) => commands::import::run(a),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Synth(a) => commands::synth::run(a),
+        Command::Fit(a) => commands::fit::run(a),
+        Command::Distill(a) => commands::distill::run(a),
+        Command::InitStudent(a) => commands::init_student::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,3 +1,7 @@
 //! One module per subcommand.
+pub mod distill;
+pub mod fit;
 pub mod generate;
 pub mod import;
+pub mod init_student;
+pub mod synth;

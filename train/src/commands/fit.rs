@@ -1,0 +1,146 @@
+//! `steper-train fit`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use steper_models::{load_tokenizer, LlamaConfig};
+use steper_train::fit::optim::AdamWConfig;
+use steper_train::fit::records::{examples_from_records, read_records};
+use steper_train::fit::{fit, FitConfig, LossMode, Trainable};
+
+/// Arguments of `fit`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Student checkpoint directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    student: PathBuf,
+    /// Step-wise records (JSONL) from `steper-train distill`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory (final checkpoint, checkpoints/step-N, train_log.jsonl). An existing
+    /// run there is resumed.
+    #[arg(long)]
+    out: PathBuf,
+    /// Loss: σ-weighted (steper), uniform average, or vanilla-KD.
+    #[arg(long, value_enum, default_value_t = LossMode::Steper)]
+    mode: LossMode,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 300)]
+    steps: u64,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Micro-batches per step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 20)]
+    warmup: u64,
+    /// AdamW weight decay (not on norms or σ).
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Seed of the data order and the held-out split.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Share of questions held out for the evaluation loss.
+    #[arg(long, default_value_t = 0.1)]
+    eval_fraction: f64,
+    /// Evaluate every N steps (0: at the end only).
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long, default_value_t = 100)]
+    save_every: u64,
+    /// Keep the embeddings frozen.
+    #[arg(long)]
+    freeze_embeddings: bool,
+    /// Train only the top N layers.
+    #[arg(long)]
+    top_layers: Option<usize>,
+    /// Words kept per passage in the prompt.
+    #[arg(long, default_value_t = 100)]
+    word_cap: usize,
+    /// Skip malformed record lines (counted) instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Renders, tokenizes, splits and trains.
+pub fn run(a: Args) -> Result<()> {
+    let cfg_path = a.student.join("config.json");
+    let mcfg = LlamaConfig::from_file(&cfg_path)
+        .with_context(|| format!("student {}", a.student.display()))?;
+    let tok = load_tokenizer(&a.student.join("tokenizer.json"), mcfg.vocab_size)?;
+    let eos = *mcfg
+        .eos_ids()
+        .first()
+        .context("student config.json has no eos_token_id")?;
+    let (records, skipped) = read_records(&a.data, a.skip_bad)?;
+    let (train_r, eval_r) =
+        steper_train::fit::records::split_by_question(&records, a.eval_fraction, a.seed);
+    let train = examples_from_records(
+        &train_r,
+        &tok,
+        a.word_cap,
+        eos,
+        mcfg.max_position_embeddings,
+    )?;
+    let eval = examples_from_records(&eval_r, &tok, a.word_cap, eos, mcfg.max_position_embeddings)?;
+    let cfg = FitConfig {
+        mode: a.mode,
+        steps: a.steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        adamw: AdamWConfig {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        warmup: a.warmup,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        trainable: Trainable {
+            freeze_embeddings: a.freeze_embeddings,
+            top_layers: a.top_layers,
+        },
+        ..Default::default()
+    };
+    let summary = fit(&a.student, &train, &eval, &cfg, &a.out, !a.json)?;
+    if a.json {
+        let mut v = serde_json::to_value(&summary)?;
+        v["train_examples"] = train.len().into();
+        v["eval_examples"] = eval.len().into();
+        v["skipped_lines"] = skipped.into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let l = summary.last.as_ref();
+        println!(
+            "{} step {} ({} train / {} held-out examples, {skipped} bad lines skipped): total {:.4}, σ {:.3}/{:.3}/{:.3}, {:.0} tok/s, {:.1}s → {}",
+            if summary.finished { "finished" } else { "stopped at" },
+            summary.step,
+            train.len(),
+            eval.len(),
+            l.map(|l| l.total).unwrap_or(f64::NAN),
+            l.map(|l| l.sigma_init).unwrap_or(f64::NAN),
+            l.map(|l| l.sigma_exp).unwrap_or(f64::NAN),
+            l.map(|l| l.sigma_agg).unwrap_or(f64::NAN),
+            summary.tokens_per_sec,
+            summary.seconds,
+            a.out.display()
+        );
+        if let Some(e) = &summary.eval {
+            println!(
+                "held-out loss: init {:?} expand {:?} aggregate {:?}",
+                e.l_init, e.l_exp, e.l_agg
+            );
+        }
+    }
+    Ok(())
+}

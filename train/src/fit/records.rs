@@ -1,0 +1,99 @@
+//! Step-wise records → token examples, through the runtime's prompt template (the same code the
+//! runtime renders with, so training and inference see identical prompts).
+
+use std::path::Path;
+
+use steper_runtime::data::{read_jsonl, ReadOptions, StepwiseRecord};
+use steper_runtime::prompt::{render, target_continuation};
+
+use super::{Example, Stage};
+use crate::error::{Error, Result};
+
+impl From<steper_runtime::data::Stage> for Stage {
+    fn from(s: steper_runtime::data::Stage) -> Self {
+        match s {
+            steper_runtime::data::Stage::Init => Stage::Init,
+            steper_runtime::data::Stage::Expand => Stage::Expand,
+            steper_runtime::data::Stage::Aggregate => Stage::Aggregate,
+        }
+    }
+}
+
+/// Reads step-wise records (errors name the file and line; `skip_bad` skips and counts).
+pub fn read_records(path: &Path, skip_bad: bool) -> Result<(Vec<StepwiseRecord>, usize)> {
+    let loaded = read_jsonl::<StepwiseRecord>(path, ReadOptions { skip_bad })?;
+    if loaded.rows.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no step-wise records",
+            path.display()
+        )));
+    }
+    Ok((loaded.rows, loaded.skipped.len()))
+}
+
+/// Renders and tokenizes records. `eos` ends every target. Records longer than `max_len` tokens
+/// are an error naming the record.
+pub fn examples_from_records(
+    records: &[StepwiseRecord],
+    tokenizer: &tokenizers::Tokenizer,
+    word_cap: usize,
+    eos: u32,
+    max_len: usize,
+) -> Result<Vec<Example>> {
+    let mut out = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let prompt = render(&r.question, &r.passages, &r.reasoning, word_cap);
+        let target = target_continuation(&r.target);
+        let enc = |t: &str| -> Result<Vec<u32>> {
+            Ok(tokenizer
+                .encode(t, false)
+                .map_err(|e| Error::Input(format!("tokenizer: {e}")))?
+                .get_ids()
+                .to_vec())
+        };
+        let p = enc(&prompt)?;
+        let mut t = enc(&target)?;
+        t.push(eos);
+        if p.len() + t.len() > max_len {
+            return Err(Error::Input(format!(
+                "record {} (qid {}, stage {:?}, step {}): {} tokens exceed the student's context of {max_len}",
+                i + 1,
+                r.qid,
+                r.stage,
+                r.step,
+                p.len() + t.len()
+            )));
+        }
+        out.push(Example {
+            stage: r.stage.into(),
+            prompt: p,
+            target: t,
+        });
+    }
+    Ok(out)
+}
+
+/// Splits records into training and held-out sets by question (all records of a question land
+/// on the same side), deterministically from `seed`.
+pub fn split_by_question(
+    records: &[StepwiseRecord],
+    heldout_fraction: f64,
+    seed: u64,
+) -> (Vec<StepwiseRecord>, Vec<StepwiseRecord>) {
+    let mut train = Vec::new();
+    let mut held = Vec::new();
+    for r in records {
+        // FNV-1a of the qid and the seed: stable across runs and platforms.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+        for b in r.qid.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x1000_0000_01b3);
+        }
+        if ((h >> 11) as f64 / (1u64 << 53) as f64) < heldout_fraction {
+            held.push(r.clone());
+        } else {
+            train.push(r.clone());
+        }
+    }
+    (train, held)
+}

@@ -1,0 +1,704 @@
+//! The training loop: batching, accumulation, clipping, schedule, evaluation, checkpoints and
+//! exact resume.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use steper_models::fsutil::{write_atomic, StagingDir};
+use steper_models::{Checkpoint, Llama, LlamaConfig, Weights};
+
+use super::loss::{build_stage_masks, combine, stage_losses, token_nll};
+use super::optim::{clip_global_norm, lr_at, AdamW, AdamWConfig};
+use super::{Example, LossMode, Stage};
+use crate::error::{Error, Result};
+
+/// Which weights are trained.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Trainable {
+    /// Keep `model.embed_tokens` (and a tied `lm_head`) frozen.
+    pub freeze_embeddings: bool,
+    /// Train only the top N decoder layers (plus the final norm and an untied head); `None` =
+    /// all layers.
+    pub top_layers: Option<usize>,
+}
+
+/// Settings of a training run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FitConfig {
+    /// Loss combination.
+    pub mode: LossMode,
+    /// Optimizer steps in total.
+    pub steps: u64,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// AdamW settings (peak lr, betas, weight decay).
+    pub adamw: AdamWConfig,
+    /// Warmup steps.
+    pub warmup: u64,
+    /// Final lr as a fraction of the peak.
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm cap.
+    pub max_grad_norm: f64,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Micro-batches per length bucket (examples are sorted by length inside a bucket).
+    pub bucket_batches: usize,
+    /// Evaluate on the held-out examples every N steps (0 = only at the end).
+    pub eval_every: u64,
+    /// Write a checkpoint every N steps (0 = only at the end).
+    pub save_every: u64,
+    /// Which weights train.
+    pub trainable: Trainable,
+    /// Stop this process after N steps of this run (the run resumes later); for tests and
+    /// time-boxed jobs.
+    pub stop_after: Option<u64>,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        FitConfig {
+            mode: LossMode::Steper,
+            steps: 100,
+            batch_size: 4,
+            grad_accum: 1,
+            adamw: AdamWConfig::default(),
+            warmup: 10,
+            min_lr_ratio: 0.1,
+            max_grad_norm: 1.0,
+            seed: 0,
+            bucket_batches: 8,
+            eval_every: 0,
+            save_every: 0,
+            trainable: Trainable {
+                freeze_embeddings: false,
+                top_layers: None,
+            },
+            stop_after: None,
+        }
+    }
+}
+
+/// One line of `train_log.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogLine {
+    /// Optimizer step (1-based).
+    pub step: u64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Mean init-stage loss over the step's micro-batches (absent if no init example).
+    #[serde(rename = "L_init")]
+    pub l_init: Option<f64>,
+    /// Mean expand-stage loss.
+    #[serde(rename = "L_exp")]
+    pub l_exp: Option<f64>,
+    /// Mean aggregate-stage loss (the single term in vanilla mode).
+    #[serde(rename = "L_agg")]
+    pub l_agg: Option<f64>,
+    /// The objective.
+    pub total: f64,
+    /// σ_init = exp(s_init).
+    pub sigma_init: f64,
+    /// σ_exp.
+    pub sigma_exp: f64,
+    /// σ_agg.
+    pub sigma_agg: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens (non-padding) processed per second.
+    pub tokens_per_sec: f64,
+    /// Held-out per-stage losses when evaluated at this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalLosses>,
+}
+
+/// Held-out losses.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalLosses {
+    /// Init-stage mean token loss.
+    #[serde(rename = "L_init")]
+    pub l_init: Option<f64>,
+    /// Expand-stage mean token loss.
+    #[serde(rename = "L_exp")]
+    pub l_exp: Option<f64>,
+    /// Aggregate-stage mean token loss.
+    #[serde(rename = "L_agg")]
+    pub l_agg: Option<f64>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitSummary {
+    /// Last step reached.
+    pub step: u64,
+    /// Whether `steps` was reached (false when stopped early by `stop_after`).
+    pub finished: bool,
+    /// Step the run resumed from (0 for a fresh run).
+    pub resumed_from: u64,
+    /// Last logged line.
+    pub last: Option<LogLine>,
+    /// Trainable / total parameters.
+    pub trainable_parameters: usize,
+    /// All parameters.
+    pub total_parameters: usize,
+    /// Mean tokens/s over the run.
+    pub tokens_per_sec: f64,
+    /// Wall seconds of this process's part of the run.
+    pub seconds: f64,
+    /// Final held-out losses.
+    pub eval: Option<EvalLosses>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    optimizer_t: u64,
+    log_sigma: [f32; 3],
+    config: FitConfig,
+    num_examples: usize,
+}
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIM_FILE: &str = "optimizer.safetensors";
+const LOG_FILE: &str = "train_log.jsonl";
+const CKPT_DIR: &str = "checkpoints";
+
+fn trainable_name(cfg: &LlamaConfig, t: &Trainable, name: &str) -> bool {
+    if name == "model.embed_tokens.weight" {
+        return !t.freeze_embeddings;
+    }
+    if name == "lm_head.weight" {
+        return true;
+    }
+    if let Some(n) = t.top_layers {
+        if let Some(rest) = name.strip_prefix("model.layers.") {
+            let layer: usize = rest
+                .split('.')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            return layer + n >= cfg.num_hidden_layers;
+        }
+    }
+    true
+}
+
+/// Micro-batch `i` of the infinite, deterministic stream of length-bucketed batches.
+struct BatchStream {
+    n: usize,
+    batch: usize,
+    bucket: usize,
+    seed: u64,
+    lens: Vec<usize>,
+    epoch: Option<(u64, Vec<Vec<usize>>)>,
+}
+
+impl BatchStream {
+    fn batches_per_epoch(&self) -> usize {
+        self.n.div_ceil(self.batch)
+    }
+
+    fn epoch_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut idx: Vec<usize> = (0..self.n).collect();
+        idx.shuffle(&mut rng);
+        let mut out = Vec::new();
+        for chunk in idx.chunks(self.batch * self.bucket.max(1)) {
+            let mut c = chunk.to_vec();
+            c.sort_by_key(|&i| (self.lens[i], i));
+            let mut bs: Vec<Vec<usize>> = c.chunks(self.batch).map(|b| b.to_vec()).collect();
+            bs.shuffle(&mut rng);
+            out.extend(bs);
+        }
+        out
+    }
+
+    fn get(&mut self, i: u64) -> Vec<usize> {
+        let per = self.batches_per_epoch() as u64;
+        let epoch = i / per;
+        if self.epoch.as_ref().map(|e| e.0) != Some(epoch) {
+            self.epoch = Some((epoch, self.epoch_batches(epoch)));
+        }
+        let (_, bs) = self.epoch.as_ref().expect("epoch just set");
+        bs[(i % per) as usize].clone()
+    }
+}
+
+struct Batch {
+    input: Tensor,
+    mask: Tensor,
+    labels: Tensor,
+    stage_masks: [Tensor; 3],
+    counts: [usize; 3],
+    tokens: usize,
+}
+
+fn make_batch(examples: &[&Example], dev: &Device) -> Result<Batch> {
+    let t = examples.iter().map(|e| e.input_len()).max().unwrap_or(1);
+    let b = examples.len();
+    let mut input = vec![0u32; b * t];
+    let mut mask = vec![0u32; b * t];
+    let mut labels = vec![0u32; b * t];
+    let mut label_mask = vec![vec![0f32; t]; b];
+    let mut stages = Vec::with_capacity(b);
+    let mut tokens = 0;
+    for (r, e) in examples.iter().enumerate() {
+        let seq: Vec<u32> = e.prompt.iter().chain(e.target.iter()).copied().collect();
+        let n = seq.len() - 1;
+        for p in 0..n {
+            input[r * t + p] = seq[p];
+            mask[r * t + p] = 1;
+            labels[r * t + p] = seq[p + 1];
+            if p + 1 >= e.prompt.len() {
+                label_mask[r][p] = 1.0;
+            }
+        }
+        tokens += n;
+        stages.push(e.stage);
+    }
+    let (stage_masks, counts) = build_stage_masks(&label_mask, &stages, dev)?;
+    Ok(Batch {
+        input: Tensor::from_vec(input, (b, t), dev)?,
+        mask: Tensor::from_vec(mask, (b, t), dev)?,
+        labels: Tensor::from_vec(labels, (b, t), dev)?,
+        stage_masks,
+        counts,
+        tokens,
+    })
+}
+
+fn check_examples(examples: &[Example], cfg: &LlamaConfig, what: &str) -> Result<()> {
+    for (i, e) in examples.iter().enumerate() {
+        if e.prompt.is_empty() || e.target.is_empty() {
+            return Err(Error::Input(format!(
+                "{what} example {i}: empty prompt or target"
+            )));
+        }
+        if e.input_len() > cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "{what} example {i}: {} tokens exceed the student's context of {} (max_position_embeddings)",
+                e.input_len() + 1,
+                cfg.max_position_embeddings
+            )));
+        }
+        if let Some(&bad) = e
+            .prompt
+            .iter()
+            .chain(&e.target)
+            .find(|&&t| t as usize >= cfg.vocab_size)
+        {
+            return Err(Error::Input(format!(
+                "{what} example {i}: token id {bad} outside the student's vocabulary ({})",
+                cfg.vocab_size
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Mean per-stage token losses over `examples` (no gradients).
+pub fn evaluate(model: &Llama, examples: &[Example], batch: usize) -> Result<EvalLosses> {
+    let dev = model.device().clone();
+    let mut sums = [0f64; 3];
+    let mut counts = [0usize; 3];
+    for chunk in examples.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let b = make_batch(&refs, &dev)?;
+        let logits = model.forward(&b.input, Some(&b.mask))?.detach();
+        let nll = token_nll(&logits, &b.labels)?;
+        for j in 0..3 {
+            if b.counts[j] > 0 {
+                let s: f32 = (&nll * &b.stage_masks[j])?.sum_all()?.to_scalar()?;
+                sums[j] += s as f64;
+                counts[j] += b.counts[j];
+            }
+        }
+    }
+    let m = |j: usize| (counts[j] > 0).then(|| sums[j] / counts[j] as f64);
+    Ok(EvalLosses {
+        l_init: m(0),
+        l_exp: m(1),
+        l_agg: m(2),
+    })
+}
+
+fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    let dir = out.join(CKPT_DIR);
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(&dir).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if e.path().join(STATE_FILE).is_file() && best.as_ref().map(|b| n > b.0).unwrap_or(true)
+            {
+                best = Some((n, e.path()));
+            }
+        }
+    }
+    best.map(|b| b.1)
+}
+
+/// Trains the student in `student_dir` on `train` examples, evaluating on `eval`, writing into
+/// `out` (final checkpoint at the top level; `checkpoints/step-N/` along the way;
+/// `train_log.jsonl`). If `out` holds a checkpoint of an earlier run of the same data and
+/// settings, training resumes from its step with the same optimizer state, σ and data order.
+pub fn fit(
+    student_dir: &Path,
+    train: &[Example],
+    eval: &[Example],
+    cfg: &FitConfig,
+    out: &Path,
+    progress: bool,
+) -> Result<FitSummary> {
+    if train.is_empty() {
+        return Err(Error::Input("no training examples".into()));
+    }
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.steps == 0 {
+        return Err(Error::Input(
+            "batch_size, grad_accum and steps must be positive".into(),
+        ));
+    }
+    let dev = Device::Cpu;
+    std::fs::create_dir_all(out).map_err(|e| Error::Io {
+        path: out.to_path_buf(),
+        source: e,
+    })?;
+    let resume_dir = latest_checkpoint(out);
+    let source = resume_dir
+        .clone()
+        .unwrap_or_else(|| student_dir.to_path_buf());
+    let ck = Checkpoint::load(&source, DType::F32, &dev)?;
+    let mcfg = ck.config.clone();
+    check_examples(train, &mcfg, "training")?;
+    check_examples(eval, &mcfg, "held-out")?;
+
+    let state: Option<TrainerState> = match &resume_dir {
+        Some(d) => {
+            let p = d.join(STATE_FILE);
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::Io {
+                path: p.clone(),
+                source: e,
+            })?;
+            let s: TrainerState = serde_json::from_str(&text)
+                .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+            if s.num_examples != train.len()
+                || s.config.seed != cfg.seed
+                || s.config.batch_size != cfg.batch_size
+                || s.config.grad_accum != cfg.grad_accum
+                || s.config.mode != cfg.mode
+            {
+                return Err(Error::Input(format!(
+                    "{} holds a run with other data or settings (examples {}, seed {}, batch {}x{}, mode {:?}); use a new --out",
+                    out.display(), s.num_examples, s.config.seed, s.config.batch_size, s.config.grad_accum, s.config.mode
+                )));
+            }
+            Some(s)
+        }
+        None => None,
+    };
+
+    // Trainable weights become vars; the rest stay constant tensors (no gradient work).
+    let mut frozen = BTreeMap::new();
+    let mut to_train = BTreeMap::new();
+    for (k, t) in ck.weights.tensors() {
+        if trainable_name(&mcfg, &cfg.trainable, k)
+            && !(mcfg.tie_word_embeddings
+                && k == "model.embed_tokens.weight"
+                && cfg.trainable.freeze_embeddings)
+        {
+            to_train.insert(k.clone(), t.clone());
+        } else {
+            frozen.insert(k.clone(), t.clone());
+        }
+    }
+    let (trained, vars) = Weights::from_map(to_train).into_vars()?;
+    let mut all = Weights::from_map(frozen);
+    for (k, t) in trained.tensors() {
+        all.insert(k.clone(), t.clone());
+    }
+    let model = Llama::new(&mcfg, &all)?;
+    let init_s = state.as_ref().map(|s| s.log_sigma).unwrap_or([0.0; 3]);
+    let sigma_vars: Vec<Var> = init_s
+        .iter()
+        .map(|&s| Var::new(s, &dev))
+        .collect::<candle_core::Result<_>>()?;
+    let log_sigma: [Tensor; 3] = [
+        sigma_vars[0].as_tensor().clone(),
+        sigma_vars[1].as_tensor().clone(),
+        sigma_vars[2].as_tensor().clone(),
+    ];
+    let mut params: Vec<(String, Var, bool)> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone(), v.as_tensor().rank() > 1))
+        .collect();
+    if cfg.mode == LossMode::Steper {
+        for (j, v) in sigma_vars.iter().enumerate() {
+            params.push((format!("sigma.{}", Stage::NAMES[j]), v.clone(), false));
+        }
+    }
+    let mut opt = AdamW::new(cfg.adamw.clone(), params)?;
+    let start_step = state.as_ref().map(|s| s.step).unwrap_or(0);
+    if let (Some(s), Some(d)) = (&state, &resume_dir) {
+        let p = d.join(OPTIM_FILE);
+        let loaded = candle_core::safetensors::load(&p, &dev)
+            .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+        opt.load_state(s.optimizer_t, &loaded.into_iter().collect())?;
+    }
+    // The log keeps exactly the steps up to the resume point.
+    let log_path = out.join(LOG_FILE);
+    {
+        let kept: Vec<String> = std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<LogLine>(l)
+                    .map(|x| x.step <= start_step)
+                    .unwrap_or(false)
+            })
+            .map(|l| l.to_string())
+            .collect();
+        let mut text = kept.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        write_atomic(&log_path, text.as_bytes())?;
+    }
+    let mut log_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::Io {
+            path: log_path.clone(),
+            source: e,
+        })?;
+
+    let mut stream = BatchStream {
+        n: train.len(),
+        batch: cfg.batch_size,
+        bucket: cfg.bucket_batches,
+        seed: cfg.seed,
+        lens: train.iter().map(|e| e.input_len()).collect(),
+        epoch: None,
+    };
+    let bar = if progress {
+        let b = indicatif::ProgressBar::new(cfg.steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_position(start_step);
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    let run_start = std::time::Instant::now();
+    let mut run_tokens = 0usize;
+    let mut last: Option<LogLine> = None;
+    let mut step = start_step;
+    let n_params = opt.params.len();
+    while step < cfg.steps {
+        if let Some(n) = cfg.stop_after {
+            if step - start_step >= n {
+                break;
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let lr = lr_at(step, cfg.steps, cfg.warmup, cfg.adamw.lr, cfg.min_lr_ratio);
+        let mut acc: Vec<Option<Tensor>> = vec![None; n_params];
+        let mut stage_sum = [0f64; 3];
+        let mut stage_n = [0usize; 3];
+        let mut total_sum = 0f64;
+        let mut tokens = 0usize;
+        for micro in 0..cfg.grad_accum {
+            let idx = stream.get(step * cfg.grad_accum as u64 + micro as u64);
+            let refs: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
+            let b = make_batch(&refs, &dev)?;
+            tokens += b.tokens;
+            let logits = model.forward(&b.input, Some(&b.mask))?;
+            let nll = token_nll(&logits, &b.labels)?;
+            let sl = stage_losses(&nll, &b.stage_masks, b.counts)?;
+            let Some(total) = combine(&sl, cfg.mode, &log_sigma)? else {
+                continue;
+            };
+            for j in 0..3 {
+                if let Some(l) = &sl.losses[j] {
+                    stage_sum[j] += l.to_scalar::<f32>()? as f64;
+                    stage_n[j] += 1;
+                }
+            }
+            total_sum += total.to_scalar::<f32>()? as f64;
+            let scaled = (total / cfg.grad_accum as f64)?;
+            let grads = scaled.backward()?;
+            for (a, p) in acc.iter_mut().zip(&opt.params) {
+                if let Some(g) = grads.get(p.var.as_tensor()) {
+                    *a = Some(match a.take() {
+                        None => g.clone(),
+                        Some(prev) => (prev + g)?,
+                    });
+                }
+            }
+        }
+        let grad_norm = clip_global_norm(&mut acc, cfg.max_grad_norm)?;
+        opt.step(&acc, lr)?;
+        step += 1;
+        run_tokens += tokens;
+        let secs = t0.elapsed().as_secs_f64();
+        let sig: Vec<f64> = sigma_vars
+            .iter()
+            .map(|v| v.as_tensor().to_scalar::<f32>().map(|s| (s as f64).exp()))
+            .collect::<candle_core::Result<_>>()?;
+        let mean = |j: usize| (stage_n[j] > 0).then(|| stage_sum[j] / stage_n[j] as f64);
+        let eval_now = !eval.is_empty()
+            && ((cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps);
+        let line = LogLine {
+            step,
+            lr,
+            l_init: mean(0),
+            l_exp: mean(1),
+            l_agg: mean(2),
+            total: total_sum / cfg.grad_accum as f64,
+            sigma_init: sig[0],
+            sigma_exp: sig[1],
+            sigma_agg: sig[2],
+            grad_norm,
+            tokens_per_sec: tokens as f64 / secs.max(1e-9),
+            eval: if eval_now {
+                Some(evaluate(&model, eval, cfg.batch_size)?)
+            } else {
+                None
+            },
+        };
+        let text = serde_json::to_string(&line).map_err(|e| Error::Input(e.to_string()))?;
+        writeln!(log_file, "{text}").map_err(|e| Error::Io {
+            path: log_path.clone(),
+            source: e,
+        })?;
+        bar.set_position(step);
+        let f = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+        bar.set_message(format!(
+            "L_init {} L_exp {} L_agg {} σ {:.2}/{:.2}/{:.2} {:.0} tok/s",
+            f(line.l_init),
+            f(line.l_exp),
+            f(line.l_agg),
+            sig[0],
+            sig[1],
+            sig[2],
+            line.tokens_per_sec
+        ));
+        last = Some(line);
+        let save_now = (cfg.save_every > 0 && step % cfg.save_every == 0)
+            || step == cfg.steps
+            || cfg
+                .stop_after
+                .map(|n| step - start_step >= n)
+                .unwrap_or(false);
+        if save_now {
+            let s = TrainerState {
+                step,
+                optimizer_t: opt.t,
+                log_sigma: [
+                    sigma_vars[0].as_tensor().to_scalar()?,
+                    sigma_vars[1].as_tensor().to_scalar()?,
+                    sigma_vars[2].as_tensor().to_scalar()?,
+                ],
+                config: cfg.clone(),
+                num_examples: train.len(),
+            };
+            save_checkpoint(out, &source, &mcfg, &all, &opt, &s)?;
+        }
+    }
+    bar.finish_and_clear();
+    let finished = step >= cfg.steps;
+    let final_eval = if finished && !eval.is_empty() {
+        last.as_ref().and_then(|l| l.eval.clone())
+    } else {
+        None
+    };
+    if finished {
+        // The final model also lands at the top level of `out`.
+        all.save_dir(out, None)?;
+        mcfg.save(&out.join(steper_models::weights::CONFIG_FILE))?;
+        copy_tokenizer(&source, out)?;
+    }
+    let seconds = run_start.elapsed().as_secs_f64();
+    Ok(FitSummary {
+        step,
+        finished,
+        resumed_from: start_step,
+        last,
+        trainable_parameters: vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum(),
+        total_parameters: all.num_parameters(),
+        tokens_per_sec: run_tokens as f64 / seconds.max(1e-9),
+        seconds,
+        eval: final_eval,
+    })
+}
+
+fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
+    let src = from.join(steper_models::weights::TOKENIZER_FILE);
+    if src.is_file() {
+        let bytes = std::fs::read(&src).map_err(|e| Error::Io {
+            path: src.clone(),
+            source: e,
+        })?;
+        write_atomic(&to.join(steper_models::weights::TOKENIZER_FILE), &bytes)?;
+    }
+    Ok(())
+}
+
+fn save_checkpoint(
+    out: &Path,
+    source: &Path,
+    cfg: &LlamaConfig,
+    weights: &Weights,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<()> {
+    let dest = out.join(CKPT_DIR).join(format!("step-{:08}", state.step));
+    let stage = StagingDir::new(&dest)?;
+    Checkpoint::save(stage.path(), cfg, weights, None)?;
+    copy_tokenizer(source, stage.path())?;
+    let opt_state: Vec<(String, Tensor)> = opt.state_tensors().into_iter().collect();
+    let bytes = safetensors::serialize(opt_state.iter().map(|(k, v)| (k.as_str(), v)), None)
+        .map_err(|e| Error::Input(format!("cannot serialize optimizer state: {e}")))?;
+    write_atomic(&stage.path().join(OPTIM_FILE), &bytes)?;
+    let text = serde_json::to_string_pretty(state).map_err(|e| Error::Input(e.to_string()))?;
+    write_atomic(&stage.path().join(STATE_FILE), text.as_bytes())?;
+    stage.commit()?;
+    // Keep the two newest checkpoints.
+    let dir = out.join(CKPT_DIR);
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .map_err(|e| Error::Io {
+            path: dir.clone(),
+            source: e,
+        })?
+        .flatten()
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    steps.sort();
+    while steps.len() > 2 {
+        let (_, p) = steps.remove(0);
+        let _ = std::fs::remove_dir_all(p);
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! The trainer's public API on a tiny student made by the test.
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use steper_models::{Checkpoint, LlamaConfig, Weights};
+use steper_train::fit::{fit, Example, FitConfig, LossMode, Stage, Trainable};
+
+/// Mean token loss each stage must fall below after overfitting 8 examples (a uniform guess over
+/// the 48-token vocabulary is ln 48 ≈ 3.87).
+const OVERFIT_MAX_LOSS: f64 = 0.3;
+
+fn student(dir: &std::path::Path, seed: u64) -> Result<LlamaConfig> {
+    let mut cfg = LlamaConfig::tiny(48);
+    cfg.max_position_embeddings = 64;
+    Checkpoint::save(dir, &cfg, &Weights::random(&cfg, seed, &Device::Cpu)?, None)?;
+    Ok(cfg)
+}
+
+fn examples() -> Vec<Example> {
+    let mut v = Vec::new();
+    for q in 0..8u32 {
+        let stage = [Stage::Init, Stage::Expand, Stage::Aggregate][(q % 3) as usize];
+        let prompt: Vec<u32> = (0..6).map(|i| 3 + (q * 5 + i * 3) % 40).collect();
+        let target: Vec<u32> = vec![3 + (q * 7) % 40, 3 + (q * 11 + 1) % 40, 2];
+        v.push(Example {
+            stage,
+            prompt,
+            target,
+        });
+    }
+    v
+}
+
+fn params(dir: &std::path::Path) -> Result<Vec<(String, Vec<f32>)>> {
+    let ck = Checkpoint::load(dir, DType::F32, &Device::Cpu)?;
+    Ok(ck
+        .weights
+        .tensors()
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.flatten_all()?.to_vec1()?)))
+        .collect::<Result<_>>()?)
+}
+
+#[test]
+fn overfits_eight_records_in_every_stage() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let s = tmp.path().join("student");
+    student(&s, 1)?;
+    let cfg = FitConfig {
+        steps: 120,
+        batch_size: 8,
+        warmup: 5,
+        adamw: steper_train::fit::optim::AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let ex = examples();
+    let out = tmp.path().join("run");
+    let summary = fit(&s, &ex, &ex, &cfg, &out, false)?;
+    assert!(summary.finished);
+    let eval = summary.eval.expect("final eval");
+    for (name, l) in [
+        ("init", eval.l_init),
+        ("expand", eval.l_exp),
+        ("aggregate", eval.l_agg),
+    ] {
+        let l = l.expect("stage present");
+        assert!(l < OVERFIT_MAX_LOSS, "{name} loss {l}");
+    }
+    // The log has one line per step with the fields of DESIGN.md.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl"))?;
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 120);
+    for key in [
+        "step",
+        "lr",
+        "L_init",
+        "L_exp",
+        "L_agg",
+        "total",
+        "sigma_init",
+        "sigma_exp",
+        "sigma_agg",
+        "grad_norm",
+        "tokens_per_sec",
+    ] {
+        assert!(lines[0].get(key).is_some(), "missing {key}");
+    }
+    // σ moved away from 1 for the stages (they are learned).
+    assert!((lines[119]["sigma_init"].as_f64().unwrap() - 1.0).abs() > 1e-3);
+    // The final checkpoint loads.
+    Checkpoint::load(&out, DType::F32, &Device::Cpu)?.model()?;
+    Ok(())
+}
+
+#[test]
+fn resume_after_a_stop_equals_an_uninterrupted_run() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let s = tmp.path().join("student");
+    student(&s, 2)?;
+    let ex = examples();
+    let base = FitConfig {
+        steps: 8,
+        batch_size: 3,
+        grad_accum: 2,
+        warmup: 2,
+        save_every: 3,
+        trainable: Trainable {
+            freeze_embeddings: true,
+            top_layers: Some(1),
+        },
+        ..Default::default()
+    };
+    let full = tmp.path().join("full");
+    fit(&s, &ex, &[], &base, &full, false)?;
+    let parts = tmp.path().join("parts");
+    let first = fit(
+        &s,
+        &ex,
+        &[],
+        &FitConfig {
+            stop_after: Some(5),
+            ..base.clone()
+        },
+        &parts,
+        false,
+    )?;
+    assert!(!first.finished);
+    assert_eq!(first.step, 5);
+    let second = fit(&s, &ex, &[], &base, &parts, false)?;
+    assert_eq!(second.resumed_from, 5);
+    assert!(second.finished);
+    let a = params(&full)?;
+    let b = params(&parts)?;
+    assert_eq!(a.len(), b.len());
+    for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
+        assert_eq!(ka, kb);
+        // Same ops, same order, same thread count on CPU: bit-exact.
+        assert_eq!(va, vb, "{ka} differs after resume");
+    }
+    let la = std::fs::read_to_string(full.join("train_log.jsonl"))?;
+    let lb = std::fs::read_to_string(parts.join("train_log.jsonl"))?;
+    let strip = |s: &str| -> Vec<serde_json::Value> {
+        s.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("tokens_per_sec");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(&la), strip(&lb));
+    // Frozen weights did not move.
+    let orig = params(&s)?;
+    let emb = |p: &Vec<(String, Vec<f32>)>| {
+        p.iter()
+            .find(|(k, _)| k == "model.embed_tokens.weight")
+            .map(|x| x.1.clone())
+    };
+    assert_eq!(emb(&orig), emb(&a));
+    let l0 = |p: &Vec<(String, Vec<f32>)>| {
+        p.iter()
+            .find(|(k, _)| k == "model.layers.0.mlp.up_proj.weight")
+            .map(|x| x.1.clone())
+    };
+    assert_eq!(l0(&orig), l0(&a));
+    let l1 = |p: &Vec<(String, Vec<f32>)>| {
+        p.iter()
+            .find(|(k, _)| k == "model.layers.1.mlp.up_proj.weight")
+            .map(|x| x.1.clone())
+    };
+    assert_ne!(l1(&orig), l1(&a));
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let s = tmp.path().join("student");
+    student(&s, 3)?;
+    let cfg = FitConfig {
+        steps: 1,
+        ..Default::default()
+    };
+    let err = fit(&s, &[], &[], &cfg, &tmp.path().join("o1"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no training examples"), "{err}");
+    let long = Example {
+        stage: Stage::Init,
+        prompt: vec![5; 80],
+        target: vec![6, 2],
+    };
+    let err = fit(&s, &[long], &[], &cfg, &tmp.path().join("o2"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("exceed") && err.contains("64"), "{err}");
+    let oov = Example {
+        stage: Stage::Init,
+        prompt: vec![5, 99],
+        target: vec![6, 2],
+    };
+    let err = fit(&s, &[oov], &[], &cfg, &tmp.path().join("o3"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("99"), "{err}");
+    let err = fit(
+        &tmp.path().join("nowhere"),
+        &examples(),
+        &[],
+        &cfg,
+        &tmp.path().join("o4"),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("nowhere"), "{err}");
+    assert_eq!(Stage::parse("middle"), None);
+    let _ = LossMode::Vanilla;
+    Ok(())
+}
