@@ -5,8 +5,10 @@
 
 pub mod answer;
 pub mod data;
+pub mod engine;
 pub mod backend;
 pub mod error;
+pub mod eval;
 pub mod generator;
 pub mod manifest;
 pub mod metrics;
@@ -14,6 +16,7 @@ pub mod prompt;
 pub mod reasoning;
 pub mod retrieval;
 
+pub use engine::{Engine, EngineBuilder, ReasonOptions};
 pub use error::{Error, Result};
 pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
 pub use manifest::{Manifest, TEMPLATE_VERSION};

@@ -1006,9 +1006,7 @@ pub(crate) mod tests {
             .build()
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut t = Tokenizer::new(model);
-        t.with_pre_tokenizer(Some(
-            tokenizers::pre_tokenizers::whitespace::Whitespace::default(),
-        ));
+        t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace));
         Ok(t)
     }
 

@@ -17,6 +17,14 @@ struct Cli {
 enum Command {
     /// Print the runtime version and the ONNX Runtime library in use.
     Version(commands::version::Args),
+    /// Build a BM25 index from a corpus or from the paragraphs of QA files.
+    Index(commands::index::Args),
+    /// Recall of gold titles in the top k of an index.
+    RetrievalEval(commands::retrieval_eval::Args),
+    /// Answer one question with the multi-step loop and show the trace.
+    Ask(commands::ask::Args),
+    /// Evaluate the loop over a QA file (records + summary).
+    Eval(commands::eval::Args),
     /// Prefill / decode tokens per second of exports on ort and tract.
     BenchDecode(commands::bench::Args),
 }
@@ -25,6 +33,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Version(a) => commands::version::run(a),
+        Command::Index(a) => commands::index::run(a),
+        Command::RetrievalEval(a) => commands::retrieval_eval::run(a),
+        Command::Ask(a) => commands::ask::run(a),
+        Command::Eval(a) => commands::eval::run(a),
         Command::BenchDecode(a) => commands::bench::run(a),
     };
     match result {

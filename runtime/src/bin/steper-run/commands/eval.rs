@@ -1,0 +1,87 @@
+//! `steper-run eval`: the loop over a QA file, per-question records and a summary.
+
+use std::path::PathBuf;
+
+use steper_runtime::data::{read_qa, ReadOptions};
+use steper_runtime::eval::{evaluate, EvalOptions};
+
+/// Arguments of `eval`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    engine: super::ask::EngineArgs,
+    /// QA JSONL file.
+    #[arg(long)]
+    data: PathBuf,
+    /// Evaluate only the first N questions.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Per-question records (JSONL); the summary goes beside it as `<out>.summary.json`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Skip malformed lines of the data file.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the evaluation and prints the summary.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let qa = read_qa(
+        &a.data,
+        ReadOptions {
+            skip_bad: a.skip_bad,
+        },
+    )?;
+    super::ask::report_skipped(&a.data, &qa.skipped);
+    let (engine, opts) = a.engine.engine()?;
+    let (summary, _) = evaluate(
+        &engine,
+        &qa.rows,
+        &opts,
+        &EvalOptions {
+            limit: a.limit,
+            progress: !a.json,
+        },
+        Some(&a.out),
+    )?;
+    let mut v = serde_json::to_value(&summary)?;
+    v["backend"] = serde_json::to_value(engine.info())?;
+    v["kv_reuse"] = serde_json::json!(opts.kv_reuse);
+    v["skipped_lines"] = serde_json::json!(qa.skipped.len());
+    let mut summary_path = a.out.clone().into_os_string();
+    summary_path.push(".summary.json");
+    let summary_path = PathBuf::from(summary_path);
+    let tmp = summary_path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&v)?)?;
+    std::fs::rename(&tmp, &summary_path)?;
+    if a.json {
+        println!("{v}");
+    } else {
+        println!(
+            "{} questions: EM {:.3}  F1 {:.3}  Acc {:.3}  mean steps {:.2}  ({} errors)",
+            summary.questions,
+            summary.em,
+            summary.f1,
+            summary.acc,
+            summary.mean_steps,
+            summary.errors
+        );
+        println!(
+            "{:.2} questions/s, {:.1} tokens/s; prefilled {} tokens, reused {} (ratio {:.2})",
+            summary.questions_per_sec,
+            summary.tokens_per_sec,
+            summary.prefilled_tokens,
+            summary.reused_tokens,
+            summary.reuse_ratio
+        );
+        println!(
+            "records: {}\nsummary: {}",
+            a.out.display(),
+            summary_path.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! The embeddable API: an [`Engine`] holds one loaded model and one retriever and answers
+//! questions with the multi-step loop.
+//!
+//! ```no_run
+//! use steper_runtime::{BackendKind, Engine, OrtOptions};
+//!
+//! # fn main() -> steper_runtime::Result<()> {
+//! let engine = Engine::builder()
+//!     .model_dir("exports/student")
+//!     .backend(BackendKind::Ort(OrtOptions::default()))
+//!     .index("indexes/hotpotqa")
+//!     .build()?;
+//! let options = engine.default_options();
+//! let reasoning = engine.reason("Who directed the film Kiss and Tell?", &options)?;
+//! println!("{} ({} steps)", reasoning.answer, reasoning.steps.len());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Threads
+//!
+//! `Engine` is `Send + Sync`. The model session and the index reader are shared by every call;
+//! each [`Engine::reason`] call makes its own KV-cache [`crate::Sequence`], so calls from many
+//! threads run at once without locks around the loop (the backend decides how a session runs
+//! concurrent requests). Nothing is global: two engines in one process are independent.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::backend::{load_model, BackendKind, OrtOptions};
+use crate::error::{Error, Result};
+use crate::generator::{Generator, GeneratorInfo};
+use crate::manifest::Manifest;
+use crate::reasoning::{reason, Decoding, GeneratorStepModel, LoopOptions, Reasoning};
+use crate::retrieval::{Bm25Index, Retriever};
+
+/// Per-call settings of [`Engine::reason`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReasonOptions {
+    /// Loop settings (top-k, caps, steps, stop phrase).
+    pub loop_options: LoopOptions,
+    /// Keep the KV cache of the common prompt prefix between steps.
+    pub kv_reuse: bool,
+    /// Greedy (default) or sampling.
+    pub decoding: Decoding,
+}
+
+impl Default for ReasonOptions {
+    fn default() -> Self {
+        ReasonOptions {
+            loop_options: LoopOptions::default(),
+            kv_reuse: true,
+            decoding: Decoding::Greedy,
+        }
+    }
+}
+
+/// Builds an [`Engine`]; everything is checked once, in [`EngineBuilder::build`].
+#[derive(Default)]
+pub struct EngineBuilder {
+    model_dir: Option<PathBuf>,
+    backend: Option<BackendKind>,
+    index: Option<PathBuf>,
+    generator: Option<(Arc<dyn Generator>, Tokenizer, Vec<u32>)>,
+    retriever: Option<Arc<dyn Retriever>>,
+    loop_options: Option<LoopOptions>,
+}
+
+impl EngineBuilder {
+    /// The export directory (`steper.json`, `model.onnx`, `tokenizer.json`).
+    pub fn model_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.model_dir = Some(dir.into());
+        self
+    }
+
+    /// The backend that runs the export (default: ONNX Runtime on CPU).
+    pub fn backend(mut self, backend: BackendKind) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// The BM25 index directory written by `steper-run index`.
+    pub fn index(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.index = Some(dir.into());
+        self
+    }
+
+    /// A generator made elsewhere instead of [`EngineBuilder::model_dir`] (tests, custom
+    /// backends); `eos_token_ids` end a sentence.
+    pub fn generator(
+        mut self,
+        generator: Arc<dyn Generator>,
+        tokenizer: Tokenizer,
+        eos_token_ids: &[u32],
+    ) -> Self {
+        self.generator = Some((generator, tokenizer, eos_token_ids.to_vec()));
+        self
+    }
+
+    /// A retriever made elsewhere instead of [`EngineBuilder::index`].
+    pub fn retriever(mut self, retriever: Arc<dyn Retriever>) -> Self {
+        self.retriever = Some(retriever);
+        self
+    }
+
+    /// Loop settings for [`Engine::default_options`] (default: the manifest's, else DESIGN.md's).
+    pub fn loop_options(mut self, options: LoopOptions) -> Self {
+        self.loop_options = Some(options);
+        self
+    }
+
+    /// Loads the model and opens the index.
+    pub fn build(self) -> Result<Engine> {
+        let (generator, tokenizer, eos, manifest, model_dir) =
+            match (self.generator, self.model_dir) {
+                (Some(_), Some(dir)) => {
+                    return Err(Error::Input(format!(
+                        "engine: both a generator and a model directory ({}) were given",
+                        dir.display()
+                    )))
+                }
+                (Some((g, t, eos)), None) => (g, t, eos, None, None),
+                (None, Some(dir)) => {
+                    let backend = self
+                        .backend
+                        .unwrap_or_else(|| BackendKind::Ort(OrtOptions::default()));
+                    let m = load_model(&dir, &backend)?;
+                    let eos = m.manifest.eos_token_ids.clone();
+                    (m.generator, m.tokenizer, eos, Some(m.manifest), Some(m.dir))
+                }
+                (None, None) => {
+                    return Err(Error::Input(
+                        "engine: no model (call model_dir or generator)".into(),
+                    ))
+                }
+            };
+        let retriever: Arc<dyn Retriever> = match (self.retriever, self.index) {
+            (Some(r), None) => r,
+            (None, Some(dir)) => Arc::new(Bm25Index::open(&dir)?),
+            (Some(_), Some(_)) => {
+                return Err(Error::Input(
+                    "engine: both a retriever and an index directory were given".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(Error::Input(
+                    "engine: no retriever (call index or retriever)".into(),
+                ))
+            }
+        };
+        let loop_options = self.loop_options.unwrap_or_else(|| {
+            manifest
+                .as_ref()
+                .map(|m| LoopOptions::from(&m.loop_defaults))
+                .unwrap_or_default()
+        });
+        loop_options.validate()?;
+        Ok(Engine {
+            generator,
+            tokenizer,
+            eos,
+            retriever,
+            manifest,
+            model_dir,
+            loop_options,
+        })
+    }
+}
+
+/// A loaded model and retriever, answering questions with the multi-step loop.
+pub struct Engine {
+    generator: Arc<dyn Generator>,
+    tokenizer: Tokenizer,
+    eos: Vec<u32>,
+    retriever: Arc<dyn Retriever>,
+    manifest: Option<Manifest>,
+    model_dir: Option<PathBuf>,
+    loop_options: LoopOptions,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("generator", self.generator.info())
+            .field("model_dir", &self.model_dir)
+            .field("loop_options", &self.loop_options)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// A builder.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// Options from the model's manifest (or the builder's loop options), greedy, KV reuse on.
+    pub fn default_options(&self) -> ReasonOptions {
+        ReasonOptions {
+            loop_options: self.loop_options.clone(),
+            ..ReasonOptions::default()
+        }
+    }
+
+    /// Answers `question`; the result carries the per-step trace.
+    pub fn reason(&self, question: &str, options: &ReasonOptions) -> Result<Reasoning> {
+        let mut model =
+            GeneratorStepModel::new(self.generator.as_ref(), &self.tokenizer, &self.eos)
+                .with_kv_reuse(options.kv_reuse)
+                .with_decoding(options.decoding);
+        reason(
+            question,
+            self.retriever.as_ref(),
+            &mut model,
+            &options.loop_options,
+        )
+    }
+
+    /// What runs the model (backend, providers, context length).
+    pub fn info(&self) -> &GeneratorInfo {
+        self.generator.info()
+    }
+
+    /// The manifest, when loaded from a model directory.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref()
+    }
+
+    /// The model directory, when loaded from one.
+    pub fn model_dir(&self) -> Option<&Path> {
+        self.model_dir.as_deref()
+    }
+
+    /// The retriever.
+    pub fn retriever(&self) -> &dyn Retriever {
+        self.retriever.as_ref()
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn engine_is_send_and_sync() {
+        assert_send_sync::<Engine>();
+    }
+
+    #[test]
+    fn build_reports_what_is_missing() {
+        let e = Engine::builder().build();
+        assert!(matches!(e, Err(Error::Input(m)) if m.contains("no model")));
+        let e = Engine::builder()
+            .model_dir("/nonexistent/steper-model")
+            .index("/nonexistent/index")
+            .build();
+        assert!(matches!(e, Err(Error::Model { .. })), "{e:?}");
+    }
+}
