@@ -4,9 +4,9 @@
 #![warn(missing_docs)]
 
 pub mod answer;
+pub mod backend;
 pub mod data;
 pub mod engine;
-pub mod backend;
 pub mod error;
 pub mod eval;
 pub mod generator;
@@ -16,10 +16,12 @@ pub mod prompt;
 pub mod reasoning;
 pub mod retrieval;
 
+pub use backend::{
+    load_model, BackendKind, ExecutionProvider, LoadedModel, OptLevel, OrtOptions, TensorRtOptions,
+};
 pub use engine::{Engine, EngineBuilder, ReasonOptions};
 pub use error::{Error, Result};
 pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
 pub use manifest::{Manifest, TEMPLATE_VERSION};
 pub use reasoning::{reason, GeneratorStepModel, LoopOptions, Reasoning, StepModel};
 pub use retrieval::{Bm25Index, Retriever};
-pub use backend::{load_model, BackendKind, ExecutionProvider, LoadedModel, OptLevel, OrtOptions, TensorRtOptions};

@@ -11,14 +11,33 @@ use steper_train::synth::{generate_world, write_world, SynthConfig};
 use steper_train::teacher::GoldTeacher;
 
 fn opts(stop_after: Option<usize>) -> DistillOptions {
-    DistillOptions { loop_opts: LoopOptions::default(), filter: Filter::Em, vanilla: true, stop_after }
+    DistillOptions {
+        loop_opts: LoopOptions::default(),
+        filter: Filter::Em,
+        vanilla: true,
+        stop_after,
+    }
 }
 
 fn synth_setup(dir: &std::path::Path) -> Result<(Vec<steper_runtime::data::QaExample>, Bm25Index)> {
-    let w = generate_world(&SynthConfig { people: 40, companies: 12, cities: 12, countries: 5, questions_per_hop: 6, ..Default::default() });
+    let w = generate_world(&SynthConfig {
+        people: 40,
+        companies: 12,
+        cities: 12,
+        countries: 5,
+        questions_per_hop: 6,
+        ..Default::default()
+    });
     write_world(&w, &dir.join("world"))?;
-    let corpus = steper_runtime::data::read_corpus(&dir.join("world/corpus.jsonl"), ReadOptions::default())?.rows;
-    build_index(&corpus, &dir.join("index"), &dir.join("world/corpus.jsonl"), IndexOptions::default())?;
+    let corpus =
+        steper_runtime::data::read_corpus(&dir.join("world/corpus.jsonl"), ReadOptions::default())?
+            .rows;
+    build_index(
+        &corpus,
+        &dir.join("index"),
+        &dir.join("world/corpus.jsonl"),
+        IndexOptions::default(),
+    )?;
     let qs = read_qa(&dir.join("world/train.jsonl"), ReadOptions::default())?.rows;
     Ok((qs, Bm25Index::open(&dir.join("index"))?))
 }
@@ -29,17 +48,43 @@ fn resumed_distill_equals_an_uninterrupted_run() -> Result<()> {
     let (qs, index) = synth_setup(tmp.path())?;
     let mut t = GoldTeacher::new();
     let full = tmp.path().join("full");
-    let s_full = distill(&qs, &index, &mut t, |t, q| t.set_example(q), &opts(None), &full, false)?;
+    let s_full = distill(
+        &qs,
+        &index,
+        &mut t,
+        |t, q| t.set_example(q),
+        &opts(None),
+        &full,
+        false,
+    )?;
     let part = tmp.path().join("part");
-    let s1 = distill(&qs, &index, &mut t, |t, q| t.set_example(q), &opts(Some(5)), &part, false)?;
+    let s1 = distill(
+        &qs,
+        &index,
+        &mut t,
+        |t, q| t.set_example(q),
+        &opts(Some(5)),
+        &part,
+        false,
+    )?;
     assert_eq!(s1.questions, 5);
     // A kill between a question's records and its trace line leaves a torn tail: simulate it.
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(part.join("stepwise.jsonl"))?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(part.join("stepwise.jsonl"))?;
         writeln!(f, "{{\"qid\": \"{}\", \"stage\": \"init\"", qs[5].id)?;
     }
-    let s2 = distill(&qs, &index, &mut t, |t, q| t.set_example(q), &opts(None), &part, false)?;
+    let s2 = distill(
+        &qs,
+        &index,
+        &mut t,
+        |t, q| t.set_example(q),
+        &opts(None),
+        &part,
+        false,
+    )?;
     assert_eq!(s2.new_questions, qs.len() - 5);
     for f in ["traces.jsonl", "stepwise.jsonl", "vanilla.jsonl"] {
         let strip = |p: &std::path::Path| -> Result<Vec<serde_json::Value>> {
@@ -49,7 +94,9 @@ fn resumed_distill_equals_an_uninterrupted_run() -> Result<()> {
                 .map(|l| {
                     let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
                     // Timings differ between runs; everything else must be equal.
-                    if let Some(steps) = v.pointer_mut("/trace/steps").and_then(|s| s.as_array_mut()) {
+                    if let Some(steps) =
+                        v.pointer_mut("/trace/steps").and_then(|s| s.as_array_mut())
+                    {
                         for s in steps {
                             for k in ["retrieval_ms", "prefill_ms", "decode_ms"] {
                                 s.as_object_mut().unwrap().remove(k);
@@ -63,7 +110,11 @@ fn resumed_distill_equals_an_uninterrupted_run() -> Result<()> {
         assert_eq!(strip(&full)?, strip(&part)?, "{f} differs after resume");
     }
     assert_eq!(s_full.records, s2.records);
-    assert!(s_full.pass_rate > 0.5, "gold teacher pass rate {}", s_full.pass_rate);
+    assert!(
+        s_full.pass_rate > 0.5,
+        "gold teacher pass rate {}",
+        s_full.pass_rate
+    );
     Ok(())
 }
 
@@ -107,7 +158,13 @@ fn scripted(n_steps: usize) -> Reasoning {
         forced: false,
         steps,
         passages: (1..=n_steps)
-            .map(|i| steper_runtime::reasoning::HeldPassage { id: format!("d{i}"), title: format!("T{i}"), text: format!("text {i}"), score: 1.0, step: i })
+            .map(|i| steper_runtime::reasoning::HeldPassage {
+                id: format!("d{i}"),
+                title: format!("T{i}"),
+                text: format!("text {i}"),
+                score: 1.0,
+                step: i,
+            })
             .collect(),
     }
 }
@@ -151,14 +208,28 @@ fn answer_filter() {
 
 #[test]
 fn gold_teacher_on_hotpotqa_train100_states_the_gold_answers() -> Result<()> {
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/hotpotqa_train100.jsonl");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/hotpotqa_train100.jsonl");
     let qs = read_qa(&data, ReadOptions::default())?.rows;
     let tmp = tempfile::tempdir()?;
     let corpus = corpus_from_qa(&qs);
-    build_index(&corpus, &tmp.path().join("index"), &data, IndexOptions::default())?;
+    build_index(
+        &corpus,
+        &tmp.path().join("index"),
+        &data,
+        IndexOptions::default(),
+    )?;
     let index = Bm25Index::open(&tmp.path().join("index"))?;
     let mut t = GoldTeacher::new();
-    let s = distill(&qs, &index, &mut t, |t, q| t.set_example(q), &opts(None), &tmp.path().join("out"), false)?;
+    let s = distill(
+        &qs,
+        &index,
+        &mut t,
+        |t, q| t.set_example(q),
+        &opts(None),
+        &tmp.path().join("out"),
+        false,
+    )?;
     eprintln!("hotpotqa train100 gold teacher: {s:?}");
     assert!(s.passed > 0);
     let text = std::fs::read_to_string(tmp.path().join("out/stepwise.jsonl"))?;
@@ -168,7 +239,12 @@ fn gold_teacher_on_hotpotqa_train100_states_the_gold_answers() -> Result<()> {
         if r.stage == Stage::Aggregate {
             aggregates += 1;
             let t = normalize_answer(&r.target);
-            assert!(r.answers.iter().any(|a| t.contains(&normalize_answer(a))), "{:?} lacks {:?}", r.target, r.answers);
+            assert!(
+                r.answers.iter().any(|a| t.contains(&normalize_answer(a))),
+                "{:?} lacks {:?}",
+                r.target,
+                r.answers
+            );
         }
     }
     assert_eq!(aggregates, s.passed);
