@@ -111,6 +111,11 @@ pub struct LlamaConfig {
     pub torch_dtype: String,
 }
 
+/// `x > 0` and not NaN.
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
 fn default_architectures() -> Vec<String> {
     vec!["LlamaForCausalLM".to_string()]
 }
@@ -201,7 +206,7 @@ impl LlamaConfig {
             }
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(bad(
                 "num_key_value_heads",
                 &format!(
@@ -211,28 +216,28 @@ impl LlamaConfig {
                 kv.to_string(),
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(
                 "hidden_size",
                 "a multiple of num_attention_heads when head_dim is absent",
                 self.hidden_size.to_string(),
             ));
         }
-        if self.head_size() % 2 != 0 {
+        if !self.head_size().is_multiple_of(2) {
             return Err(bad(
                 "head_dim",
                 "an even number (RoPE)",
                 self.head_size().to_string(),
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if !positive(self.rms_norm_eps) {
             return Err(bad(
                 "rms_norm_eps",
                 "a positive number",
                 self.rms_norm_eps.to_string(),
             ));
         }
-        if !(self.rope_theta > 0.0) {
+        if !positive(self.rope_theta) {
             return Err(bad(
                 "rope_theta",
                 "a positive number",
@@ -247,8 +252,8 @@ impl LlamaConfig {
                     format!("{:?}", rs.rope_type),
                 ));
             }
-            if !(rs.factor > 0.0)
-                || !(rs.low_freq_factor > 0.0)
+            if !positive(rs.factor)
+                || !positive(rs.low_freq_factor)
                 || rs.high_freq_factor <= rs.low_freq_factor
             {
                 return Err(bad(

@@ -72,7 +72,9 @@ pub fn generate_with(
             temperature,
             top_p,
         } => {
-            if !(*temperature > 0.0) || !(*top_p > 0.0 && *top_p <= 1.0) {
+            let valid =
+                temperature.is_finite() && *temperature > 0.0 && *top_p > 0.0 && *top_p <= 1.0;
+            if !valid {
                 return Err(Error::Input(format!(
                     "sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature} / {top_p}"
                 )));

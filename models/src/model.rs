@@ -237,14 +237,17 @@ impl Llama {
         let mut positions = Vec::with_capacity(b * s);
         let mut next_pos = cache.next_pos.clone();
         let mut valid = cache.valid.clone();
-        for r in 0..b {
-            for j in 0..s {
-                let v = new_valid[r][j];
-                positions.push(if v { next_pos[r] } else { 0 });
+        for ((row, pos), held) in new_valid
+            .iter()
+            .zip(next_pos.iter_mut())
+            .zip(valid.iter_mut())
+        {
+            for &v in row {
+                positions.push(if v { *pos } else { 0 });
                 if v {
-                    next_pos[r] += 1;
+                    *pos += 1;
                 }
-                valid[r].push(v);
+                held.push(v);
             }
         }
         if let Some(&p) = positions.iter().max() {

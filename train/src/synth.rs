@@ -399,6 +399,24 @@ pub fn generate_world(cfg: &SynthConfig) -> World {
     }
 }
 
+/// Writes `corpus.jsonl`, `train.jsonl`, `dev.jsonl` and `test.jsonl` into `dir` (each file
+/// atomically).
+pub fn write_world(w: &World, dir: &std::path::Path) -> crate::Result<()> {
+    fn lines<T: Serialize>(rows: &[T]) -> String {
+        let mut s = String::new();
+        for r in rows {
+            s.push_str(&serde_json::to_string(r).unwrap_or_default());
+            s.push('\n');
+        }
+        s
+    }
+    steper_models::fsutil::write_atomic(&dir.join("corpus.jsonl"), lines(&w.corpus).as_bytes())?;
+    steper_models::fsutil::write_atomic(&dir.join("train.jsonl"), lines(&w.train).as_bytes())?;
+    steper_models::fsutil::write_atomic(&dir.join("dev.jsonl"), lines(&w.dev).as_bytes())?;
+    steper_models::fsutil::write_atomic(&dir.join("test.jsonl"), lines(&w.test).as_bytes())?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,22 +464,4 @@ mod tests {
             assert!(w.test.iter().any(|q| q.kind == h), "no {h} in test");
         }
     }
-}
-
-/// Writes `corpus.jsonl`, `train.jsonl`, `dev.jsonl` and `test.jsonl` into `dir` (each file
-/// atomically).
-pub fn write_world(w: &World, dir: &std::path::Path) -> crate::Result<()> {
-    fn lines<T: Serialize>(rows: &[T]) -> String {
-        let mut s = String::new();
-        for r in rows {
-            s.push_str(&serde_json::to_string(r).unwrap_or_default());
-            s.push('\n');
-        }
-        s
-    }
-    steper_models::fsutil::write_atomic(&dir.join("corpus.jsonl"), lines(&w.corpus).as_bytes())?;
-    steper_models::fsutil::write_atomic(&dir.join("train.jsonl"), lines(&w.train).as_bytes())?;
-    steper_models::fsutil::write_atomic(&dir.join("dev.jsonl"), lines(&w.dev).as_bytes())?;
-    steper_models::fsutil::write_atomic(&dir.join("test.jsonl"), lines(&w.test).as_bytes())?;
-    Ok(())
 }

@@ -561,7 +561,7 @@ pub fn fit(
             .collect::<candle_core::Result<_>>()?;
         let mean = |j: usize| (stage_n[j] > 0).then(|| stage_sum[j] / stage_n[j] as f64);
         let eval_now = !eval.is_empty()
-            && ((cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps);
+            && ((cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)) || step == cfg.steps);
         let line = LogLine {
             step,
             lr,
@@ -598,7 +598,7 @@ pub fn fit(
             line.tokens_per_sec
         ));
         last = Some(line);
-        let save_now = (cfg.save_every > 0 && step % cfg.save_every == 0)
+        let save_now = (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every))
             || step == cfg.steps
             || cfg
                 .stop_after
