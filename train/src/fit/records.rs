@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use steper_runtime::data::{read_jsonl, ReadOptions, StepwiseRecord};
-use steper_runtime::prompt::{render, target_continuation};
+use steper_runtime::prompt::{fit as fit_prompt, target_continuation};
 
 use super::{Example, Stage};
 use crate::error::{Error, Result};
@@ -31,8 +31,9 @@ pub fn read_records(path: &Path, skip_bad: bool) -> Result<(Vec<StepwiseRecord>,
     Ok((loaded.rows, loaded.skipped.len()))
 }
 
-/// Renders and tokenizes records. `eos` ends every target. Records longer than `max_len` tokens
-/// are an error naming the record.
+/// Renders and tokenizes records. `eos` ends every target. Each prompt is fitted into
+/// `max_len` minus its target by the runtime's context fitting; a record whose question and
+/// reasoning alone do not fit is an error naming the record.
 pub fn examples_from_records(
     records: &[StepwiseRecord],
     tokenizer: &tokenizers::Tokenizer,
@@ -40,20 +41,44 @@ pub fn examples_from_records(
     eos: u32,
     max_len: usize,
 ) -> Result<Vec<Example>> {
+    let enc = |t: &str| -> Result<Vec<u32>> {
+        Ok(tokenizer
+            .encode(t, false)
+            .map_err(|e| Error::Input(format!("tokenizer: {e}")))?
+            .get_ids()
+            .to_vec())
+    };
     let mut out = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
-        let prompt = render(&r.question, &r.passages, &r.reasoning, word_cap);
-        let target = target_continuation(&r.target);
-        let enc = |t: &str| -> Result<Vec<u32>> {
-            Ok(tokenizer
-                .encode(t, false)
-                .map_err(|e| Error::Input(format!("tokenizer: {e}")))?
-                .get_ids()
-                .to_vec())
-        };
-        let p = enc(&prompt)?;
-        let mut t = enc(&target)?;
+        let mut t = enc(&target_continuation(&r.target))?;
         t.push(eos);
+        // The prompt is fitted to the context exactly as the runtime fits it at inference:
+        // the oldest passages' tail words go first, never the question or the reasoning.
+        let budget = max_len.saturating_sub(t.len());
+        let fitted = fit_prompt(
+            &r.question,
+            &r.passages,
+            &r.reasoning,
+            None,
+            word_cap,
+            budget,
+            |text| {
+                Ok(tokenizer
+                    .encode(text, false)
+                    .map(|e| e.len())
+                    .unwrap_or(usize::MAX))
+            },
+        )
+        .map_err(|e| {
+            Error::Input(format!(
+                "record {} (qid {}, stage {:?}, step {}): {e}",
+                i + 1,
+                r.qid,
+                r.stage,
+                r.step
+            ))
+        })?;
+        let p = enc(&fitted.text)?;
         if p.len() + t.len() > max_len {
             return Err(Error::Input(format!(
                 "record {} (qid {}, stage {:?}, step {}): {} tokens exceed the student's context of {max_len}",
