@@ -1,10 +1,29 @@
-//! INT8 calibration for STEPER exports. This crate starts with the TensorRT calibration cache
-//! writer (DESIGN.md, "Calibration output"): a header line `TRT-<version>-<Calibrator>` and one
-//! line per tensor `name: <8 hex digits of the IEEE-754 f32 scale = amax / 127>`. Range
-//! collection, the ONNX Runtime flatbuffers table and the QDQ model are the next pieces.
+//! `steper-calibrate`: INT8 calibration of a STEPER export from the prompts it will see at each
+//! step (init, expand, aggregate) — DESIGN.md, "Calibration output".
+//!
+//! - [`hist`]: per-tensor statistics (min/max, bounded mergeable histograms) and the three
+//!   range methods (min/max, percentile, TensorRT's entropy).
+//! - [`graph`]: the ONNX side — quantizable MatMul / Gemm nodes, the augmented graph that
+//!   exposes their tensors, the QDQ rewrite and its validation.
+//! - [`collect`]: calibration prompts (balanced step-wise records) and collection on ONNX
+//!   Runtime's CPU provider.
+//! - [`tables`]: TensorRT's native cache and ONNX Runtime's TensorRT flatbuffers table.
+//! - [`report`]: int8-vs-fp32 agreement (top-1, KL) and decode speed.
+//! - [`pipeline::calibrate`]: all of it, writing the output directory.
 #![warn(missing_docs)]
 
-use std::fmt::Write;
+pub mod collect;
+pub mod graph;
+pub mod hist;
+pub mod pipeline;
+pub mod report;
+pub mod tables;
+
+use std::path::{Path, PathBuf};
+
+pub use hist::{Method, TensorStats};
+pub use pipeline::{calibrate, CalibrateOptions, CalibrationReport, DataSource};
+pub use tables::{f32_hex, int8_scale, trt_cache};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -17,69 +36,85 @@ pub enum Error {
         /// The offending value.
         amax: f32,
     },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A model file that is not what calibration expects.
+    #[error("{path}: {message}")]
+    Model {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The model has no MatMul / Gemm with a float weight initializer to quantize.
+    #[error("{path}: no MatMul or Gemm with a 2-D f32 weight initializer (expected the linear layers of a steper-export decoder)")]
+    NoQuantizable {
+        /// The model file.
+        path: PathBuf,
+    },
+    /// No calibration prompt could be made.
+    #[error("{path}: empty calibration set ({reason})")]
+    EmptyCalibration {
+        /// The data file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A calibration table that does not parse.
+    #[error("{what}, line {line}: {message}")]
+    Table {
+        /// The file or source.
+        what: String,
+        /// 1-based line (0: not line-based).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// An inconsistent statistics operation.
+    #[error("statistics: {0}")]
+    Stats(String),
+    /// A command-line option value that is not accepted.
+    #[error("{option}: expected {expected}, got {got:?}")]
+    Option {
+        /// The option.
+        option: &'static str,
+        /// What is accepted.
+        expected: String,
+        /// The value given.
+        got: String,
+    },
+    /// Something this tool does not handle.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// ONNX Runtime failed.
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+    /// The runtime crate failed (data, prompts, backends).
+    #[error(transparent)]
+    Runtime(#[from] steper_runtime::Error),
+    /// The export crate failed (writing the model).
+    #[error(transparent)]
+    Export(#[from] steper_export::Error),
+    /// JSON (de)serialization failed.
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// The INT8 scale TensorRT stores for a symmetric range: `amax / 127`.
-pub fn int8_scale(amax: f32) -> f32 {
-    amax / 127.0
-}
-
-/// The 8 hex digits (big-endian bit pattern, leading zeros kept) of an f32.
-pub fn f32_hex(v: f32) -> String {
-    format!("{:08x}", v.to_bits())
-}
-
-/// Renders a TensorRT calibration cache: `TRT-<trt_version>-<calibrator>` then one
-/// `name: hex(scale)` line per tensor, in the order given.
-pub fn trt_cache(trt_version: u32, calibrator: &str, amax: &[(String, f32)]) -> Result<String> {
-    let mut s = format!("TRT-{trt_version}-{calibrator}\n");
-    for (name, a) in amax {
-        if !a.is_finite() || *a < 0.0 {
-            return Err(Error::BadRange {
-                tensor: name.clone(),
-                amax: *a,
-            });
-        }
-        // Writing to a String cannot fail.
-        let _ = writeln!(s, "{name}: {}", f32_hex(int8_scale(*a)));
-    }
-    Ok(s)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_of_known_floats_keeps_leading_zeros() {
-        assert_eq!(f32_hex(1.0), "3f800000");
-        assert_eq!(f32_hex(0.0), "00000000");
-        assert_eq!(f32_hex(1e-40), "000116c2");
-        assert_eq!(f32_hex(-2.0), "c0000000");
-        // 127 / 127 = 1.0
-        assert_eq!(f32_hex(int8_scale(127.0)), "3f800000");
-    }
-
-    #[test]
-    fn cache_has_the_header_and_one_line_per_tensor() -> Result<()> {
-        let c = trt_cache(
-            10_100,
-            "EntropyCalibration2",
-            &[("input_ids".into(), 127.0), ("x".into(), 0.0)],
-        )?;
-        let lines: Vec<&str> = c.lines().collect();
-        assert_eq!(
-            lines,
-            vec![
-                "TRT-10100-EntropyCalibration2",
-                "input_ids: 3f800000",
-                "x: 00000000"
-            ]
-        );
-        assert!(trt_cache(1, "MinMaxCalibration", &[("bad".into(), f32::NAN)]).is_err());
-        Ok(())
-    }
-}

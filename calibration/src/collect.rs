@@ -1,0 +1,226 @@
+//! Calibration prompts and range collection on ONNX Runtime (CPU).
+//!
+//! Prompts are rendered by the runtime's template from step-wise records (balanced across the
+//! init / expand / aggregate stages) and fitted into the model's context; each is prefilled
+//! once through the augmented graph (every MatMul / Gemm tensor an output) and every tensor's
+//! values are added to its [`TensorStats`].
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::path::Path;
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::Tensor;
+use serde::Serialize;
+use steper_runtime::data::{Stage, StepwiseRecord};
+use steper_runtime::Manifest;
+
+use crate::hist::TensorStats;
+use crate::{Error, Result};
+
+/// One tokenized calibration (or held-out) prompt.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prompt {
+    /// `qid/stage/step` of the record it was rendered from.
+    pub source: String,
+    /// Stage of the record.
+    pub stage: Stage,
+    /// Token ids (the tokenizer's special tokens included).
+    pub ids: Vec<u32>,
+}
+
+/// Picks up to `n` records round-robin over the stages (init, expand, aggregate; in file
+/// order within a stage), skipping records in `exclude_qids`. Returns record indices.
+pub fn balanced(
+    records: &[StepwiseRecord],
+    n: usize,
+    exclude_qids: &HashSet<String>,
+) -> Vec<usize> {
+    let mut by_stage: [Vec<usize>; 3] = Default::default();
+    for (i, r) in records.iter().enumerate() {
+        if exclude_qids.contains(&r.qid) {
+            continue;
+        }
+        let k = match r.stage {
+            Stage::Init => 0,
+            Stage::Expand => 1,
+            Stage::Aggregate => 2,
+        };
+        by_stage[k].push(i);
+    }
+    let mut pos = [0usize; 3];
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let mut took = false;
+        for k in 0..3 {
+            if out.len() < n && pos[k] < by_stage[k].len() {
+                out.push(by_stage[k][pos[k]]);
+                pos[k] += 1;
+                took = true;
+            }
+        }
+        if !took {
+            break;
+        }
+    }
+    out
+}
+
+/// Renders and tokenizes `record` with the runtime template, fitted into `budget` tokens.
+pub fn render_prompt(
+    record: &StepwiseRecord,
+    tokenizer: &tokenizers::Tokenizer,
+    word_cap: usize,
+    budget: usize,
+) -> Result<Prompt> {
+    let count = |s: &str| -> steper_runtime::Result<usize> {
+        tokenizer
+            .encode(s, true)
+            .map(|e| e.get_ids().len())
+            .map_err(|e| steper_runtime::Error::Input(format!("tokenizer: {e}")))
+    };
+    let fitted = steper_runtime::prompt::fit(
+        &record.question,
+        &record.passages,
+        &record.reasoning,
+        None,
+        word_cap,
+        budget,
+        count,
+    )?;
+    let ids = tokenizer
+        .encode(fitted.text.as_str(), true)
+        .map_err(|e| Error::Stats(format!("tokenizer: {e}")))?
+        .get_ids()
+        .to_vec();
+    Ok(Prompt {
+        source: format!(
+            "{}/{}/{}",
+            record.qid,
+            match record.stage {
+                Stage::Init => "init",
+                Stage::Expand => "expand",
+                Stage::Aggregate => "aggregate",
+            },
+            record.step
+        ),
+        stage: record.stage,
+        ids,
+    })
+}
+
+/// Calibration prompts (`n`, balanced) and held-out prompts (`holdout`, balanced, from other
+/// questions when there are enough) rendered from `records`.
+pub fn split_prompts(
+    records: &[StepwiseRecord],
+    n: usize,
+    holdout: usize,
+    tokenizer: &tokenizers::Tokenizer,
+    word_cap: usize,
+    budget: usize,
+) -> Result<(Vec<Prompt>, Vec<Prompt>)> {
+    let calib = balanced(records, n, &HashSet::new());
+    let qids: HashSet<String> = calib.iter().map(|&i| records[i].qid.clone()).collect();
+    let mut held = balanced(records, holdout, &qids);
+    if held.len() < holdout {
+        let taken: HashSet<usize> = calib.iter().chain(&held).copied().collect();
+        held.extend(
+            (0..records.len())
+                .filter(|i| !taken.contains(i))
+                .take(holdout - held.len()),
+        );
+    }
+    let render = |ix: &[usize]| -> Result<Vec<Prompt>> {
+        ix.iter()
+            .map(|&i| render_prompt(&records[i], tokenizer, word_cap, budget))
+            .filter(|p| !matches!(p, Ok(p) if p.ids.is_empty()))
+            .collect()
+    };
+    Ok((render(&calib)?, render(&held)?))
+}
+
+pub(crate) fn ort_err(e: impl std::fmt::Display) -> Error {
+    Error::Ort(e.to_string())
+}
+
+/// An ONNX Runtime CPU session over the augmented graph that collects tensor statistics.
+pub struct Collector {
+    session: Session,
+    manifest: Manifest,
+    names: Vec<String>,
+    /// Statistics, one per name.
+    pub stats: Vec<TensorStats>,
+}
+
+impl Collector {
+    /// Opens `augmented` (a graph with `names` among its outputs) on ONNX Runtime's CPU
+    /// provider, with `bins` histogram bins per tensor.
+    pub fn new(
+        augmented: &Path,
+        manifest: &Manifest,
+        names: Vec<String>,
+        bins: usize,
+        threads: Option<usize>,
+    ) -> Result<Self> {
+        let env = steper_runtime::backend::ort::environment()?;
+        let mut b = Session::builder(&env).map_err(ort_err)?;
+        if let Some(n) = threads {
+            b = b.with_intra_threads(n).map_err(ort_err)?;
+        }
+        let session = b.commit_from_file(augmented).map_err(|e| Error::Model {
+            path: augmented.to_path_buf(),
+            message: format!("ONNX Runtime cannot load the augmented graph: {e}"),
+        })?;
+        let stats = names.iter().map(|_| TensorStats::new(bins)).collect();
+        Ok(Collector {
+            session,
+            manifest: manifest.clone(),
+            names,
+            stats,
+        })
+    }
+
+    /// The collected tensor names.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Prefills `ids` (batch 1, empty cache) and adds every collected tensor's values.
+    pub fn observe(&mut self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::Stats("a calibration prompt has no tokens".into()));
+        }
+        let g = &self.manifest.graph;
+        let s = ids.len();
+        let i64s = |v: Vec<i64>| -> Result<SessionInputValue<'static>> {
+            Ok(Tensor::from_array(([1usize, s], v))
+                .map_err(ort_err)?
+                .into())
+        };
+        let mut feed: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
+            (
+                "input_ids".into(),
+                i64s(ids.iter().map(|&t| t as i64).collect())?,
+            ),
+            ("attention_mask".into(), i64s(vec![1; s])?),
+            ("position_ids".into(), i64s((0..s as i64).collect())?),
+        ];
+        for name in g.inputs.iter().skip(3) {
+            let empty =
+                Tensor::from_array(([1usize, g.num_kv_heads, 0, g.head_dim], Vec::<f32>::new()))
+                    .map_err(ort_err)?;
+            feed.push((Cow::Owned(name.clone()), empty.into()));
+        }
+        let out = self.session.run(feed).map_err(ort_err)?;
+        for (name, st) in self.names.iter().zip(self.stats.iter_mut()) {
+            let v = out
+                .get(name)
+                .ok_or_else(|| Error::Ort(format!("the augmented graph has no output `{name}`")))?;
+            let (_, data) = v
+                .try_extract_tensor::<f32>()
+                .map_err(|e| Error::Ort(format!("output `{name}` is not an f32 tensor: {e}")))?;
+            st.observe(data);
+        }
+        Ok(())
+    }
+}

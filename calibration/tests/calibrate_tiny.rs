@@ -1,0 +1,322 @@
+//! Calibration of the tiny real export (`STEPER_TEST_MODEL`, made by scripts/test.sh): the QDQ
+//! model loads and runs on ONNX Runtime CPU, agrees with fp32, validates; the tables read
+//! back; bad input fails cleanly with nothing written.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use steper_calibration::graph::{self, validate_qdq};
+use steper_calibration::pipeline::{files, Progress};
+use steper_calibration::tables::{parse_trt_cache, read_ort_trt_table};
+use steper_calibration::{calibrate, CalibrateOptions, DataSource, Error, Method};
+use steper_runtime::backend::load_model;
+use steper_runtime::data::{read_qa, PromptPassage, ReadOptions, Stage, StepwiseRecord};
+use steper_runtime::{BackendKind, OrtOptions};
+
+/// Least fraction of fp32-greedy tokens the int8 model must also pick.
+const GREEDY_AGREEMENT_MIN: f64 = 0.8;
+/// Least next-token top-1 agreement over every held-out prompt position.
+const TOP1_AGREEMENT_MIN: f64 = 0.8;
+/// Relative tolerance between a flatbuffers amax text and calibration.json's value.
+const AMAX_REL_TOL: f32 = 1e-6;
+
+/// The tiny export, or `None` (PENDING) without `STEPER_TEST_MODEL`.
+fn tiny() -> Option<(PathBuf, PathBuf)> {
+    let Some(dir) = std::env::var_os("STEPER_TEST_MODEL").map(PathBuf::from) else {
+        eprintln!(
+            "PENDING: set STEPER_TEST_MODEL to an export directory to run the calibration tests"
+        );
+        return None;
+    };
+    let world = dir.join("../world");
+    if !world.join("train.jsonl").is_file() {
+        eprintln!(
+            "PENDING: no world/train.jsonl beside {} (scripts/test.sh makes one)",
+            dir.display()
+        );
+        return None;
+    }
+    Some((dir, world))
+}
+
+/// Step-wise records from the world's QA (gold-style: one passage per step).
+fn records(world: &Path, questions: usize) -> Result<Vec<StepwiseRecord>> {
+    let qa = read_qa(&world.join("train.jsonl"), ReadOptions::default())?.rows;
+    let mut out = Vec::new();
+    for q in qa.iter().take(questions) {
+        let ps: Vec<PromptPassage> = q
+            .paragraphs
+            .iter()
+            .map(|p| PromptPassage {
+                title: p.title.clone(),
+                text: p.text.clone(),
+            })
+            .collect();
+        let facts: Vec<String> = q
+            .paragraphs
+            .iter()
+            .map(|p| p.text.split(". ").next().unwrap_or("").to_string() + ".")
+            .collect();
+        let steps = ps.len().clamp(2, 3);
+        for s in 1..=steps {
+            let stage = if s == 1 {
+                Stage::Init
+            } else if s == steps {
+                Stage::Aggregate
+            } else {
+                Stage::Expand
+            };
+            out.push(StepwiseRecord {
+                qid: q.id.clone(),
+                stage,
+                step: s,
+                question: q.question.clone(),
+                passages: ps[..s.min(ps.len())].to_vec(),
+                reasoning: facts[..s - 1].to_vec(),
+                target: if stage == Stage::Aggregate {
+                    format!("So the answer is: {}.", q.answers[0])
+                } else {
+                    facts[s - 1].clone()
+                },
+                teacher: "gold".into(),
+                answers: q.answers.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn write_records(dir: &Path, rows: &[StepwiseRecord]) -> Result<PathBuf> {
+    let p = dir.join("stepwise.jsonl");
+    let text: Vec<String> = rows
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<std::result::Result<_, _>>()?;
+    std::fs::write(&p, text.join("\n") + "\n")?;
+    Ok(p)
+}
+
+fn options(model: &Path, data: &Path, out: &Path) -> CalibrateOptions {
+    let mut o = CalibrateOptions::new(
+        model.to_path_buf(),
+        DataSource::Stepwise(data.to_path_buf()),
+        out.to_path_buf(),
+    );
+    o.samples = 12;
+    o.holdout = 6;
+    o.greedy_tokens = 8;
+    o.bench_new_tokens = 0;
+    o.max_tokens = 256;
+    o.bins = 512;
+    o.threads = Some(1);
+    o
+}
+
+#[test]
+fn qdq_model_loads_runs_agrees_and_validates() -> Result<()> {
+    let Some((model, world)) = tiny() else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let data = write_records(tmp.path(), &records(&world, 12)?)?;
+    let out = tmp.path().join("int8");
+    let mut phases = Vec::new();
+    let report = calibrate(&options(&model, &data, &out), &mut |p| {
+        if let Progress::Phase { name, .. } = p {
+            phases.push(name)
+        }
+    })?;
+    assert!(phases.contains(&"collecting ranges"));
+    // Balanced across the stages: 12 prompts → 4 init, 4 expand, 4 aggregate.
+    for s in ["init", "expand", "aggregate"] {
+        assert_eq!(report.samples.get(s), Some(&4), "{:?}", report.samples);
+    }
+    // 2 layers × 7 linear layers quantized; lm_head kept in float.
+    assert_eq!(report.qdq.quantized_linears, 14);
+    assert_eq!(report.qdq.float_linears, 1);
+    let a = report.agreement.clone().expect("held-out agreement");
+    assert!(a.positions > 0);
+    assert!(a.top1 >= TOP1_AGREEMENT_MIN, "top-1 agreement {}", a.top1);
+    let g = report.greedy_agreement.expect("greedy agreement");
+    assert!(
+        g >= GREEDY_AGREEMENT_MIN,
+        "greedy agreement {g} over {}",
+        report.greedy_positions
+    );
+
+    // The QDQ graph as written validates; the export directory loads and runs.
+    let q = graph::load_onnx(&out.join(files::INT8_MODEL))?;
+    let s = validate_qdq(&q, &out.join(files::INT8_MODEL))?;
+    assert_eq!(s.quantized_linears, 14);
+    // One DQ per activation Q plus one per (distinct) weight.
+    assert_eq!(s.dequantize_nodes, s.quantize_nodes + 14, "{s:?}");
+    let m = load_model(&out, &BackendKind::Ort(OrtOptions::default()))?;
+    assert_eq!(m.manifest.dtype, "int8");
+    let mut seq = m.generator.new_sequence()?;
+    let lg = m
+        .generator
+        .append(&mut seq, &[1, 2, 3], steper_runtime::LogitsMode::Last)?;
+    assert!(lg.last().iter().all(|v| v.is_finite()));
+    let genai: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("genai_config.json"))?)?;
+    assert_eq!(genai["model"]["decoder"]["filename"], files::INT8_MODEL);
+
+    // Tables: the same tensors and ranges as calibration.json.
+    let cj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(files::CALIBRATION_JSON))?)?;
+    let tensors = cj["tensors"].as_array().expect("tensors");
+    assert_eq!(tensors.len(), report.tensors);
+    let table = read_ort_trt_table(&std::fs::read(out.join(files::ORT_TABLE))?, "table")?;
+    let cache = parse_trt_cache(
+        &std::fs::read_to_string(out.join(files::TRT_CACHE))?,
+        "cache",
+    )?;
+    assert_eq!(cache.calibrator, Method::Entropy.trt_calibrator());
+    assert_eq!(table.len(), tensors.len());
+    assert_eq!(cache.scales.len(), tensors.len());
+    for t in tensors {
+        let name = t["name"].as_str().expect("name");
+        let amax = t["amax"].as_f64().expect("amax") as f32;
+        let v: f32 = table
+            .iter()
+            .find(|(k, _)| k == name)
+            .expect("in table")
+            .1
+            .parse()?;
+        assert!(
+            (v - amax).abs() <= AMAX_REL_TOL * amax.abs().max(1.0),
+            "{name}: {v} vs {amax}"
+        );
+        let sc = cache
+            .scales
+            .iter()
+            .find(|(k, _)| k == name)
+            .expect("in cache")
+            .1;
+        assert_eq!(sc.to_bits(), (amax / 127.0).to_bits(), "{name}");
+    }
+    // No staging leftovers.
+    let hidden: Vec<_> = std::fs::read_dir(&out)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty());
+    Ok(())
+}
+
+#[test]
+fn minmax_with_quantized_lm_head() -> Result<()> {
+    let Some((model, world)) = tiny() else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let data = write_records(tmp.path(), &records(&world, 6)?)?;
+    let out = tmp.path().join("int8");
+    let mut o = options(&model, &data, &out);
+    o.method = Method::MinMax;
+    o.quantize_lm_head = true;
+    o.samples = 6;
+    o.holdout = 2;
+    o.greedy_tokens = 0;
+    let r = calibrate(&o, &mut |_| {})?;
+    assert_eq!(r.qdq.quantized_linears, 15);
+    assert_eq!(r.qdq.float_linears, 0);
+    let cache = parse_trt_cache(
+        &std::fs::read_to_string(out.join(files::TRT_CACHE))?,
+        "cache",
+    )?;
+    assert_eq!(cache.calibrator, "MinMaxCalibration");
+    // min/max ranges cover every value seen.
+    let cj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(files::CALIBRATION_JSON))?)?;
+    for t in cj["tensors"].as_array().expect("tensors") {
+        let (amax, lo, hi) = (
+            t["amax"].as_f64().unwrap_or(-1.0),
+            t["min"].as_f64().unwrap_or(0.0),
+            t["max"].as_f64().unwrap_or(0.0),
+        );
+        assert!(amax >= lo.abs().max(hi.abs()) - 1e-6, "{t}");
+    }
+    Ok(())
+}
+
+fn dir_is_empty(p: &Path) -> bool {
+    !p.exists()
+        || std::fs::read_dir(p)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false)
+}
+
+#[test]
+fn bad_input_fails_clearly_and_writes_nothing() -> Result<()> {
+    let Some((model, world)) = tiny() else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let data = write_records(tmp.path(), &records(&world, 3)?)?;
+
+    // Empty calibration set.
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "")?;
+    assert!(matches!(
+        DataSource::detect(&empty, None),
+        Err(Error::EmptyCalibration { .. })
+    ));
+    let out = tmp.path().join("out-empty");
+    let e = calibrate(&options(&model, &empty, &out), &mut |_| {}).unwrap_err();
+    assert!(matches!(e, Error::EmptyCalibration { .. }), "{e}");
+    assert!(e.to_string().contains("empty.jsonl"), "{e}");
+    assert!(
+        dir_is_empty(&out),
+        "a failed run left files in {}",
+        out.display()
+    );
+
+    // QA data without an index.
+    let qa = world.join("train.jsonl");
+    assert!(matches!(
+        DataSource::detect(&qa, None),
+        Err(Error::Option {
+            option: "--index",
+            ..
+        })
+    ));
+
+    // Unwritable output directory (below a regular file).
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x")?;
+    let e = calibrate(&options(&model, &data, &file.join("out")), &mut |_| {}).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e}");
+    assert!(e.to_string().contains("a-file"), "{e}");
+
+    // The output directory is the model's own.
+    let e = calibrate(&options(&model, &data, &model), &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Option {
+                option: "--out",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // A model without MatMuls: an export directory whose graph is one Identity.
+    let bad = tmp.path().join("no-matmul");
+    std::fs::create_dir_all(&bad)?;
+    for f in ["steper.json", "tokenizer.json"] {
+        std::fs::copy(model.join(f), bad.join(f))?;
+    }
+    let mut m = graph::load_onnx(&model.join("model.onnx"))?;
+    if let Some(g) = m.graph.as_mut() {
+        g.node
+            .retain(|n| n.op_type != "MatMul" && n.op_type != "Gemm");
+    }
+    std::fs::write(bad.join("model.onnx"), prost::Message::encode_to_vec(&m))?;
+    let out = tmp.path().join("out-bad");
+    let e = calibrate(&options(&bad, &data, &out), &mut |_| {}).unwrap_err();
+    assert!(matches!(e, Error::NoQuantizable { .. }), "{e}");
+    assert!(dir_is_empty(&out));
+    Ok(())
+}
