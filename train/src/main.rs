@@ -27,6 +27,10 @@ enum Command {
     Distill(commands::distill::Args),
     /// Create a from-scratch student: a BPE tokenizer trained on the data and random weights.
     InitStudent(commands::init_student::Args),
+    /// Draw PNG charts of a run's stage losses and σ from train_log.jsonl.
+    Plot(commands::plot::Args),
+    /// Benchmark training throughput (tokens/s, peak memory) on fixed-shape random batches; prints JSON.
+    BenchFit(commands::bench_fit::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +42,8 @@ fn main() -> std::process::ExitCode {
         Command::Fit(a) => commands::fit::run(a),
         Command::Distill(a) => commands::distill::run(a),
         Command::InitStudent(a) => commands::init_student::run(a),
+        Command::Plot(a) => commands::plot::run(a),
+        Command::BenchFit(a) => commands::bench_fit::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

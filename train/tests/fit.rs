@@ -224,3 +224,49 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
     let _ = LossMode::Vanilla;
     Ok(())
 }
+
+#[test]
+fn bad_record_files_are_clear_errors() -> Result<()> {
+    use steper_train::fit::records::read_records;
+    let tmp = tempfile::tempdir()?;
+    let good = r#"{"qid":"q1","stage":"init","step":1,"question":"Where?","passages":[{"title":"A","text":"B."}],"reasoning":[],"target":"A is in B.","teacher":"gold","answers":["B"]}"#;
+    // An unknown stage: the error names the file, the line and the field's allowed values.
+    let bad_stage = good.replace("\"init\"", "\"middle\"");
+    let f = tmp.path().join("bad-stage.jsonl");
+    std::fs::write(&f, format!("{good}\n{bad_stage}\n"))?;
+    let err = read_records(&f, false).unwrap_err().to_string();
+    assert!(
+        err.contains("bad-stage.jsonl") && err.contains(":2"),
+        "{err}"
+    );
+    assert!(err.contains("middle") || err.contains("variant"), "{err}");
+    // With skip_bad the bad line is skipped and counted.
+    let (rows, skipped) = read_records(&f, true)?;
+    assert_eq!((rows.len(), skipped), (1, 1));
+    // An empty data file.
+    let f = tmp.path().join("empty.jsonl");
+    std::fs::write(&f, "")?;
+    let err = read_records(&f, false).unwrap_err().to_string();
+    assert!(
+        err.contains("empty.jsonl") && err.contains("no step-wise records"),
+        "{err}"
+    );
+    // A student directory without config.json.
+    let s = tmp.path().join("student-without-config");
+    std::fs::create_dir_all(&s)?;
+    let err = fit(
+        &s,
+        &examples(),
+        &[],
+        &FitConfig {
+            steps: 1,
+            ..Default::default()
+        },
+        &tmp.path().join("o"),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("config.json"), "{err}");
+    Ok(())
+}

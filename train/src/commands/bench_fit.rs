@@ -1,0 +1,55 @@
+//! `steper-train bench-fit`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use steper_train::bench::{bench_fit, BenchFitConfig};
+
+/// Arguments of `bench-fit`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Student checkpoint directory (config.json, safetensors).
+    #[arg(long)]
+    student: PathBuf,
+    /// Examples per step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per example.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Target (loss) tokens per example.
+    #[arg(long, default_value_t = 16)]
+    target_len: usize,
+    /// Measured steps.
+    #[arg(long, default_value_t = 10)]
+    steps: u64,
+    /// Unmeasured first steps.
+    #[arg(long, default_value_t = 2)]
+    warmup_steps: u64,
+    /// Keep the embeddings frozen.
+    #[arg(long)]
+    freeze_embeddings: bool,
+    /// Train only the top N layers.
+    #[arg(long)]
+    top_layers: Option<usize>,
+    /// Seed of the random tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Runs the benchmark and prints its JSON report.
+pub fn run(a: Args) -> Result<()> {
+    let cfg = BenchFitConfig {
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        target_len: a.target_len,
+        steps: a.steps,
+        warmup_steps: a.warmup_steps,
+        freeze_embeddings: a.freeze_embeddings,
+        top_layers: a.top_layers,
+        seed: a.seed,
+    };
+    let report = bench_fit(&a.student, &cfg)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
