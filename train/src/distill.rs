@@ -178,15 +178,44 @@ pub fn passes(filter: Filter, prediction: &str, golds: &[String]) -> bool {
 
 /// Runs the distillation of `questions` into `out`. `prepare` is called with each question
 /// before the loop runs (the gold teacher reads its annotations there).
-pub fn distill<M: StepModel>(
+pub fn distill<M: StepModel + Send>(
     questions: &[QaExample],
     retriever: &dyn Retriever,
     teacher: &mut M,
-    mut prepare: impl FnMut(&mut M, &QaExample),
+    prepare: impl Fn(&mut M, &QaExample) + Sync,
     opts: &DistillOptions,
     out: &Path,
     progress: bool,
 ) -> Result<DistillSummary> {
+    distill_pool(
+        questions,
+        retriever,
+        std::slice::from_mut(teacher),
+        prepare,
+        opts,
+        out,
+        progress,
+    )
+}
+
+/// [`distill`] with one question in flight per teacher of `teachers` (each question's loop runs
+/// on one teacher, step after step). Results are written in question order, so the files equal
+/// those of a one-teacher run and a killed run resumes the same way: a question's lines are
+/// written only after every earlier question's.
+pub fn distill_pool<M: StepModel + Send>(
+    questions: &[QaExample],
+    retriever: &dyn Retriever,
+    teachers: &mut [M],
+    prepare: impl Fn(&mut M, &QaExample) + Sync,
+    opts: &DistillOptions,
+    out: &Path,
+    progress: bool,
+) -> Result<DistillSummary> {
+    if teachers.is_empty() {
+        return Err(Error::Input(
+            "distill needs at least one teacher (concurrency ≥ 1)".into(),
+        ));
+    }
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     let traces_path = out.join(TRACES);
     let done_lines = rewrite_lines(&traces_path, |l| {
@@ -210,15 +239,24 @@ pub fn distill<M: StepModel>(
             .open(p)
             .map_err(|e| io(p, e))
     };
-    let mut traces = open(&traces_path)?;
-    let mut steps_f = open(&step_path)?;
-    let mut van_f = if opts.vanilla {
-        Some(open(&van_path)?)
-    } else {
-        None
+    let mut writer = Writer {
+        traces: open(&traces_path)?,
+        traces_path,
+        steps: open(&step_path)?,
+        steps_path: step_path,
+        vanilla: if opts.vanilla {
+            Some(open(&van_path)?)
+        } else {
+            None
+        },
+        vanilla_path: van_path,
+        filter: opts.filter,
     };
 
-    let todo: Vec<&QaExample> = questions.iter().filter(|q| !done.contains(&q.id)).collect();
+    let mut todo: Vec<&QaExample> = questions.iter().filter(|q| !done.contains(&q.id)).collect();
+    if let Some(n) = opts.stop_after {
+        todo.truncate(n);
+    }
     let bar = if progress {
         let b = indicatif::ProgressBar::new(questions.len() as u64);
         b.set_style(
@@ -236,37 +274,130 @@ pub fn distill<M: StepModel>(
     let mut new_tokens = 0usize;
     let mut new_questions = 0usize;
     let mut passed_now = 0usize;
-    for q in todo {
-        if opts.stop_after.map(|n| new_questions >= n).unwrap_or(false) {
-            break;
-        }
-        prepare(teacher, q);
-        let r = reason(&q.question, retriever, teacher, &opts.loop_opts)?;
+    let mut record = |q: &QaExample, r: Reasoning, name: &str| -> Result<()> {
         new_tokens += r.new_tokens();
-        let ok = passes(opts.filter, &r.answer, &q.answers);
+        passed_now += writer.write(q, r, name)? as usize;
+        new_questions += 1;
+        bar.inc(1);
+        bar.set_message(format!(
+            "pass rate {:.1}%",
+            100.0 * passed_now as f64 / new_questions as f64
+        ));
+        Ok(())
+    };
+    if teachers.len() == 1 {
+        let teacher = &mut teachers[0];
+        for q in todo {
+            prepare(teacher, q);
+            let r = reason(&q.question, retriever, teacher, &opts.loop_opts)?;
+            record(q, r, teacher.name())?;
+        }
+    } else {
+        run_pool(&todo, retriever, teachers, &prepare, opts, &mut record)?;
+    }
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    let mut s = summarize(out, opts.vanilla)?;
+    s.new_questions = new_questions;
+    s.seconds = seconds;
+    s.teacher_tokens_per_sec = new_tokens as f64 / seconds.max(1e-9);
+    let text = serde_json::to_string_pretty(&s).map_err(|e| Error::Input(e.to_string()))?;
+    steper_models::fsutil::write_atomic(&out.join("summary.json"), text.as_bytes())?;
+    Ok(s)
+}
+
+/// Workers take the next question index; the calling thread hands results to `record` in
+/// question order. The first error stops the workers (questions already recorded stay written).
+fn run_pool<M: StepModel + Send>(
+    todo: &[&QaExample],
+    retriever: &dyn Retriever,
+    teachers: &mut [M],
+    prepare: &(impl Fn(&mut M, &QaExample) + Sync),
+    opts: &DistillOptions,
+    record: &mut impl FnMut(&QaExample, Reasoning, &str) -> Result<()>,
+) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let name = teachers[0].name().to_string();
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, steper_runtime::Result<Reasoning>)>();
+        for teacher in teachers.iter_mut() {
+            let tx = tx.clone();
+            let (next, stop) = (&next, &stop);
+            scope.spawn(move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(q) = todo.get(i) else { break };
+                prepare(teacher, q);
+                let r = reason(&q.question, retriever, teacher, &opts.loop_opts);
+                let failed = r.is_err();
+                if tx.send((i, r)).is_err() || failed {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut pending = std::collections::BTreeMap::new();
+        let mut want = 0usize;
+        for (i, r) in rx {
+            pending.insert(i, r);
+            while let Some(r) = pending.remove(&want) {
+                let res = r
+                    .map_err(Error::from)
+                    .and_then(|r| record(todo[want], r, &name));
+                if let Err(e) = res {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+                want += 1;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The output files of a run.
+struct Writer {
+    traces: std::fs::File,
+    traces_path: PathBuf,
+    steps: std::fs::File,
+    steps_path: PathBuf,
+    vanilla: Option<std::fs::File>,
+    vanilla_path: PathBuf,
+    filter: Filter,
+}
+
+impl Writer {
+    /// Writes one question: its records (when it passed), then its trace line, which marks it
+    /// done. Returns whether it passed.
+    fn write(&mut self, q: &QaExample, r: Reasoning, teacher: &str) -> Result<bool> {
+        let ok = passes(self.filter, &r.answer, &q.answers);
         if ok {
             let mut buf = String::new();
-            for rec in r.stepwise_records(&q.id, &q.answers, teacher.name()) {
+            for rec in r.stepwise_records(&q.id, &q.answers, teacher) {
                 buf.push_str(
                     &serde_json::to_string(&rec).map_err(|e| Error::Input(e.to_string()))?,
                 );
                 buf.push('\n');
             }
-            steps_f
+            self.steps
                 .write_all(buf.as_bytes())
-                .map_err(|e| io(&step_path, e))?;
-            steps_f.flush().map_err(|e| io(&step_path, e))?;
+                .map_err(|e| io(&self.steps_path, e))?;
+            self.steps.flush().map_err(|e| io(&self.steps_path, e))?;
             if let (Some(f), Some(rec)) = (
-                van_f.as_mut(),
-                vanilla_record(&q.id, &q.answers, teacher.name(), &r),
+                self.vanilla.as_mut(),
+                vanilla_record(&q.id, &q.answers, teacher, &r),
             ) {
                 let mut line =
                     serde_json::to_string(&rec).map_err(|e| Error::Input(e.to_string()))?;
                 line.push('\n');
-                f.write_all(line.as_bytes()).map_err(|e| io(&van_path, e))?;
-                f.flush().map_err(|e| io(&van_path, e))?;
+                f.write_all(line.as_bytes())
+                    .map_err(|e| io(&self.vanilla_path, e))?;
+                f.flush().map_err(|e| io(&self.vanilla_path, e))?;
             }
-            passed_now += 1;
         }
         let line = TraceLine {
             qid: q.id.clone(),
@@ -278,26 +409,12 @@ pub fn distill<M: StepModel>(
         };
         let mut text = serde_json::to_string(&line).map_err(|e| Error::Input(e.to_string()))?;
         text.push('\n');
-        traces
+        self.traces
             .write_all(text.as_bytes())
-            .map_err(|e| io(&traces_path, e))?;
-        traces.flush().map_err(|e| io(&traces_path, e))?;
-        new_questions += 1;
-        bar.inc(1);
-        bar.set_message(format!(
-            "pass rate {:.1}%",
-            100.0 * passed_now as f64 / new_questions as f64
-        ));
+            .map_err(|e| io(&self.traces_path, e))?;
+        self.traces.flush().map_err(|e| io(&self.traces_path, e))?;
+        Ok(ok)
     }
-    bar.finish_and_clear();
-    let seconds = t0.elapsed().as_secs_f64();
-    let mut s = summarize(out, opts.vanilla)?;
-    s.new_questions = new_questions;
-    s.seconds = seconds;
-    s.teacher_tokens_per_sec = new_tokens as f64 / seconds.max(1e-9);
-    let text = serde_json::to_string_pretty(&s).map_err(|e| Error::Input(e.to_string()))?;
-    steper_models::fsutil::write_atomic(&out.join("summary.json"), text.as_bytes())?;
-    Ok(s)
 }
 
 /// Counts over the whole output directory.

@@ -1,21 +1,62 @@
 //! `steper-train distill`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use steper_runtime::data::{read_qa, ReadOptions};
 use steper_runtime::reasoning::LoopOptions;
 use steper_runtime::retrieval::Bm25Index;
-use steper_train::distill::{distill, DistillOptions, Filter};
-use steper_train::teacher::{CandleTeacher, GoldTeacher};
+use steper_train::distill::{distill, distill_pool, DistillOptions, Filter};
+use steper_train::teacher::{
+    CandleTeacher, GoldTeacher, OpenAiConfig, OpenAiTeacher, TeacherPrompt,
+};
 
 /// Arguments of `distill`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// `gold` (annotation-derived) or `checkpoint:DIR` (a local Llama-family checkpoint in candle).
+    /// `gold` (annotation-derived), `checkpoint:DIR` (a local Llama-family checkpoint in candle)
+    /// or `openai:URL` (an OpenAI-compatible server, e.g. `openai:http://127.0.0.1:8080`).
     #[arg(long)]
     teacher: String,
+    /// Model name sent to the OpenAI-compatible server (its `model` field).
+    #[arg(long, default_value = "teacher")]
+    teacher_model: String,
+    /// Use `/v1/chat/completions` (the server applies the model's chat template; the
+    /// instruction header becomes the system message) instead of `/v1/completions`.
+    #[arg(long)]
+    teacher_chat: bool,
+    /// Environment variable holding the API key (sent as `Authorization: Bearer`); unset or
+    /// empty: no key is sent.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    teacher_api_key_env: String,
+    /// Instruction header and few-shot demonstrations for the OpenAI teacher: a file (format in
+    /// train/prompts/ircot-fewshot.txt), `default` (that file, built in) or `none` (the plain
+    /// student prompt). Step-wise records always keep the plain prompt.
+    #[arg(long, default_value = "none")]
+    teacher_prompt: String,
+    /// The OpenAI teacher's context in tokens (header, demonstrations, prompt and new tokens);
+    /// prompts are fitted into it, counted with --fit-student's tokenizer or, without it, as
+    /// ⌈chars/4⌉. Unset: prompts are sent whole.
+    #[arg(long)]
+    teacher_context: Option<usize>,
+    /// Sampling temperature of the OpenAI teacher (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seconds one HTTP request may take.
+    #[arg(long, default_value_t = 60.0)]
+    timeout_secs: f64,
+    /// Retries of a request after 429, 5xx, a timeout or a connection error (exponential
+    /// backoff with jitter from 0.5 s, Retry-After honoured).
+    #[arg(long, default_value_t = 5)]
+    max_retries: u32,
+    /// Questions in flight at once (OpenAI teacher only); output stays in question order.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Maximum new tokens per step sentence.
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
     /// QA questions (JSONL).
     #[arg(long)]
     data: PathBuf,
@@ -41,7 +82,8 @@ pub struct Args {
     /// Maximum steps.
     #[arg(long, default_value_t = 5)]
     max_steps: usize,
-    /// Student checkpoint whose tokenizer and context the gold teacher's prompts must fit.
+    /// Student checkpoint whose tokenizer and context the gold teacher's prompts must fit (the
+    /// OpenAI teacher counts --teacher-context tokens with its tokenizer).
     #[arg(long)]
     fit_student: Option<PathBuf>,
     /// Skip malformed question lines (counted).
@@ -69,12 +111,19 @@ pub fn run(a: Args) -> Result<()> {
         loop_opts: LoopOptions {
             top_k: a.top_k,
             max_steps: a.max_steps,
+            max_sentence_tokens: a.max_new_tokens,
             ..Default::default()
         },
         filter: a.filter,
         vanilla: a.vanilla,
         stop_after: None,
     };
+    if a.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if a.concurrency > 1 && !a.teacher.starts_with("openai:") {
+        bail!("--concurrency > 1 needs --teacher openai:URL (local teachers run one question at a time)");
+    }
     let summary = if a.teacher == "gold" {
         let mut t = GoldTeacher::new();
         if let Some(s) = &a.fit_student {
@@ -97,8 +146,23 @@ pub fn run(a: Args) -> Result<()> {
                 .with_context(|| format!("teacher checkpoint {dir}"))?;
         let mut t = CandleTeacher::new(ck.model()?, ck.tokenizer()?, format!("checkpoint:{dir}"));
         distill(&qs, &index, &mut t, |_, _| {}, &opts, &a.out, !a.json)?
+    } else if let Some(url) = a.teacher.strip_prefix("openai:") {
+        let t = openai_teacher(&a, url)?;
+        let mut pool = vec![t; a.concurrency];
+        let s = distill_pool(&qs, &index, &mut pool, |_, _| {}, &opts, &a.out, !a.json)?;
+        let st = pool[0].stats();
+        eprintln!(
+            "{}: {} requests answered, {} retries",
+            pool[0].endpoint(),
+            st.ok.load(std::sync::atomic::Ordering::Relaxed),
+            st.retries.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        s
     } else {
-        bail!("--teacher must be `gold` or `checkpoint:DIR`, got {:?} (the OpenAI-compatible teacher is not built yet)", a.teacher);
+        bail!(
+            "--teacher must be `gold`, `checkpoint:DIR` or `openai:URL`, got {:?}",
+            a.teacher
+        );
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -110,4 +174,38 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn openai_teacher(a: &Args, url: &str) -> Result<OpenAiTeacher> {
+    let mut cfg = OpenAiConfig::new(url, a.teacher_model.clone());
+    cfg.chat = a.teacher_chat;
+    cfg.api_key = std::env::var(&a.teacher_api_key_env)
+        .ok()
+        .filter(|k| !k.trim().is_empty());
+    cfg.temperature = a.temperature;
+    if !(a.timeout_secs.is_finite() && a.timeout_secs > 0.0) {
+        bail!("--timeout-secs must be > 0, got {}", a.timeout_secs);
+    }
+    cfg.timeout = Duration::from_secs_f64(a.timeout_secs);
+    cfg.max_retries = a.max_retries;
+    cfg.context = a.teacher_context;
+    cfg.prompt = match a.teacher_prompt.as_str() {
+        "none" => None,
+        "default" => Some(TeacherPrompt::default_fewshot()?),
+        file => Some(
+            TeacherPrompt::load(std::path::Path::new(file))
+                .with_context(|| format!("--teacher-prompt {file}"))?,
+        ),
+    };
+    let tokenizer = match &a.fit_student {
+        Some(s) => {
+            let cfg = steper_models::LlamaConfig::from_file(&s.join("config.json"))?;
+            Some(steper_models::load_tokenizer(
+                &s.join("tokenizer.json"),
+                cfg.vocab_size,
+            )?)
+        }
+        None => None,
+    };
+    Ok(OpenAiTeacher::new(cfg, tokenizer)?)
 }

@@ -1,0 +1,242 @@
+//! The teacher prompt: an instruction header and few-shot demonstrations prepended to the
+//! student's plain prompt for instruction-tuned teachers. The step-wise records keep the plain
+//! template; only the teacher call sees the header.
+//!
+//! File format (see `train/prompts/ircot-fewshot.txt`, the default):
+//!
+//! ```text
+//! # comment
+//! [instruction]
+//! Answer the question ... write: So the answer is: <answer>.
+//!
+//! [demonstration]
+//! Wikipedia Title: ...
+//! ...
+//!
+//! Q: ...
+//! A: first sentence. second sentence. So the answer is: X.
+//! ```
+//!
+//! Lines starting with `#` are comments. There is exactly one `[instruction]` section and any
+//! number of `[demonstration]` sections; each demonstration has a `Q:` line and an `A:` line
+//! that ends with an answer sentence (`answer is: …`).
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// The default prompt file shipped with the crate.
+pub const DEFAULT_FEWSHOT: &str = include_str!("../../prompts/ircot-fewshot.txt");
+
+/// An instruction header and few-shot demonstrations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeacherPrompt {
+    /// The instruction header (the system message in chat mode).
+    pub instruction: String,
+    /// Worked examples in the student's template.
+    pub demonstrations: Vec<String>,
+}
+
+/// A chat message (`role` is `system` or `user`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChatMessage {
+    /// `system` or `user`.
+    pub role: &'static str,
+    /// The text.
+    pub content: String,
+}
+
+enum Section {
+    None,
+    Instruction,
+    Demonstration,
+}
+
+impl TeacherPrompt {
+    /// The shipped default (`train/prompts/ircot-fewshot.txt`).
+    pub fn default_fewshot() -> Result<Self> {
+        Self::parse(DEFAULT_FEWSHOT, "train/prompts/ircot-fewshot.txt")
+    }
+
+    /// Reads a prompt file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses the text of a prompt file; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let mut instruction: Option<(usize, Vec<&str>)> = None;
+        let mut demos: Vec<(usize, Vec<&str>)> = Vec::new();
+        let mut section = Section::None;
+        for (i, line) in text.lines().enumerate() {
+            let n = i + 1;
+            if line.starts_with('#') {
+                continue;
+            }
+            match line.trim() {
+                "[instruction]" => {
+                    if instruction.is_some() {
+                        return Err(Error::Input(format!(
+                            "{origin}:{n}: a second [instruction] section (expected exactly one)"
+                        )));
+                    }
+                    instruction = Some((n, Vec::new()));
+                    section = Section::Instruction;
+                    continue;
+                }
+                "[demonstration]" => {
+                    demos.push((n, Vec::new()));
+                    section = Section::Demonstration;
+                    continue;
+                }
+                _ => {}
+            }
+            match section {
+                Section::None if line.trim().is_empty() => {}
+                Section::None => {
+                    return Err(Error::Input(format!(
+                        "{origin}:{n}: text before the first section (expected a line \
+                         `[instruction]` or `[demonstration]`)"
+                    )))
+                }
+                Section::Instruction => {
+                    if let Some((_, lines)) = instruction.as_mut() {
+                        lines.push(line);
+                    }
+                }
+                Section::Demonstration => {
+                    if let Some((_, lines)) = demos.last_mut() {
+                        lines.push(line);
+                    }
+                }
+            }
+        }
+        let (inst_line, inst) = instruction.ok_or_else(|| {
+            Error::Input(format!(
+                "{origin}: no [instruction] section (expected exactly one)"
+            ))
+        })?;
+        let instruction = inst.join("\n").trim().to_string();
+        if instruction.is_empty() {
+            return Err(Error::Input(format!(
+                "{origin}:{inst_line}: the [instruction] section is empty"
+            )));
+        }
+        let mut demonstrations = Vec::with_capacity(demos.len());
+        for (n, lines) in demos {
+            let d = lines.join("\n").trim().to_string();
+            let has_q = d.lines().any(|l| l.starts_with("Q: "));
+            let a = d.lines().rev().find(|l| l.starts_with("A:"));
+            match (has_q, a) {
+                (false, _) => {
+                    return Err(Error::Input(format!(
+                        "{origin}:{n}: demonstration has no `Q: ` line"
+                    )))
+                }
+                (_, None) => {
+                    return Err(Error::Input(format!(
+                        "{origin}:{n}: demonstration has no `A:` line"
+                    )))
+                }
+                (_, Some(a))
+                    if steper_runtime::answer::extract_answer(a.trim_start_matches("A:"))
+                        .is_none() =>
+                {
+                    return Err(Error::Input(format!(
+                        "{origin}:{n}: the demonstration's `A:` line does not end with an answer \
+                         sentence (expected `... So the answer is: X.`)"
+                    )))
+                }
+                _ => demonstrations.push(d),
+            }
+        }
+        Ok(TeacherPrompt {
+            instruction,
+            demonstrations,
+        })
+    }
+
+    /// The text put before the student's prompt on `/v1/completions`: the header, then the
+    /// demonstrations, each followed by a blank line.
+    pub fn prefix(&self) -> String {
+        let mut s = self.instruction.clone();
+        s.push_str("\n\n");
+        for d in &self.demonstrations {
+            s.push_str(d);
+            s.push_str("\n\n");
+        }
+        s
+    }
+
+    /// The full `/v1/completions` prompt for a student prompt.
+    pub fn completion_prompt(&self, student_prompt: &str) -> String {
+        let mut s = self.prefix();
+        s.push_str(student_prompt);
+        s
+    }
+
+    /// The `/v1/chat/completions` messages for a student prompt: the header as the system
+    /// message; the demonstrations and the student's prompt as the user message.
+    pub fn chat_messages(&self, student_prompt: &str) -> Vec<ChatMessage> {
+        let mut user = String::new();
+        for d in &self.demonstrations {
+            user.push_str(d);
+            user.push_str("\n\n");
+        }
+        user.push_str(student_prompt);
+        vec![
+            ChatMessage {
+                role: "system",
+                content: self.instruction.clone(),
+            },
+            ChatMessage {
+                role: "user",
+                content: user,
+            },
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_parses_with_demonstrations() {
+        let p = TeacherPrompt::default_fewshot().unwrap();
+        assert!(p.instruction.contains("So the answer is"));
+        assert_eq!(p.demonstrations.len(), 3);
+        for d in &p.demonstrations {
+            assert!(d.starts_with("Wikipedia Title: "), "{d}");
+            assert!(!d.contains("[demonstration]"));
+        }
+        let full = p.completion_prompt("Wikipedia Title: X\nx\n\nQ: q?\nA:");
+        assert!(full.starts_with(&p.instruction));
+        assert!(full.ends_with("\n\nWikipedia Title: X\nx\n\nQ: q?\nA:"));
+        let m = p.chat_messages("Q: q?\nA:");
+        assert_eq!(m[0].role, "system");
+        assert_eq!(m[0].content, p.instruction);
+        assert!(m[1].content.ends_with("Q: q?\nA:"));
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let e = TeacherPrompt::parse("hello\n[instruction]\nx\n", "f.txt").unwrap_err();
+        assert!(e.to_string().contains("f.txt:1"), "{e}");
+        let e = TeacherPrompt::parse("[instruction]\nx\n\n[demonstration]\nQ: a\nA: b.\n", "f")
+            .unwrap_err();
+        assert!(e.to_string().contains("f:4") && e.to_string().contains("answer"));
+        let e = TeacherPrompt::parse("[demonstration]\nQ: a\nA: So the answer is: b.\n", "f")
+            .unwrap_err();
+        assert!(e.to_string().contains("no [instruction]"), "{e}");
+        let e = TeacherPrompt::parse("[instruction]\n\n", "f").unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        let ok = TeacherPrompt::parse("# c\n[instruction]\nDo it.\n", "f").unwrap();
+        assert!(ok.demonstrations.is_empty());
+        assert_eq!(ok.prefix(), "Do it.\n\n");
+    }
+}
