@@ -243,6 +243,17 @@ impl Engine {
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
+
+    /// The generator that runs the model (for decoding rules other than the loop's, such as the
+    /// HTTP service's completions).
+    pub fn generator(&self) -> &dyn Generator {
+        self.generator.as_ref()
+    }
+
+    /// Token ids that end a generation.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos
+    }
 }
 
 #[cfg(test)]

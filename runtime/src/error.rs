@@ -90,6 +90,14 @@ pub enum Error {
         /// Which field is missing or differs.
         message: String,
     },
+    /// The HTTP service could not start or stopped with an error.
+    #[error("server {addr}: {message}")]
+    Server {
+        /// The listening address (or the one asked for).
+        addr: String,
+        /// What failed.
+        message: String,
+    },
     /// A corpus to index holds no document.
     #[error("corpus {path}: no documents to index")]
     EmptyCorpus {

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod prompt;
 pub mod reasoning;
 pub mod retrieval;
+pub mod serve;
 
 pub use backend::{
     load_model, BackendKind, ExecutionProvider, LoadedModel, OptLevel, OrtOptions, TensorRtOptions,

@@ -27,6 +27,10 @@ enum Command {
     Eval(commands::eval::Args),
     /// Prefill / decode tokens per second of exports on ort and tract.
     BenchDecode(commands::bench::Args),
+    /// Serve /v1/reason, /v1/completions (OpenAI-compatible), /healthz and /metrics over HTTP.
+    Serve(commands::serve::Args),
+    /// Load-test a server: requests/s, p50/p95/p99 latency, drift and peak RSS per client count.
+    BenchServe(commands::bench_serve::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +42,8 @@ fn main() -> std::process::ExitCode {
         Command::Ask(a) => commands::ask::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::BenchDecode(a) => commands::bench::run(a),
+        Command::Serve(a) => commands::serve::run(a),
+        Command::BenchServe(a) => commands::bench_serve::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

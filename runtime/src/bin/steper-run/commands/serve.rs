@@ -1,0 +1,116 @@
+//! `steper-run serve`: the HTTP service (see `steper_runtime::serve`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use steper_runtime::serve::{ServeConfig, Server};
+use steper_runtime::Engine;
+
+use super::ask::Backend;
+
+/// Arguments of `serve`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Export directory (steper.json, model.onnx, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Index directory written by `steper-run index`.
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Listening address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Model worker threads (each runs one request at a time on its own OS thread).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Requests waiting for a worker before new ones get 503 + Retry-After.
+    #[arg(long, default_value_t = 16)]
+    pub max_queue: usize,
+    /// Per-request deadline in milliseconds (504 past it).
+    #[arg(long, default_value_t = 60_000)]
+    pub timeout_ms: u64,
+    /// Largest request body in bytes (413 above).
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "ort")]
+    pub backend: Backend,
+    /// ONNX Runtime intra-op threads per session (default: cores / workers, at least 1).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Threads of the async runtime that handle connections.
+    #[arg(long, default_value_t = 2)]
+    pub io_threads: usize,
+    /// Model name reported by /v1/completions (default: the model directory's name).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// Print the start-up and shutdown report as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Serves until SIGTERM or ctrl-c, then finishes the accepted requests and exits.
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = a.threads.unwrap_or((cores / a.workers.max(1)).max(1));
+    let config = ServeConfig {
+        addr: a.addr,
+        workers: a.workers,
+        max_queue: a.max_queue,
+        timeout: Duration::from_millis(a.timeout_ms),
+        max_body_bytes: a.max_body_bytes,
+        io_threads: a.io_threads,
+        handle_signals: true,
+        model_name: a.model_name.clone(),
+    };
+    let (model, index, backend) = (
+        a.model.clone(),
+        a.index.clone(),
+        a.backend.kind(Some(threads)),
+    );
+    let t = Instant::now();
+    let server = Server::start(config, move || {
+        Engine::builder()
+            .model_dir(model)
+            .backend(backend)
+            .index(index)
+            .build()
+    })?;
+    let addr = server.addr();
+    if !a.json {
+        eprintln!("listening on http://{addr} (loading {})", a.model.display());
+    }
+    if let Err(e) = server.wait_ready(Duration::from_secs(3600)) {
+        server.shutdown()?;
+        return Err(e.into());
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "event": "ready", "addr": addr.to_string(), "load_seconds": t.elapsed().as_secs_f64(),
+                "workers": a.workers, "max_queue": a.max_queue, "threads_per_worker": threads,
+                "pid": std::process::id(),
+            })
+        );
+    } else {
+        eprintln!(
+            "ready in {:.1} s: {} worker(s) × {threads} thread(s), queue {}, timeout {} ms, body ≤ {} bytes",
+            t.elapsed().as_secs_f64(),
+            a.workers,
+            a.max_queue,
+            a.timeout_ms,
+            a.max_body_bytes
+        );
+    }
+    server.wait()?;
+    if a.json {
+        println!("{}", serde_json::json!({"event": "stopped"}));
+    } else {
+        eprintln!("stopped: every accepted request was answered");
+    }
+    Ok(())
+}

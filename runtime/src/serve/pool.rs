@@ -1,0 +1,564 @@
+//! The model worker pool: a fixed number of dedicated OS threads take jobs from one bounded
+//! queue. Model math never runs on the async threads and a job stays on one thread from start
+//! to end (no per-request thread hopping, which slows the math libraries' thread pools).
+//!
+//! Admission is non-blocking: [`Pool::submit`] fails at once when the queue is full, so memory
+//! held by waiting requests is bounded by `workers + capacity` jobs.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::api::{ApiError, CompletionRequest, ReasonRequest};
+use super::completion::{complete, Completion, PromptProblem};
+use super::metrics::{ErrorKind, Metrics};
+use crate::answer::first_sentence;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
+use crate::reasoning::{
+    reason, GeneratorStepModel, HeldPassage, StepModel, StepOutput, StepRequest, StepTrace,
+};
+
+/// Cancellation of one job: set by the HTTP side on timeout or when the client goes away, and
+/// implied once the deadline passes. Workers check it before every model call.
+#[derive(Debug, Clone)]
+pub struct Cancel {
+    flag: Arc<AtomicBool>,
+    deadline: Instant,
+}
+
+impl Cancel {
+    /// A token that expires at `deadline`.
+    pub fn new(deadline: Instant) -> Self {
+        Cancel {
+            flag: Arc::new(AtomicBool::new(false)),
+            deadline,
+        }
+    }
+
+    /// Cancels the job.
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the job should stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::Relaxed) || Instant::now() >= self.deadline
+    }
+
+    /// The deadline.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+}
+
+/// What a job asks for.
+#[derive(Debug)]
+pub enum Work {
+    /// The multi-step loop.
+    Reason(ReasonRequest),
+    /// A plain completion with its sampler seed.
+    Complete(CompletionRequest, u64),
+}
+
+/// A job in the queue.
+pub struct Job {
+    /// The request.
+    pub work: Work,
+    /// Stops the job.
+    pub cancel: Cancel,
+    /// When it was accepted.
+    pub accepted: Instant,
+    /// Where the worker reports (events arrive in order; the last is `Done` or `Failed`).
+    pub events: UnboundedSender<WorkerEvent>,
+}
+
+/// A step of the loop as it finishes (one server-sent event).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepEvent {
+    /// 1-based step.
+    pub step: usize,
+    /// Whether this step was forced to answer.
+    pub forced: bool,
+    /// The sentence kept (for a forced step: the stop phrase and the answer).
+    pub sentence: String,
+    /// Titles of the passages held at this step, in prompt order.
+    pub passages: Vec<String>,
+    /// Tokens generated.
+    pub new_tokens: usize,
+    /// Mean token probability.
+    pub mean_prob: Option<f64>,
+    /// Mean entropy (nats).
+    pub mean_entropy: Option<f64>,
+    /// Prompt tokens run through the model.
+    pub prefilled_tokens: usize,
+    /// Prompt tokens reused from the previous step's cache.
+    pub reused_tokens: usize,
+    /// Prefill milliseconds.
+    pub prefill_ms: f64,
+    /// Decode milliseconds.
+    pub decode_ms: f64,
+}
+
+/// Timings of one job, milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Timings {
+    /// Waiting for a worker.
+    pub queue_ms: f64,
+    /// On the worker.
+    pub run_ms: f64,
+    /// Accepted to done.
+    pub total_ms: f64,
+}
+
+/// Token counts of a reasoning job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReasonUsage {
+    /// Tokens generated over all steps.
+    pub new_tokens: usize,
+    /// Prompt tokens run through the model over all steps.
+    pub prefilled_tokens: usize,
+    /// Prompt tokens reused from earlier steps.
+    pub reused_tokens: usize,
+}
+
+/// A passage the answer was based on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PassageInfo {
+    /// Document id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// BM25 score.
+    pub score: f32,
+    /// The step that retrieved it.
+    pub step: usize,
+}
+
+impl From<&HeldPassage> for PassageInfo {
+    fn from(p: &HeldPassage) -> Self {
+        PassageInfo {
+            id: p.id.clone(),
+            title: p.title.clone(),
+            score: p.score,
+            step: p.step,
+        }
+    }
+}
+
+/// The answer of `POST /v1/reason`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReasonResponse {
+    /// `rsn-…`.
+    pub id: String,
+    /// The question.
+    pub question: String,
+    /// The answer.
+    pub answer: String,
+    /// Whether the answer was forced at the last step.
+    pub forced: bool,
+    /// Steps run.
+    pub num_steps: usize,
+    /// The per-step trace (DESIGN.md), unless `include_trace` was false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepTrace>>,
+    /// Passages held at the end.
+    pub passages: Vec<PassageInfo>,
+    /// Token counts.
+    pub usage: ReasonUsage,
+    /// Timings.
+    pub timings: Timings,
+}
+
+/// What a worker reports about a job.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// A worker took the job after `queue_ms`.
+    Started {
+        /// Milliseconds in the queue.
+        queue_ms: f64,
+    },
+    /// A reasoning step finished.
+    Step(StepEvent),
+    /// Completion text that became final.
+    Piece(String),
+    /// The reasoning job finished (the `id` is filled in by the HTTP side).
+    ReasonDone(Box<ReasonResponse>),
+    /// The completion job finished.
+    CompletionDone(Box<Completion>, Timings),
+    /// The job failed.
+    Failed(ApiError),
+}
+
+/// The queue and the worker threads.
+pub struct Pool {
+    tx: Mutex<Option<SyncSender<Job>>>,
+    rx: Arc<Mutex<Receiver<Job>>>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+    capacity: usize,
+}
+
+impl Pool {
+    /// A pool whose queue holds `capacity` waiting jobs; no worker runs until
+    /// [`Pool::start_workers`].
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        Pool {
+            tx: Mutex::new(Some(tx)),
+            rx: Arc::new(Mutex::new(rx)),
+            handles: Mutex::new(Vec::new()),
+            metrics,
+            capacity,
+        }
+    }
+
+    /// Jobs the queue holds before refusing.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Starts `n` workers over `engine`.
+    pub fn start_workers(&self, engine: Arc<Engine>, n: usize) -> Result<()> {
+        let mut handles = lock(&self.handles);
+        for i in 0..n {
+            let rx = Arc::clone(&self.rx);
+            let engine = Arc::clone(&engine);
+            let metrics = Arc::clone(&self.metrics);
+            let h = std::thread::Builder::new()
+                .name(format!("steper-worker-{i}"))
+                .spawn(move || worker_loop(&rx, &engine, &metrics))
+                .map_err(|e| Error::Server {
+                    addr: String::new(),
+                    message: format!("cannot start worker thread {i}: {e}"),
+                })?;
+            handles.push(h);
+        }
+        self.metrics.set_pool(handles.len(), self.capacity);
+        Ok(())
+    }
+
+    /// Queues a job, or refuses at once: queue full (503 + Retry-After) or closed (shutting
+    /// down).
+    pub fn submit(&self, job: Job) -> std::result::Result<(), ApiError> {
+        let guard = lock(&self.tx);
+        let Some(tx) = guard.as_ref() else {
+            return Err(ApiError::new(
+                ErrorKind::ShuttingDown,
+                "the server is shutting down",
+            ));
+        };
+        // Count before sending: a worker may take the job (and decrement) at once.
+        self.metrics.queue_add(1);
+        match tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.queue_add(-1);
+                Err(match e {
+                    TrySendError::Full(_) => ApiError::new(
+                        ErrorKind::QueueFull,
+                        format!("the queue is full ({} waiting); retry later", self.capacity),
+                    ),
+                    TrySendError::Disconnected(_) => {
+                        ApiError::new(ErrorKind::ShuttingDown, "the server is shutting down")
+                    }
+                })
+            }
+        }
+    }
+
+    /// Closes the queue: the workers finish every queued job, then exit; waits for them.
+    pub fn close_and_join(&self) {
+        lock(&self.tx).take();
+        let handles: Vec<_> = lock(&self.handles).drain(..).collect();
+        for h in handles {
+            // A worker that panicked outside a job has nothing left to report.
+            let _ = h.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked while holding it; the data (a sender,
+    // a receiver, join handles) is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn worker_loop(rx: &Mutex<Receiver<Job>>, engine: &Engine, metrics: &Metrics) {
+    loop {
+        let job = match lock(rx).recv() {
+            Ok(job) => job,
+            Err(_) => return, // closed and drained
+        };
+        metrics.queue_add(-1);
+        let queue_s = job.accepted.elapsed().as_secs_f64();
+        metrics.queue_wait_seconds.observe(queue_s);
+        if job.cancel.is_cancelled() || job.events.is_closed() {
+            let _ = job.events.send(WorkerEvent::Failed(timeout_error()));
+            continue;
+        }
+        let _ = job.events.send(WorkerEvent::Started {
+            queue_ms: queue_s * 1e3,
+        });
+        metrics.busy_add(1);
+        let events = job.events.clone();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(engine, metrics, job)));
+        metrics.busy_add(-1);
+        if result.is_err() {
+            let _ = events.send(WorkerEvent::Failed(ApiError::new(
+                ErrorKind::Internal,
+                "the model worker panicked on this request",
+            )));
+        }
+    }
+}
+
+fn timeout_error() -> ApiError {
+    ApiError::new(
+        ErrorKind::Timeout,
+        "the request did not finish within the server's timeout",
+    )
+}
+
+/// Maps a runtime error of a job to the client's error.
+fn job_error(e: Error, cancel: &Cancel) -> ApiError {
+    if cancel.is_cancelled() {
+        return timeout_error();
+    }
+    match e {
+        Error::ContextOverflow { .. } => ApiError {
+            kind: ErrorKind::BadRequest,
+            message: e.to_string(),
+            param: Some("question".into()),
+        },
+        Error::Input(m) if m.contains("question is empty") => ApiError::field("question", m),
+        other => ApiError::new(ErrorKind::Internal, other.to_string()),
+    }
+}
+
+fn run_job(engine: &Engine, metrics: &Metrics, job: Job) {
+    let started = Instant::now();
+    let timings = |done: Instant| Timings {
+        queue_ms: (started - job.accepted).as_secs_f64() * 1e3,
+        run_ms: (done - started).as_secs_f64() * 1e3,
+        total_ms: (done - job.accepted).as_secs_f64() * 1e3,
+    };
+    let guarded = Guarded {
+        inner: engine.generator(),
+        cancel: &job.cancel,
+    };
+    let event = match &job.work {
+        Work::Reason(req) => {
+            match run_reason(engine, &guarded, req, &job.events, &job.cancel, metrics) {
+                Ok(mut r) => {
+                    r.timings = timings(Instant::now());
+                    WorkerEvent::ReasonDone(Box::new(r))
+                }
+                Err(e) => WorkerEvent::Failed(e),
+            }
+        }
+        Work::Complete(req, seed) => {
+            let events = &job.events;
+            let mut on_piece = |s: &str| events.send(WorkerEvent::Piece(s.to_string())).is_ok();
+            match complete(
+                &guarded,
+                engine.tokenizer(),
+                engine.eos_token_ids(),
+                req,
+                *seed,
+                &mut on_piece,
+            ) {
+                Ok(Ok(c)) if job.cancel.is_cancelled() => {
+                    let _ = c;
+                    WorkerEvent::Failed(timeout_error())
+                }
+                Ok(Ok(c)) => {
+                    metrics.record_tokens(c.completion_tokens, c.model_seconds);
+                    WorkerEvent::CompletionDone(Box::new(c), timings(Instant::now()))
+                }
+                Ok(Err(PromptProblem::Empty)) => {
+                    WorkerEvent::Failed(ApiError::field("prompt", "encodes to no token"))
+                }
+                Ok(Err(PromptProblem::TooLong { tokens, context })) => {
+                    WorkerEvent::Failed(ApiError::field(
+                        "prompt",
+                        format!(
+                            "{tokens} tokens; the model's context holds {context} (prompt and completion together)"
+                        ),
+                    ))
+                }
+                Err(e) => WorkerEvent::Failed(job_error(e, &job.cancel)),
+            }
+        }
+    };
+    let _ = job.events.send(event);
+}
+
+fn run_reason(
+    engine: &Engine,
+    generator: &Guarded<'_>,
+    req: &ReasonRequest,
+    events: &UnboundedSender<WorkerEvent>,
+    cancel: &Cancel,
+    metrics: &Metrics,
+) -> std::result::Result<ReasonResponse, ApiError> {
+    let mut opts = engine.default_options();
+    if let Some(n) = req.max_steps {
+        opts.loop_options.max_steps = n;
+    }
+    if let Some(k) = req.top_k {
+        opts.loop_options.top_k = k;
+    }
+    let inner = GeneratorStepModel::new(generator, engine.tokenizer(), engine.eos_token_ids())
+        .with_kv_reuse(opts.kv_reuse)
+        .with_decoding(opts.decoding);
+    let mut model = Observed {
+        inner,
+        stop_phrase: opts.loop_options.stop_phrase.clone(),
+        events,
+        cancel,
+        metrics,
+    };
+    let r = reason(
+        &req.question,
+        engine.retriever(),
+        &mut model,
+        &opts.loop_options,
+    )
+    .map_err(|e| job_error(e, cancel))?;
+    let usage = ReasonUsage {
+        new_tokens: r.new_tokens(),
+        prefilled_tokens: r.prefilled_tokens(),
+        reused_tokens: r.reused_tokens(),
+    };
+    let model_s: f64 = r
+        .steps
+        .iter()
+        .map(|s| (s.prefill_ms + s.decode_ms) / 1e3)
+        .sum();
+    metrics.record_tokens(usage.new_tokens, model_s);
+    Ok(ReasonResponse {
+        id: String::new(),
+        question: r.question.clone(),
+        answer: r.answer.clone(),
+        forced: r.forced,
+        num_steps: r.steps.len(),
+        passages: r.passages.iter().map(PassageInfo::from).collect(),
+        steps: req.include_trace.then(|| r.steps.clone()),
+        usage,
+        timings: Timings {
+            queue_ms: 0.0,
+            run_ms: 0.0,
+            total_ms: 0.0,
+        },
+    })
+}
+
+/// A generator that refuses to run once its job is cancelled, so a timed-out request frees its
+/// worker within one model call.
+struct Guarded<'a> {
+    inner: &'a dyn Generator,
+    cancel: &'a Cancel,
+}
+
+impl Guarded<'_> {
+    fn check(&self) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            Err(Error::Input("the request was cancelled".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Generator for Guarded<'_> {
+    fn info(&self) -> &GeneratorInfo {
+        self.inner.info()
+    }
+
+    fn new_sequence(&self) -> Result<Sequence> {
+        self.check()?;
+        self.inner.new_sequence()
+    }
+
+    fn append(&self, seq: &mut Sequence, tokens: &[u32], mode: LogitsMode) -> Result<Logits> {
+        self.check()?;
+        self.inner.append(seq, tokens, mode)
+    }
+
+    fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()> {
+        self.inner.truncate(seq, len)
+    }
+}
+
+/// The runtime's step model, reporting each step as it finishes.
+struct Observed<'a> {
+    inner: GeneratorStepModel<'a>,
+    stop_phrase: String,
+    events: &'a UnboundedSender<WorkerEvent>,
+    cancel: &'a Cancel,
+    metrics: &'a Metrics,
+}
+
+impl StepModel for Observed<'_> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn prompt_budget(&self, max_new_tokens: usize) -> Option<usize> {
+        self.inner.prompt_budget(max_new_tokens)
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize> {
+        self.inner.count_tokens(text)
+    }
+
+    fn begin_question(&mut self, question: &str) -> Result<()> {
+        self.inner.begin_question(question)
+    }
+
+    fn generate(&mut self, req: &StepRequest<'_>) -> Result<StepOutput> {
+        let out = self.inner.generate(req)?;
+        self.metrics
+            .step_seconds
+            .observe((out.prefill_ms + out.decode_ms) / 1e3);
+        let generated = first_sentence(&out.text);
+        // The same sentence the loop records in its trace.
+        let sentence = if req.forced {
+            format!("{} {}", self.stop_phrase.trim(), generated)
+                .trim()
+                .to_string()
+        } else {
+            generated.to_string()
+        };
+        let event = StepEvent {
+            step: req.step,
+            forced: req.forced,
+            sentence,
+            passages: req.passages.iter().map(|p| p.title.clone()).collect(),
+            new_tokens: out.new_tokens,
+            mean_prob: out.mean_prob,
+            mean_entropy: out.mean_entropy,
+            prefilled_tokens: out.prefilled_tokens,
+            reused_tokens: out.reused_tokens,
+            prefill_ms: out.prefill_ms,
+            decode_ms: out.decode_ms,
+        };
+        if self.events.send(WorkerEvent::Step(event)).is_err() {
+            // Nobody listens any more: stop spending the worker on this request.
+            self.cancel.cancel();
+            return Err(Error::Input("the client went away".into()));
+        }
+        Ok(out)
+    }
+}
+
+/// Seconds a client is told to wait (`Retry-After`) after a 503.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
