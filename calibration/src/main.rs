@@ -63,6 +63,10 @@ struct Args {
     /// Decode benchmark: measured runs (median reported).
     #[arg(long, default_value_t = 3)]
     bench_runs: usize,
+    /// Reuse the per-tensor ranges of an earlier run's calibration.json (same model) instead
+    /// of collecting them again (e.g. to try another --method).
+    #[arg(long)]
+    ranges: Option<PathBuf>,
     /// Output directory (created; must not be the --model directory).
     #[arg(long)]
     out: PathBuf,
@@ -87,6 +91,7 @@ fn main() -> anyhow::Result<()> {
     o.bench_new_tokens = a.bench_tokens;
     o.bench_prompt_tokens = a.bench_prompt_tokens;
     o.bench_runs = a.bench_runs;
+    o.ranges = a.ranges.clone();
     let mut bar: Option<ProgressBar> = None;
     let mut progress = |p: Progress| match p {
         Progress::Phase { name, total } => {

@@ -125,6 +125,9 @@ pub struct CalibrateOptions {
     pub bench_prompt_tokens: usize,
     /// Decode benchmark: measured runs.
     pub bench_runs: usize,
+    /// Reuse the ranges of an earlier run's `calibration.json` (same model) instead of
+    /// collecting: re-quantize with another method without running the prompts again.
+    pub ranges: Option<PathBuf>,
 }
 
 impl CalibrateOptions {
@@ -147,6 +150,7 @@ impl CalibrateOptions {
             bench_new_tokens: 64,
             bench_prompt_tokens: 128,
             bench_runs: 3,
+            ranges: None,
         }
     }
 }
@@ -166,7 +170,7 @@ pub enum Progress {
 }
 
 /// One tensor's range in `calibration.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TensorRange {
     /// Tensor name.
     pub name: String,
@@ -240,6 +244,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
     f.write_all(bytes).map_err(|e| Error::io(path, e))?;
     f.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    // Temporary files are created 0600; outputs are ordinary readable files.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
+    }
     f.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
@@ -281,6 +293,81 @@ fn load_records(
             Ok(records)
         }
     }
+}
+
+/// Prefills the calibration prompts through the augmented graph (written into `scratch`, then
+/// removed) and returns every tensor's statistics as ranges (`amax` set by the caller).
+fn collect_ranges(
+    model: &tract_onnx::pb::ModelProto,
+    tensors: &[String],
+    manifest: &steper_runtime::Manifest,
+    calib: &[Prompt],
+    opts: &CalibrateOptions,
+    scratch: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Vec<TensorRange>> {
+    let aug = graph::augment(model, tensors);
+    let aug_path = scratch.join("augmented.onnx");
+    steper_export::write_model(aug, &aug_path, steper_export::ExternalData::Auto)?;
+    let mut collector = Collector::new(
+        &aug_path,
+        manifest,
+        tensors.to_vec(),
+        opts.bins,
+        opts.threads,
+    )?;
+    progress(Progress::Phase {
+        name: "collecting ranges",
+        total: calib.len(),
+    });
+    for p in calib {
+        collector.observe(&p.ids)?;
+        progress(Progress::Step);
+    }
+    let _ = std::fs::remove_file(&aug_path);
+    Ok(tensors
+        .iter()
+        .zip(&collector.stats)
+        .map(|(name, s)| TensorRange {
+            name: name.clone(),
+            amax: 0.0,
+            scale: 0.0,
+            min: s.min,
+            max: s.max,
+            minmax: s.amax(Method::MinMax, opts.percentile),
+            percentile: s.amax(Method::Percentile, opts.percentile),
+            entropy: s.amax(Method::Entropy, opts.percentile),
+            count: s.count,
+            nonfinite: s.nonfinite,
+        })
+        .collect())
+}
+
+/// Reads the per-method ranges of an earlier run's `calibration.json`; every tensor of
+/// `tensors` must be there (the same model).
+pub fn load_ranges(path: &Path, tensors: &[String]) -> Result<Vec<TensorRange>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let rows = v["tensors"].as_array().ok_or_else(|| Error::Table {
+        what: path.display().to_string(),
+        line: 0,
+        message: "no `tensors` array (not a calibration.json)".into(),
+    })?;
+    let mut by_name: HashMap<String, TensorRange> = HashMap::new();
+    for r in rows {
+        let t: TensorRange = serde_json::from_value(r.clone())?;
+        by_name.insert(t.name.clone(), t);
+    }
+    tensors
+        .iter()
+        .map(|n| {
+            by_name.remove(n).ok_or_else(|| Error::Table {
+                what: path.display().to_string(),
+                line: 0,
+                message: format!("no range for tensor `{n}` (ranges of another model?)"),
+            })
+        })
+        .collect()
 }
 
 /// Runs calibration (see the crate docs); `progress` receives phase and step events.
@@ -339,55 +426,28 @@ pub fn calibrate(
         });
     }
 
-    // Collection on the augmented graph.
-    let aug = graph::augment(&model, &tensors);
-    let aug_path = staging.path().join("augmented.onnx");
-    steper_export::write_model(aug, &aug_path, steper_export::ExternalData::Auto)?;
     let t_collect = Instant::now();
-    let mut collector = Collector::new(
-        &aug_path,
-        &manifest,
-        tensors.clone(),
-        opts.bins,
-        opts.threads,
-    )?;
-    progress(Progress::Phase {
-        name: "collecting ranges",
-        total: calib.len(),
-    });
-    for p in &calib {
-        collector.observe(&p.ids)?;
-        progress(Progress::Step);
-    }
+    let mut ranges = match &opts.ranges {
+        Some(path) => load_ranges(path, &tensors)?,
+        None => collect_ranges(
+            &model,
+            &tensors,
+            &manifest,
+            &calib,
+            opts,
+            staging.path(),
+            progress,
+        )?,
+    };
     let collect_seconds = t_collect.elapsed().as_secs_f64();
-    for f in std::fs::read_dir(staging.path())
-        .map_err(|e| Error::io(staging.path(), e))?
-        .flatten()
-    {
-        let _ = std::fs::remove_file(f.path());
+    for r in ranges.iter_mut() {
+        r.amax = match opts.method {
+            Method::MinMax => r.minmax,
+            Method::Percentile => r.percentile,
+            Method::Entropy => r.entropy,
+        };
+        r.scale = tables::int8_scale(r.amax);
     }
-
-    // Ranges.
-    let ranges: Vec<TensorRange> = tensors
-        .iter()
-        .zip(&collector.stats)
-        .map(|(name, s)| {
-            let amax = s.amax(opts.method, opts.percentile);
-            TensorRange {
-                name: name.clone(),
-                amax,
-                scale: tables::int8_scale(amax),
-                min: s.min,
-                max: s.max,
-                minmax: s.amax(Method::MinMax, opts.percentile),
-                percentile: s.amax(Method::Percentile, opts.percentile),
-                entropy: s.amax(Method::Entropy, opts.percentile),
-                count: s.count,
-                nonfinite: s.nonfinite,
-            }
-        })
-        .collect();
-    drop(collector);
     let amax_list: Vec<(String, f32)> = ranges.iter().map(|r| (r.name.clone(), r.amax)).collect();
     let amax_map: HashMap<String, f32> = amax_list.iter().cloned().collect();
     let mut by_stage: HashMap<String, usize> = HashMap::new();
