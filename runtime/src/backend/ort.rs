@@ -52,6 +52,9 @@ pub struct TensorRtOptions {
     /// TensorRT calibration table (`calibration.flatbuffers` or the native cache); its file
     /// name is given to TensorRT, the engine cache directory must hold it.
     pub calibration_table: Option<PathBuf>,
+    /// Read `calibration_table` as TensorRT's native cache (`calibration.cache`) rather than
+    /// ONNX Runtime's flatbuffers table; a `.cache` extension implies it.
+    pub native_calibration_table: bool,
     /// Directory for built engines (reused across runs).
     pub engine_cache: Option<PathBuf>,
     /// Workspace limit in bytes.
@@ -69,6 +72,7 @@ impl Default for TensorRtOptions {
             fp16: false,
             int8: false,
             calibration_table: None,
+            native_calibration_table: false,
             engine_cache: None,
             max_workspace_bytes: None,
             profile_max_batch: 1,
@@ -202,7 +206,8 @@ fn dispatch(p: &ExecutionProvider, manifest: &Manifest) -> ExecutionProviderDisp
                 t = t
                     .with_int8_calibration_table_name(name)
                     .with_int8_use_native_calibration_table(
-                        table.extension().is_some_and(|e| e == "cache"),
+                        o.native_calibration_table
+                            || table.extension().is_some_and(|e| e == "cache"),
                     );
             }
             if let Some(ws) = o.max_workspace_bytes {

@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use steper_runtime::{BackendKind, Engine, OrtOptions, Reasoning};
+use steper_runtime::{
+    BackendKind, Engine, ExecutionProvider, OrtOptions, Reasoning, TensorRtOptions,
+};
 
 /// Which backend runs the model.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -26,6 +28,87 @@ impl Backend {
     }
 }
 
+/// ONNX Runtime execution provider.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Provider {
+    /// CPU.
+    Cpu,
+    /// CUDA (needs the onnxruntime-gpu library and CUDA 13 / cuDNN 9).
+    Cuda,
+    /// TensorRT (needs the onnxruntime-gpu library and TensorRT 10).
+    Tensorrt,
+}
+
+/// Execution-provider flags of the ONNX Runtime backend.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ProviderArgs {
+    /// Execution provider (GPU providers need onnxruntime-gpu in ORT_DYLIB_PATH).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub provider: Provider,
+    /// CUDA device of the cuda / tensorrt providers.
+    #[arg(long, default_value_t = 0)]
+    pub device_id: i32,
+    /// TensorRT: allow fp16 kernels.
+    #[arg(long)]
+    pub trt_fp16: bool,
+    /// TensorRT: allow int8 kernels (a QDQ model from steper-calibrate, or a float model with
+    /// --trt-calibration-table).
+    #[arg(long)]
+    pub trt_int8: bool,
+    /// TensorRT: calibration table written by steper-calibrate: calibration.flatbuffers
+    /// (ONNX Runtime's table) or calibration.cache (TensorRT's native cache, see
+    /// --trt-native-table).
+    #[arg(long, requires = "trt_int8")]
+    pub trt_calibration_table: Option<PathBuf>,
+    /// TensorRT: read the table as TensorRT's native cache (implied by a .cache extension).
+    #[arg(long, requires = "trt_calibration_table")]
+    pub trt_native_table: bool,
+    /// TensorRT: engine cache directory (default: the calibration table's directory, where
+    /// ONNX Runtime looks for the table).
+    #[arg(long)]
+    pub trt_engine_cache: Option<PathBuf>,
+    /// Fall back to the next provider (finally CPU) when one cannot be registered.
+    #[arg(long)]
+    pub allow_fallback: bool,
+}
+
+impl ProviderArgs {
+    /// Sets the providers of an ONNX Runtime backend; GPU providers with tract are an error.
+    pub fn apply(&self, kind: BackendKind) -> anyhow::Result<BackendKind> {
+        let trt_flags = self.trt_fp16 || self.trt_int8 || self.trt_engine_cache.is_some();
+        if trt_flags && !matches!(self.provider, Provider::Tensorrt) {
+            anyhow::bail!("--trt-* flags need --provider tensorrt");
+        }
+        let p = match self.provider {
+            Provider::Cpu => return Ok(kind),
+            Provider::Cuda => ExecutionProvider::Cuda {
+                device_id: self.device_id,
+            },
+            Provider::Tensorrt => ExecutionProvider::TensorRt(TensorRtOptions {
+                device_id: self.device_id,
+                fp16: self.trt_fp16,
+                int8: self.trt_int8,
+                calibration_table: self.trt_calibration_table.clone(),
+                native_calibration_table: self.trt_native_table,
+                engine_cache: self.trt_engine_cache.clone().or_else(|| {
+                    self.trt_calibration_table
+                        .as_ref()
+                        .map(|t| t.parent().map(Path::to_path_buf).unwrap_or_default())
+                }),
+                ..TensorRtOptions::default()
+            }),
+        };
+        match kind {
+            BackendKind::Ort(mut o) => {
+                o.providers = vec![p, ExecutionProvider::Cpu];
+                o.allow_fallback = self.allow_fallback;
+                Ok(BackendKind::Ort(o))
+            }
+            BackendKind::Tract => anyhow::bail!("--provider needs --backend ort"),
+        }
+    }
+}
+
 /// Model, index and loop flags shared by `ask` and `eval`.
 #[derive(clap::Args)]
 pub struct EngineArgs {
@@ -41,6 +124,9 @@ pub struct EngineArgs {
     /// ONNX Runtime intra-op threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Execution provider flags.
+    #[command(flatten)]
+    pub provider: ProviderArgs,
     /// Prefill every step from scratch instead of reusing the KV cache of the common prefix.
     #[arg(long)]
     pub no_kv_reuse: bool,
@@ -57,7 +143,7 @@ impl EngineArgs {
     pub fn engine(&self) -> anyhow::Result<(Engine, steper_runtime::ReasonOptions)> {
         let engine = Engine::builder()
             .model_dir(&self.model)
-            .backend(self.backend.kind(self.threads))
+            .backend(self.provider.apply(self.backend.kind(self.threads))?)
             .index(&self.index)
             .build()?;
         let mut opts = engine.default_options();
