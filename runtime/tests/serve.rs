@@ -675,11 +675,22 @@ fn a_request_past_its_deadline_gets_504_and_frees_the_worker() -> Result<()> {
     wait_for("the worker to be free", || {
         h.metrics().busy_workers() == 0 && h.metrics().queue_depth() == 0
     })?;
-    let r = c.post_json(
-        "/v1/completions",
-        &json!({"prompt": "Q: who?\nA:", "max_tokens": 2, "temperature": 0}),
-    )?;
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // The deadline is short: on a loaded machine even this tiny request may miss it, so a few
+    // tries are allowed (a 504 only; any other failure is one).
+    /// Tries of the last request.
+    const TRIES: usize = 5;
+    let mut statuses = Vec::new();
+    for _ in 0..TRIES {
+        let r = c.post_json(
+            "/v1/completions",
+            &json!({"prompt": "Q: who?\nA:", "max_tokens": 2, "temperature": 0}),
+        )?;
+        statuses.push(r.status);
+        if r.status != 504 {
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
     h.shutdown()?;
     Ok(())
 }
