@@ -109,7 +109,9 @@ impl StepModel for CandleTeacher {
                 .tokenizer
                 .decode(&out, true)
                 .map_err(|e| steper_runtime::Error::Tokenizer(e.to_string()))?;
-            if text.contains('\n') || (first_sentence(&text).len() < text.trim_end().len()) {
+            // Stop at a newline or once the text holds more than one sentence (the loop keeps the
+            // first); `first_sentence` skips leading spaces, so compare with the trimmed text.
+            if text.contains('\n') || first_sentence(&text).len() < text.trim().len() {
                 break;
             }
             let x = Tensor::new(&[next], &dev)
