@@ -8,7 +8,7 @@
 #          musique_dev200 (none of them used for training).
 #
 # Knobs (env): STEPS (default 200), SEEDS ("0 1"), SHARED (1), SHARED_STEPS (STEPS), EVAL_LIMIT
-# (100), OUT (out/experiment). Writes $OUT/results.md (tables + σ trajectories), per-run
+# (100), PARTS ("synth shared"), OUT (out/experiment), LR (2e-3), STUDENT_ARGS (init-student shape flags), BIN_DIR (use prebuilt binaries instead of a release build). Writes $OUT/results.md (tables + σ trajectories), per-run
 # plots, and prints how long it took. Runs are skipped when their eval summary already exists, so
 # an interrupted experiment resumes.
 set -euo pipefail
@@ -21,11 +21,19 @@ SHARED="${SHARED:-1}"
 SHARED_STEPS="${SHARED_STEPS:-$STEPS}"
 EVAL_LIMIT="${EVAL_LIMIT:-100}"
 WORLD_SEED="${WORLD_SEED:-0}"
+LR="${LR:-2e-3}"
+# student shape (init-student flags); empty = init-student's defaults (the demo student)
+STUDENT_ARGS="${STUDENT_ARGS:-}"
 DATA="$ROOT/../shared/data"
 MODES="steper uniform vanilla"
+PARTS="${PARTS:-synth shared}"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
-cargo build --release -q -p steper-train -p steper-export -p steper-runtime
-BIN="$ROOT/target/release"
+if [[ -n "${BIN_DIR:-}" ]]; then
+  BIN="$BIN_DIR"   # prebuilt steper-train / steper-run / steper-export
+else
+  cargo build --release -q -p steper-train -p steper-export -p steper-runtime
+  BIN="$ROOT/target/release"
+fi
 mkdir -p "$OUT"
 T0=$(date +%s)
 
@@ -45,7 +53,7 @@ run_part() {
     local s="$dir/seed$seed"
     mkdir -p "$s"
     if [[ ! -f "$s/student0/config.json" ]]; then
-      "$BIN/steper-train" init-student --corpus "$corpus" --qa "$train_qa" --out "$s/student0" --seed "$seed" >/dev/null
+      "$BIN/steper-train" init-student --corpus "$corpus" --qa "$train_qa" --out "$s/student0" --seed "$seed" $STUDENT_ARGS >/dev/null
     fi
     if [[ ! -f "$s/distill/summary.json" ]]; then
       "$BIN/steper-train" distill --teacher gold --data "$train_qa" --index "$dir/index" \
@@ -59,7 +67,7 @@ run_part() {
         echo "== $part seed $seed $mode ($steps steps)"
         local t=$(date +%s)
         "$BIN/steper-train" fit --student "$s/student0" --data "$data" --out "$run/ckpt" \
-          --mode "$mode" --steps "$steps" --batch-size 8 --lr 2e-3 --seed "$seed" --save-every 0 --eval-every 50
+          --mode "$mode" --steps "$steps" --batch-size 8 --lr "$LR" --seed "$seed" --save-every 0 --eval-every 50
         rm -rf "$run/onnx"
         "$BIN/steper-export" --checkpoint "$run/ckpt" --out "$run/onnx" >/dev/null
         echo $(( $(date +%s) - t )) > "$run/train_seconds"
@@ -78,12 +86,14 @@ run_part() {
 }
 
 W="$OUT/synth/world"
-if [[ ! -f "$W/test.jsonl" ]]; then
-  "$BIN/steper-train" synth --seed "$WORLD_SEED" --out "$W" >/dev/null
+if [[ " $PARTS " == *" synth "* ]]; then
+  if [[ ! -f "$W/test.jsonl" ]]; then
+    "$BIN/steper-train" synth --seed "$WORLD_SEED" --out "$W" >/dev/null
+  fi
+  run_part synth "$STEPS" "$W/train.jsonl" "$W/corpus.jsonl" "$W/test.jsonl"
 fi
-run_part synth "$STEPS" "$W/train.jsonl" "$W/corpus.jsonl" "$W/test.jsonl"
 
-if [[ "$SHARED" == 1 && -f "$DATA/hotpotqa_train100.jsonl" ]]; then
+if [[ " $PARTS " == *" shared "* && "$SHARED" == 1 && -f "$DATA/hotpotqa_train100.jsonl" ]]; then
   SD="$OUT/shared/data"
   mkdir -p "$SD"
   cat "$DATA/hotpotqa_train100.jsonl" "$DATA/musique_train100.jsonl" > "$SD/train.jsonl"

@@ -28,7 +28,7 @@ fn log_line(step: u64, eval: bool) -> String {
     let x = step as f64;
     let mut v = serde_json::json!({
         "step": step, "lr": 1e-3, "L_init": 3.0 / (1.0 + x / 10.0), "L_exp": 2.5 / (1.0 + x / 20.0),
-        "L_agg": if step % 3 == 0 { serde_json::Value::Null } else { serde_json::json!(2.0 / (1.0 + x / 5.0)) },
+        "L_agg": if step.is_multiple_of(3) { serde_json::Value::Null } else { serde_json::json!(2.0 / (1.0 + x / 5.0)) },
         "total": 5.0, "sigma_init": 1.0 + x / 100.0, "sigma_exp": 1.0, "sigma_agg": 1.0 - x / 200.0,
         "grad_norm": 0.5, "tokens_per_sec": 1000.0
     });
@@ -42,7 +42,7 @@ fn log_line(step: u64, eval: bool) -> String {
 fn writes_both_charts_with_the_three_stage_series() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let log = tmp.path().join("train_log.jsonl");
-    let text: Vec<String> = (1..=60).map(|s| log_line(s, s % 20 == 0)).collect();
+    let text: Vec<String> = (1..=60).map(|s| log_line(s, s.is_multiple_of(20))).collect();
     std::fs::write(&log, text.join("\n") + "\n")?;
     let out = tmp.path().join("plots");
     let opts = PlotOptions {
