@@ -4,7 +4,7 @@
 #   1. the demo student (init-student defaults: 4 layers, hidden 256; all weights trained),
 #   2. SmolLM2-135M-Instruct (imported from the GGUF; embeddings frozen, top TOP layers trained).
 # Prints one JSON array and writes out/bench-train.json. Knobs: STEPS (5), SEQ (256), BATCH (8),
-# SMOL_BATCH (4), TOP (2), THREADS (all cores).
+# SMOL_BATCH (4), TOP (2), THREADS (all cores), BIN_DIR (prebuilt steper-train instead of a release build).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -12,8 +12,12 @@ STEPS="${STEPS:-5}"; SEQ="${SEQ:-256}"; BATCH="${BATCH:-8}"; SMOL_BATCH="${SMOL_
 THREADS="${THREADS:-$(nproc)}"
 OUT="$ROOT/out/bench-train"
 mkdir -p "$OUT"
-cargo build --release -q -p steper-train
-BIN="$ROOT/target/release/steper-train"
+if [[ -n "${BIN_DIR:-}" ]]; then
+  BIN="$BIN_DIR/steper-train"   # a prebuilt binary
+else
+  cargo build --release -q -p steper-train
+  BIN="$ROOT/target/release/steper-train"
+fi
 
 VENV="$ROOT/.cache/torch-venv"
 if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then

@@ -5,6 +5,7 @@ import statistics
 import sys
 
 out, secs, steps, seeds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4].split()
+os.makedirs(out, exist_ok=True)
 MODES = ["steper", "uniform", "vanilla"]
 
 
@@ -72,18 +73,24 @@ for part, evalsets in [("synth", ["test"]), ("shared", ["hotpotqa_dev500", "musi
         lines.append("")
     # σ trajectories and training time of the steper runs
     lines += [f"## {part}: σ (init / expand / aggregate) over training, steper mode", "",
-              "| seed | step | σ_init | σ_exp | σ_agg | L_init | L_exp | L_agg |", "|---|---|---|---|---|---|---|---|"]
+              "| seed | step | σ_init | σ_exp | σ_agg | L_init (mean of last 10 steps) | L_exp | L_agg |", "|---|---|---|---|---|---|---|---|"]
     for seed in seeds:
         log = os.path.join(pdir, f"seed{seed}", "steper", "ckpt", "train_log.jsonl")
         if not os.path.exists(log):
             continue
         rows = jsonl(log)
         picks = sorted({0, len(rows) // 4, len(rows) // 2, 3 * len(rows) // 4, len(rows) - 1})
-        f = lambda v: "–" if v is None else f"{v:.3f}"
+
+        def window_mean(i, key, w=10):
+            # batches are stage-homogeneous (length buckets), so a stage's loss is the mean over
+            # the last w logged steps that had it
+            vals = [r[key] for r in rows[max(0, i - w + 1): i + 1] if r.get(key) is not None]
+            return "–" if not vals else f"{statistics.mean(vals):.3f}"
+
         for i in picks:
             r = rows[i]
             lines.append(f"| {seed} | {r['step']} | {r['sigma_init']:.3f} | {r['sigma_exp']:.3f} | {r['sigma_agg']:.3f} | "
-                         f"{f(r.get('L_init'))} | {f(r.get('L_exp'))} | {f(r.get('L_agg'))} |")
+                         f"{window_mean(i, 'L_init')} | {window_mean(i, 'L_exp')} | {window_mean(i, 'L_agg')} |")
     lines.append("")
     times = []
     for seed in seeds:

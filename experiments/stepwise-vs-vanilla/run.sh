@@ -2,13 +2,13 @@
 # STEPER vs uniform step-wise vs Vanilla-KD: the same from-scratch student, the same gold-teacher
 # data (the same questions), the same optimizer steps, three losses, several seeds.
 #
-#   part 1 (always): the synthetic world (seed WORLD_SEED), held-out test split, 2/3/4-hop broken out;
+#   part 1: the synthetic world (seed WORLD_SEED), the whole held-out test split, 2/3/4-hop broken out;
 #   part 2 (SHARED=1, default): ../shared/data — gold-teacher records from hotpotqa_train100 +
 #          musique_train100, evaluation on the first EVAL_LIMIT questions of hotpotqa_dev500 and
 #          musique_dev200 (none of them used for training).
 #
 # Knobs (env): STEPS (default 200), SEEDS ("0 1"), SHARED (1), SHARED_STEPS (STEPS), EVAL_LIMIT
-# (100), PARTS ("synth shared"), OUT (out/experiment), LR (2e-3), STUDENT_ARGS (init-student shape flags), BIN_DIR (use prebuilt binaries instead of a release build). Writes $OUT/results.md (tables + σ trajectories), per-run
+# (100; shared part only), PARTS ("synth shared"), OUT (out/experiment), LR (2e-3), STUDENT_ARGS (init-student shape flags), BIN_DIR (use prebuilt binaries instead of a release build). Writes $OUT/results.md (tables + σ trajectories), per-run
 # plots, and prints how long it took. Runs are skipped when their eval summary already exists, so
 # an interrupted experiment resumes.
 set -euo pipefail
@@ -77,8 +77,10 @@ run_part() {
       for evalset in "$@"; do
         local name; name="$(basename "$evalset" .jsonl)"
         if [[ ! -f "$run/eval-$name.jsonl.summary.json" ]]; then
+          local limit=()
+          [[ "$part" == shared && "$EVAL_LIMIT" -gt 0 ]] && limit=(--limit "$EVAL_LIMIT")
           "$BIN/steper-run" eval --model "$run/onnx" --index "$dir/index" --data "$evalset" \
-            --limit "$EVAL_LIMIT" --out "$run/eval-$name.jsonl" >/dev/null
+            "${limit[@]}" --out "$run/eval-$name.jsonl" >/dev/null
         fi
       done
     done
