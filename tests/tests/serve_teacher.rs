@@ -1,0 +1,193 @@
+//! The two halves of the toolchain talking to each other: `steper-run serve`'s OpenAI-compatible
+//! `/v1/completions`, started in-process on the tiny export (`STEPER_TEST_MODEL`), is the teacher
+//! of `steper-train distill --teacher openai:URL` on a few questions of the export's world. The
+//! tiny student is no good teacher (its pass rate may be 0); the test checks that every question
+//! gets a trace through HTTP and that the records match the traces, and that a resumed run
+//! equals an uninterrupted one.
+//!
+//! Without STEPER_TEST_MODEL (scripts/test.sh builds it) the test says so and does nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+use steper_runtime::data::{read_corpus, read_qa, ReadOptions, StepwiseRecord};
+use steper_runtime::reasoning::LoopOptions;
+use steper_runtime::retrieval::{build_index, Bm25Index, IndexOptions};
+use steper_runtime::serve::{ServeConfig, Server};
+use steper_runtime::{BackendKind, Engine, OrtOptions};
+use steper_train::distill::{distill, distill_pool, DistillOptions, Filter, TraceLine};
+use steper_train::teacher::{OpenAiConfig, OpenAiTeacher};
+
+/// Questions distilled through the server.
+const QUESTIONS: usize = 6;
+/// Tokens held back from the export's context: the server's tokenization of the prompt may
+/// differ slightly from the teacher's count (special tokens).
+const CONTEXT_MARGIN: usize = 16;
+
+fn export() -> Option<PathBuf> {
+    std::env::var_os("STEPER_TEST_MODEL")
+        .map(PathBuf::from)
+        .filter(|p| p.join("steper.json").is_file())
+}
+
+fn lines(path: &Path) -> Result<Vec<serde_json::Value>> {
+    std::fs::read_to_string(path)?
+        .lines()
+        .map(|l| Ok(serde_json::from_str(l)?))
+        .collect()
+}
+
+#[test]
+fn distill_with_steper_run_serve_as_teacher() -> Result<()> {
+    let Some(model) = export() else {
+        eprintln!(
+            "STEPER_TEST_MODEL is not set (scripts/test.sh sets it): serve-teacher test not run"
+        );
+        return Ok(());
+    };
+    let world = model
+        .parent()
+        .map(|p| p.join("world"))
+        .filter(|w| w.join("corpus.jsonl").is_file())
+        .ok_or_else(|| anyhow::anyhow!("no world/corpus.jsonl beside {}", model.display()))?;
+    let tmp = tempfile::tempdir()?;
+    let corpus = world.join("corpus.jsonl");
+    let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
+    let index_dir = tmp.path().join("index");
+    build_index(&docs, &index_dir, &corpus, IndexOptions::default())?;
+    let qs: Vec<_> = read_qa(&world.join("train.jsonl"), ReadOptions::default())?
+        .rows
+        .into_iter()
+        .take(QUESTIONS)
+        .collect();
+    assert_eq!(qs.len(), QUESTIONS);
+
+    let (m, i) = (model.clone(), index_dir.clone());
+    let server = Server::start(
+        ServeConfig {
+            addr: "127.0.0.1:0".parse()?,
+            workers: 2,
+            max_body_bytes: 1 << 20,
+            model_name: Some("tiny-student".into()),
+            ..ServeConfig::default()
+        },
+        move || {
+            Engine::builder()
+                .model_dir(m)
+                .backend(BackendKind::Ort(OrtOptions {
+                    intra_threads: Some(1),
+                    ..OrtOptions::default()
+                }))
+                .index(i)
+                .build()
+        },
+    )?;
+    server.wait_ready(Duration::from_secs(120))?;
+
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("steper.json"))?)?;
+    let context = manifest["context_length"]
+        .as_u64()
+        .or_else(|| manifest["context"].as_u64())
+        .unwrap_or(1024) as usize;
+    let tokenizer = tokenizers::Tokenizer::from_file(model.join("tokenizer.json"))
+        .map_err(anyhow::Error::msg)?;
+    let mut cfg = OpenAiConfig::new(format!("http://{}", server.addr()), "tiny-student");
+    cfg.context = Some(context - CONTEXT_MARGIN);
+    cfg.timeout = Duration::from_secs(120);
+    cfg.max_retries = 2;
+    let teacher = OpenAiTeacher::new(cfg, Some(tokenizer))?;
+
+    let index = Bm25Index::open(&index_dir)?;
+    let opts = |stop_after| DistillOptions {
+        loop_opts: LoopOptions {
+            max_sentence_tokens: 24,
+            ..Default::default()
+        },
+        filter: Filter::Acc,
+        vanilla: false,
+        stop_after,
+    };
+    let full = tmp.path().join("full");
+    let mut one = teacher.clone();
+    let s = distill(&qs, &index, &mut one, |_, _| {}, &opts(None), &full, false)?;
+    eprintln!(
+        "tiny student as teacher through steper-run serve: {}",
+        serde_json::to_string(&s)?
+    );
+    assert_eq!(s.questions, QUESTIONS);
+    assert!(
+        teacher
+            .stats()
+            .ok
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= QUESTIONS as u64
+    );
+
+    let traces: Vec<TraceLine> = lines(&full.join("traces.jsonl"))?
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<std::result::Result<_, _>>()?;
+    let records: Vec<StepwiseRecord> = lines(&full.join("stepwise.jsonl"))?
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<std::result::Result<_, _>>()?;
+    assert_eq!(
+        traces.iter().map(|t| t.qid.as_str()).collect::<Vec<_>>(),
+        qs.iter().map(|q| q.id.as_str()).collect::<Vec<_>>()
+    );
+    let mut expected_records = 0;
+    for t in &traces {
+        assert!(!t.trace.steps.is_empty());
+        assert!(
+            t.trace.steps.iter().any(|st| st.new_tokens > 0),
+            "{}: nothing generated",
+            t.qid
+        );
+        let recs: Vec<&StepwiseRecord> = records.iter().filter(|r| r.qid == t.qid).collect();
+        if t.passed {
+            expected_records += t.trace.steps.len();
+            assert_eq!(recs.len(), t.trace.steps.len());
+            for (r, st) in recs.iter().zip(&t.trace.steps) {
+                assert_eq!((r.stage, &r.target), (st.stage, &st.sentence));
+                assert_eq!(r.teacher, "openai:tiny-student");
+            }
+        } else {
+            assert!(recs.is_empty());
+        }
+    }
+    assert_eq!(records.len(), expected_records);
+    assert_eq!(s.records.iter().sum::<usize>(), expected_records);
+
+    // Greedy decoding on the server: a killed-and-resumed run (two in flight) equals the
+    // uninterrupted one.
+    let part = tmp.path().join("part");
+    distill(
+        &qs,
+        &index,
+        &mut one,
+        |_, _| {},
+        &opts(Some(2)),
+        &part,
+        false,
+    )?;
+    let mut pool = vec![teacher.clone(), teacher.clone()];
+    distill_pool(&qs, &index, &mut pool, |_, _| {}, &opts(None), &part, false)?;
+    let strip = |p: &Path| -> Result<Vec<serde_json::Value>> {
+        let mut v = lines(&p.join("traces.jsonl"))?;
+        for t in &mut v {
+            for st in t["trace"]["steps"].as_array_mut().into_iter().flatten() {
+                if let Some(o) = st.as_object_mut() {
+                    for k in ["retrieval_ms", "prefill_ms", "decode_ms"] {
+                        o.remove(k);
+                    }
+                }
+            }
+        }
+        Ok(v)
+    };
+    assert_eq!(strip(&full)?, strip(&part)?, "resumed run differs");
+    server.shutdown()?;
+    Ok(())
+}
