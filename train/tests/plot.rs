@@ -42,7 +42,9 @@ fn log_line(step: u64, eval: bool) -> String {
 fn writes_both_charts_with_the_three_stage_series() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let log = tmp.path().join("train_log.jsonl");
-    let text: Vec<String> = (1..=60).map(|s| log_line(s, s.is_multiple_of(20))).collect();
+    let text: Vec<String> = (1..=60)
+        .map(|s| log_line(s, s.is_multiple_of(20)))
+        .collect();
     std::fs::write(&log, text.join("\n") + "\n")?;
     let out = tmp.path().join("plots");
     let opts = PlotOptions {
