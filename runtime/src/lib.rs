@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod prompt;
 pub mod reasoning;
 pub mod retrieval;
+mod sampling;
 pub mod serve;
 
 pub use backend::{

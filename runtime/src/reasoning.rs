@@ -26,6 +26,7 @@ use crate::generator::{Generator, LogitsMode, Sequence};
 use crate::manifest::LoopDefaults;
 use crate::prompt;
 use crate::retrieval::Retriever;
+use crate::sampling::{sample, softmax_stats};
 
 /// Settings of the loop. Defaults are DESIGN.md's (and [`LoopDefaults`]'s).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -521,81 +522,13 @@ impl<'a> GeneratorStepModel<'a> {
         let id = match self.decoding {
             Decoding::Greedy => stats.argmax,
             Decoding::Sample { temperature, .. } => {
-                let t = f64::from(temperature.max(f32::MIN_POSITIVE));
-                let weights: Vec<f64> = logits
-                    .iter()
-                    .map(|&l| ((f64::from(l) - stats.max) / t).exp())
-                    .collect();
-                let total: f64 = weights.iter().sum();
-                let mut u = next_uniform(&mut self.rng) * total;
-                let mut chosen = weights.len() - 1;
-                for (i, w) in weights.iter().enumerate() {
-                    if u < *w {
-                        chosen = i;
-                        break;
-                    }
-                    u -= w;
-                }
-                chosen
+                sample(logits, stats.max, temperature, &mut self.rng)
             }
         };
         let p = (f64::from(logits[id]) - stats.max).exp() / stats.z;
         let id = u32::try_from(id).map_err(|_| Error::Input("vocabulary over u32".into()))?;
         Ok((id, p, stats.entropy))
     }
-}
-
-struct SoftmaxStats {
-    argmax: usize,
-    max: f64,
-    z: f64,
-    entropy: f64,
-}
-
-fn softmax_stats(logits: &[f32]) -> Result<SoftmaxStats> {
-    let (argmax, max) =
-        logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                if v > bv {
-                    (i, v)
-                } else {
-                    (bi, bv)
-                }
-            });
-    if !max.is_finite() {
-        return Err(Error::Input(
-            "the model returned no finite logit (empty vocabulary or NaN)".into(),
-        ));
-    }
-    let max = f64::from(max);
-    let mut z = 0.0;
-    let mut zx = 0.0;
-    for &l in logits {
-        let x = f64::from(l) - max;
-        let e = x.exp();
-        z += e;
-        zx += e * x;
-    }
-    // H = -Σ p log p = log z - Σ e·x / z, with x = l - max and p = e / z.
-    let entropy = z.ln() - zx / z;
-    Ok(SoftmaxStats {
-        argmax,
-        max,
-        z,
-        entropy,
-    })
-}
-
-/// SplitMix64 → uniform in [0, 1).
-fn next_uniform(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl StepModel for GeneratorStepModel<'_> {

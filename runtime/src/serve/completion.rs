@@ -7,6 +7,7 @@ use tokenizers::Tokenizer;
 use super::api::{CompletionLogprobs, CompletionRequest};
 use crate::error::{Error, Result};
 use crate::generator::{Generator, LogitsMode};
+use crate::sampling::{sample, softmax_stats};
 
 /// Temperatures at or below this decode greedily.
 pub const GREEDY_TEMPERATURE: f32 = 1e-6;
@@ -110,12 +111,13 @@ pub fn complete(
     let mut text = String::new();
     loop {
         let row = logits.last();
-        let lse = log_sum_exp(row)?;
+        let stats = softmax_stats(row)?;
+        let lse = stats.log_sum_exp();
         let id = if req.temperature <= GREEDY_TEMPERATURE {
-            argmax(row)
+            stats.argmax
         } else {
-            sample(row, req.temperature, &mut rng)
-        };
+            sample(row, stats.max, req.temperature, &mut rng)
+        } as u32;
         if eos.contains(&id) {
             out.finish_reason = FinishReason::Stop;
             break;
@@ -176,56 +178,6 @@ pub fn complete(
     }
     out.text = text;
     Ok(Ok(out))
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-fn log_sum_exp(row: &[f32]) -> Result<f64> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return Err(Error::Input(
-            "the model returned no finite logit (empty vocabulary or NaN)".into(),
-        ));
-    }
-    let max = f64::from(max);
-    let z: f64 = row.iter().map(|&l| (f64::from(l) - max).exp()).sum();
-    Ok(max + z.ln())
-}
-
-/// SplitMix64 → uniform in [0, 1).
-fn next_uniform(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
-}
-
-fn sample(row: &[f32], temperature: f32, rng: &mut u64) -> u32 {
-    let t = f64::from(temperature);
-    let max = f64::from(row.iter().copied().fold(f32::NEG_INFINITY, f32::max));
-    let weights: Vec<f64> = row
-        .iter()
-        .map(|&l| ((f64::from(l) - max) / t).exp())
-        .collect();
-    let total: f64 = weights.iter().sum();
-    let mut u = next_uniform(rng) * total;
-    for (i, w) in weights.iter().enumerate() {
-        if u < *w {
-            return i as u32;
-        }
-        u -= w;
-    }
-    (weights.len() - 1) as u32
 }
 
 fn top_logprobs(
@@ -292,27 +244,5 @@ mod tests {
         assert_eq!(stable_prefix_len("abc", &stop), 3);
         assert_eq!(stable_prefix_len("ab\u{FFFD}", &[]), 2);
         assert_eq!(stable_prefix_len("ünï", &["ïx".to_string()]), "ün".len());
-    }
-
-    #[test]
-    fn sampling_follows_the_distribution_and_greedy_takes_the_max() {
-        let row = [0.0f32, 2.0, -1.0, 1.0];
-        assert_eq!(argmax(&row), 1);
-        let mut rng = 7u64;
-        let mut counts = [0usize; 4];
-        const DRAWS: usize = 4000;
-        for _ in 0..DRAWS {
-            counts[sample(&row, 1.0, &mut rng) as usize] += 1;
-        }
-        let z: f64 = row.iter().map(|&l| f64::from(l).exp()).sum();
-        /// Absolute tolerance of an empirical frequency over 4000 draws (≈ 4 σ).
-        const FREQ_TOL: f64 = 0.035;
-        for (i, &c) in counts.iter().enumerate() {
-            let p = f64::from(row[i]).exp() / z;
-            assert!((c as f64 / DRAWS as f64 - p).abs() < FREQ_TOL, "{i}: {c}");
-        }
-        let lse = log_sum_exp(&row).unwrap();
-        assert!((lse - z.ln()).abs() < 1e-9);
-        assert!(log_sum_exp(&[f32::NAN]).is_err());
     }
 }

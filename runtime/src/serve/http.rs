@@ -227,17 +227,25 @@ async fn finish(rx: &mut UnboundedReceiver<WorkerEvent>, cancel: &Cancel) -> Wor
 async fn reason(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let t0 = Instant::now();
     let cancel = Cancel::new(t0 + st.config.timeout);
-    let resp = match reason_inner(&st, req, &cancel, t0).await {
+    let result = reason_inner(&st, req, &cancel, t0).await;
+    respond(&st, Endpoint::Reason, t0, result)
+}
+
+/// Turns a handler's result into the response and counts it (streams are counted when they
+/// end, by the stream itself).
+fn respond(
+    st: &AppState,
+    endpoint: Endpoint,
+    t0: Instant,
+    result: Result<Response, ApiError>,
+) -> Response {
+    let resp = match result {
         Ok(r) => r,
-        Err(e) => error_response(&st, &e),
+        Err(e) => error_response(st, &e),
     };
     if resp.headers().get(header::CONTENT_TYPE) != Some(&HeaderValue::from_static(SSE_TYPE)) {
-        // Streams are counted when they end.
-        st.metrics.record_request(
-            Endpoint::Reason,
-            resp.status().as_u16(),
-            t0.elapsed().as_secs_f64(),
-        );
+        st.metrics
+            .record_request(endpoint, resp.status().as_u16(), t0.elapsed().as_secs_f64());
     }
     resp
 }
@@ -399,18 +407,8 @@ fn reason_events(
 async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let t0 = Instant::now();
     let cancel = Cancel::new(t0 + st.config.timeout);
-    let resp = match completions_inner(&st, req, &cancel, t0).await {
-        Ok(r) => r,
-        Err(e) => error_response(&st, &e),
-    };
-    if resp.headers().get(header::CONTENT_TYPE) != Some(&HeaderValue::from_static(SSE_TYPE)) {
-        st.metrics.record_request(
-            Endpoint::Completions,
-            resp.status().as_u16(),
-            t0.elapsed().as_secs_f64(),
-        );
-    }
-    resp
+    let result = completions_inner(&st, req, &cancel, t0).await;
+    respond(&st, Endpoint::Completions, t0, result)
 }
 
 fn chunk(
