@@ -41,17 +41,26 @@ def mean_sd(xs):
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
-lines = [f"# STEPER vs uniform vs Vanilla-KD ({steps} steps, seeds {' '.join(seeds)})", ""]
+lines = [f"# STEPER vs uniform vs Vanilla-KD (seeds {' '.join(seeds)}; STEPS={steps})", ""]
 for part, evalsets in [("synth", ["test"]), ("shared", ["hotpotqa_dev500", "musique_dev200"])]:
     pdir = os.path.join(out, part)
     if not os.path.isdir(pdir):
         continue
     types = qa_types(os.path.join(pdir, "world", "test.jsonl"))
+    # optimizer steps of this part (the parts may differ: STEPS vs SHARED_STEPS), from a log
+    part_steps = "?"
+    for seed in seeds:
+        for mode in MODES:
+            log = os.path.join(pdir, f"seed{seed}", mode, "ckpt", "train_log.jsonl")
+            if part_steps == "?" and os.path.exists(log):
+                rows = jsonl(log)
+                if rows:
+                    part_steps = str(rows[-1]["step"])
     for ev in evalsets:
         groups = [("all", None)]
         if types:
             groups += [(t, t) for t in sorted(set(types.values()))]
-        lines += [f"## {part}: {ev}", "",
+        lines += [f"## {part}: {ev} ({part_steps} steps)", "",
                   "| mode | subset | questions | EM | F1 | Acc | mean steps | per-step confidence |",
                   "|---|---|---|---|---|---|---|---|"]
         for mode in MODES:

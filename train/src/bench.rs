@@ -123,7 +123,7 @@ pub fn bench_fit(student_dir: &Path, cfg: &BenchFitConfig) -> Result<BenchFitRep
         },
         ..FitConfig::default()
     };
-    let tmp = tempdir_in_target()?;
+    let tmp = scratch_dir()?;
     let summary = fit(student_dir, &examples, &[], &fit_cfg, &tmp.0, false);
     let log = std::fs::read_to_string(tmp.0.join("train_log.jsonl"));
     let summary = summary?;
@@ -179,7 +179,9 @@ impl Drop for TempDir {
     }
 }
 
-fn tempdir_in_target() -> Result<TempDir> {
+/// A fresh directory under the system temp dir for bench-fit's run (log, final checkpoint);
+/// removed on drop.
+fn scratch_dir() -> Result<TempDir> {
     let base = std::env::temp_dir();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
