@@ -80,6 +80,24 @@ for part, evalsets in [("synth", ["test"]), ("shared", ["hotpotqa_dev500", "musi
                 lines.append(f"| {mode} | {gname} | {per_seed[0]['n']} | {col('em')} | {col('f1')} | {col('acc')} | "
                              f"{col('steps')} | {col('conf')} |")
         lines.append("")
+    # held-out loss per target token at the last evaluation (teacher-forced; the same held-out
+    # questions in every mode of a seed). Vanilla-KD has one record kind, Q + P -> whole chain +
+    # answer, logged under aggregate, so its column is not the same target as the others'.
+    lines += [f"## {part}: held-out loss at the end of training (mean over seeds)", "",
+              "| mode | L_init | L_exp | L_agg (vanilla: whole chain + answer) |", "|---|---|---|---|"]
+    for mode in MODES:
+        finals = []
+        for seed in seeds:
+            log = os.path.join(pdir, f"seed{seed}", mode, "ckpt", "train_log.jsonl")
+            if os.path.exists(log):
+                evals = [r["eval"] for r in jsonl(log) if r.get("eval")]
+                if evals:
+                    finals.append(evals[-1])
+        if not finals:
+            continue
+        cells = [mean_sd([e[k] for e in finals if e.get(k) is not None]) for k in ("L_init", "L_exp", "L_agg")]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    lines.append("")
     # σ trajectories and training time of the steper runs
     lines += [f"## {part}: σ (init / expand / aggregate) over training, steper mode", "",
               "| seed | step | σ_init | σ_exp | σ_agg | L_init (mean of last 10 steps) | L_exp | L_agg |", "|---|---|---|---|---|---|---|---|"]
