@@ -14,6 +14,17 @@ def jsonl(path):
         return [json.loads(l) for l in f if l.strip()]
 
 
+_logs = {}
+
+
+def train_log(pdir, seed, mode):
+    """The rows of one run's train_log.jsonl ([] when the run has none), read once."""
+    path = os.path.join(pdir, f"seed{seed}", mode, "ckpt", "train_log.jsonl")
+    if path not in _logs:
+        _logs[path] = jsonl(path) if os.path.exists(path) else []
+    return _logs[path]
+
+
 def qa_types(path):
     return {q["id"]: q.get("type", "") for q in jsonl(path)} if os.path.exists(path) else {}
 
@@ -48,14 +59,8 @@ for part, evalsets in [("synth", ["test"]), ("shared", ["hotpotqa_dev500", "musi
         continue
     types = qa_types(os.path.join(pdir, "world", "test.jsonl"))
     # optimizer steps of this part (the parts may differ: STEPS vs SHARED_STEPS), from a log
-    part_steps = "?"
-    for seed in seeds:
-        for mode in MODES:
-            log = os.path.join(pdir, f"seed{seed}", mode, "ckpt", "train_log.jsonl")
-            if part_steps == "?" and os.path.exists(log):
-                rows = jsonl(log)
-                if rows:
-                    part_steps = str(rows[-1]["step"])
+    logged = [train_log(pdir, seed, mode) for seed in seeds for mode in MODES]
+    part_steps = next((str(rows[-1]["step"]) for rows in logged if rows), "?")
     for ev in evalsets:
         groups = [("all", None)]
         if types:
@@ -88,11 +93,9 @@ for part, evalsets in [("synth", ["test"]), ("shared", ["hotpotqa_dev500", "musi
     for mode in MODES:
         finals = []
         for seed in seeds:
-            log = os.path.join(pdir, f"seed{seed}", mode, "ckpt", "train_log.jsonl")
-            if os.path.exists(log):
-                evals = [r["eval"] for r in jsonl(log) if r.get("eval")]
-                if evals:
-                    finals.append(evals[-1])
+            evals = [r["eval"] for r in train_log(pdir, seed, mode) if r.get("eval")]
+            if evals:
+                finals.append(evals[-1])
         if not finals:
             continue
         cells = [mean_sd([e[k] for e in finals if e.get(k) is not None]) for k in ("L_init", "L_exp", "L_agg")]
@@ -102,10 +105,9 @@ for part, evalsets in [("synth", ["test"]), ("shared", ["hotpotqa_dev500", "musi
     lines += [f"## {part}: σ (init / expand / aggregate) over training, steper mode", "",
               "| seed | step | σ_init | σ_exp | σ_agg | L_init (mean of last 10 steps) | L_exp | L_agg |", "|---|---|---|---|---|---|---|---|"]
     for seed in seeds:
-        log = os.path.join(pdir, f"seed{seed}", "steper", "ckpt", "train_log.jsonl")
-        if not os.path.exists(log):
+        rows = train_log(pdir, seed, "steper")
+        if not rows:
             continue
-        rows = jsonl(log)
         picks = sorted({0, len(rows) // 4, len(rows) // 2, 3 * len(rows) // 4, len(rows) - 1})
 
         def window_mean(i, key, w=10):

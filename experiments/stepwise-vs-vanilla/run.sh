@@ -8,9 +8,11 @@
 #          musique_dev200 (none of them used for training).
 #
 # Knobs (env): STEPS (default 200), SEEDS ("0 1"), SHARED (1), SHARED_STEPS (STEPS), EVAL_LIMIT
-# (100; shared part only), PARTS ("synth shared"), OUT (out/experiment), LR (2e-3), STUDENT_ARGS (init-student shape flags), BIN_DIR (use prebuilt binaries instead of a release build). Writes $OUT/results.md (tables + σ trajectories), per-run
-# plots, and prints how long it took. Runs are skipped when their eval summary already exists, so
-# an interrupted experiment resumes.
+# (100; shared part only), PARTS ("synth shared"), OUT (out/experiment), LR (2e-3),
+# STUDENT_ARGS (init-student shape flags), BIN_DIR (prebuilt binaries instead of a release
+# build). Writes $OUT/results.md (tables, held-out losses, σ trajectories), per-run plots, and
+# prints how long it took. Runs are skipped when their eval summary already exists, so an
+# interrupted experiment resumes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
