@@ -41,9 +41,11 @@ pub fn manifest(cfg: &LlamaConfig, dtype: ExportDtype) -> Manifest {
             vocab_size: cfg.vocab_size,
             inputs: Manifest::input_names(layers),
             outputs: Manifest::output_names(layers),
+            logits_to_keep: None,
         },
         loop_defaults: LoopDefaults::default(),
         producer: format!("steper-export {}", env!("CARGO_PKG_VERSION")),
+        quantization: None,
     }
 }
 

@@ -65,6 +65,12 @@ pub struct GraphInfo {
     pub inputs: Vec<String>,
     /// Graph outputs, in order (`logits`, `present.{i}.key|value`).
     pub outputs: Vec<String>,
+    /// Name of the optional int64 scalar input that limits `logits` to the last N positions
+    /// (HF's `logits_to_keep`; 0 = every position). It is an initializer-backed input whose
+    /// default is 0, so a caller that does not feed it (onnxruntime-genai) gets every position.
+    /// `None` for exports that always compute every position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits_to_keep: Option<String>,
 }
 
 /// Contents of `steper.json`.
@@ -98,6 +104,29 @@ pub struct Manifest {
     /// What produced the export (tool and version), informational.
     #[serde(default)]
     pub producer: String,
+    /// Weight quantization of the linear layers, if any (`None`: float weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<WeightQuantization>,
+}
+
+/// How an export's linear-layer weights are quantized (`steper-export --quantize`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightQuantization {
+    /// Bits per weight: 4 or 8.
+    pub bits: u32,
+    /// Weights per block along the input dimension, one scale per block (symmetric, zero point 0).
+    pub block_size: usize,
+    /// `ort-cpu` (`com.microsoft.MatMulNBits`) or `portable` (ONNX `DequantizeLinear` + `MatMul`).
+    pub target: String,
+    /// The ONNX form written: `MatMulNBits` or `DequantizeLinear`.
+    pub op: String,
+    /// `MatMulNBits` `accuracy_level` (4 = int8 compute), when that op is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_level: Option<u32>,
+    /// Whether the vocabulary projection (lm_head / tied embedding) is quantized too.
+    pub lm_head: bool,
+    /// Number of linear layers quantized.
+    pub layers: usize,
 }
 
 impl Manifest {
