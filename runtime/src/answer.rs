@@ -33,14 +33,14 @@ pub fn extract_answer(text: &str) -> Option<String> {
 const ABBREVIATIONS: &[&str] = &[
     "mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "inc", "ltd", "co", "no", "mt",
     "ft", "gen", "col", "lt", "sgt", "capt", "rev", "jan", "feb", "mar", "apr", "jun", "jul",
-    "aug", "sep", "sept", "oct", "nov", "dec", "approx", "est", "u.s", "u.k", "e.g", "i.e",
+    "aug", "sep", "sept", "oct", "nov", "dec", "approx", "est", "u.s", "u.k", "e.g", "i.e", "c",
+    "ca", "fl", "vol", "pp", "ed", "nos", "ave", "blvd",
 ];
 
-/// The first sentence of a generation: the text up to the first newline, cut after the first
-/// `.`, `!` or `?` that is followed by whitespace (or ends the text) and does not close an
-/// abbreviation (`Dr.`, `St.`, `U.S.`) or a single initial (`J. R. R.`). Trimmed.
-pub fn first_sentence(text: &str) -> &str {
-    let line = text.trim_start().lines().next().unwrap_or("");
+/// Byte offset just after the first sentence end in `line`: a `.`, `!` or `?` that is
+/// followed by whitespace (or ends the text) and does not close an abbreviation (`Dr.`, `St.`,
+/// `U.S.`, `c.`) or a single initial (`J. R. R.`).
+fn sentence_end(line: &str) -> Option<usize> {
     let bytes = line.as_bytes();
     for (i, c) in line.char_indices() {
         if !matches!(c, '.' | '!' | '?') {
@@ -62,11 +62,47 @@ pub fn first_sentence(text: &str) -> &str {
             if initial || ABBREVIATIONS.contains(&lower.as_str()) {
                 continue;
             }
-            // Numbers like "3." at the end are fine; "No. 5" handled above.
         }
-        return line[..after].trim();
+        return Some(after);
     }
-    line.trim()
+    None
+}
+
+/// The first sentence of a generation: the text up to the first newline, cut after the first
+/// sentence end (see [`split_sentences`] for the rule). Trimmed.
+pub fn first_sentence(text: &str) -> &str {
+    let line = text.trim_start().lines().next().unwrap_or("");
+    match sentence_end(line) {
+        Some(end) => line[..end].trim(),
+        None => line.trim(),
+    }
+}
+
+/// Splits a passage into sentences with the rule [`first_sentence`] uses (a `.`, `!` or `?`
+/// followed by whitespace that does not close an abbreviation or an initial; newlines also
+/// end a sentence), so a sentence taken from a passage is exactly what the loop keeps when a
+/// model generates it. Trimmed, empty pieces dropped.
+pub fn split_sentences(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut rest = line.trim();
+        while !rest.is_empty() {
+            match sentence_end(rest) {
+                Some(end) => {
+                    let s = rest[..end].trim();
+                    if !s.is_empty() {
+                        out.push(s);
+                    }
+                    rest = rest[end..].trim_start();
+                }
+                None => {
+                    out.push(rest);
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Words IRCoT removes from a sentence before using it as the next query.
@@ -137,6 +173,26 @@ mod tests {
     }
 
     #[test]
+    fn splits_passages_like_first_sentence() {
+        let text = "Publix is one of the largest U.S. chains. It was founded by G. Jenkins in 1930! Is it? Yes\nNew line.";
+        let s = split_sentences(text);
+        assert_eq!(
+            s,
+            vec![
+                "Publix is one of the largest U.S. chains.",
+                "It was founded by G. Jenkins in 1930!",
+                "Is it?",
+                "Yes",
+                "New line."
+            ]
+        );
+        for x in &s {
+            assert_eq!(first_sentence(x), *x);
+        }
+        assert!(split_sentences("  ").is_empty());
+    }
+
+    #[test]
     fn cuts_the_first_sentence() {
         assert_eq!(
             first_sentence(" He was born in 1912. He died."),
@@ -160,6 +216,12 @@ mod tests {
             "So the answer is: Paris."
         );
         assert_eq!(first_sentence(""), "");
+        assert_eq!(
+            first_sentence(
+                "Aspasius ( ; Greek: Ἀσπάσιος ; c. 80 – c. 150 AD) was a philosopher. Next."
+            ),
+            "Aspasius ( ; Greek: Ἀσπάσιος ; c. 80 – c. 150 AD) was a philosopher."
+        );
     }
 
     #[test]

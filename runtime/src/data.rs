@@ -22,6 +22,38 @@ pub struct Paragraph {
     /// Whether the paragraph supports the answer (absent in some sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_supporting: Option<bool>,
+    /// The dataset's own sentence split of `text` (HotpotQA / 2Wiki train pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentences: Option<Vec<String>>,
+    /// Indices into `sentences` of the annotated supporting facts. Sources contain indices
+    /// past the last sentence; readers of this field must skip those (see
+    /// [`Paragraph::supporting_facts`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supporting_sentences: Option<Vec<usize>>,
+}
+
+impl Paragraph {
+    /// The annotated supporting sentences (trimmed, in index order, duplicates dropped) and the
+    /// number of indices that point past the last sentence (skipped). Empty when the paragraph
+    /// carries no sentence-level annotation.
+    pub fn supporting_facts(&self) -> (Vec<String>, usize) {
+        let (Some(sents), Some(idx)) = (&self.sentences, &self.supporting_sentences) else {
+            return (Vec::new(), 0);
+        };
+        let mut idx = idx.clone();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut out = Vec::new();
+        let mut bad = 0;
+        for i in idx {
+            match sents.get(i) {
+                Some(s) if !s.trim().is_empty() => out.push(s.trim().to_string()),
+                Some(_) => {}
+                None => bad += 1,
+            }
+        }
+        (out, bad)
+    }
 }
 
 /// One question of a QA dataset file.
@@ -360,6 +392,18 @@ mod tests {
             qa.skipped.iter().map(|s| s.0).collect::<Vec<_>>(),
             vec![2, 4]
         );
+        Ok(())
+    }
+
+    #[test]
+    fn supporting_facts_skip_out_of_range_indices() -> Result<()> {
+        let line = r#"{"id":"q","question":"Q?","answers":["A"],"paragraphs":[{"title":"T","text":"One. Two. Three.","is_supporting":true,"sentences":["One."," Two.","Three."],"supporting_sentences":[2,1,7,1]},{"title":"U","text":"u","sentences":["u"]}],"evidences":[["T","r","A"]]}"#;
+        let ex: QaExample = serde_json::from_str(line).map_err(|e| Error::Input(e.to_string()))?;
+        let (facts, bad) = ex.paragraphs[0].supporting_facts();
+        assert_eq!(facts, vec!["Two.".to_string(), "Three.".to_string()]);
+        assert_eq!(bad, 1);
+        assert_eq!(ex.paragraphs[1].supporting_facts(), (Vec::new(), 0));
+        assert!(ex.extra.contains_key("evidences"));
         Ok(())
     }
 

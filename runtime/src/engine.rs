@@ -46,6 +46,10 @@ pub struct ReasonOptions {
     pub kv_reuse: bool,
     /// Greedy (default) or sampling.
     pub decoding: Decoding,
+    /// Text put before every step prompt (few-shot demonstrations, see
+    /// [`crate::fewshot::prefix`]); the prompt is fitted into what the context leaves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_prefix: Option<String>,
 }
 
 impl Default for ReasonOptions {
@@ -54,6 +58,7 @@ impl Default for ReasonOptions {
             loop_options: LoopOptions::default(),
             kv_reuse: true,
             decoding: Decoding::Greedy,
+            prompt_prefix: None,
         }
     }
 }
@@ -207,16 +212,23 @@ impl Engine {
 
     /// Answers `question`; the result carries the per-step trace.
     pub fn reason(&self, question: &str, options: &ReasonOptions) -> Result<Reasoning> {
-        let mut model =
-            GeneratorStepModel::new(self.generator.as_ref(), &self.tokenizer, &self.eos)
-                .with_kv_reuse(options.kv_reuse)
-                .with_decoding(options.decoding);
-        reason(
-            question,
-            self.retriever.as_ref(),
-            &mut model,
-            &options.loop_options,
-        )
+        let model = GeneratorStepModel::new(self.generator.as_ref(), &self.tokenizer, &self.eos)
+            .with_kv_reuse(options.kv_reuse)
+            .with_decoding(options.decoding);
+        match &options.prompt_prefix {
+            Some(p) => reason(
+                question,
+                self.retriever.as_ref(),
+                &mut crate::fewshot::Prefixed::new(model, p.clone())?,
+                &options.loop_options,
+            ),
+            None => reason(
+                question,
+                self.retriever.as_ref(),
+                &mut { model },
+                &options.loop_options,
+            ),
+        }
     }
 
     /// What runs the model (backend, providers, context length).

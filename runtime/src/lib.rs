@@ -9,6 +9,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fewshot;
 pub mod generator;
 pub mod manifest;
 pub mod metrics;

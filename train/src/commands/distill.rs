@@ -31,9 +31,11 @@ pub struct Args {
     /// empty: no key is sent.
     #[arg(long, default_value = "OPENAI_API_KEY")]
     teacher_api_key_env: String,
-    /// Instruction header and few-shot demonstrations for the OpenAI teacher: a file (format in
-    /// train/prompts/ircot-fewshot.txt), `default` (that file, built in) or `none` (the plain
-    /// student prompt). Step-wise records always keep the plain prompt.
+    /// Instruction header and few-shot demonstrations for the LLM teachers (OpenAI-compatible
+    /// and checkpoint): a file (format in train/prompts/ircot-fewshot.txt), `default` (that
+    /// file, built in), `ircot:PATH[:N]` (IRCoT's CoT demonstrations, e.g.
+    /// ../shared/data/ircot_prompts/hotpotqa.txt, the first N) or `none` (the plain student
+    /// prompt). Step-wise records always keep the plain prompt.
     #[arg(long, default_value = "none")]
     teacher_prompt: String,
     /// The OpenAI teacher's context in tokens (header, demonstrations, prompt and new tokens);
@@ -131,7 +133,7 @@ pub fn run(a: Args) -> Result<()> {
             let tok = steper_models::load_tokenizer(&s.join("tokenizer.json"), cfg.vocab_size)?;
             t = t.with_budget(tok, cfg.max_position_embeddings);
         }
-        distill(
+        let s = distill(
             &qs,
             &index,
             &mut t,
@@ -139,12 +141,30 @@ pub fn run(a: Args) -> Result<()> {
             &opts,
             &a.out,
             !a.json,
-        )?
+        )?;
+        // Counts cover the questions run now (a resumed run skips those already done).
+        let stats = t.stats();
+        steper_models::fsutil::write_atomic(
+            &a.out.join("gold_stats.json"),
+            serde_json::to_string_pretty(stats)?.as_bytes(),
+        )?;
+        if !a.json {
+            eprintln!(
+                "gold teacher steps: {} annotated, {} from decomposition, {} fallback, {} answers; {} out-of-range supporting_sentences indices skipped, {} annotated sentences cut from the prompt",
+                stats.annotated_steps, stats.decomposition_steps, stats.fallback_steps, stats.answer_steps, stats.out_of_range_indices, stats.hidden_facts
+            );
+        }
+        s
     } else if let Some(dir) = a.teacher.strip_prefix("checkpoint:") {
         let ck =
             steper_models::Checkpoint::load(std::path::Path::new(dir), DType::F32, &Device::Cpu)
                 .with_context(|| format!("teacher checkpoint {dir}"))?;
         let mut t = CandleTeacher::new(ck.model()?, ck.tokenizer()?, format!("checkpoint:{dir}"));
+        if let Some(p) = TeacherPrompt::from_spec(&a.teacher_prompt)
+            .with_context(|| format!("--teacher-prompt {}", a.teacher_prompt))?
+        {
+            t = t.with_prompt(p)?;
+        }
         distill(&qs, &index, &mut t, |_, _| {}, &opts, &a.out, !a.json)?
     } else if let Some(url) = a.teacher.strip_prefix("openai:") {
         let t = openai_teacher(&a, url)?;
@@ -189,14 +209,8 @@ fn openai_teacher(a: &Args, url: &str) -> Result<OpenAiTeacher> {
     cfg.timeout = Duration::from_secs_f64(a.timeout_secs);
     cfg.max_retries = a.max_retries;
     cfg.context = a.teacher_context;
-    cfg.prompt = match a.teacher_prompt.as_str() {
-        "none" => None,
-        "default" => Some(TeacherPrompt::default_fewshot()?),
-        file => Some(
-            TeacherPrompt::load(std::path::Path::new(file))
-                .with_context(|| format!("--teacher-prompt {file}"))?,
-        ),
-    };
+    cfg.prompt = TeacherPrompt::from_spec(&a.teacher_prompt)
+        .with_context(|| format!("--teacher-prompt {}", a.teacher_prompt))?;
     let tokenizer = match &a.fit_student {
         Some(s) => {
             let cfg = steper_models::LlamaConfig::from_file(&s.join("config.json"))?;

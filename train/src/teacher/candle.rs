@@ -6,6 +6,8 @@ use steper_models::Llama;
 use steper_runtime::answer::first_sentence;
 use steper_runtime::reasoning::{StepModel, StepOutput, StepRequest};
 
+use super::TeacherPrompt;
+
 /// A candle checkpoint as teacher: greedy decoding with the KV cache, stopping at EOS, a
 /// newline or the token limit; the loop keeps the first sentence.
 pub struct CandleTeacher {
@@ -13,6 +15,8 @@ pub struct CandleTeacher {
     tokenizer: tokenizers::Tokenizer,
     name: String,
     eos: Vec<u32>,
+    /// Instruction header + demonstrations put before every prompt, and its token count.
+    prompt: Option<(TeacherPrompt, usize)>,
 }
 
 impl CandleTeacher {
@@ -24,7 +28,17 @@ impl CandleTeacher {
             tokenizer,
             name: name.into(),
             eos,
+            prompt: None,
         }
+    }
+
+    /// Puts `prompt`'s instruction header and few-shot demonstrations (e.g. IRCoT's, see
+    /// [`TeacherPrompt::load_ircot`]) before every step prompt. The step-wise records keep the
+    /// plain student prompt; the budget the loop fits prompts into shrinks by the prefix.
+    pub fn with_prompt(mut self, prompt: TeacherPrompt) -> steper_runtime::Result<Self> {
+        let n = self.count_tokens(&prompt.prefix())?;
+        self.prompt = Some((prompt, n));
+        Ok(self)
     }
 }
 
@@ -45,7 +59,8 @@ impl StepModel for CandleTeacher {
             self.model
                 .config()
                 .max_position_embeddings
-                .saturating_sub(max_new_tokens),
+                .saturating_sub(max_new_tokens)
+                .saturating_sub(self.prompt.as_ref().map_or(0, |p| p.1)),
         )
     }
 
@@ -58,9 +73,17 @@ impl StepModel for CandleTeacher {
     }
 
     fn generate(&mut self, req: &StepRequest<'_>) -> steper_runtime::Result<StepOutput> {
+        let full;
+        let text = match &self.prompt {
+            Some((p, _)) => {
+                full = p.completion_prompt(req.prompt);
+                full.as_str()
+            }
+            None => req.prompt,
+        };
         let ids = self
             .tokenizer
-            .encode(req.prompt, false)
+            .encode(text, false)
             .map_err(|e| steper_runtime::Error::Tokenizer(e.to_string()))?
             .get_ids()
             .to_vec();

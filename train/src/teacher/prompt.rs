@@ -160,6 +160,32 @@ impl TeacherPrompt {
         })
     }
 
+    /// IRCoT's hand-written CoT demonstrations (`ircot_prompts/<dataset>.txt`, parsed by
+    /// [`steper_runtime::fewshot::load_ircot`]), the first `n` of them (all when `None`), under
+    /// the shipped default instruction header.
+    pub fn load_ircot(path: &Path, n: Option<usize>) -> Result<Self> {
+        Ok(TeacherPrompt {
+            instruction: Self::default_fewshot()?.instruction,
+            demonstrations: steper_runtime::fewshot::load_ircot(path, n)?,
+        })
+    }
+
+    /// Parses a `--teacher-prompt` value: `none`, `default` (the shipped file), `ircot:PATH` or
+    /// `ircot:PATH:N` (IRCoT demonstrations, the first N), or a prompt-file path.
+    pub fn from_spec(spec: &str) -> Result<Option<Self>> {
+        match spec {
+            "none" => Ok(None),
+            "default" => Ok(Some(Self::default_fewshot()?)),
+            s => match s.strip_prefix("ircot:") {
+                Some(rest) => {
+                    let (path, n) = steper_runtime::fewshot::parse_spec(rest);
+                    Ok(Some(Self::load_ircot(&path, n)?))
+                }
+                None => Ok(Some(Self::load(Path::new(s))?)),
+            },
+        }
+    }
+
     /// The text put before the student's prompt on `/v1/completions`: the header, then the
     /// demonstrations, each followed by a blank line.
     pub fn prefix(&self) -> String {
@@ -221,6 +247,29 @@ mod tests {
         assert_eq!(m[0].role, "system");
         assert_eq!(m[0].content, p.instruction);
         assert!(m[1].content.ends_with("Q: q?\nA:"));
+    }
+
+    /// `--teacher-prompt ircot:PATH:N` takes the first N IRCoT demonstrations under the default
+    /// instruction header.
+    #[test]
+    fn ircot_spec_takes_the_first_n_demonstrations() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/data/ircot_prompts/musique.txt");
+        let two = TeacherPrompt::from_spec(&format!("ircot:{}:2", file.display()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(two.demonstrations.len(), 2);
+        assert_eq!(
+            two.instruction,
+            TeacherPrompt::default_fewshot().unwrap().instruction
+        );
+        let all = TeacherPrompt::from_spec(&format!("ircot:{}", file.display()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(all.demonstrations.len(), 20);
+        assert_eq!(all.demonstrations[..2], two.demonstrations[..]);
+        assert!(TeacherPrompt::from_spec("none").unwrap().is_none());
+        assert!(TeacherPrompt::from_spec("ircot:/nonexistent.txt").is_err());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
+
 use steper_runtime::{
     BackendKind, Engine, ExecutionProvider, OrtOptions, Reasoning, TensorRtOptions,
 };
@@ -136,6 +138,10 @@ pub struct EngineArgs {
     /// Passages retrieved per step (default: the model's manifest).
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// Few-shot demonstrations put before every step prompt: an IRCoT prompt file
+    /// (`../shared/data/ircot_prompts/hotpotqa.txt`), optionally `:N` for its first N.
+    #[arg(long, value_name = "FILE[:N]")]
+    pub demos: Option<String>,
 }
 
 impl EngineArgs {
@@ -153,6 +159,12 @@ impl EngineArgs {
         }
         if let Some(k) = self.top_k {
             opts.loop_options.top_k = k;
+        }
+        if let Some(spec) = &self.demos {
+            let (path, n) = steper_runtime::fewshot::parse_spec(spec);
+            let demos = steper_runtime::fewshot::load_ircot(&path, n)
+                .with_context(|| format!("--demos {spec}"))?;
+            opts.prompt_prefix = Some(steper_runtime::fewshot::prefix(&demos));
         }
         opts.loop_options.validate()?;
         Ok((engine, opts))

@@ -50,6 +50,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut v = serde_json::to_value(&summary)?;
     v["backend"] = serde_json::to_value(engine.info())?;
     v["kv_reuse"] = serde_json::json!(opts.kv_reuse);
+    v["demos"] = serde_json::json!(a.engine.demos);
     v["skipped_lines"] = serde_json::json!(qa.skipped.len());
     let mut summary_path = a.out.clone().into_os_string();
     summary_path.push(".summary.json");
