@@ -1,6 +1,6 @@
 """Aggregates experiments/real-student/run.sh outputs into $OUT/results.md (and stdout).
 
-usage: report.py OUT SECONDS "SEEDS" "MODES"
+usage: report.py OUT SECONDS "SEEDS" "MODES" "DEV=N ..." (N: the question count evaluated, 0 = all)
 """
 import json
 import math
@@ -9,6 +9,7 @@ import statistics
 import sys
 
 out, secs, seeds, modes = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
+LIMIT = dict(kv.split("=") for kv in sys.argv[5].split())
 DEV = ["hotpotqa_dev500", "musique_dev200", "2wikimultihopqa_dev164"]
 SHORT = {"hotpotqa_dev500": "HotpotQA", "musique_dev200": "MuSiQue", "2wikimultihopqa_dev164": "2Wiki"}
 
@@ -23,7 +24,7 @@ def load(path):
 
 
 def eval_records(config, dev):
-    p = os.path.join(out, "eval", config, dev + ".jsonl")
+    p = os.path.join(out, "eval", config, f"{dev}.n{LIMIT[dev]}.jsonl")
     return jsonl(p) if os.path.exists(p) else None
 
 

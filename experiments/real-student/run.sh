@@ -17,7 +17,7 @@
 #
 # Every stage is skipped when its output exists, so an interrupted run resumes where it stopped.
 # Knobs (env): OUT (out/real-student), BIN_DIR (prebuilt binaries, else a release build),
-# SEEDS ("0 1"), MODES ("steper uniform vanilla"), STEPS (150), LR (1e-4), BATCH (4),
+# SEEDS ("0 1"), MODES ("steper uniform vanilla"; "" = base configurations only), STEPS (150), LR (1e-4), BATCH (4),
 # FIT_ARGS (extra steper-train fit flags, e.g. "--top-layers 8"), EXPORT_ARGS (extra
 # steper-export flags, e.g. "--quantize int4"), N_HOTPOT (100), N_MUSIQUE (50), N_2WIKI (50),
 # EVAL_FRACTION (0.05), EVAL_ARGS (extra steper-run eval flags), DEMOS (2).
@@ -26,7 +26,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/out/real-student}"
 SEEDS="${SEEDS:-0 1}"
-MODES="${MODES:-steper uniform vanilla}"
+MODES="${MODES-steper uniform vanilla}"
 STEPS="${STEPS:-150}"
 LR="${LR:-1e-4}"
 BATCH="${BATCH:-4}"
@@ -128,7 +128,7 @@ for seed in $SEEDS; do
   done
 done
 
-# 5. evaluation
+# 5. evaluation (results are named by the question count, so runs with other counts coexist)
 limit_of() {
   case "$1" in
     hotpotqa_dev500) echo "$N_HOTPOT" ;;
@@ -146,10 +146,10 @@ demo_file() {
 evaluate() {  # evaluate CONFIG MODEL_DIR [extra eval flags for DEV FILE: --demos added by caller]
   local config="$1" model="$2"; shift 2
   for f in $DEV_FILES; do
-    local res="$OUT/eval/$config/$f.jsonl"
+    local lim; lim="$(limit_of "$f")"
+    local res="$OUT/eval/$config/$f.n$lim.jsonl"
     [[ -f "$res.summary.json" ]] && continue
     mkdir -p "$(dirname "$res")"
-    local lim; lim="$(limit_of "$f")"
     local limit=()
     [[ "$lim" -gt 0 ]] && limit=(--limit "$lim")
     local extra=()
@@ -169,4 +169,5 @@ done
 
 # 6. report
 SECS=$(( $(date +%s) - T0 ))
-python3 "$ROOT/experiments/real-student/report.py" "$OUT" "$SECS" "$SEEDS" "$MODES"
+python3 "$ROOT/experiments/real-student/report.py" "$OUT" "$SECS" "$SEEDS" "$MODES" \
+  "hotpotqa_dev500=$N_HOTPOT musique_dev200=$N_MUSIQUE 2wikimultihopqa_dev164=$N_2WIKI"
