@@ -121,7 +121,7 @@ fn ort_session_pool_decodes_like_one_thread() -> Result<()> {
 }
 
 #[test]
-fn ort_sessions_without_shared_prepacked_weights_decode_alike() -> Result<()> {
+fn ort_sessions_without_shared_weights_decode_alike() -> Result<()> {
     check_concurrent(BackendKind::Ort(
         OrtOptions::default()
             .with_sessions(2)

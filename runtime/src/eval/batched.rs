@@ -313,7 +313,7 @@ mod tests {
             for &t in &visible[visible.len().saturating_sub(6)..] {
                 h = (h ^ u64::from(t)).wrapping_mul(0x100_0000_01b3);
             }
-            if h % 5 == 0 {
+            if h.is_multiple_of(5) {
                 self.period
             } else {
                 self.words[(h / 5) as usize % self.words.len()]
