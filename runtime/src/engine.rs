@@ -210,11 +210,16 @@ impl Engine {
         }
     }
 
+    /// The step model [`Engine::reason`] drives, with `options`' reuse and decoding.
+    pub(crate) fn step_model(&self, options: &ReasonOptions) -> GeneratorStepModel<'_> {
+        GeneratorStepModel::new(self.generator.as_ref(), &self.tokenizer, &self.eos)
+            .with_kv_reuse(options.kv_reuse)
+            .with_decoding(options.decoding)
+    }
+
     /// Answers `question`; the result carries the per-step trace.
     pub fn reason(&self, question: &str, options: &ReasonOptions) -> Result<Reasoning> {
-        let model = GeneratorStepModel::new(self.generator.as_ref(), &self.tokenizer, &self.eos)
-            .with_kv_reuse(options.kv_reuse)
-            .with_decoding(options.decoding);
+        let model = self.step_model(options);
         match &options.prompt_prefix {
             Some(p) => reason(
                 question,

@@ -57,6 +57,16 @@ pub enum Error {
         /// Why it failed.
         reason: String,
     },
+    /// An option of a builder or a command has a value it cannot take.
+    #[error("option {option}: expected {expected}, got {got}")]
+    InvalidOption {
+        /// The option (field or flag name).
+        option: String,
+        /// What it accepts.
+        expected: String,
+        /// The value given.
+        got: String,
+    },
     /// Invalid input given to an API call.
     #[error("invalid input: {0}")]
     Input(String),

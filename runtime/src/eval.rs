@@ -1,4 +1,7 @@
-//! Evaluation over a QA file: the loop on every question, per-question records and a summary.
+//! Evaluation over a QA file: the loop on every question, per-question records and a summary;
+//! [`evaluate_batched`] runs several questions at once with batched decoding ([`batched`]).
+
+pub mod batched;
 
 use std::path::Path;
 use std::time::Instant;
@@ -7,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{AtomicWriter, QaExample};
 use crate::engine::{Engine, ReasonOptions};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::Scores;
 use crate::reasoning::{Reasoning, StepTrace};
 use crate::retrieval::progress_bar;
@@ -212,10 +215,63 @@ pub fn evaluate(
     evaluate_with(examples, opts, out, |q| engine.reason(&q.question, options))
 }
 
+/// [`evaluate`] with up to `batch` questions in flight at once: their decode steps run as one
+/// batched model call (see [`batched`]); prefill and KV reuse stay per question. Records come in
+/// question order; each record's `seconds` is its question's wall time from when a slot took
+/// it (questions overlap, so these add up to more than the run). `batch` 1 is [`evaluate`].
+/// Greedy answers equal [`evaluate`]'s up to floating-point differences of the batched kernels.
+pub fn evaluate_batched(
+    engine: &Engine,
+    examples: &[QaExample],
+    options: &ReasonOptions,
+    opts: &EvalOptions,
+    out: Option<&Path>,
+    batch: usize,
+) -> Result<(EvalSummary, Vec<EvalRecord>)> {
+    if batch == 1 {
+        return evaluate(engine, examples, options, opts, out);
+    }
+    if options.prompt_prefix.is_some() {
+        return Err(Error::InvalidOption {
+            option: "batch".into(),
+            expected: "1 when a prompt prefix (few-shot demonstrations) is set".into(),
+            got: batch.to_string(),
+        });
+    }
+    let n = opts.limit.unwrap_or(examples.len()).min(examples.len());
+    let examples = &examples[..n];
+    let writer = out.map(AtomicWriter::create).transpose()?;
+    let bar = progress_bar(opts.progress, n as u64, "evaluating");
+    let start = Instant::now();
+    let mut records: Vec<Option<EvalRecord>> = vec![None; n];
+    batched::answer_batched(engine, examples, options, batch, |q, result, seconds| {
+        records[q] = Some(record(&examples[q], result, seconds));
+        bar.inc(1);
+        Ok(())
+    })?;
+    let seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let records = records
+        .into_iter()
+        .enumerate()
+        .map(|(q, r)| {
+            r.ok_or_else(|| {
+                Error::Input(format!("batched evaluation left question {q} unanswered"))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(mut w) = writer {
+        for r in &records {
+            w.write_row(r)?;
+        }
+        w.commit()?;
+    }
+    Ok((summarize(&records, seconds), records))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
 
     fn q(id: &str, answers: &[&str]) -> QaExample {
         QaExample {

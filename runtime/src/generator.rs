@@ -113,4 +113,10 @@ pub trait Generator: Send + Sync {
 
     /// Keeps only the first `len` cached positions (to reuse a shared prefix).
     fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()>;
+
+    /// The raw batched step of this model, when it has one (the ONNX backends do; their
+    /// sequences hold a batch-1 [`crate::backend::BatchCache`]). Batched evaluation needs it.
+    fn batch_decoder(&self) -> Option<&dyn crate::backend::BatchDecoder> {
+        None
+    }
 }

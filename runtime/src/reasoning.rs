@@ -295,33 +295,96 @@ pub fn reason(
     model: &mut dyn StepModel,
     opts: &LoopOptions,
 ) -> Result<Reasoning> {
-    opts.validate()?;
-    if question.trim().is_empty() {
-        return Err(Error::Input("the question is empty".into()));
-    }
+    let mut run = LoopRun::new(question, opts)?;
     model.begin_question(question)?;
-    let mut held_ids: HashSet<String> = HashSet::new();
-    let mut passages: Vec<HeldPassage> = Vec::new();
-    let mut prompt_passages: Vec<PromptPassage> = Vec::new();
-    let mut reasoning: Vec<String> = Vec::new();
-    let mut steps: Vec<StepTrace> = Vec::new();
-    let mut query = question.trim().to_string();
-    let budget = model.prompt_budget(opts.max_sentence_tokens);
-    for step in 1..=opts.max_steps {
+    loop {
+        run.prepare(retriever, &*model)?;
+        let out = model.generate(&run.request()?)?;
+        if let Some(done) = run.finish_step(out)? {
+            return Ok(done);
+        }
+    }
+}
+
+/// What [`LoopRun::prepare`] made for the current step, until [`LoopRun::finish_step`].
+struct PreparedStep {
+    forced: bool,
+    k: usize,
+    retrieved: Vec<PassageRef>,
+    fitted: prompt::FittedPrompt,
+    retrieval_ms: f64,
+}
+
+/// The loop of [`reason`] for one question as a resumable state machine, so that a driver can
+/// run many questions at once (batched evaluation) and produce each step's sentence however it
+/// likes: [`LoopRun::prepare`] retrieves and fits the prompt of the next step,
+/// [`LoopRun::request`] is what the [`StepModel`] is asked, [`LoopRun::finish_step`] takes its
+/// output and returns the result once the question is answered.
+pub struct LoopRun {
+    question: String,
+    opts: LoopOptions,
+    held_ids: HashSet<String>,
+    passages: Vec<HeldPassage>,
+    prompt_passages: Vec<PromptPassage>,
+    reasoning: Vec<String>,
+    steps: Vec<StepTrace>,
+    query: String,
+    /// The step being run (1-based once prepared).
+    step: usize,
+    prepared: Option<PreparedStep>,
+}
+
+impl LoopRun {
+    /// A run for `question` (options checked; an empty question is an error).
+    pub fn new(question: &str, opts: &LoopOptions) -> Result<Self> {
+        opts.validate()?;
+        if question.trim().is_empty() {
+            return Err(Error::Input("the question is empty".into()));
+        }
+        Ok(LoopRun {
+            question: question.to_string(),
+            opts: opts.clone(),
+            held_ids: HashSet::new(),
+            passages: Vec::new(),
+            prompt_passages: Vec::new(),
+            reasoning: Vec::new(),
+            steps: Vec::new(),
+            query: question.trim().to_string(),
+            step: 0,
+            prepared: None,
+        })
+    }
+
+    /// The question.
+    pub fn question(&self) -> &str {
+        &self.question
+    }
+
+    /// Starts the next step: retrieval of new passages (up to the cap) and the prompt, fitted
+    /// to `model`'s budget. An error when a step is already prepared or the run is over.
+    pub fn prepare(&mut self, retriever: &dyn Retriever, model: &dyn StepModel) -> Result<()> {
+        if self.prepared.is_some() || self.step >= self.opts.max_steps {
+            return Err(Error::Input(
+                "LoopRun::prepare: a step is pending or the run is over".into(),
+            ));
+        }
+        self.step += 1;
+        let (step, opts) = (self.step, &self.opts);
+        let question = self.question.as_str();
         let forced = step == opts.max_steps;
         // 1. Retrieval of new passages, up to the cap.
         let t = Instant::now();
-        let room = opts.max_passages.saturating_sub(passages.len());
+        let room = opts.max_passages.saturating_sub(self.passages.len());
         let k = opts.top_k.min(room);
         let hits = if k > 0 {
-            retriever.retrieve(&query, k, &held_ids)?
+            retriever.retrieve(&self.query, k, &self.held_ids)?
         } else {
             Vec::new()
         };
         let retrieval_ms = t.elapsed().as_secs_f64() * 1e3;
         let mut retrieved = Vec::with_capacity(hits.len());
         for h in hits {
-            if !held_ids.insert(h.id.clone()) {
+            if !self.held_ids.insert(h.id.clone()) {
                 continue; // a retriever that ignored `exclude`
             }
             retrieved.push(PassageRef {
@@ -329,11 +392,11 @@ pub fn reason(
                 title: h.title.clone(),
                 score: h.score,
             });
-            prompt_passages.push(PromptPassage {
+            self.prompt_passages.push(PromptPassage {
                 title: h.title.clone(),
                 text: h.text.clone(),
             });
-            passages.push(HeldPassage {
+            self.passages.push(HeldPassage {
                 id: h.id,
                 title: h.title,
                 text: h.text,
@@ -343,11 +406,11 @@ pub fn reason(
         }
         // 2. Prompt, fitted to the context.
         let suffix = forced.then_some(opts.stop_phrase.as_str());
-        let fitted = match budget {
+        let fitted = match model.prompt_budget(opts.max_sentence_tokens) {
             Some(budget) => prompt::fit(
                 question,
-                &prompt_passages,
-                &reasoning,
+                &self.prompt_passages,
+                &self.reasoning,
                 suffix,
                 opts.passage_word_cap,
                 budget,
@@ -356,8 +419,8 @@ pub fn reason(
             None => {
                 let text = prompt::render_with_suffix(
                     question,
-                    &prompt_passages,
-                    &reasoning,
+                    &self.prompt_passages,
+                    &self.reasoning,
                     opts.passage_word_cap,
                     suffix,
                 );
@@ -369,16 +432,42 @@ pub fn reason(
                 }
             }
         };
-        let req = StepRequest {
-            question,
-            step,
+        self.prepared = Some(PreparedStep {
             forced,
-            passages: &prompt_passages,
-            reasoning: &reasoning,
-            prompt: &fitted.text,
-            max_new_tokens: opts.max_sentence_tokens,
-        };
-        let out = model.generate(&req)?;
+            k,
+            retrieved,
+            fitted,
+            retrieval_ms,
+        });
+        Ok(())
+    }
+
+    /// What the step model is asked at the prepared step.
+    pub fn request(&self) -> Result<StepRequest<'_>> {
+        let p = self
+            .prepared
+            .as_ref()
+            .ok_or_else(|| Error::Input("LoopRun::request: no step prepared".into()))?;
+        Ok(StepRequest {
+            question: &self.question,
+            step: self.step,
+            forced: p.forced,
+            passages: &self.prompt_passages,
+            reasoning: &self.reasoning,
+            prompt: &p.fitted.text,
+            max_new_tokens: self.opts.max_sentence_tokens,
+        })
+    }
+
+    /// Ends the prepared step with the model's output: keeps its first sentence, and returns
+    /// the result when it holds the answer (or the step was the forced one).
+    pub fn finish_step(&mut self, out: StepOutput) -> Result<Option<Reasoning>> {
+        let p = self
+            .prepared
+            .take()
+            .ok_or_else(|| Error::Input("LoopRun::finish_step: no step prepared".into()))?;
+        let (step, opts) = (self.step, &self.opts);
+        let forced = p.forced;
         // 3. One sentence; the answer if it has one.
         let generated = first_sentence(&out.text);
         let sentence = if forced {
@@ -397,47 +486,54 @@ pub fn reason(
         } else {
             Stage::Expand
         };
-        steps.push(StepTrace {
+        self.steps.push(StepTrace {
             step,
             stage,
             forced,
-            query: if k > 0 { query.clone() } else { String::new() },
-            retrieved,
-            held: passages.len(),
-            prompt_tokens: fitted.tokens,
-            words_dropped: fitted.words_dropped,
-            passages_dropped: fitted.passages_dropped,
-            truncated: fitted.truncated(),
+            query: if p.k > 0 {
+                self.query.clone()
+            } else {
+                String::new()
+            },
+            retrieved: p.retrieved,
+            held: self.passages.len(),
+            prompt_tokens: p.fitted.tokens,
+            words_dropped: p.fitted.words_dropped,
+            passages_dropped: p.fitted.passages_dropped,
+            truncated: p.fitted.truncated(),
             sentence: sentence.clone(),
             new_tokens: out.new_tokens,
             mean_prob: out.mean_prob,
             mean_entropy: out.mean_entropy,
             prefilled_tokens: out.prefilled_tokens,
             reused_tokens: out.reused_tokens,
-            retrieval_ms,
+            retrieval_ms: p.retrieval_ms,
             prefill_ms: out.prefill_ms,
             decode_ms: out.decode_ms,
         });
         if let Some(answer) = answer {
-            return Ok(Reasoning {
-                question: question.to_string(),
+            return Ok(Some(Reasoning {
+                question: self.question.clone(),
                 answer,
                 forced,
-                steps,
-                passages,
-            });
+                steps: std::mem::take(&mut self.steps),
+                passages: std::mem::take(&mut self.passages),
+            }));
+        }
+        if forced {
+            // The last step is always forced and always yields an answer.
+            return Err(Error::Input("the loop ended without an answer".into()));
         }
         // 4. Next query.
         let cleaned = clean_query(&sentence);
-        query = if cleaned.trim().is_empty() {
-            question.trim().to_string()
+        self.query = if cleaned.trim().is_empty() {
+            self.question.trim().to_string()
         } else {
             cleaned
         };
-        reasoning.push(sentence);
+        self.reasoning.push(sentence);
+        Ok(None)
     }
-    // The last step is always forced and always yields an answer.
-    Err(Error::Input("the loop ended without an answer".into()))
 }
 
 /// How the next token is chosen.
@@ -563,6 +659,44 @@ impl StepModel for GeneratorStepModel<'_> {
     }
 
     fn generate(&mut self, req: &StepRequest<'_>) -> Result<StepOutput> {
+        let (mut d, mut seq, mut logits) = self.prefill(req)?;
+        while let Some(id) = self.accept(&mut d, logits.last())? {
+            logits = self.generator.append(&mut seq, &[id], LogitsMode::Last)?;
+        }
+        Ok(self.finish(d, seq))
+    }
+}
+
+/// The decoding state of one step of a [`GeneratorStepModel`], between its prefill and its
+/// end: what was generated so far and its statistics.
+pub(crate) struct StepDecode {
+    prompt_tokens: usize,
+    reused: usize,
+    max_new: usize,
+    generated: Vec<u32>,
+    sum_p: f64,
+    sum_h: f64,
+    picks: usize,
+    text: String,
+    prefill_ms: f64,
+    decode_start: Instant,
+}
+
+impl StepDecode {
+    /// Tokens the step's sequence holds in the generator's own cache (the prompt).
+    pub(crate) fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+}
+
+impl GeneratorStepModel<'_> {
+    /// Tokenizes the prompt, keeps the common prefix of the held sequence (KV reuse) and
+    /// prefills the rest; returns the decoding state, the sequence and the logits that start
+    /// the generation.
+    pub(crate) fn prefill(
+        &mut self,
+        req: &StepRequest<'_>,
+    ) -> Result<(StepDecode, Sequence, crate::generator::Logits)> {
         let ids = self.encode(req.prompt)?;
         if ids.is_empty() {
             return Err(Error::Input("the prompt encodes to no token".into()));
@@ -591,50 +725,70 @@ impl StepModel for GeneratorStepModel<'_> {
             self.generator.truncate(&mut seq, common)?;
         }
         let t = Instant::now();
-        let mut logits = self
+        let logits = self
             .generator
             .append(&mut seq, &ids[common..], LogitsMode::Last)?;
         let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
-        let t = Instant::now();
-        let max_new = req.max_new_tokens.min(context.saturating_sub(ids.len()));
-        let mut generated: Vec<u32> = Vec::new();
-        let (mut sum_p, mut sum_h, mut n) = (0.0, 0.0, 0usize);
-        let mut text = String::new();
-        for _ in 0..max_new {
-            let (id, p, h) = self.pick(logits.last())?;
-            sum_p += p;
-            sum_h += h;
-            n += 1;
-            if self.eos.contains(&id) {
-                break;
-            }
-            generated.push(id);
-            text = self.decode(&generated)?;
-            let trimmed = text.trim();
-            if text.trim_start().contains('\n')
-                || (!trimmed.is_empty() && first_sentence(trimmed).len() < trimmed.len())
-            {
-                break;
-            }
-            if generated.len() == max_new {
-                break;
-            }
-            logits = self.generator.append(&mut seq, &[id], LogitsMode::Last)?;
+        let d = StepDecode {
+            prompt_tokens: ids.len(),
+            reused: common,
+            max_new: req.max_new_tokens.min(context.saturating_sub(ids.len())),
+            generated: Vec::new(),
+            sum_p: 0.0,
+            sum_h: 0.0,
+            picks: 0,
+            text: String::new(),
+            prefill_ms,
+            decode_start: Instant::now(),
+        };
+        Ok((d, seq, logits))
+    }
+
+    /// Picks the next token from `logits`; returns it when generation goes on (the caller runs
+    /// it through the model and comes back with its logits), `None` when the step is over (an
+    /// end-of-sequence token, a newline, a complete first sentence, or the token limit).
+    pub(crate) fn accept(&mut self, d: &mut StepDecode, logits: &[f32]) -> Result<Option<u32>> {
+        if d.picks >= d.max_new {
+            return Ok(None);
         }
-        let decode_ms = t.elapsed().as_secs_f64() * 1e3;
+        let (id, p, h) = self.pick(logits)?;
+        d.sum_p += p;
+        d.sum_h += h;
+        d.picks += 1;
+        if self.eos.contains(&id) {
+            return Ok(None);
+        }
+        d.generated.push(id);
+        d.text = self.decode(&d.generated)?;
+        let trimmed = d.text.trim();
+        if d.text.trim_start().contains('\n')
+            || (!trimmed.is_empty() && first_sentence(trimmed).len() < trimmed.len())
+        {
+            return Ok(None);
+        }
+        if d.generated.len() == d.max_new {
+            return Ok(None);
+        }
+        Ok(Some(id))
+    }
+
+    /// Ends the step: keeps `seq` for the next step's reuse and returns the output.
+    pub(crate) fn finish(&mut self, d: StepDecode, seq: Sequence) -> StepOutput {
+        let decode_ms = d.decode_start.elapsed().as_secs_f64() * 1e3;
         if self.kv_reuse {
             self.seq = Some(seq);
         }
-        Ok(StepOutput {
-            text,
-            new_tokens: generated.len(),
-            mean_prob: (n > 0).then(|| sum_p / n as f64),
-            mean_entropy: (n > 0).then(|| sum_h / n as f64),
-            prefilled_tokens: ids.len() - common,
-            reused_tokens: common,
-            prefill_ms,
+        let n = d.picks;
+        StepOutput {
+            new_tokens: d.generated.len(),
+            text: d.text,
+            mean_prob: (n > 0).then(|| d.sum_p / n as f64),
+            mean_entropy: (n > 0).then(|| d.sum_h / n as f64),
+            prefilled_tokens: d.prompt_tokens - d.reused,
+            reused_tokens: d.reused,
+            prefill_ms: d.prefill_ms,
             decode_ms,
-        })
+        }
     }
 }
 

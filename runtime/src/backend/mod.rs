@@ -37,6 +37,16 @@ impl BackendKind {
             BackendKind::Tract => "tract",
         }
     }
+
+    /// Sets the number of model calls that can run at once to `n` (one per worker thread):
+    /// [`OrtOptions::sessions`] on ONNX Runtime; tract runs any number of calls at once on its
+    /// one plan (each call has its own state), so it is unchanged.
+    pub fn with_concurrency(self, n: usize) -> Self {
+        match self {
+            BackendKind::Ort(o) => BackendKind::Ort(o.with_sessions(n)),
+            BackendKind::Tract => BackendKind::Tract,
+        }
+    }
 }
 
 /// An export directory opened by [`load_model`].
@@ -188,7 +198,7 @@ impl BatchInput {
         })
     }
 
-    fn check(&self, past: usize, batch: usize) -> Result<()> {
+    pub(crate) fn check(&self, past: usize, batch: usize) -> Result<()> {
         if self.batch != batch {
             return Err(Error::Input(format!(
                 "cache holds batch {batch}, input has batch {}",
@@ -246,6 +256,30 @@ pub trait BatchDecoder: Send + Sync {
 
     /// Keeps the first `len` cached positions.
     fn truncate_cache(&self, cache: &mut BatchCache, len: usize) -> Result<()>;
+
+    /// Puts `n` positions in front of every row (their keys and values are zeros; the caller
+    /// masks them out), e.g. to make room for a longer row.
+    fn pad_front(&self, cache: &mut BatchCache, n: usize) -> Result<()>;
+
+    /// Drops the first `n` positions of every row (padding every row has in common).
+    fn trim_front(&self, cache: &mut BatchCache, n: usize) -> Result<()>;
+
+    /// Copies the cache of one sequence (`src`, batch 1) into row `row` of `dst`, right-aligned:
+    /// its positions become the last `src.past()` positions of the row; the row's earlier
+    /// positions are left as they are (the caller masks them out). Needs
+    /// `src.past() <= dst.past()`.
+    fn place_row(&self, dst: &mut BatchCache, row: usize, src: &BatchCache) -> Result<()>;
+}
+
+/// The checks shared by the backends' [`BatchDecoder::place_row`].
+pub(crate) fn check_place(dst: &BatchCache, row: usize, src: &BatchCache) -> Result<()> {
+    if src.batch != 1 || row >= dst.batch || src.past > dst.past {
+        return Err(Error::Input(format!(
+            "place_row: a batch-1 cache of {} positions does not fit row {row} of a batch of {} rows × {} positions",
+            src.past, dst.batch, dst.past
+        )));
+    }
+    Ok(())
 }
 
 /// [`Generator::append`] for any [`BatchDecoder`]: batch 1, no padding.

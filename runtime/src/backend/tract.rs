@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
-    tvec, DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TDim,
-    TValue, Tensor, TypedRunnableModel,
+    tvec, DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue,
+    IntoTensor, TDim, TValue, Tensor, TypedRunnableModel,
 };
 
 use super::{append_single, check_io, truncate_single, BatchCache, BatchDecoder, BatchInput};
@@ -231,6 +231,107 @@ impl BatchDecoder for TractGenerator {
         cache.past = len;
         Ok(())
     }
+
+    fn pad_front(&self, cache: &mut BatchCache, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let b = cache.batch;
+        let tc = cache
+            .inner
+            .downcast_mut::<TractCache>()
+            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+        let zeros = Tensor::zero_dt(self.cache_dt, &[b, self.kv_heads, n, self.head_dim])
+            .map_err(backend_err)?;
+        for v in tc.values.iter_mut() {
+            let t = Tensor::stack_tensors(2, &[zeros.clone(), v.clone().into_tensor()])
+                .map_err(backend_err)?;
+            *v = t.into_tvalue();
+        }
+        cache.past += n;
+        Ok(())
+    }
+
+    fn trim_front(&self, cache: &mut BatchCache, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if n > cache.past {
+            return Err(Error::Input(format!(
+                "trim_front: {n} positions asked, the cache holds {}",
+                cache.past
+            )));
+        }
+        let past = cache.past;
+        let tc = cache
+            .inner
+            .downcast_mut::<TractCache>()
+            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+        for v in tc.values.iter_mut() {
+            *v = v.slice(2, n, past).map_err(backend_err)?.into_tvalue();
+        }
+        cache.past = past - n;
+        Ok(())
+    }
+
+    fn place_row(&self, dst: &mut BatchCache, row: usize, src: &BatchCache) -> Result<()> {
+        super::check_place(dst, row, src)?;
+        let (dp, sp) = (dst.past, src.past);
+        let sc = src
+            .inner
+            .downcast_ref::<TractCache>()
+            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+        let dc = dst
+            .inner
+            .downcast_mut::<TractCache>()
+            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+        for (dv, sv) in dc.values.iter_mut().zip(&sc.values) {
+            let mut t = dv.clone().into_tensor();
+            let shape = RowShape {
+                row,
+                heads: self.kv_heads,
+                dp,
+                sp,
+                dim: self.head_dim,
+            };
+            if self.cache_dt == DatumType::F16 {
+                place::<tract_onnx::prelude::f16>(&mut t, sv, &shape)?;
+            } else {
+                place::<f32>(&mut t, sv, &shape)?;
+            }
+            *dv = t.into_tvalue();
+        }
+        Ok(())
+    }
+}
+
+/// Where [`place`] copies a batch-1 cache.
+struct RowShape {
+    row: usize,
+    heads: usize,
+    dp: usize,
+    sp: usize,
+    dim: usize,
+}
+
+/// Copies `src` (`[1, heads, sp, dim]`) into row `row` of `dst` (`[batch, heads, dp, dim]`),
+/// ending at its last position.
+fn place<T: tract_onnx::prelude::Datum + Copy>(
+    dst: &mut Tensor,
+    src: &Tensor,
+    at: &RowShape,
+) -> Result<()> {
+    let not_plain = || backend_err("cache tensor is not contiguous");
+    let s = src.to_plain_array_view::<T>().map_err(backend_err)?;
+    let s = s.as_slice().ok_or_else(not_plain)?;
+    let mut dv = dst.to_plain_array_view_mut::<T>().map_err(backend_err)?;
+    let d = dv.as_slice_mut().ok_or_else(not_plain)?;
+    let (sp, dim) = (at.sp, at.dim);
+    for h in 0..at.heads {
+        let o = ((at.row * at.heads + h) * at.dp + at.dp - sp) * dim;
+        d[o..o + sp * dim].copy_from_slice(&s[h * sp * dim..(h + 1) * sp * dim]);
+    }
+    Ok(())
 }
 
 impl Generator for TractGenerator {
@@ -248,5 +349,9 @@ impl Generator for TractGenerator {
 
     fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()> {
         truncate_single(self, seq, len)
+    }
+
+    fn batch_decoder(&self) -> Option<&dyn BatchDecoder> {
+        Some(self)
     }
 }

@@ -59,7 +59,9 @@ use pool::Pool;
 pub struct ServeConfig {
     /// Listening address (`127.0.0.1:0` picks a free port).
     pub addr: SocketAddr,
-    /// Model worker threads.
+    /// Model worker threads. For them to run model calls at the same time the engine's backend
+    /// must allow as many ([`crate::BackendKind::with_concurrency`]: one ONNX Runtime session
+    /// per worker); `steper-run serve --workers N` does that.
     pub workers: usize,
     /// Jobs waiting for a worker before requests are refused with 503.
     pub max_queue: usize,

@@ -10,7 +10,7 @@ use steper_runtime::data::{read_qa, ReadOptions};
 use steper_runtime::serve::bench::{run_load, LoadEndpoint, LoadOptions, LoadReport};
 use steper_runtime::serve::client::host_port;
 use steper_runtime::serve::{ServeConfig, Server};
-use steper_runtime::Engine;
+use steper_runtime::{BackendKind, Engine};
 
 use super::ask::Backend;
 
@@ -50,6 +50,10 @@ pub struct Args {
     /// ONNX Runtime threads per worker of an in-process server (default: cores / workers).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Give each ONNX Runtime session of an in-process server its own prepacked weights instead
+    /// of sharing them (to measure what sharing saves in peak RSS).
+    #[arg(long)]
+    pub no_shared_weights: bool,
     /// QA file (JSONL) whose questions are sent round-robin.
     #[arg(long)]
     pub questions: PathBuf,
@@ -109,7 +113,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .map(|n| n.get())
                 .unwrap_or(1);
             let threads = a.threads.unwrap_or((cores / a.workers.max(1)).max(1));
-            let backend = a.backend.kind(Some(threads));
+            let backend = match a.backend.kind(Some(threads)).with_concurrency(a.workers) {
+                BackendKind::Ort(o) if a.no_shared_weights => {
+                    BackendKind::Ort(o.with_shared_prepacked_weights(false))
+                }
+                other => other,
+            };
             let (model, index) = (model.clone(), index.clone());
             let config = ServeConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -177,6 +186,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 "addr": addr,
                 "in_process_server": in_process,
                 "endpoint": endpoint,
+                "workers": a.workers,
+                "shared_weights": !a.no_shared_weights,
                 "questions": a.questions,
                 "levels": reports,
                 "peak_rss_bytes": peak,

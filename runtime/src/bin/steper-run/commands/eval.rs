@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use steper_runtime::data::{read_qa, ReadOptions};
-use steper_runtime::eval::{evaluate, EvalOptions};
+use steper_runtime::eval::{evaluate_batched, EvalOptions};
 
 /// Arguments of `eval`.
 #[derive(clap::Args)]
@@ -19,6 +19,10 @@ pub struct Args {
     /// Per-question records (JSONL); the summary goes beside it as `<out>.summary.json`.
     #[arg(long)]
     out: PathBuf,
+    /// Questions in flight at once: their decode steps run as one batched model call (prefill
+    /// stays per question); 1 runs them one after another.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
     /// Skip malformed lines of the data file.
     #[arg(long)]
     skip_bad: bool,
@@ -37,7 +41,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     )?;
     super::ask::report_skipped(&a.data, &qa.skipped);
     let (engine, opts) = a.engine.engine()?;
-    let (summary, _) = evaluate(
+    let (summary, _) = evaluate_batched(
         &engine,
         &qa.rows,
         &opts,
@@ -46,11 +50,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             progress: !a.json,
         },
         Some(&a.out),
+        usize::try_from(a.batch)?,
     )?;
     let mut v = serde_json::to_value(&summary)?;
     v["backend"] = serde_json::to_value(engine.info())?;
     v["kv_reuse"] = serde_json::json!(opts.kv_reuse);
     v["demos"] = serde_json::json!(a.engine.demos);
+    v["batch"] = serde_json::json!(a.batch);
     v["skipped_lines"] = serde_json::json!(qa.skipped.len());
     let mut summary_path = a.out.clone().into_os_string();
     summary_path.push(".summary.json");
@@ -71,8 +77,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             summary.errors
         );
         println!(
-            "{:.2} questions/s, {:.1} tokens/s; prefilled {} tokens, reused {} (ratio {:.2})",
+            "{:.3} questions/s (batch {}), {:.1} tokens/s; prefilled {} tokens, reused {} (ratio {:.2})",
             summary.questions_per_sec,
+            a.batch,
             summary.tokens_per_sec,
             summary.prefilled_tokens,
             summary.reused_tokens,

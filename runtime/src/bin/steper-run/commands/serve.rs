@@ -21,7 +21,8 @@ pub struct Args {
     /// Listening address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
-    /// Model worker threads (each runs one request at a time on its own OS thread).
+    /// Model worker threads (each runs one request at a time on its own OS thread, with its own
+    /// ONNX Runtime session: N workers run N model calls at once).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// Requests waiting for a worker before new ones get 503 + Retry-After.
@@ -69,7 +70,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (model, index, backend) = (
         a.model.clone(),
         a.index.clone(),
-        a.backend.kind(Some(threads)),
+        a.backend.kind(Some(threads)).with_concurrency(a.workers),
     );
     let t = Instant::now();
     let server = Server::start(config, move || {
