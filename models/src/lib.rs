@@ -39,6 +39,6 @@ pub use error::{Error, Result};
 pub use generate::{
     generate, generate_text, GenerateOptions, Generation, Sampling, TextGeneration,
 };
-pub use model::{KvCache, Llama, SeqInputs};
 pub use lora::{LoraConfig, LoraTarget};
+pub use model::{KvCache, Llama, SeqInputs};
 pub use weights::Weights;

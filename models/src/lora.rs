@@ -188,7 +188,9 @@ pub fn merge(base: &Weights, adapters: &Weights, scale: f64) -> Result<Weights> 
         let w = out
             .get(&wn)
             .ok_or_else(|| {
-                Error::Input(format!("LoRA adapter `{name}` matches no weight of the model"))
+                Error::Input(format!(
+                    "LoRA adapter `{name}` matches no weight of the model"
+                ))
             })?
             .clone();
         let delta = (b.matmul(a)? * scale)?.to_dtype(w.dtype())?;
@@ -239,13 +241,20 @@ mod tests {
             .with_lora(&adapters, lora.scale())?
             .forward(&ids, None)?;
         let plain = Llama::new(&cfg, &base)?.forward(&ids, None)?;
-        let merged = Llama::new(&cfg, &merge(&base, &adapters, lora.scale())?)?.forward(&ids, None)?;
+        let merged =
+            Llama::new(&cfg, &merge(&base, &adapters, lora.scale())?)?.forward(&ids, None)?;
         let max = |t: &Tensor| -> Result<f64> {
-            Ok(t.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+            Ok(t.abs()?
+                .max_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?)
         };
         let scale = max(&merged)?;
         let d = max(&(&merged - &unmerged)?)?;
-        assert!(d <= MERGE_RTOL * scale, "merged vs unmerged: {d:e} (scale {scale})");
+        assert!(
+            d <= MERGE_RTOL * scale,
+            "merged vs unmerged: {d:e} (scale {scale})"
+        );
         // And the adapters do change the model (the comparison is not trivially true).
         assert!(max(&(&merged - &plain)?)? > 100.0 * MERGE_RTOL * scale);
         Ok(())

@@ -147,10 +147,18 @@ impl Llama {
             layers.push(Layer {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 attn: Attention {
-                    q_proj: Proj::new(w.get(&format!("{p}.self_attn.q_proj.weight"), &[nh * d, h])?),
-                    k_proj: Proj::new(w.get(&format!("{p}.self_attn.k_proj.weight"), &[kv * d, h])?),
-                    v_proj: Proj::new(w.get(&format!("{p}.self_attn.v_proj.weight"), &[kv * d, h])?),
-                    o_proj: Proj::new(w.get(&format!("{p}.self_attn.o_proj.weight"), &[h, nh * d])?),
+                    q_proj: Proj::new(
+                        w.get(&format!("{p}.self_attn.q_proj.weight"), &[nh * d, h])?,
+                    ),
+                    k_proj: Proj::new(
+                        w.get(&format!("{p}.self_attn.k_proj.weight"), &[kv * d, h])?,
+                    ),
+                    v_proj: Proj::new(
+                        w.get(&format!("{p}.self_attn.v_proj.weight"), &[kv * d, h])?,
+                    ),
+                    o_proj: Proj::new(
+                        w.get(&format!("{p}.self_attn.o_proj.weight"), &[h, nh * d])?,
+                    ),
                 },
                 post_attention_layernorm: w
                     .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
@@ -227,7 +235,11 @@ impl Llama {
                 }
             }
         }
-        if let Some(stray) = adapters.tensors().keys().find(|k| !used.contains(k.as_str())) {
+        if let Some(stray) = adapters
+            .tensors()
+            .keys()
+            .find(|k| !used.contains(k.as_str()))
+        {
             return Err(Error::Input(format!(
                 "LoRA adapter `{stray}` matches no projection of the model"
             )));
@@ -300,7 +312,8 @@ impl Llama {
             valid: cache.valid.clone(),
             next_pos: cache.next_pos.clone(),
         };
-        let (ids, positions, valid) = self.check_batch(input_ids, attention_mask, &mut scratch, b, s)?;
+        let (ids, positions, valid) =
+            self.check_batch(input_ids, attention_mask, &mut scratch, b, s)?;
         let ctx = self.attention_inputs(&positions, &valid, b, s, past)?;
         let ids_t = Tensor::from_vec(ids, b * s, &self.device)?;
         let mut x =
@@ -334,7 +347,8 @@ impl Llama {
                 input_ids.dims()
             ))
         })?;
-        let (ids, positions, valid) = self.check_batch(input_ids, attention_mask, &mut cache, b, s)?;
+        let (ids, positions, valid) =
+            self.check_batch(input_ids, attention_mask, &mut cache, b, s)?;
         let ctx = self.attention_inputs(&positions, &valid, b, s, 0)?;
         Ok(SeqInputs {
             ids: Tensor::from_vec(ids, b * s, &self.device)?,
@@ -346,10 +360,11 @@ impl Llama {
 
     /// Token embeddings `[batch, seq, hidden]` of a prepared batch.
     pub fn embed(&self, seq: &SeqInputs) -> Result<Tensor> {
-        Ok(self
-            .embed_tokens
-            .index_select(&seq.ids, 0)?
-            .reshape((seq.batch, seq.seq, self.cfg.hidden_size))?)
+        Ok(self.embed_tokens.index_select(&seq.ids, 0)?.reshape((
+            seq.batch,
+            seq.seq,
+            self.cfg.hidden_size,
+        ))?)
     }
 
     /// Runs decoder layers `layers` (a sub-range of `0..num_hidden_layers`) on the hidden states
@@ -518,15 +533,21 @@ impl Llama {
         let nh = self.cfg.num_attention_heads;
         let kvh = self.cfg.kv_heads();
         let d = self.cfg.head_size();
-        let q = a.q_proj.forward(x)?
+        let q = a
+            .q_proj
+            .forward(x)?
             .reshape((b, s, nh, d))?
             .transpose(1, 2)?
             .contiguous()?;
-        let k = a.k_proj.forward(x)?
+        let k = a
+            .k_proj
+            .forward(x)?
             .reshape((b, s, kvh, d))?
             .transpose(1, 2)?
             .contiguous()?;
-        let v = a.v_proj.forward(x)?
+        let v = a
+            .v_proj
+            .forward(x)?
             .reshape((b, s, kvh, d))?
             .transpose(1, 2)?
             .contiguous()?;

@@ -8,8 +8,8 @@
 //! why these exist. The kernels are CPU-only; on another device [`rms_norm`], [`softmax_last_dim`]
 //! and [`rope`] fall back to the composed (differentiable) forms.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Rows of `src` (contiguous, last dim `n`) as a slice.
@@ -138,27 +138,24 @@ impl CustomOp1 for Softmax {
         let x = contiguous(f32s(s, self.name())?, l, self.name())?;
         let n = l.dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, x)| {
-            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, x) in o.iter_mut().zip(x) {
-                *o = (x - m).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            for o in o.iter_mut() {
-                *o *= inv;
-            }
-        });
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .for_each(|(o, x)| {
+                let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, x) in o.iter_mut().zip(x) {
+                    *o = (x - m).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                for o in o.iter_mut() {
+                    *o *= inv;
+                }
+            });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        y: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // dx = y·(g − Σ g·y)
         let y = y.contiguous()?;
         let g = g.contiguous()?;
@@ -346,7 +343,9 @@ fn fused(x: &Tensor) -> bool {
 /// Differentiable in `x` and `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     if fused(x) && w.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 });
+        return x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 });
     }
     rms_norm_composed(x, w, eps)
 }
@@ -370,11 +369,18 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Attention probabilities `softmax(scale · x + mask)` over the last dimension, for scores `x`
 /// `[b, h, s, t]` and an optional additive mask `[b, 1, s, t]`. Differentiable in `x`.
-pub fn attention_softmax(x: &Tensor, mask: Option<&Tensor>, scale: f64) -> candle_core::Result<Tensor> {
+pub fn attention_softmax(
+    x: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
     match mask {
-        Some(m) if fused(x) && m.dtype() == DType::F32 => x
-            .contiguous()?
-            .apply_op2(&m.contiguous()?, MaskedSoftmax { scale: scale as f32 }),
+        Some(m) if fused(x) && m.dtype() == DType::F32 => x.contiguous()?.apply_op2(
+            &m.contiguous()?,
+            MaskedSoftmax {
+                scale: scale as f32,
+            },
+        ),
         Some(m) => softmax_last_dim(&(x * scale)?.broadcast_add(m)?),
         None => softmax_last_dim(&(x * scale)?),
     }
@@ -429,7 +435,10 @@ mod tests {
     fn close(name: &str, a: &Tensor, b: &Tensor, tol: f64) {
         let scale = max_abs(a).max(max_abs(b)).max(1.0);
         let d = max_abs(&(a - b).unwrap());
-        assert!(d <= tol * scale, "{name}: max |Δ| {d:e} > {tol:e} × {scale}");
+        assert!(
+            d <= tol * scale,
+            "{name}: max |Δ| {d:e} > {tol:e} × {scale}"
+        );
     }
 
     /// A random tensor; values of both signs and several magnitudes.
@@ -512,10 +521,8 @@ mod tests {
         let mask = Tensor::from_vec(m, (b, 1, q, t), &Device::Cpu)?;
         let scale = 0.35;
         let fast = attention_softmax(x.as_tensor(), Some(&mask), scale)?;
-        let slow = candle_nn::ops::softmax(
-            &(x.as_tensor() * scale)?.broadcast_add(&mask)?,
-            D::Minus1,
-        )?;
+        let slow =
+            candle_nn::ops::softmax(&(x.as_tensor() * scale)?.broadcast_add(&mask)?, D::Minus1)?;
         close("forward", &fast, &slow, FWD_ATOL);
         let gf = project(&fast, 13)?.backward()?;
         let gs = project(&slow, 13)?.backward()?;
@@ -565,7 +572,11 @@ mod tests {
         let w = Var::from_tensor(&w0)?;
         let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?;
         let g = (y * &r)?.sum_all()?.backward()?;
-        let gx: Vec<f32> = g.get(x.as_tensor()).expect("x grad").flatten_all()?.to_vec1()?;
+        let gx: Vec<f32> = g
+            .get(x.as_tensor())
+            .expect("x grad")
+            .flatten_all()?
+            .to_vec1()?;
         let gw: Vec<f32> = g.get(w.as_tensor()).expect("w grad").to_vec1()?;
         let xv: Vec<f32> = x0.flatten_all()?.to_vec1()?;
         for i in 0..xv.len() {
@@ -576,7 +587,11 @@ mod tests {
             let fd = (f(&Tensor::from_vec(p, (2, 8), &Device::Cpu)?, &w0)?
                 - f(&Tensor::from_vec(m, (2, 8), &Device::Cpu)?, &w0)?)
                 / (2.0 * FD_EPS);
-            assert!((fd - gx[i] as f64).abs() <= FD_ATOL, "x[{i}]: {fd} vs {}", gx[i]);
+            assert!(
+                (fd - gx[i] as f64).abs() <= FD_ATOL,
+                "x[{i}]: {fd} vs {}",
+                gx[i]
+            );
         }
         let wv: Vec<f32> = w0.to_vec1()?;
         for i in 0..wv.len() {
@@ -587,7 +602,11 @@ mod tests {
             let fd = (f(&x0, &Tensor::new(p.as_slice(), &Device::Cpu)?)?
                 - f(&x0, &Tensor::new(m.as_slice(), &Device::Cpu)?)?)
                 / (2.0 * FD_EPS);
-            assert!((fd - gw[i] as f64).abs() <= FD_ATOL, "w[{i}]: {fd} vs {}", gw[i]);
+            assert!(
+                (fd - gw[i] as f64).abs() <= FD_ATOL,
+                "w[{i}]: {fd} vs {}",
+                gw[i]
+            );
         }
         Ok(())
     }

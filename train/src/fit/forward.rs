@@ -177,13 +177,18 @@ pub(crate) mod tests {
             .map(|q| Example {
                 stage: stages[q as usize],
                 prompt: (0..(5 + 2 * q)).map(|i| 3 + (q * 7 + i * 5) % 35).collect(),
-                target: (0..(2 + q % 2)).map(|i| 3 + (q * 3 + i * 11) % 35).collect(),
+                target: (0..(2 + q % 2))
+                    .map(|i| 3 + (q * 3 + i * 11) % 35)
+                    .collect(),
             })
             .collect()
     }
 
     pub(crate) fn max_abs(t: &Tensor) -> Result<f64> {
-        Ok(t.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        Ok(t.abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
     }
 
     /// Asserts two gradients agree within `rtol` of the larger one's scale.

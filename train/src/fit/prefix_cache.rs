@@ -125,11 +125,7 @@ impl Fnv {
 /// Key of an example's cached rows: its input tokens (`prompt ++ target` minus the last token).
 fn example_key(e: &Example) -> u64 {
     let mut h = Fnv::new();
-    let input = e
-        .prompt
-        .iter()
-        .chain(e.target.iter())
-        .take(e.input_len());
+    let input = e.prompt.iter().chain(e.target.iter()).take(e.input_len());
     let mut n = 0u64;
     for &t in input {
         h.word(t as u64);
@@ -296,7 +292,12 @@ impl PrefixCache {
     /// Hidden states `[b, t, hidden]` (model dtype) after the frozen layers for `examples`,
     /// right-padded with zeros to `t` positions; examples not cached yet are computed, appended
     /// and counted as misses.
-    pub fn batch_hidden(&mut self, model: &Llama, examples: &[&Example], t: usize) -> Result<Tensor> {
+    pub fn batch_hidden(
+        &mut self,
+        model: &Llama,
+        examples: &[&Example],
+        t: usize,
+    ) -> Result<Tensor> {
         let d = self.index.hidden;
         let mut rows = Vec::with_capacity(examples.len());
         for e in examples {
@@ -326,7 +327,13 @@ impl PrefixCache {
             return Ok(t.to_dtype(model.dtype())?);
         }
         let n = e.input_len();
-        let ids: Vec<u32> = e.prompt.iter().chain(e.target.iter()).take(n).copied().collect();
+        let ids: Vec<u32> = e
+            .prompt
+            .iter()
+            .chain(e.target.iter())
+            .take(n)
+            .copied()
+            .collect();
         let ids = Tensor::from_vec(ids, (1, n), &dev)?;
         let seq = model.prepare(&ids, None)?;
         let x = model
@@ -394,7 +401,10 @@ mod tests {
     /// Loss agreement with an f16 cache (hidden states rounded to 11 significant bits).
     const CACHE_F16_LOSS_RTOL: f64 = 5e-3;
 
-    fn top_trained(cfg: &steper_models::LlamaConfig, w: Weights) -> Result<(Weights, Vec<(String, candle_core::Var)>)> {
+    fn top_trained(
+        cfg: &steper_models::LlamaConfig,
+        w: Weights,
+    ) -> Result<(Weights, Vec<(String, candle_core::Var)>)> {
         let n = cfg.num_hidden_layers;
         let mut frozen = std::collections::BTreeMap::new();
         let mut trained = std::collections::BTreeMap::new();
@@ -425,8 +435,12 @@ mod tests {
         let batch = make_batch(&refs, &Device::Cpu)?;
         let s: [Tensor; 3] = std::array::from_fn(|_| Tensor::new(0.2f32, &Device::Cpu).unwrap());
         let loss = |p: &mut Prefix<'_>| -> Result<Tensor> {
-            Ok(combine(&batch_losses(&model, &refs, &batch, p)?, LossMode::Steper, &s)?
-                .expect("stages present"))
+            Ok(combine(
+                &batch_losses(&model, &refs, &batch, p)?,
+                LossMode::Steper,
+                &s,
+            )?
+            .expect("stages present"))
         };
         let plain = loss(&mut Prefix {
             frozen_layers: k,
@@ -510,7 +524,12 @@ mod tests {
         let model2 = Llama::new(&cfg, &all2)?;
         let c = PrefixCache::open(&dir, &model2, &all2, k, CacheDtype::F32)?;
         assert!(c.stats.rebuilt);
-        assert!(c.stats.rebuilt_because.as_deref().unwrap_or("").contains("another model"));
+        assert!(c
+            .stats
+            .rebuilt_because
+            .as_deref()
+            .unwrap_or("")
+            .contains("another model"));
         drop(c);
         // Another frozen-layer count.
         let c = PrefixCache::open(&dir, &model2, &all2, k - 1, CacheDtype::F32)?;

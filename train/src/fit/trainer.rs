@@ -16,8 +16,8 @@ use steper_models::{Checkpoint, Llama, LlamaConfig, Weights};
 
 use super::forward::{batch_losses, make_batch, Prefix};
 use super::loss::combine;
-use super::prefix_cache::{CacheDtype, CacheStats, PrefixCache};
 use super::optim::{clip_global_norm, lr_at, AdamW, AdamWConfig};
+use super::prefix_cache::{CacheDtype, CacheStats, PrefixCache};
 use super::{Example, LossMode, Stage};
 use crate::error::{Error, Result};
 
