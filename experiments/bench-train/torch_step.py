@@ -5,6 +5,14 @@ tied or untied head), same batch shape (batch_size x seq_len random tokens, loss
 target_len tokens of each row, rows cycling through the three stages), same objective
 (sum_j exp(-2 s_j)/2 * L_j + s_j with learnable s_j), AdamW (no decay on norms and s), global
 grad-norm clipping at 1.0, and the same freezing options. Prints one JSON report.
+
+Variants (to compare like with like, and with what a user would write):
+  --logits targets   the head and the loss only at target positions (what steper-train does);
+  --logits all       HF-style: logits for every position, loss masked (a user's training step);
+  --prefix-cache     the frozen bottom (embeddings frozen, below --top-layers) computed once under
+                     no_grad before the timed steps and reused (steper-train fit --prefix-cache);
+  --lora-rank R      LoRA adapters (W + alpha/R * B A, B zero-initialised) on --lora-targets of the
+                     top --top-layers layers (all layers without it); every base weight frozen.
 """
 import argparse
 import json
@@ -31,6 +39,20 @@ def rope(x, cos, sin):
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LoraLinear(nn.Module):
+    """A frozen nn.Linear plus a trainable rank-r update, as peft's LoRA does it."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.empty(r, base.in_features).uniform_(-1, 1) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r))
+        self.scale = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_a.t()) @ self.lora_b.t() * self.scale
 
 
 class Layer(nn.Module):
@@ -81,17 +103,32 @@ class Llama(nn.Module):
         theta = c.get("rope_theta", 10000.0)
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
 
-    def forward(self, ids):
-        t = ids.shape[1]
+    def rope(self, t):
         freqs = torch.outer(torch.arange(t).float(), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        return emb.cos()[None, None], emb.sin()[None, None]
+
+    def bottom(self, ids, k):
+        """Hidden states after the first k layers."""
+        cos, sin = self.rope(ids.shape[1])
         x = self.embed_tokens(ids)
-        for layer in self.layers:
+        for layer in self.layers[:k]:
             x = layer(x, cos, sin)
-        x = self.norm(x)
+        return x
+
+    def top(self, x, k):
+        """Hidden states after layers k.. (before the final norm)."""
+        cos, sin = self.rope(x.shape[1])
+        for layer in self.layers[k:]:
+            x = layer(x, cos, sin)
+        return x
+
+    def head(self, h):
         w = self.embed_tokens.weight if self.tied else self.lm_head.weight
-        return x @ w.t()
+        return self.norm(h) @ w.t()
+
+    def forward(self, ids):
+        return self.head(self.top(self.bottom(ids, 0), 0))
 
 
 def main():
@@ -106,6 +143,11 @@ def main():
     ap.add_argument("--top-layers", type=int)
     ap.add_argument("--threads", type=int, default=0, help="0: torch's default")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--logits", choices=["all", "targets"], default="all")
+    ap.add_argument("--prefix-cache", action="store_true")
+    ap.add_argument("--lora-rank", type=int)
+    ap.add_argument("--lora-alpha", type=float)
+    ap.add_argument("--lora-targets", default="q,k,v,o,gate,up,down")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -120,6 +162,18 @@ def main():
         if a.top_layers is not None and name.startswith("layers."):
             train = int(name.split(".")[1]) + a.top_layers >= n_layers
         p.requires_grad_(train)
+    first_top = n_layers - a.top_layers if a.top_layers is not None else 0
+    if a.lora_rank:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        alpha = a.lora_alpha if a.lora_alpha is not None else 2.0 * a.lora_rank
+        names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+        for layer in model.layers[first_top:]:
+            for t in a.lora_targets.split(","):
+                n = names[t.strip()]
+                setattr(layer, n, LoraLinear(getattr(layer, n), a.lora_rank, alpha))
+    frozen_bottom = first_top if (a.freeze_embeddings or a.lora_rank) else 0
     s = nn.Parameter(torch.zeros(3))
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -132,11 +186,26 @@ def main():
     stage = torch.arange(B) % 3
     target_mask = torch.zeros(B, T - 1)
     target_mask[:, T - 1 - L :] = 1.0
+    cached = None
+    if a.prefix_cache:
+        with torch.no_grad():
+            cached = model.bottom(ids[:, :-1], frozen_bottom)
     times = []
     for step in range(a.warmup_steps + a.steps):
         t0 = time.perf_counter()
-        logits = model(ids[:, :-1])
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(B, T - 1)
+        if cached is not None:
+            h = model.top(cached, frozen_bottom)
+        else:
+            h = model.top(model.bottom(ids[:, :-1], frozen_bottom), frozen_bottom)
+        if a.logits == "targets":
+            # Only target rows reach the head; non-target rows get nll 0 (masked anyway).
+            rows = target_mask.reshape(-1).nonzero().squeeze(1)
+            logits = model.head(h.reshape(-1, h.shape[-1])[rows])
+            nll_rows = F.cross_entropy(logits, ids[:, 1:].reshape(-1)[rows], reduction="none")
+            nll = torch.zeros(B * (T - 1)).index_put((rows,), nll_rows).view(B, T - 1)
+        else:
+            logits = model.head(h)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(B, T - 1)
         total = 0.0
         for j in range(3):
             m = target_mask * (stage == j).float()[:, None]

@@ -27,7 +27,9 @@ pub mod error;
 pub mod fsutil;
 pub mod generate;
 pub mod gguf;
+pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod tokenizer;
 pub mod weights;
 
@@ -37,5 +39,6 @@ pub use error::{Error, Result};
 pub use generate::{
     generate, generate_text, GenerateOptions, Generation, Sampling, TextGeneration,
 };
-pub use model::{KvCache, Llama};
+pub use lora::{LoraConfig, LoraTarget};
+pub use model::{KvCache, Llama, SeqInputs};
 pub use weights::Weights;

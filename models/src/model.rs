@@ -1,11 +1,12 @@
 //! The Llama-family decoder in candle: RMSNorm, RoPE (HF half-rotation layout), grouped-query
 //! attention and a SwiGLU MLP, with HF tensor names.
 //!
-//! Every op used here has a backward pass in candle, so [`Llama::forward`] is differentiable with
-//! respect to every weight (the fused `candle_nn::ops::rms_norm` / `rotary_emb::rope` kernels are
-//! avoided on purpose: they have no backward).
+//! Every op used here has a backward pass, so [`Llama::forward`] is differentiable with respect
+//! to every weight: RMSNorm, softmax and RoPE are the fused kernels of [`crate::ops`], which carry
+//! their own backward (candle-nn's fused `ops::rms_norm` / `softmax_last_dim` /
+//! `rotary_emb::rope` have none and are not used).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
@@ -15,17 +16,37 @@ use crate::weights::Weights;
 /// (a left-padding query) gives a uniform distribution instead of NaN.
 const MASKED: f32 = -1e9;
 
+/// A projection `x @ w^T`, optionally with a LoRA adapter: `+ scale · (x @ a^T) @ b^T`.
+struct Proj {
+    w: Tensor,
+    lora: Option<(Tensor, Tensor, f64)>,
+}
+
+impl Proj {
+    fn new(w: Tensor) -> Self {
+        Proj { w, lora: None }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = linear(x, &self.w)?;
+        match &self.lora {
+            None => Ok(y),
+            Some((a, b, scale)) => Ok((y + (linear(&linear(x, a)?, b)? * *scale)?)?),
+        }
+    }
+}
+
 struct Attention {
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
-    o_proj: Tensor,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
 }
 
 struct Mlp {
-    gate_proj: Tensor,
-    up_proj: Tensor,
-    down_proj: Tensor,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 struct Layer {
@@ -72,6 +93,29 @@ impl KvCache {
     }
 }
 
+/// What every layer needs for one batch: the additive mask and the RoPE tables per position.
+struct AttnInputs {
+    mask: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// A validated training batch ([`Llama::prepare`]): token ids, mask and RoPE tables, shared by
+/// [`Llama::embed`] and [`Llama::forward_layers`].
+pub struct SeqInputs {
+    ids: Tensor,
+    batch: usize,
+    seq: usize,
+    ctx: AttnInputs,
+}
+
+impl SeqInputs {
+    /// `(batch, seq)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.batch, self.seq)
+    }
+}
+
 /// A Llama-family causal language model.
 pub struct Llama {
     cfg: LlamaConfig,
@@ -103,17 +147,25 @@ impl Llama {
             layers.push(Layer {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 attn: Attention {
-                    q_proj: w.get(&format!("{p}.self_attn.q_proj.weight"), &[nh * d, h])?,
-                    k_proj: w.get(&format!("{p}.self_attn.k_proj.weight"), &[kv * d, h])?,
-                    v_proj: w.get(&format!("{p}.self_attn.v_proj.weight"), &[kv * d, h])?,
-                    o_proj: w.get(&format!("{p}.self_attn.o_proj.weight"), &[h, nh * d])?,
+                    q_proj: Proj::new(
+                        w.get(&format!("{p}.self_attn.q_proj.weight"), &[nh * d, h])?,
+                    ),
+                    k_proj: Proj::new(
+                        w.get(&format!("{p}.self_attn.k_proj.weight"), &[kv * d, h])?,
+                    ),
+                    v_proj: Proj::new(
+                        w.get(&format!("{p}.self_attn.v_proj.weight"), &[kv * d, h])?,
+                    ),
+                    o_proj: Proj::new(
+                        w.get(&format!("{p}.self_attn.o_proj.weight"), &[h, nh * d])?,
+                    ),
                 },
                 post_attention_layernorm: w
                     .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mlp: Mlp {
-                    gate_proj: w.get(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
-                    up_proj: w.get(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
-                    down_proj: w.get(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+                    gate_proj: Proj::new(w.get(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?),
+                    up_proj: Proj::new(w.get(&format!("{p}.mlp.up_proj.weight"), &[i, h])?),
+                    down_proj: Proj::new(w.get(&format!("{p}.mlp.down_proj.weight"), &[h, i])?),
                 },
             });
         }
@@ -135,6 +187,64 @@ impl Llama {
             device,
             dtype,
         })
+    }
+
+    /// Attaches LoRA adapters (see [`crate::lora`]): every `{proj}.lora_a` `[rank, in]` /
+    /// `{proj}.lora_b` `[out, rank]` pair in `adapters` adds `scale · x·aᵀ·bᵀ` to the
+    /// projection `{proj}.weight`. An adapter name that matches no projection of the model, or a
+    /// pair with one half missing or mis-shaped, is an error naming it.
+    pub fn with_lora(mut self, adapters: &Weights, scale: f64) -> Result<Self> {
+        let mut used = std::collections::HashSet::new();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            let projs: [(&str, &mut Proj); 7] = [
+                ("self_attn.q_proj", &mut layer.attn.q_proj),
+                ("self_attn.k_proj", &mut layer.attn.k_proj),
+                ("self_attn.v_proj", &mut layer.attn.v_proj),
+                ("self_attn.o_proj", &mut layer.attn.o_proj),
+                ("mlp.gate_proj", &mut layer.mlp.gate_proj),
+                ("mlp.up_proj", &mut layer.mlp.up_proj),
+                ("mlp.down_proj", &mut layer.mlp.down_proj),
+            ];
+            for (name, proj) in projs {
+                let an = format!("{p}.{name}.lora_a");
+                let bn = format!("{p}.{name}.lora_b");
+                let a = adapters.tensors().get(&an);
+                let b = adapters.tensors().get(&bn);
+                match (a, b) {
+                    (None, None) => {}
+                    (Some(a), Some(b)) => {
+                        let (out, inp) = proj.w.dims2()?;
+                        let r = a.dim(0)?;
+                        if a.dims() != [r, inp] || b.dims() != [out, r] {
+                            return Err(Error::Input(format!(
+                                "LoRA adapter {p}.{name}: lora_a {:?} / lora_b {:?} do not fit the weight [{out}, {inp}]",
+                                a.dims(),
+                                b.dims()
+                            )));
+                        }
+                        proj.lora = Some((a.clone(), b.clone(), scale));
+                        used.insert(an);
+                        used.insert(bn);
+                    }
+                    _ => {
+                        return Err(Error::Input(format!(
+                            "LoRA adapter {p}.{name}: lora_a and lora_b must both be present"
+                        )))
+                    }
+                }
+            }
+        }
+        if let Some(stray) = adapters
+            .tensors()
+            .keys()
+            .find(|k| !used.contains(k.as_str()))
+        {
+            return Err(Error::Input(format!(
+                "LoRA adapter `{stray}` matches no projection of the model"
+            )));
+        }
+        Ok(self)
     }
 
     /// The config the model was built from.
@@ -196,6 +306,107 @@ impl Llama {
                 input_ids.dims()
             ))
         })?;
+        let past = cache.len();
+        let mut scratch = KvCache {
+            layers: Vec::new(),
+            valid: cache.valid.clone(),
+            next_pos: cache.next_pos.clone(),
+        };
+        let (ids, positions, valid) =
+            self.check_batch(input_ids, attention_mask, &mut scratch, b, s)?;
+        let ctx = self.attention_inputs(&positions, &valid, b, s, past)?;
+        let ids_t = Tensor::from_vec(ids, b * s, &self.device)?;
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids_t, 0)?
+                .reshape((b, s, self.cfg.hidden_size))?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, &x, &ctx, &mut cache.layers[l], keep)?;
+        }
+        let logits = self.head(&x)?;
+        if keep {
+            cache.valid = valid;
+            cache.next_pos = scratch.next_pos;
+        }
+        Ok(logits)
+    }
+
+    /// Validates a training batch and builds what every layer needs for it: the additive
+    /// causal + padding mask and the RoPE tables of each position. No KV cache is involved.
+    ///
+    /// `input_ids` is `[batch, seq]`; `attention_mask` as in [`Llama::forward`].
+    pub fn prepare(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<SeqInputs> {
+        let mut cache = self.new_cache(input_ids.dim(0)?);
+        let (b, s) = input_ids.dims2().map_err(|_| {
+            Error::Input(format!(
+                "input_ids must be [batch, seq], got {:?}",
+                input_ids.dims()
+            ))
+        })?;
+        let (ids, positions, valid) =
+            self.check_batch(input_ids, attention_mask, &mut cache, b, s)?;
+        let ctx = self.attention_inputs(&positions, &valid, b, s, 0)?;
+        Ok(SeqInputs {
+            ids: Tensor::from_vec(ids, b * s, &self.device)?,
+            batch: b,
+            seq: s,
+            ctx,
+        })
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` of a prepared batch.
+    pub fn embed(&self, seq: &SeqInputs) -> Result<Tensor> {
+        Ok(self.embed_tokens.index_select(&seq.ids, 0)?.reshape((
+            seq.batch,
+            seq.seq,
+            self.cfg.hidden_size,
+        ))?)
+    }
+
+    /// Runs decoder layers `layers` (a sub-range of `0..num_hidden_layers`) on the hidden states
+    /// `x` `[batch, seq, hidden]` of a prepared batch; returns the hidden states after the last
+    /// of them (before the final norm).
+    pub fn forward_layers(
+        &self,
+        x: &Tensor,
+        seq: &SeqInputs,
+        layers: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        if layers.start > layers.end || layers.end > self.layers.len() {
+            return Err(Error::Input(format!(
+                "layer range {layers:?} outside the model's {} layers",
+                self.layers.len()
+            )));
+        }
+        let mut x = x.clone();
+        for layer in &self.layers[layers] {
+            x = self.layer_forward(layer, &x, &seq.ctx, &mut None, false)?;
+        }
+        Ok(x)
+    }
+
+    /// The final norm and the vocabulary projection: logits `[.., vocab]` of hidden states
+    /// `[.., hidden]` of any leading shape (e.g. only the rows of target positions).
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let x = rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
+        linear(&x, &self.lm_head)
+    }
+
+    /// Checks ids, mask and length against the model and the cache; returns the ids, the
+    /// position of each new token and the validity of every position (cached and new).
+    #[allow(clippy::type_complexity)]
+    fn check_batch(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        b: usize,
+        s: usize,
+    ) -> Result<(Vec<u32>, Vec<u32>, Vec<Vec<bool>>)> {
         if cache.valid.len() != b {
             return Err(Error::Input(format!(
                 "cache was made for batch {}, input has batch {b}",
@@ -233,14 +444,12 @@ impl Llama {
                 self.cfg.max_position_embeddings
             )));
         }
-        // Positions (real tokens counted per row) and the additive mask, built on the host.
+        // Positions count real tokens per row.
         let mut positions = Vec::with_capacity(b * s);
-        let mut next_pos = cache.next_pos.clone();
-        let mut valid = cache.valid.clone();
         for ((row, pos), held) in new_valid
             .iter()
-            .zip(next_pos.iter_mut())
-            .zip(valid.iter_mut())
+            .zip(cache.next_pos.iter_mut())
+            .zip(cache.valid.iter_mut())
         {
             for &v in row {
                 positions.push(if v { *pos } else { 0 });
@@ -258,6 +467,19 @@ impl Llama {
                 )));
             }
         }
+        Ok((ids, positions, cache.valid.clone()))
+    }
+
+    /// The additive mask `[batch, 1, seq, past + seq]` (absent when nothing is masked) and the
+    /// RoPE cos / sin `[batch, seq, head_dim / 2]` of each new position.
+    fn attention_inputs(
+        &self,
+        positions: &[u32],
+        valid: &[Vec<bool>],
+        b: usize,
+        s: usize,
+        past: usize,
+    ) -> Result<AttnInputs> {
         let total = past + s;
         let need_mask = s > 1 || valid.iter().any(|r| r.iter().any(|&v| !v));
         let mask = if need_mask {
@@ -276,52 +498,34 @@ impl Llama {
         } else {
             None
         };
-        let pos = Tensor::from_vec(positions, b * s, &self.device)?;
+        let pos = Tensor::from_vec(positions.to_vec(), b * s, &self.device)?;
         let half = self.cfg.head_size() / 2;
-        let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, s, half))?;
-        let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, s, half))?;
-        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
-        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
-
-        let ids_t = Tensor::from_vec(ids, b * s, &self.device)?;
-        let mut x =
-            self.embed_tokens
-                .index_select(&ids_t, 0)?
-                .reshape((b, s, self.cfg.hidden_size))?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let hn = rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
-            let a = self.attention(
-                &layer.attn,
-                &hn,
-                &cos,
-                &sin,
-                mask.as_ref(),
-                &mut cache.layers[l],
-                keep,
-            )?;
-            let x1 = (residual + a)?;
-            let hn = rms_norm(&x1, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
-            let m = mlp(&layer.mlp, &hn)?;
-            x = (x1 + m)?;
-        }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        let logits = linear(&x, &self.lm_head)?;
-        if keep {
-            cache.valid = valid;
-            cache.next_pos = next_pos;
-        }
-        Ok(logits)
+        let cos = self.cos.index_select(&pos, 0)?.reshape((b, s, half))?;
+        let sin = self.sin.index_select(&pos, 0)?.reshape((b, s, half))?;
+        Ok(AttnInputs { mask, cos, sin })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        ctx: &AttnInputs,
+        cache: &mut Option<(Tensor, Tensor)>,
+        keep: bool,
+    ) -> Result<Tensor> {
+        let hn = rms_norm(x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
+        let a = self.attention(&layer.attn, &hn, ctx, cache, keep)?;
+        let x1 = (x + a)?;
+        let hn = rms_norm(&x1, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
+        let m = mlp(&layer.mlp, &hn)?;
+        Ok((x1 + m)?)
+    }
+
     fn attention(
         &self,
         a: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
+        ctx: &AttnInputs,
         cache: &mut Option<(Tensor, Tensor)>,
         keep: bool,
     ) -> Result<Tensor> {
@@ -329,20 +533,26 @@ impl Llama {
         let nh = self.cfg.num_attention_heads;
         let kvh = self.cfg.kv_heads();
         let d = self.cfg.head_size();
-        let q = linear(x, &a.q_proj)?
+        let q = a
+            .q_proj
+            .forward(x)?
             .reshape((b, s, nh, d))?
             .transpose(1, 2)?
             .contiguous()?;
-        let k = linear(x, &a.k_proj)?
+        let k = a
+            .k_proj
+            .forward(x)?
             .reshape((b, s, kvh, d))?
             .transpose(1, 2)?
             .contiguous()?;
-        let v = linear(x, &a.v_proj)?
+        let v = a
+            .v_proj
+            .forward(x)?
             .reshape((b, s, kvh, d))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
         let (k, v) = match cache.as_ref() {
             Some((pk, pv)) => (
                 Tensor::cat(&[pk, &k], 2)?.contiguous()?,
@@ -356,14 +566,11 @@ impl Llama {
         let k = repeat_kv(&k, nh / kvh)?;
         let v = repeat_kv(&v, nh / kvh)?;
         let scale = 1.0 / (d as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        if let Some(m) = mask {
-            att = att.broadcast_add(m)?;
-        }
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = q.matmul(&k.t()?.contiguous()?)?;
+        let att = crate::ops::attention_softmax(&att, ctx.mask.as_ref(), scale)?;
         let y = att.matmul(&v)?;
         let y = y.transpose(1, 2)?.reshape((b, s, nh * d))?;
-        linear(&y, &a.o_proj)
+        a.o_proj.forward(&y)
     }
 }
 
@@ -385,29 +592,20 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
-/// RMSNorm in f32 (statistics kept in f32 whatever the weight dtype), built from differentiable
-/// ops: `x / sqrt(mean(x^2) + eps) * w`.
+/// RMSNorm in f32 (the fused kernel with its own backward, [`crate::ops::rms_norm`]).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(xn.to_dtype(dtype)?.broadcast_mul(w)?)
+    Ok(crate::ops::rms_norm(x, w, eps)?)
 }
 
 fn mlp(m: &Mlp, x: &Tensor) -> Result<Tensor> {
-    let g = linear(x, &m.gate_proj)?.silu()?;
-    let u = linear(x, &m.up_proj)?;
-    linear(&(g * u)?, &m.down_proj)
+    let g = m.gate_proj.forward(x)?.silu()?;
+    let u = m.up_proj.forward(x)?;
+    m.down_proj.forward(&(g * u)?)
 }
 
-/// HF's `rotate_half` layout: `x * cos + cat(-x2, x1) * sin`.
+/// HF's `rotate_half` layout (the fused kernel with its own backward, [`crate::ops::rope`]).
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+    Ok(crate::ops::rope(x, cos, sin)?)
 }
 
 fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {

@@ -32,6 +32,11 @@ pub struct BenchFitConfig {
     pub top_layers: Option<usize>,
     /// Seed of the random tokens.
     pub seed: u64,
+    /// Read the frozen bottom from a prefix cache (filled during the warm-up steps, which are
+    /// raised to one epoch of the bench's examples so that every measured step hits it).
+    pub prefix_cache: bool,
+    /// LoRA adapters instead of full weights.
+    pub lora: Option<steper_models::LoraConfig>,
 }
 
 impl Default for BenchFitConfig {
@@ -45,6 +50,8 @@ impl Default for BenchFitConfig {
             freeze_embeddings: false,
             top_layers: None,
             seed: 0,
+            prefix_cache: false,
+            lora: None,
         }
     }
 }
@@ -70,6 +77,10 @@ pub struct BenchFitReport {
     pub peak_rss_mib: Option<f64>,
     /// Threads candle's CPU kernels may use.
     pub threads: usize,
+    /// Bottom layers run frozen without an autograd graph.
+    pub frozen_layers: usize,
+    /// Unmeasured steps actually run.
+    pub warmup_steps_run: u64,
 }
 
 /// Trains the student at `student_dir` for `warmup_steps + steps` steps on random tokens
@@ -107,7 +118,13 @@ pub fn bench_fit(student_dir: &Path, cfg: &BenchFitConfig) -> Result<BenchFitRep
             }
         })
         .collect();
-    let total_steps = cfg.steps + cfg.warmup_steps;
+    let batches_per_epoch = n.div_ceil(cfg.batch_size) as u64;
+    let warmup_steps = if cfg.prefix_cache {
+        cfg.warmup_steps.max(batches_per_epoch)
+    } else {
+        cfg.warmup_steps
+    };
+    let total_steps = cfg.steps + warmup_steps;
     let fit_cfg = FitConfig {
         mode: LossMode::Steper,
         steps: total_steps,
@@ -120,10 +137,15 @@ pub fn bench_fit(student_dir: &Path, cfg: &BenchFitConfig) -> Result<BenchFitRep
         trainable: Trainable {
             freeze_embeddings: cfg.freeze_embeddings,
             top_layers: cfg.top_layers,
+            lora: cfg.lora.clone(),
         },
         ..FitConfig::default()
     };
     let tmp = scratch_dir()?;
+    let fit_cfg = FitConfig {
+        prefix_cache: cfg.prefix_cache.then(|| tmp.0.join("prefix-cache")),
+        ..fit_cfg
+    };
     let summary = fit(student_dir, &examples, &[], &fit_cfg, &tmp.0, false);
     let log = std::fs::read_to_string(tmp.0.join("train_log.jsonl"));
     let summary = summary?;
@@ -139,7 +161,7 @@ pub fn bench_fit(student_dir: &Path, cfg: &BenchFitConfig) -> Result<BenchFitRep
     let tokens_per_step = cfg.batch_size * (cfg.seq_len - 1);
     let mut secs: Vec<f64> = lines
         .iter()
-        .filter(|l| l.step > cfg.warmup_steps)
+        .filter(|l| l.step > warmup_steps)
         .map(|l| tokens_per_step as f64 / l.tokens_per_sec.max(1e-12))
         .collect();
     if secs.is_empty() {
@@ -159,6 +181,8 @@ pub fn bench_fit(student_dir: &Path, cfg: &BenchFitConfig) -> Result<BenchFitRep
         tokens_per_sec: (tokens_per_step * secs.len()) as f64 / total,
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
+        frozen_layers: summary.frozen_layers,
+        warmup_steps_run: warmup_steps,
     })
 }
 

@@ -113,6 +113,7 @@ fn resume_after_a_stop_equals_an_uninterrupted_run() -> Result<()> {
         trainable: Trainable {
             freeze_embeddings: true,
             top_layers: Some(1),
+            lora: None,
         },
         ..Default::default()
     };
@@ -268,5 +269,128 @@ fn bad_record_files_are_clear_errors() -> Result<()> {
     .unwrap_err()
     .to_string();
     assert!(err.contains("config.json"), "{err}");
+    Ok(())
+}
+
+/// Runs `base` uninterrupted and as a stopped-then-resumed run; asserts both end with the same
+/// weights (bit for bit) and the same log; returns the final weights and the runs' directory.
+fn resumed_equals_uninterrupted(
+    s: &std::path::Path,
+    ex: &[Example],
+    base: &FitConfig,
+    root: &std::path::Path,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    let full = root.join("full");
+    fit(s, ex, &[], base, &full, false)?;
+    let parts = root.join("parts");
+    let first = fit(
+        s,
+        ex,
+        &[],
+        &FitConfig {
+            stop_after: Some(3),
+            ..base.clone()
+        },
+        &parts,
+        false,
+    )?;
+    assert!(!first.finished);
+    let second = fit(s, ex, &[], base, &parts, false)?;
+    assert_eq!(second.resumed_from, 3);
+    assert!(second.finished);
+    let a = params(&full)?;
+    let b = params(&parts)?;
+    assert_eq!(a.len(), b.len());
+    for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
+        assert_eq!(ka, kb);
+        assert_eq!(va, vb, "{ka} differs after resume");
+    }
+    Ok(a)
+}
+
+#[test]
+fn resume_with_a_prefix_cache_is_bit_exact_and_reuses_the_cache() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let s = tmp.path().join("student");
+    student(&s, 4)?;
+    let ex = examples();
+    let cache = tmp.path().join("prefix-cache");
+    let base = FitConfig {
+        steps: 6,
+        batch_size: 3,
+        warmup: 1,
+        save_every: 2,
+        trainable: Trainable {
+            freeze_embeddings: true,
+            top_layers: Some(1),
+            lora: None,
+        },
+        prefix_cache: Some(cache.clone()),
+        prefix_cache_dtype: steper_train::fit::CacheDtype::F16,
+        ..Default::default()
+    };
+    let w = resumed_equals_uninterrupted(&s, &ex, &base, tmp.path())?;
+    // A third run on the same records and student reads every example from the cache.
+    let again = fit(&s, &ex, &[], &base, &tmp.path().join("again"), false)?;
+    let stats = again.prefix_cache.expect("cache used");
+    assert_eq!(stats.misses, 0, "{stats:?}");
+    assert!(stats.hits > 0);
+    assert!(!stats.rebuilt);
+    assert_eq!(params(&tmp.path().join("again"))?, w);
+    assert_eq!(again.frozen_layers, 1);
+    Ok(())
+}
+
+#[test]
+fn lora_trains_only_adapters_resumes_bit_exactly_and_saves_merged_weights() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let s = tmp.path().join("student");
+    let cfg = student(&s, 5)?;
+    let ex = examples();
+    let lora = steper_models::LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        targets: steper_models::LoraTarget::parse_list("q,v,down")?,
+    };
+    let base = FitConfig {
+        steps: 6,
+        batch_size: 3,
+        warmup: 1,
+        save_every: 2,
+        adamw: steper_train::fit::optim::AdamWConfig {
+            lr: 1e-2,
+            ..Default::default()
+        },
+        trainable: Trainable {
+            freeze_embeddings: false,
+            top_layers: None,
+            lora: Some(lora),
+        },
+        ..Default::default()
+    };
+    let trained = resumed_equals_uninterrupted(&s, &ex, &base, tmp.path())?;
+    let orig = params(&s)?;
+    // The exported checkpoint is HF-style (same tensor names, no adapters) …
+    let names = |p: &Vec<(String, Vec<f32>)>| p.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&trained), names(&orig));
+    // … where exactly the adapted projections of every layer moved.
+    for ((k, a), (_, b)) in trained.iter().zip(&orig) {
+        let adapted = (0..cfg.num_hidden_layers).any(|l| {
+            ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+                .iter()
+                .any(|m| k == &format!("model.layers.{l}.{m}.weight"))
+        });
+        if adapted {
+            assert_ne!(a, b, "{k}: adapter had no effect");
+        } else {
+            assert_eq!(a, b, "{k}: a base weight moved");
+        }
+    }
+    // The checkpoints keep the adapters for resuming.
+    let ck = std::fs::read_dir(tmp.path().join("full").join("checkpoints"))?
+        .flatten()
+        .next()
+        .expect("a checkpoint");
+    assert!(ck.path().join("lora.safetensors").is_file());
     Ok(())
 }

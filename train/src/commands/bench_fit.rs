@@ -35,6 +35,19 @@ pub struct Args {
     /// Seed of the random tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Read the frozen bottom from a prefix cache filled during warm-up (the steady state of
+    /// a second epoch, or of a later run on the same records).
+    #[arg(long)]
+    prefix_cache: bool,
+    /// Train LoRA adapters of rank R (see `fit --lora-rank`).
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA α; default 2·R.
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Projections that get adapters.
+    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
+    lora_targets: String,
 }
 
 /// Runs the benchmark and prints its JSON report.
@@ -48,6 +61,8 @@ pub fn run(a: Args) -> Result<()> {
         freeze_embeddings: a.freeze_embeddings,
         top_layers: a.top_layers,
         seed: a.seed,
+        prefix_cache: a.prefix_cache,
+        lora: super::fit::lora_config(a.lora_rank, a.lora_alpha, &a.lora_targets)?,
     };
     let report = bench_fit(&a.student, &cfg)?;
     println!("{}", serde_json::to_string_pretty(&report)?);

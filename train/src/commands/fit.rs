@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use steper_models::{load_tokenizer, LlamaConfig};
+use steper_models::{load_tokenizer, LlamaConfig, LoraConfig, LoraTarget};
 use steper_train::fit::optim::AdamWConfig;
 use steper_train::fit::records::{examples_from_records, read_records};
-use steper_train::fit::{fit, FitConfig, LossMode, Trainable};
+use steper_train::fit::{fit, CacheDtype, FitConfig, LossMode, Trainable};
 
 /// Arguments of `fit`.
 #[derive(clap::Args)]
@@ -60,6 +60,24 @@ pub struct Args {
     /// Train only the top N layers.
     #[arg(long)]
     top_layers: Option<usize>,
+    /// Cache of the frozen bottom's hidden states (with --freeze-embeddings and --top-layers):
+    /// computed once per record, reused by later epochs and by later runs (other modes, seeds)
+    /// on the same student; rebuilt when it does not match the student or the frozen layers.
+    #[arg(long)]
+    prefix_cache: Option<PathBuf>,
+    /// Train LoRA adapters of rank R (every base weight frozen; with --top-layers only the top
+    /// N layers get adapters). Saved checkpoints hold the merged weights.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA α (the update is scaled by α / R); default 2·R.
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Projections that get adapters: some of q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
+    lora_targets: String,
+    /// Element type of the prefix cache.
+    #[arg(long, value_enum, default_value_t = CacheDtype::F16)]
+    prefix_cache_dtype: CacheDtype,
     /// Words kept per passage in the prompt.
     #[arg(long, default_value_t = 100)]
     word_cap: usize,
@@ -69,6 +87,24 @@ pub struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// The LoRA settings of `--lora-rank/--lora-alpha/--lora-targets` (none without a rank).
+pub fn lora_config(
+    rank: Option<usize>,
+    alpha: Option<f64>,
+    targets: &str,
+) -> Result<Option<LoraConfig>> {
+    let Some(rank) = rank else {
+        return Ok(None);
+    };
+    anyhow::ensure!(rank > 0, "--lora-rank must be positive");
+    let targets = LoraTarget::parse_list(targets).context("--lora-targets")?;
+    Ok(Some(LoraConfig {
+        rank,
+        alpha: alpha.unwrap_or(2.0 * rank as f64),
+        targets,
+    }))
 }
 
 /// Renders, tokenizes, splits and trains.
@@ -109,7 +145,10 @@ pub fn run(a: Args) -> Result<()> {
         trainable: Trainable {
             freeze_embeddings: a.freeze_embeddings,
             top_layers: a.top_layers,
+            lora: lora_config(a.lora_rank, a.lora_alpha, &a.lora_targets)?,
         },
+        prefix_cache: a.prefix_cache.clone(),
+        prefix_cache_dtype: a.prefix_cache_dtype,
         ..Default::default()
     };
     let summary = fit(&a.student, &train, &eval, &cfg, &a.out, !a.json)?;

@@ -4,11 +4,14 @@
 //! only. Batches are length-bucketed; the data order is a pure function of the seed and the
 //! micro-batch index, so a resumed run continues exactly where it stopped.
 
+mod forward;
 pub mod loss;
 pub mod optim;
+pub mod prefix_cache;
 pub mod records;
 mod trainer;
 
+pub use prefix_cache::{CacheDtype, CacheStats};
 pub use trainer::{fit, FitConfig, FitSummary, LogLine, Trainable};
 
 /// The three STEPER stages (DESIGN.md, "The prompt").

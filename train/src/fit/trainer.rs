@@ -11,21 +11,28 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use steper_models::fsutil::{write_atomic, StagingDir};
+use steper_models::lora::{init_adapters, merge, LoraConfig};
 use steper_models::{Checkpoint, Llama, LlamaConfig, Weights};
 
-use super::loss::{build_stage_masks, combine, stage_losses, token_nll};
+use super::forward::{batch_losses, make_batch, Prefix};
+use super::loss::combine;
 use super::optim::{clip_global_norm, lr_at, AdamW, AdamWConfig};
+use super::prefix_cache::{CacheDtype, CacheStats, PrefixCache};
 use super::{Example, LossMode, Stage};
 use crate::error::{Error, Result};
 
 /// Which weights are trained.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Trainable {
     /// Keep `model.embed_tokens` (and a tied `lm_head`) frozen.
     pub freeze_embeddings: bool,
     /// Train only the top N decoder layers (plus the final norm and an untied head); `None` =
-    /// all layers.
+    /// all layers. With `lora`: the layers that get adapters.
     pub top_layers: Option<usize>,
+    /// Train LoRA adapters (and σ) only; every base weight stays frozen. Checkpoints hold the
+    /// merged weights (HF-style) plus the adapters (`lora.safetensors`, for resuming).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 /// Settings of a training run.
@@ -60,6 +67,18 @@ pub struct FitConfig {
     /// Stop this process after N steps of this run (the run resumes later); for tests and
     /// time-boxed jobs.
     pub stop_after: Option<u64>,
+    /// Directory of the frozen-prefix cache (used when the embeddings and the bottom layers are
+    /// frozen: `freeze_embeddings` with `top_layers`); `None` = the frozen bottom is recomputed
+    /// (without an autograd graph) at every step.
+    #[serde(default)]
+    pub prefix_cache: Option<PathBuf>,
+    /// Element type of the cached hidden states.
+    #[serde(default = "default_cache_dtype")]
+    pub prefix_cache_dtype: CacheDtype,
+}
+
+fn default_cache_dtype() -> CacheDtype {
+    CacheDtype::F16
 }
 
 impl Default for FitConfig {
@@ -77,11 +96,10 @@ impl Default for FitConfig {
             bucket_batches: 8,
             eval_every: 0,
             save_every: 0,
-            trainable: Trainable {
-                freeze_embeddings: false,
-                top_layers: None,
-            },
+            trainable: Trainable::default(),
             stop_after: None,
+            prefix_cache: None,
+            prefix_cache_dtype: CacheDtype::F16,
         }
     }
 }
@@ -154,6 +172,11 @@ pub struct FitSummary {
     pub seconds: f64,
     /// Final held-out losses.
     pub eval: Option<EvalLosses>,
+    /// Bottom layers that ran frozen, without an autograd graph.
+    pub frozen_layers: usize,
+    /// What the frozen-prefix cache did (when one was used).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_cache: Option<CacheStats>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -169,6 +192,7 @@ const STATE_FILE: &str = "trainer_state.json";
 const OPTIM_FILE: &str = "optimizer.safetensors";
 const LOG_FILE: &str = "train_log.jsonl";
 const CKPT_DIR: &str = "checkpoints";
+const LORA_FILE: &str = "lora.safetensors";
 
 fn trainable_name(cfg: &LlamaConfig, t: &Trainable, name: &str) -> bool {
     if name == "model.embed_tokens.weight" {
@@ -232,49 +256,6 @@ impl BatchStream {
     }
 }
 
-struct Batch {
-    input: Tensor,
-    mask: Tensor,
-    labels: Tensor,
-    stage_masks: [Tensor; 3],
-    counts: [usize; 3],
-    tokens: usize,
-}
-
-fn make_batch(examples: &[&Example], dev: &Device) -> Result<Batch> {
-    let t = examples.iter().map(|e| e.input_len()).max().unwrap_or(1);
-    let b = examples.len();
-    let mut input = vec![0u32; b * t];
-    let mut mask = vec![0u32; b * t];
-    let mut labels = vec![0u32; b * t];
-    let mut label_mask = vec![vec![0f32; t]; b];
-    let mut stages = Vec::with_capacity(b);
-    let mut tokens = 0;
-    for (r, e) in examples.iter().enumerate() {
-        let seq: Vec<u32> = e.prompt.iter().chain(e.target.iter()).copied().collect();
-        let n = seq.len() - 1;
-        for p in 0..n {
-            input[r * t + p] = seq[p];
-            mask[r * t + p] = 1;
-            labels[r * t + p] = seq[p + 1];
-            if p + 1 >= e.prompt.len() {
-                label_mask[r][p] = 1.0;
-            }
-        }
-        tokens += n;
-        stages.push(e.stage);
-    }
-    let (stage_masks, counts) = build_stage_masks(&label_mask, &stages, dev)?;
-    Ok(Batch {
-        input: Tensor::from_vec(input, (b, t), dev)?,
-        mask: Tensor::from_vec(mask, (b, t), dev)?,
-        labels: Tensor::from_vec(labels, (b, t), dev)?,
-        stage_masks,
-        counts,
-        tokens,
-    })
-}
-
 fn check_examples(examples: &[Example], cfg: &LlamaConfig, what: &str) -> Result<()> {
     for (i, e) in examples.iter().enumerate() {
         if e.prompt.is_empty() || e.target.is_empty() {
@@ -305,19 +286,22 @@ fn check_examples(examples: &[Example], cfg: &LlamaConfig, what: &str) -> Result
 }
 
 /// Mean per-stage token losses over `examples` (no gradients).
-pub fn evaluate(model: &Llama, examples: &[Example], batch: usize) -> Result<EvalLosses> {
+fn evaluate(
+    model: &Llama,
+    examples: &[Example],
+    batch: usize,
+    prefix: &mut Prefix<'_>,
+) -> Result<EvalLosses> {
     let dev = model.device().clone();
     let mut sums = [0f64; 3];
     let mut counts = [0usize; 3];
     for chunk in examples.chunks(batch.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let b = make_batch(&refs, &dev)?;
-        let logits = model.forward(&b.input, Some(&b.mask))?.detach();
-        let nll = token_nll(&logits, &b.labels)?;
+        let sl = batch_losses(model, &refs, &b, prefix)?;
         for j in 0..3 {
-            if b.counts[j] > 0 {
-                let s: f32 = (&nll * &b.stage_masks[j])?.sum_all()?.to_scalar()?;
-                sums[j] += s as f64;
+            if let Some(l) = &sl.losses[j] {
+                sums[j] += l.to_scalar::<f32>()? as f64 * b.counts[j] as f64;
                 counts[j] += b.counts[j];
             }
         }
@@ -328,6 +312,15 @@ pub fn evaluate(model: &Llama, examples: &[Example], batch: usize) -> Result<Eva
         l_exp: m(1),
         l_agg: m(2),
     })
+}
+
+/// Bottom layers that are constant together with the embeddings (they can run, or be cached,
+/// without gradients): `num_layers - top_layers` when the embeddings are frozen, else 0.
+fn frozen_prefix_layers(cfg: &LlamaConfig, t: &Trainable) -> usize {
+    match (t.freeze_embeddings || t.lora.is_some(), t.top_layers) {
+        (true, Some(n)) => cfg.num_hidden_layers.saturating_sub(n),
+        _ => 0,
+    }
 }
 
 fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
@@ -377,7 +370,14 @@ pub fn fit(
     let source = resume_dir
         .clone()
         .unwrap_or_else(|| student_dir.to_path_buf());
-    let ck = Checkpoint::load(&source, DType::F32, &dev)?;
+    // A LoRA run's checkpoints hold merged weights: it resumes from the student's base weights
+    // and the saved adapters.
+    let base_dir = if cfg.trainable.lora.is_some() {
+        student_dir
+    } else {
+        source.as_path()
+    };
+    let ck = Checkpoint::load(base_dir, DType::F32, &dev)?;
     let mcfg = ck.config.clone();
     check_examples(train, &mcfg, "training")?;
     check_examples(eval, &mcfg, "held-out")?;
@@ -396,6 +396,7 @@ pub fn fit(
                 || s.config.batch_size != cfg.batch_size
                 || s.config.grad_accum != cfg.grad_accum
                 || s.config.mode != cfg.mode
+                || s.config.trainable.lora != cfg.trainable.lora
             {
                 return Err(Error::Input(format!(
                     "{} holds a run with other data or settings (examples {}, seed {}, batch {}x{}, mode {:?}); use a new --out",
@@ -408,25 +409,65 @@ pub fn fit(
     };
 
     // Trainable weights become vars; the rest stay constant tensors (no gradient work).
-    let mut frozen = BTreeMap::new();
-    let mut to_train = BTreeMap::new();
-    for (k, t) in ck.weights.tensors() {
-        if trainable_name(&mcfg, &cfg.trainable, k)
-            && !(mcfg.tie_word_embeddings
-                && k == "model.embed_tokens.weight"
-                && cfg.trainable.freeze_embeddings)
-        {
-            to_train.insert(k.clone(), t.clone());
-        } else {
-            frozen.insert(k.clone(), t.clone());
+    let (all, model, vars, adapters) = match &cfg.trainable.lora {
+        None => {
+            let mut frozen = BTreeMap::new();
+            let mut to_train = BTreeMap::new();
+            for (k, t) in ck.weights.tensors() {
+                if trainable_name(&mcfg, &cfg.trainable, k)
+                    && !(mcfg.tie_word_embeddings
+                        && k == "model.embed_tokens.weight"
+                        && cfg.trainable.freeze_embeddings)
+                {
+                    to_train.insert(k.clone(), t.clone());
+                } else {
+                    frozen.insert(k.clone(), t.clone());
+                }
+            }
+            let (trained, vars) = Weights::from_map(to_train).into_vars()?;
+            let mut all = Weights::from_map(frozen);
+            for (k, t) in trained.tensors() {
+                all.insert(k.clone(), t.clone());
+            }
+            let model = Llama::new(&mcfg, &all)?;
+            (all, model, vars, None)
         }
-    }
-    let (trained, vars) = Weights::from_map(to_train).into_vars()?;
-    let mut all = Weights::from_map(frozen);
-    for (k, t) in trained.tensors() {
-        all.insert(k.clone(), t.clone());
-    }
-    let model = Llama::new(&mcfg, &all)?;
+        Some(lc) => {
+            let n = mcfg.num_hidden_layers;
+            let top = cfg.trainable.top_layers.unwrap_or(n).min(n);
+            let adapters = match &resume_dir {
+                Some(d) => {
+                    let p = d.join(LORA_FILE);
+                    let t = candle_core::safetensors::load(&p, &dev)
+                        .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+                    Weights::from_map(t.into_iter().collect())
+                }
+                None => init_adapters(&mcfg, &ck.weights, lc, n - top..n, cfg.seed, &dev)?,
+            };
+            let (adapters, vars) = adapters.into_vars()?;
+            let all = ck.weights.clone();
+            let model = Llama::new(&mcfg, &all)?.with_lora(&adapters, lc.scale())?;
+            (all, model, vars, Some((adapters, lc.scale())))
+        }
+    };
+    // What a checkpoint holds: the weights (LoRA merged in) and the adapters.
+    let export = |all: &Weights| -> Result<Weights> {
+        Ok(match &adapters {
+            None => all.clone(),
+            Some((a, scale)) => merge(all, a, *scale)?,
+        })
+    };
+    let frozen_layers = frozen_prefix_layers(&mcfg, &cfg.trainable);
+    let mut cache = match (&cfg.prefix_cache, frozen_layers) {
+        (Some(dir), k) if k > 0 => Some(PrefixCache::open(
+            dir,
+            &model,
+            &all,
+            k,
+            cfg.prefix_cache_dtype,
+        )?),
+        _ => None,
+    };
     let init_s = state.as_ref().map(|s| s.log_sigma).unwrap_or([0.0; 3]);
     let sigma_vars: Vec<Var> = init_s
         .iter()
@@ -526,9 +567,11 @@ pub fn fit(
             let refs: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
             let b = make_batch(&refs, &dev)?;
             tokens += b.tokens;
-            let logits = model.forward(&b.input, Some(&b.mask))?;
-            let nll = token_nll(&logits, &b.labels)?;
-            let sl = stage_losses(&nll, &b.stage_masks, b.counts)?;
+            let mut prefix = Prefix {
+                frozen_layers,
+                cache: cache.as_mut(),
+            };
+            let sl = batch_losses(&model, &refs, &b, &mut prefix)?;
             let Some(total) = combine(&sl, cfg.mode, &log_sigma)? else {
                 continue;
             };
@@ -575,7 +618,11 @@ pub fn fit(
             grad_norm,
             tokens_per_sec: tokens as f64 / secs.max(1e-9),
             eval: if eval_now {
-                Some(evaluate(&model, eval, cfg.batch_size)?)
+                let mut prefix = Prefix {
+                    frozen_layers,
+                    cache: cache.as_mut(),
+                };
+                Some(evaluate(&model, eval, cfg.batch_size, &mut prefix)?)
             } else {
                 None
             },
@@ -605,6 +652,9 @@ pub fn fit(
                 .map(|n| step - start_step >= n)
                 .unwrap_or(false);
         if save_now {
+            if let Some(c) = cache.as_mut() {
+                c.flush()?;
+            }
             let s = TrainerState {
                 step,
                 optimizer_t: opt.t,
@@ -616,10 +666,21 @@ pub fn fit(
                 config: cfg.clone(),
                 num_examples: train.len(),
             };
-            save_checkpoint(out, &source, &mcfg, &all, &opt, &s)?;
+            save_checkpoint(
+                out,
+                &source,
+                &mcfg,
+                &export(&all)?,
+                adapters.as_ref().map(|a| &a.0),
+                &opt,
+                &s,
+            )?;
         }
     }
     bar.finish_and_clear();
+    if let Some(c) = cache.as_mut() {
+        c.flush()?;
+    }
     let finished = step >= cfg.steps;
     let final_eval = if finished && !eval.is_empty() {
         last.as_ref().and_then(|l| l.eval.clone())
@@ -628,7 +689,7 @@ pub fn fit(
     };
     if finished {
         // The final model also lands at the top level of `out`.
-        all.save_dir(out, None)?;
+        export(&all)?.save_dir(out, None)?;
         mcfg.save(&out.join(steper_models::weights::CONFIG_FILE))?;
         copy_tokenizer(&source, out)?;
     }
@@ -643,6 +704,8 @@ pub fn fit(
         tokens_per_sec: run_tokens as f64 / seconds.max(1e-9),
         seconds,
         eval: final_eval,
+        frozen_layers,
+        prefix_cache: cache.map(|c| c.stats),
     })
 }
 
@@ -663,12 +726,19 @@ fn save_checkpoint(
     source: &Path,
     cfg: &LlamaConfig,
     weights: &Weights,
+    adapters: Option<&Weights>,
     opt: &AdamW,
     state: &TrainerState,
 ) -> Result<()> {
     let dest = out.join(CKPT_DIR).join(format!("step-{:08}", state.step));
     let stage = StagingDir::new(&dest)?;
     Checkpoint::save(stage.path(), cfg, weights, None)?;
+    if let Some(a) = adapters {
+        let named: Vec<(&String, &Tensor)> = a.tensors().iter().collect();
+        let bytes = safetensors::serialize(named.iter().map(|(k, v)| (k.as_str(), *v)), None)
+            .map_err(|e| Error::Input(format!("cannot serialize LoRA adapters: {e}")))?;
+        write_atomic(&stage.path().join(LORA_FILE), &bytes)?;
+    }
     copy_tokenizer(source, stage.path())?;
     let opt_state: Vec<(String, Tensor)> = opt.state_tensors().into_iter().collect();
     let bytes = safetensors::serialize(opt_state.iter().map(|(k, v)| (k.as_str(), v)), None)
