@@ -52,6 +52,22 @@ impl TractGenerator {
             path: model.to_path_buf(),
             message: format!("tract cannot load the graph: {e:#}"),
         };
+        // tract 0.23 reads `MatMulNBits` with 4-bit (or 2-bit) weights only, and its
+        // `DequantizeLinear` rejects `block_size`: say so before parsing a graph it cannot run.
+        if let Some(q) = &manifest.quantization {
+            if q.op != "MatMulNBits" || !(q.bits == 4 || q.bits == 2) {
+                return Err(Error::Model {
+                    path: model.to_path_buf(),
+                    message: format!(
+                        "tract 0.23 cannot run this export: its linear layers (the first is `model.layers.0.self_attn.q_proj`) are {}-bit `{}` (--target {}); tract runs 4-bit MatMulNBits (steper-export --quantize int4 --target ort-cpu) — run this one on the ort backend",
+                        q.bits, q.op, q.target
+                    ),
+                });
+            }
+        }
+        // `logits_to_keep` (manifest `graph.logits_to_keep`) is an initializer-backed input, which
+        // tract folds as a constant (its default 0 = every position): `LogitsMode::Last` below
+        // takes the last row itself.
         let mut m = tract_onnx::onnx().model_for_path(model).map_err(bad)?;
         let in_names: Vec<String> = m
             .input_outlets()
