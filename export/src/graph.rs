@@ -429,7 +429,9 @@ pub fn build_decoder(
     // norm, so the vocabulary projection runs only where logits are wanted (HF's
     // `logits_to_keep`).
     let keep = g.const_i64(LOGITS_TO_KEEP, &[], &[0]);
-    let neg = g.op("Neg", LOGITS_TO_KEEP, &[&keep], vec![]);
+    // min(N, S): ONNX Slice clamps a start below -S, tract 0.23 does not.
+    let keep_s = g.op("Min", LOGITS_TO_KEEP, &[&keep, &seq], vec![]);
+    let neg = g.op("Neg", LOGITS_TO_KEEP, &[&keep_s], vec![]);
     let starts = g.unsqueeze(LOGITS_TO_KEEP, &neg, &[0]);
     let c_end = g.const_i64("const/int64_max", &[1], &[i64::MAX]);
     let c_seq_axis = g.const_i64("const/seq_axis", &[1], &[1]);
