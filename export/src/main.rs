@@ -139,7 +139,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
     let defaults = verify::VerifyOptions::for_export(opts.dtype, opts.quantize.as_ref());
     if !a.no_tract && !defaults.tract {
         eprintln!(
-            "note: tract 0.23 cannot run this quantization (it reads 4-bit MatMulNBits only); verifying on ONNX Runtime"
+            "note: the runtime does not run quantized exports on tract 0.23; verifying on ONNX Runtime"
         );
     }
     let vopts = verify::VerifyOptions {

@@ -159,8 +159,7 @@ impl QuantOptions {
     }
 
     /// Checks the combination before any weight is read: `MatMulNBits` needs a power-of-two
-    /// block of at least 16 and (in ONNX Runtime 1.31's CPU kernels) int4 — see
-    /// [`ORT_CPU_BITS`].
+    /// block of at least 16 and a bit width in [`ORT_CPU_BITS`].
     pub fn check(&self) -> Result<()> {
         match self.target {
             QuantTarget::OrtCpu => {
@@ -174,7 +173,9 @@ impl QuantOptions {
                 if !ORT_CPU_BITS.contains(&self.bits) {
                     return Err(Error::Option {
                         option: "--quantize",
-                        expected: "int4 with --target ort-cpu (ONNX Runtime 1.31's CPU MatMulNBits has no 8-bit kernel); use --target portable for int8".into(),
+                        expected:
+                            "a bit width ONNX Runtime 1.31's CPU MatMulNBits runs (int4, int8)"
+                                .into(),
                         got: self.bits.as_str().into(),
                     });
                 }
@@ -231,8 +232,9 @@ impl QuantOptions {
     }
 }
 
-/// Bit widths the `ort-cpu` target accepts (what ONNX Runtime 1.31's CPU `MatMulNBits` runs).
-pub const ORT_CPU_BITS: &[QuantBits] = &[QuantBits::Int4];
+/// Bit widths the `ort-cpu` target accepts: ONNX Runtime 1.31's CPU `MatMulNBits` runs both
+/// (test `int8_ort_cpu_matches_or_is_refused_naming_the_option` checks 8-bit).
+pub const ORT_CPU_BITS: &[QuantBits] = &[QuantBits::Int4, QuantBits::Int8];
 
 /// HF names of the per-layer linear weights, in graph order.
 pub const LAYER_LINEARS: [&str; 7] = [

@@ -8,8 +8,8 @@
 //!
 //! **Quantized exports** (`steper.json` has `quantization`): the reference is the candle model
 //! on the weights dequantized by [`crate::quant`] — the same codes and scales the graph holds —
-//! so the comparison isolates how the backend computes (tolerance by target:
-//! [`INT_MATMULNBITS`], [`INT_DEQUANTIZE_LINEAR`]). The report adds the agreement with the float
+//! so the comparison isolates how the backend computes ([`INT_MATMULNBITS`] for both targets on
+//! ONNX Runtime CPU, which fuses `DequantizeLinear → MatMul` into `MatMulNBits`). The report adds the agreement with the float
 //! model ([`BackendReport::fp32`]): top-1 over prompt positions and next-token agreement along
 //! the float model's greedy path. That part measures quantization quality and does not decide
 //! `pass`.
@@ -22,7 +22,7 @@ use steper_runtime::backend::{load_model, BackendKind, OrtOptions};
 use steper_runtime::LogitsMode;
 
 use crate::error::{Error, Result};
-use crate::quant::{QuantBits, QuantOptions, QuantTarget};
+use crate::quant::QuantOptions;
 use crate::ExportDtype;
 
 /// A named logit tolerance.
@@ -55,25 +55,18 @@ pub const FP16_APPROX: Tolerance = Tolerance {
     min_top1: 1.0,
 };
 
-/// `MatMulNBits` (`ort-cpu`) export against the candle model on the same dequantized weights.
-/// `accuracy_level` 4 quantizes each block of activations to int8 before the integer dot
-/// product, an error the reference does not make (≈ 2⁻⁸ of each block's largest activation), so
-/// logits differ by a few percent and a near-tie may flip; the dequantized weights themselves are
-/// identical.
+/// A quantized export on ONNX Runtime CPU against the candle model on the same dequantized
+/// weights. `MatMulNBits` `accuracy_level` 4 quantizes each block of activations to int8 before
+/// the integer dot product, an error the reference does not make; ONNX Runtime also fuses the
+/// `portable` form (`DequantizeLinear → MatMul`) into the same kernel
+/// (`session.qdq_matmulnbits_accuracy_level`, default 4), so both targets get this bound. On the
+/// tiny random test model (weights ×12, logits ~±15) the measured worst step is rel 4–10 % with
+/// 90–100 % top-1 agreement; the dequantized weights themselves are identical.
 pub const INT_MATMULNBITS: Tolerance = Tolerance {
-    name: "matmulnbits-int8-activations (rel 5e-2, top-1 ≥ 0.9)",
-    max_rel: 5e-2,
+    name: "int8-activations (rel 0.15, top-1 ≥ 0.85)",
+    max_rel: 0.15,
     greedy_exact: false,
-    min_top1: 0.9,
-};
-
-/// `DequantizeLinear` (`portable`) export against the candle model on the same dequantized
-/// weights: the backend multiplies the same f32 weights, so only summation order differs.
-pub const INT_DEQUANTIZE_LINEAR: Tolerance = Tolerance {
-    name: "dequantizelinear-exact-weights (rel 1e-4, greedy exact)",
-    max_rel: 1e-4,
-    greedy_exact: true,
-    min_top1: 1.0,
+    min_top1: 0.85,
 };
 
 /// Options of [`verify`].
@@ -112,15 +105,12 @@ impl VerifyOptions {
     pub fn for_export(dtype: ExportDtype, quant: Option<&QuantOptions>) -> Self {
         let mut o = Self::for_dtype(dtype);
         if let Some(q) = quant {
-            let mut t = match q.target {
-                QuantTarget::OrtCpu => INT_MATMULNBITS,
-                QuantTarget::Portable => INT_DEQUANTIZE_LINEAR,
-            };
+            let mut t = INT_MATMULNBITS;
             if dtype == ExportDtype::Fp16 {
                 t.max_rel = t.max_rel.max(FP16_APPROX.max_rel);
                 t.greedy_exact = false;
                 t.min_top1 = t.min_top1.min(INT_MATMULNBITS.min_top1);
-                t.name = "quantized weights, fp16 activations (rel 5e-2, top-1 ≥ 0.9)";
+                t.name = "quantized weights, fp16 activations (rel 0.15, top-1 ≥ 0.85)";
             }
             o.tolerance = t;
             o.tract = tract_runs(q);
@@ -129,11 +119,13 @@ impl VerifyOptions {
     }
 }
 
-/// Whether tract 0.23 runs an export quantized by `q`: its `MatMulNBits` reads 4-bit (and
-/// 2-bit) weights, its `DequantizeLinear` has no `block_size` (see
-/// `steper_runtime::backend::tract`).
-pub fn tract_runs(q: &QuantOptions) -> bool {
-    q.target == QuantTarget::OrtCpu && q.bits == QuantBits::Int4
+/// Whether tract 0.23 runs an export quantized by `q`: no. Its `DequantizeLinear` rejects
+/// `block_size`, it reads `MatMulNBits` with 4-bit (and 2-bit) weights only, and on our 4-bit
+/// block-32 exports its result disagrees with the dequantized weights (relative logit error
+/// ≈ 1.8, top-1 5–10 %, where ONNX Runtime is within 5 %), so the runtime refuses every
+/// quantized export on tract (see `steper_runtime::backend::tract`).
+pub fn tract_runs(_q: &QuantOptions) -> bool {
+    false
 }
 
 /// Differences of one step.

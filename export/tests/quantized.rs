@@ -11,22 +11,10 @@ use candle_core::{DType, Device};
 use common::*;
 use prost::Message;
 use steper_export::quant::{dequantized_checkpoint, ORT_CPU_BITS};
-use steper_export::verify::{
-    check_backend, reference, Reference, Tolerance, INT_DEQUANTIZE_LINEAR, INT_MATMULNBITS,
-};
+use steper_export::verify::{check_backend, reference, Reference, Tolerance, INT_MATMULNBITS};
 use steper_export::{Error, ExportOptions, QuantBits, QuantOptions, QuantTarget};
 use steper_runtime::backend::{load_model, BackendKind, OrtOptions};
 use tract_onnx::pb::ModelProto;
-
-/// tract's `MatMulNBits` (4-bit, block 32) keeps the weight as Q4_0 (f16 scales, which
-/// [`steper_export::quant`] already rounds to) and computes in f32: the dequantized math of the
-/// reference up to summation order.
-const TRACT_Q4: Tolerance = Tolerance {
-    name: "tract-q4_0-f32 (rel 1e-4, greedy exact)",
-    max_rel: 1e-4,
-    greedy_exact: true,
-    min_top1: 1.0,
-};
 
 fn opts(bits: QuantBits, target: QuantTarget, block_size: usize, lm_head: bool) -> ExportOptions {
     ExportOptions::quantized(QuantOptions {
@@ -89,14 +77,15 @@ fn check(o: &ExportOptions, backends: &[(BackendKind, Tolerance)]) -> Result<()>
     Ok(())
 }
 
+fn ort() -> (BackendKind, Tolerance) {
+    (BackendKind::Ort(OrtOptions::default()), INT_MATMULNBITS)
+}
+
 #[test]
-fn int4_ort_cpu_matches_candle_on_dequantized_weights_on_ort_and_tract() -> Result<()> {
+fn int4_ort_cpu_matches_candle_on_dequantized_weights() -> Result<()> {
     check(
         &opts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true),
-        &[
-            (BackendKind::Ort(OrtOptions::default()), INT_MATMULNBITS),
-            (BackendKind::Tract, TRACT_Q4),
-        ],
+        &[ort()],
     )
 }
 
@@ -104,10 +93,7 @@ fn int4_ort_cpu_matches_candle_on_dequantized_weights_on_ort_and_tract() -> Resu
 fn int4_ort_cpu_with_float_lm_head_and_block_64_matches() -> Result<()> {
     check(
         &opts(QuantBits::Int4, QuantTarget::OrtCpu, 64, false),
-        &[
-            (BackendKind::Ort(OrtOptions::default()), INT_MATMULNBITS),
-            (BackendKind::Tract, TRACT_Q4),
-        ],
+        &[ort()],
     )
 }
 
@@ -115,10 +101,7 @@ fn int4_ort_cpu_with_float_lm_head_and_block_64_matches() -> Result<()> {
 fn int4_portable_matches_candle_on_dequantized_weights() -> Result<()> {
     check(
         &opts(QuantBits::Int4, QuantTarget::Portable, 32, true),
-        &[(
-            BackendKind::Ort(OrtOptions::default()),
-            INT_DEQUANTIZE_LINEAR,
-        )],
+        &[ort()],
     )
 }
 
@@ -126,21 +109,15 @@ fn int4_portable_matches_candle_on_dequantized_weights() -> Result<()> {
 fn int8_portable_matches_candle_on_dequantized_weights() -> Result<()> {
     check(
         &opts(QuantBits::Int8, QuantTarget::Portable, 32, true),
-        &[(
-            BackendKind::Ort(OrtOptions::default()),
-            INT_DEQUANTIZE_LINEAR,
-        )],
+        &[ort()],
     )
 }
 
 #[test]
-fn int8_ort_cpu_is_refused_naming_the_option_where_ort_lacks_the_kernel() -> Result<()> {
+fn int8_ort_cpu_matches_or_is_refused_naming_the_option() -> Result<()> {
     let o = opts(QuantBits::Int8, QuantTarget::OrtCpu, 32, true);
     if ORT_CPU_BITS.contains(&QuantBits::Int8) {
-        return check(
-            &o,
-            &[(BackendKind::Ort(OrtOptions::default()), INT_MATMULNBITS)],
-        );
+        return check(&o, &[ort()]);
     }
     let e = export_quantized(&o)
         .err()
@@ -318,18 +295,23 @@ fn a_block_size_that_does_not_divide_a_layer_names_the_layer_and_option() -> Res
 }
 
 #[test]
-fn tract_refuses_what_it_cannot_run_with_an_error_naming_layer_and_op() -> Result<()> {
-    let x = export_quantized(&opts(QuantBits::Int8, QuantTarget::Portable, 32, true))?;
-    let e = load_model(&x.out, &BackendKind::Tract)
-        .err()
-        .context("tract must refuse a block-wise DequantizeLinear export")?;
-    let msg = e.to_string();
-    assert!(
-        msg.contains("DequantizeLinear") && msg.contains("q_proj") && msg.contains("tract"),
-        "{msg}"
-    );
-    // ONNX Runtime runs the same export.
-    load_model(&x.out, &BackendKind::Ort(OrtOptions::default()))?;
+fn tract_refuses_quantized_exports_with_an_error_naming_layer_and_op() -> Result<()> {
+    for (bits, target, op) in [
+        (QuantBits::Int8, QuantTarget::Portable, "DequantizeLinear"),
+        (QuantBits::Int4, QuantTarget::OrtCpu, "MatMulNBits"),
+    ] {
+        let x = export_quantized(&opts(bits, target, 32, true))?;
+        let e = load_model(&x.out, &BackendKind::Tract)
+            .err()
+            .context("tract must refuse a quantized export")?;
+        let msg = e.to_string();
+        assert!(
+            msg.contains(op) && msg.contains("q_proj") && msg.contains("tract"),
+            "{msg}"
+        );
+        // ONNX Runtime runs the same export.
+        load_model(&x.out, &BackendKind::Ort(OrtOptions::default()))?;
+    }
     Ok(())
 }
 
@@ -344,10 +326,10 @@ fn verify_reports_agreement_for_a_quantized_export() -> Result<()> {
             o.quantize.as_ref(),
         )
     };
-    assert!(vo.tract, "tract runs 4-bit MatMulNBits");
+    assert!(!vo.tract, "the runtime refuses quantized exports on tract");
     let rep = steper_export::verify::verify(&x.ckpt, &x.out, &vo)?;
     assert_eq!(rep.quantization, o.quantize);
-    assert_eq!(rep.backends.len(), 2);
+    assert_eq!(rep.backends.len(), 1);
     for b in &rep.backends {
         let f = b.fp32.as_ref().context("fp32 agreement reported")?;
         assert_eq!(f.steps, 8);
