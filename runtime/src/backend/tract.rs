@@ -55,7 +55,7 @@ impl TractGenerator {
         // tract 0.23's `DequantizeLinear` rejects `block_size`; its `MatMulNBits` reads 4-bit
         // (and 2-bit) weights only, and on steper's 4-bit block-32 exports its result disagrees
         // with the dequantized weights (relative logit error ≈ 1.8 where ONNX Runtime is within
-        // 5 %). Refuse rather than run a graph it cannot run, or runs wrongly.
+        // 10 %). Refuse rather than run a graph it cannot run, or runs wrongly.
         if let Some(q) = &manifest.quantization {
             return Err(Error::Model {
                 path: model.to_path_buf(),
