@@ -17,10 +17,12 @@
 #
 # Every stage is skipped when its output exists, so an interrupted run resumes where it stopped.
 # Knobs (env): OUT (out/real-student), BIN_DIR (prebuilt binaries, else a release build),
-# SEEDS ("0 1"), MODES ("steper uniform vanilla"; "" = base configurations only), STEPS (150), LR (1e-4), BATCH (4),
-# FIT_ARGS (extra steper-train fit flags, e.g. "--top-layers 8"), EXPORT_ARGS (extra
+# SEEDS ("0 1"), MODES ("steper uniform vanilla"; "" = base configurations only), STEPS (150),
+# LR (2e-4), BATCH (2), EVAL_EVERY (50), SAVE_EVERY (25), FIT_ARGS (steper-train fit flags for
+# what trains; default "--freeze-embeddings --top-layers 2 --prefix-cache-dtype f16 --warmup 10",
+# the prefix cache lives in $OUT/prefix-cache-{stepwise,vanilla}), EXPORT_ARGS (extra
 # steper-export flags, e.g. "--quantize int4"), N_HOTPOT (100), N_MUSIQUE (50), N_2WIKI (50),
-# EVAL_FRACTION (0.05), EVAL_ARGS (extra steper-run eval flags), DEMOS (2).
+# EVAL_FRACTION (0.01), EVAL_ARGS (extra steper-run eval flags), DEMOS (2).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -28,15 +30,18 @@ OUT="${OUT:-$ROOT/out/real-student}"
 SEEDS="${SEEDS:-0 1}"
 MODES="${MODES-steper uniform vanilla}"
 STEPS="${STEPS:-150}"
-LR="${LR:-1e-4}"
-BATCH="${BATCH:-4}"
-FIT_ARGS="${FIT_ARGS:-}"
+LR="${LR:-2e-4}"
+BATCH="${BATCH:-2}"
+EVAL_EVERY="${EVAL_EVERY:-50}"
+SAVE_EVERY="${SAVE_EVERY:-25}"
+# trained part of SmolLM2 (the frozen bottom's outputs are cached on disk per record kind)
+FIT_ARGS="${FIT_ARGS---freeze-embeddings --top-layers 2 --prefix-cache-dtype f16 --warmup 10}"
 EXPORT_ARGS="${EXPORT_ARGS:-}"
 EVAL_ARGS="${EVAL_ARGS:-}"
 N_HOTPOT="${N_HOTPOT:-100}"
 N_MUSIQUE="${N_MUSIQUE:-50}"
 N_2WIKI="${N_2WIKI:-50}"
-EVAL_FRACTION="${EVAL_FRACTION:-0.05}"
+EVAL_FRACTION="${EVAL_FRACTION:-0.01}"
 DEMOS="${DEMOS:-2}"
 DATA="$ROOT/../shared/data"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
@@ -114,9 +119,12 @@ for seed in $SEEDS; do
       log "fit $mode seed $seed ($STEPS steps)"
       mkdir -p "$run"
       # a checkpoint already in $run/ckpt is resumed by the trainer
+      kind=stepwise
+      [[ "$mode" == vanilla ]] && kind=vanilla
       timed "fit $mode-seed$seed" "$BIN/steper-train" fit --student "$OUT/base" --data "$data" \
         --out "$run/ckpt" --mode "$mode" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
-        --seed "$seed" --eval-fraction "$EVAL_FRACTION" --eval-every 25 --save-every 25 $FIT_ARGS
+        --seed "$seed" --eval-fraction "$EVAL_FRACTION" --eval-every "$EVAL_EVERY" \
+        --save-every "$SAVE_EVERY" --prefix-cache "$OUT/prefix-cache-$kind" $FIT_ARGS
       touch "$run/fit.done"
     fi
     if [[ ! -f "$run/plots.done" ]]; then

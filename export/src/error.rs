@@ -38,6 +38,16 @@ pub enum Error {
         /// What was given.
         got: String,
     },
+    /// `--block-size` does not divide a quantized layer's input dimension.
+    #[error("option `--block-size`: {block_size} does not divide the input dimension {input_dim} of layer `{layer}`")]
+    BlockSize {
+        /// HF name of the weight.
+        layer: String,
+        /// Its input dimension (`K`).
+        input_dim: usize,
+        /// The block size asked for.
+        block_size: usize,
+    },
     /// The model cannot be expressed by this exporter.
     #[error("unsupported model: {0}")]
     Unsupported(String),

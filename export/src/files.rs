@@ -41,7 +41,7 @@ pub fn manifest(cfg: &LlamaConfig, dtype: ExportDtype) -> Manifest {
             vocab_size: cfg.vocab_size,
             inputs: Manifest::input_names(layers),
             outputs: Manifest::output_names(layers),
-            logits_to_keep: None,
+            logits_to_keep: Some(crate::graph::LOGITS_TO_KEEP.into()),
         },
         loop_defaults: LoopDefaults::default(),
         producer: format!("steper-export {}", env!("CARGO_PKG_VERSION")),
@@ -54,8 +54,18 @@ fn pad_id(cfg: &LlamaConfig) -> Option<u32> {
 }
 
 /// `genai_config.json` in onnxruntime-genai's format for an export of `cfg` (decoder-only,
-/// separate past/present buffers: the graph concatenates the cache).
-pub fn genai_config(cfg: &LlamaConfig) -> Value {
+/// separate past/present buffers: the graph concatenates the cache). A weight quantization is
+/// recorded as the session option `steper.weight_quantization` (onnxruntime-genai hands unknown
+/// session-option strings to ONNX Runtime as config entries, which ignores keys it does not
+/// know), so the file says what was quantized without a key the genai parser would reject.
+pub fn genai_config(cfg: &LlamaConfig, quant: Option<&crate::QuantOptions>) -> Value {
+    let mut session_options = json!({
+        "log_id": "onnxruntime-genai",
+        "provider_options": []
+    });
+    if let Some(q) = quant {
+        session_options["steper.weight_quantization"] = json!(crate::graph::describe(q));
+    }
     let eos = cfg.eos_ids();
     let eos_json = if eos.len() == 1 {
         json!(eos[0])
@@ -67,10 +77,7 @@ pub fn genai_config(cfg: &LlamaConfig) -> Value {
             "bos_token_id": cfg.bos_token_id.unwrap_or(0),
             "context_length": cfg.max_position_embeddings,
             "decoder": {
-                "session_options": {
-                    "log_id": "onnxruntime-genai",
-                    "provider_options": []
-                },
+                "session_options": session_options,
                 "filename": MODEL_FILE,
                 "head_size": cfg.head_size(),
                 "hidden_size": cfg.hidden_size,

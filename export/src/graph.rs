@@ -8,6 +8,20 @@
 //! keys/values are never copied per head), `softmax(q·kᵀ·scale + mask)`, the output projection,
 //! and a SwiGLU MLP; then the final norm and the (possibly tied) LM head.
 //!
+//! **Last-position logits.** The graph has one more input than Optimum's list:
+//! [`LOGITS_TO_KEEP`], an int64 scalar that is also an initializer (default 0), so a caller that
+//! does not feed it (onnxruntime-genai, tract, which folds it as a constant) gets every
+//! position. Its meaning is HF's `logits_to_keep`: 0 = every position, N > 0 = the last N. The
+//! final hidden states are sliced along the sequence axis (`Slice(starts = -N)`; `-0 = 0` keeps
+//! all) before the final norm and the vocabulary projection, so a prefill that needs only the
+//! next token's distribution projects one row instead of the whole prompt. The `logits`
+//! output's sequence dimension is therefore [`dims::KEPT`], not [`dims::SEQ`].
+//!
+//! **Weight quantization** ([`GraphOptions::quant`], module [`crate::quant`]). Every linear
+//! layer (and the vocabulary projection when asked) becomes either `com.microsoft.MatMulNBits`
+//! (`ort-cpu`) or an int4/int8 initializer → `DequantizeLinear(axis 0, block_size)` → `MatMul`
+//! (`portable`, opset 21). The embedding lookup always keeps float weights.
+//!
 //! The additive mask is built inside the graph from `attention_mask` (padding, 0 → −1e9) and the
 //! causal relation `key index ≤ past + query index`.
 //!
@@ -22,6 +36,17 @@ use tract_onnx::pb::{GraphProto, ModelProto, OperatorSetIdProto, StringStringEnt
 
 use crate::error::{Error, Result};
 use crate::onnx::{attr_f, attr_i, attr_ints, value_info, Dim, Elem, GraphBuilder};
+use crate::quant::{self, QuantBits, QuantOptions, QuantTarget};
+
+/// Name of the optional last-N-positions input (see the module doc).
+pub const LOGITS_TO_KEEP: &str = "logits_to_keep";
+
+/// ONNX Runtime's contrib operator domain (`MatMulNBits`).
+pub const MS_DOMAIN: &str = "com.microsoft";
+
+/// Opset of the default domain written by the `portable` quantization target
+/// (`DequantizeLinear` with `block_size` and int4 types need 21).
+pub const PORTABLE_OPSET: i64 = 21;
 
 /// Additive mask value of the graph; the same finite value as the candle model, so a fully
 /// masked (left-padding) row gives a uniform distribution instead of NaN.
@@ -37,6 +62,8 @@ pub mod dims {
     pub const PAST: &str = "past_sequence_length";
     /// `past_sequence_length + sequence_length`.
     pub const TOTAL: &str = "total_sequence_length";
+    /// Positions of `logits`: `sequence_length`, or `min(logits_to_keep, sequence_length)`.
+    pub const KEPT: &str = "logits_sequence_length";
 }
 
 /// Source of a weight tensor: f32 values in row-major order and their shape.
@@ -76,8 +103,21 @@ impl WeightSource for steper_models::Weights {
 pub struct GraphOptions {
     /// Storage and compute type of weights, matmuls and the KV cache.
     pub dtype: Elem,
-    /// Opset of the default domain (17 or 18).
+    /// Opset of the default domain (17 or 18; [`PORTABLE_OPSET`] with a `portable`
+    /// quantization).
     pub opset: i64,
+    /// Weight quantization of the linear layers (`None`: float weights of `dtype`).
+    pub quant: Option<QuantOptions>,
+}
+
+/// IR version written for `opset` (ONNX Runtime 1.31 reads up to 10 here; opset 21 and its
+/// int4 types need IR 10).
+pub fn ir_version(opset: i64) -> i64 {
+    if opset >= PORTABLE_OPSET {
+        10
+    } else {
+        IR_VERSION
+    }
 }
 
 /// Builds the decoder `ModelProto` (all weights inline as `raw_data`; [`crate::write_model`]
@@ -87,12 +127,25 @@ pub fn build_decoder(
     w: &dyn WeightSource,
     opts: GraphOptions,
 ) -> Result<ModelProto> {
-    if !(17..=18).contains(&opts.opset) {
+    let portable = opts.quant.map(|q| q.target) == Some(QuantTarget::Portable);
+    if portable && opts.opset != PORTABLE_OPSET {
+        return Err(Error::Option {
+            option: "--opset",
+            expected: format!(
+                "{PORTABLE_OPSET} with --target portable (DequantizeLinear block_size)"
+            ),
+            got: opts.opset.to_string(),
+        });
+    }
+    if !portable && !(17..=18).contains(&opts.opset) {
         return Err(Error::Option {
             option: "--opset",
             expected: "17 or 18".into(),
             got: opts.opset.to_string(),
         });
+    }
+    if let Some(q) = &opts.quant {
+        q.check()?;
     }
     if !matches!(opts.dtype, Elem::F32 | Elem::F16) {
         return Err(Error::Option {
@@ -225,10 +278,17 @@ pub fn build_decoder(
         x = g.cast("embed", &x, Elem::F32);
     }
 
-    let linear_w = |g: &mut GraphBuilder, name: &str| -> Result<String> {
-        let (data, shape) = w.tensor(name, true)?;
-        let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
-        Ok(g.init_float(&format!("{name}.T"), ft, &dims, &data))
+    // x · Wᵀ for the HF weight `name` ([out, in]): a float MatMul, or the quantized form.
+    let linear = |g: &mut GraphBuilder, hint: &str, x: &str, name: &str| -> Result<String> {
+        match &opts.quant {
+            Some(q) => quantized_linear(g, w, q, ft, hint, x, name),
+            None => {
+                let (data, shape) = w.tensor(name, true)?;
+                let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+                let wt = g.init_float(&format!("{name}.T"), ft, &dims, &data);
+                Ok(g.op("MatMul", hint, &[x, &wt], vec![]))
+            }
+        }
     };
     let norm_w = |g: &mut GraphBuilder, name: &str| -> Result<String> {
         let (data, shape) = w.tensor(name, false)?;
@@ -262,18 +322,18 @@ pub fn build_decoder(
         let p = format!("model.layers.{l}");
         let hint = format!("layers.{l}");
         let ln1 = norm_w(&mut g, &format!("{p}.input_layernorm.weight"))?;
-        let wq = linear_w(&mut g, &format!("{p}.self_attn.q_proj.weight"))?;
-        let wk = linear_w(&mut g, &format!("{p}.self_attn.k_proj.weight"))?;
-        let wv = linear_w(&mut g, &format!("{p}.self_attn.v_proj.weight"))?;
-        let wo = linear_w(&mut g, &format!("{p}.self_attn.o_proj.weight"))?;
         let ln2 = norm_w(&mut g, &format!("{p}.post_attention_layernorm.weight"))?;
-        let wg = linear_w(&mut g, &format!("{p}.mlp.gate_proj.weight"))?;
-        let wu = linear_w(&mut g, &format!("{p}.mlp.up_proj.weight"))?;
-        let wd = linear_w(&mut g, &format!("{p}.mlp.down_proj.weight"))?;
+        let wq = format!("{p}.self_attn.q_proj.weight");
+        let wk = format!("{p}.self_attn.k_proj.weight");
+        let wv = format!("{p}.self_attn.v_proj.weight");
+        let wo = format!("{p}.self_attn.o_proj.weight");
+        let wg = format!("{p}.mlp.gate_proj.weight");
+        let wu = format!("{p}.mlp.up_proj.weight");
+        let wd = format!("{p}.mlp.down_proj.weight");
 
         let ha = format!("{hint}/attn");
         let hn = rms(&mut g, &format!("{hint}/input_norm"), &x, &ln1);
-        let q = g.op("MatMul", &ha, &[&hn, &wq], vec![]);
+        let q = linear(&mut g, &ha, &hn, &wq)?;
         let q = g.op("Reshape", &ha, &[&q, &shape_heads_q], vec![]);
         let q = g.op(
             "Transpose",
@@ -281,7 +341,7 @@ pub fn build_decoder(
             &[&q],
             vec![attr_ints("perm", &[0, 2, 1, 3])],
         );
-        let k = g.op("MatMul", &ha, &[&hn, &wk], vec![]);
+        let k = linear(&mut g, &ha, &hn, &wk)?;
         let k = g.op("Reshape", &ha, &[&k, &shape_heads_kv], vec![]);
         let k = g.op(
             "Transpose",
@@ -289,7 +349,7 @@ pub fn build_decoder(
             &[&k],
             vec![attr_ints("perm", &[0, 2, 1, 3])],
         );
-        let v = g.op("MatMul", &ha, &[&hn, &wv], vec![]);
+        let v = linear(&mut g, &ha, &hn, &wv)?;
         let v = g.op("Reshape", &ha, &[&v, &shape_heads_kv], vec![]);
         let v = g.op(
             "Transpose",
@@ -345,7 +405,7 @@ pub fn build_decoder(
             vec![attr_ints("perm", &[0, 2, 1, 3])],
         );
         let y = g.op("Reshape", &ha, &[&y, &shape_merge], vec![]);
-        let mut o = g.op("MatMul", &ha, &[&y, &wo], vec![]);
+        let mut o = linear(&mut g, &ha, &y, &wo)?;
         if ft != Elem::F32 {
             o = g.cast(&ha, &o, Elem::F32);
         }
@@ -353,43 +413,68 @@ pub fn build_decoder(
 
         let hm = format!("{hint}/mlp");
         let hn = rms(&mut g, &format!("{hint}/post_attention_norm"), &x1, &ln2);
-        let gt = g.op("MatMul", &hm, &[&hn, &wg], vec![]);
+        let gt = linear(&mut g, &hm, &hn, &wg)?;
         let sg = g.op("Sigmoid", &hm, &[&gt], vec![]);
         let act = g.op("Mul", &hm, &[&gt, &sg], vec![]);
-        let up = g.op("MatMul", &hm, &[&hn, &wu], vec![]);
+        let up = linear(&mut g, &hm, &hn, &wu)?;
         let gu = g.op("Mul", &hm, &[&act, &up], vec![]);
-        let mut m = g.op("MatMul", &hm, &[&gu, &wd], vec![]);
+        let mut m = linear(&mut g, &hm, &gu, &wd)?;
         if ft != Elem::F32 {
             m = g.cast(&hm, &m, Elem::F32);
         }
         x = g.op("Add", &hint, &[&x1, &m], vec![]);
     }
 
+    // Keep the last `logits_to_keep` positions (0 = all: Slice from -0 = 0) before the final
+    // norm, so the vocabulary projection runs only where logits are wanted (HF's
+    // `logits_to_keep`).
+    let keep = g.const_i64(LOGITS_TO_KEEP, &[], &[0]);
+    // min(N, S): ONNX Slice clamps a start below -S, tract 0.23 does not.
+    let keep_s = g.op("Min", LOGITS_TO_KEEP, &[&keep, &seq], vec![]);
+    let neg = g.op("Neg", LOGITS_TO_KEEP, &[&keep_s], vec![]);
+    let starts = g.unsqueeze(LOGITS_TO_KEEP, &neg, &[0]);
+    let c_end = g.const_i64("const/int64_max", &[1], &[i64::MAX]);
+    let c_seq_axis = g.const_i64("const/seq_axis", &[1], &[1]);
+    let x = g.op(
+        "Slice",
+        LOGITS_TO_KEEP,
+        &[&x, &starts, &c_end, &c_seq_axis],
+        vec![],
+    );
+    let kept_shape = g.op("Shape", LOGITS_TO_KEEP, &[&x], vec![attr_i("end", 2)]);
+
     let normf = norm_w(&mut g, "model.norm.weight")?;
     let xn = rms(&mut g, "final_norm", &x, &normf);
-    let head = if cfg.tie_word_embeddings {
-        embed.clone()
-    } else {
-        let (data, shape) = w.tensor("lm_head.weight", false)?;
-        let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
-        g.init_float("lm_head.weight", ft, &dims, &data)
-    };
     let rows = g.op("Reshape", "lm_head", &[&xn, &shape_rows], vec![]);
-    // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings share one
-    // initializer with the Gather above.
-    let mut lg = g.op(
-        "Gemm",
-        "lm_head",
-        &[&rows, &head],
-        vec![attr_i("transB", 1), attr_f("alpha", 1.0)],
-    );
+    let mut lg = match &opts.quant {
+        Some(q) if q.lm_head => {
+            quantized_linear(&mut g, w, q, ft, "lm_head", &rows, quant::head_weight(cfg))?
+        }
+        _ => {
+            let head = if cfg.tie_word_embeddings {
+                embed.clone()
+            } else {
+                let (data, shape) = w.tensor("lm_head.weight", false)?;
+                let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+                g.init_float("lm_head.weight", ft, &dims, &data)
+            };
+            // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings
+            // share one initializer with the Gather above.
+            g.op(
+                "Gemm",
+                "lm_head",
+                &[&rows, &head],
+                vec![attr_i("transB", 1), attr_f("alpha", 1.0)],
+            )
+        }
+    };
     if ft != Elem::F32 {
         lg = g.cast("lm_head", &lg, Elem::F32);
     }
     let out_shape = g.op(
         "Concat",
         "lm_head",
-        &[&ids_shape, &c_vocab],
+        &[&kept_shape, &c_vocab],
         vec![attr_i("axis", 0)],
     );
     g.op_to("Reshape", "logits", &[&lg, &out_shape], vec![]);
@@ -410,7 +495,7 @@ pub fn build_decoder(
     let mut outputs = vec![value_info(
         "logits",
         Elem::F32,
-        &[Dim::Sym(BATCH), Dim::Sym(SEQ), Dim::Fixed(vocab)],
+        &[Dim::Sym(BATCH), Dim::Sym(KEPT), Dim::Fixed(vocab)],
     )];
     for l in 0..layers {
         for kind in ["key", "value"] {
@@ -426,6 +511,8 @@ pub fn build_decoder(
             ));
         }
     }
+    // After the Optimum list, so positional callers see the usual order.
+    inputs.push(value_info(LOGITS_TO_KEEP, Elem::I64, &[]));
     let _ = inter;
     let graph = GraphProto {
         node: g.nodes,
@@ -435,20 +522,124 @@ pub fn build_decoder(
         output: outputs,
         ..Default::default()
     };
+    let mut opset_import = vec![OperatorSetIdProto {
+        domain: String::new(),
+        version: opts.opset,
+    }];
+    let mut metadata_props = vec![StringStringEntryProto {
+        key: "steper.dtype".into(),
+        value: if ft == Elem::F16 { "fp16" } else { "fp32" }.into(),
+    }];
+    if let Some(q) = &opts.quant {
+        if q.target == QuantTarget::OrtCpu {
+            opset_import.push(OperatorSetIdProto {
+                domain: MS_DOMAIN.into(),
+                version: 1,
+            });
+        }
+        metadata_props.push(StringStringEntryProto {
+            key: "steper.quantization".into(),
+            value: describe(q),
+        });
+    }
     Ok(ModelProto {
-        ir_version: IR_VERSION,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: opts.opset,
-        }],
+        ir_version: ir_version(opts.opset),
+        opset_import,
         producer_name: "steper-export".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         graph: Some(graph),
-        metadata_props: vec![StringStringEntryProto {
-            key: "steper.dtype".into(),
-            value: if ft == Elem::F16 { "fp16" } else { "fp32" }.into(),
-        }],
+        metadata_props,
         ..Default::default()
+    })
+}
+
+/// One-line description of a weight quantization (graph metadata, genai_config.json).
+pub fn describe(q: &QuantOptions) -> String {
+    let mut s = format!(
+        "{} symmetric block {} ({}{}), lm_head {}",
+        q.bits.as_str(),
+        q.block_size,
+        q.target.op(),
+        if q.target == QuantTarget::OrtCpu {
+            format!(" accuracy_level {}", quant::ACCURACY_LEVEL)
+        } else {
+            String::new()
+        },
+        if q.lm_head { "quantized" } else { "float" }
+    );
+    s.push_str(", embedding lookup float");
+    s
+}
+
+/// `x · Wᵀ` for the HF weight `name` (`[N, K]`) quantized by `q`, in the target's form; the
+/// scales are stored in the activation dtype `ft`.
+fn quantized_linear(
+    g: &mut GraphBuilder,
+    w: &dyn WeightSource,
+    q: &QuantOptions,
+    ft: Elem,
+    hint: &str,
+    x: &str,
+    name: &str,
+) -> Result<String> {
+    let bq = quant::quantize_weight(w, name, q)?;
+    let (n, k) = (bq.rows as i64, bq.cols as i64);
+    let nb = bq.blocks_per_row() as i64;
+    let bits = q.bits.bits() as i64;
+    let bs = q.block_size as i64;
+    Ok(match q.target {
+        QuantTarget::OrtCpu => {
+            let b = g.init_raw(
+                &format!("{name}.MatMulNBits.B"),
+                Elem::U8,
+                &[n, nb, bs * bits / 8],
+                bq.matmul_nbits_b(),
+            );
+            let s = g.init_float(
+                &format!("{name}.MatMulNBits.scales"),
+                ft,
+                &[n * nb],
+                &bq.scales,
+            );
+            g.op_in(
+                MS_DOMAIN,
+                "MatMulNBits",
+                hint,
+                &[x, &b, &s],
+                vec![
+                    attr_i("K", k),
+                    attr_i("N", n),
+                    attr_i("bits", bits),
+                    attr_i("block_size", bs),
+                    attr_i("accuracy_level", quant::ACCURACY_LEVEL),
+                ],
+            )
+        }
+        QuantTarget::Portable => {
+            let elem = match q.bits {
+                QuantBits::Int4 => Elem::I4,
+                QuantBits::Int8 => Elem::I8,
+            };
+            let wq = g.init_raw(
+                &format!("{name}.T.quantized"),
+                elem,
+                &[k, n],
+                bq.transposed_raw(),
+            );
+            let s = g.init_float(
+                &format!("{name}.T.scales"),
+                ft,
+                &[nb, n],
+                &bq.transposed_scales(),
+            );
+            let wd = g.op(
+                "DequantizeLinear",
+                hint,
+                &[&wq, &s],
+                vec![attr_i("axis", 0), attr_i("block_size", bs)],
+            );
+            g.op("MatMul", hint, &[x, &wd], vec![])
+        }
     })
 }
 

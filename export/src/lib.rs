@@ -4,6 +4,8 @@
 //! - [`graph::build_decoder`]: the graph (standard ONNX operators only, Optimum I/O names).
 //! - [`export`]: the export directory: `model.onnx` (+ `model.onnx.data` when over 2 GB),
 //!   `tokenizer.json`, `steper.json` (the runtime [`Manifest`]) and `genai_config.json`.
+//! - [`quant`]: symmetric block-wise weight quantization (`--quantize int4|int8`), the one
+//!   place where weights are quantized and dequantized (graph and verification reference).
 //! - [`verify::verify`]: runs the export on the runtime backends against the candle model.
 //!
 //! ```no_run
@@ -18,6 +20,7 @@ pub mod error;
 pub mod files;
 pub mod graph;
 pub mod onnx;
+pub mod quant;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +31,7 @@ use tract_onnx::pb::{tensor_proto::DataLocation, ModelProto, StringStringEntryPr
 
 pub use error::{Error, Result};
 pub use onnx::Elem;
+pub use quant::{QuantBits, QuantOptions, QuantTarget};
 pub use steper_runtime::Manifest;
 
 /// File name of the ONNX graph in an export directory.
@@ -94,10 +98,12 @@ pub enum ExternalData {
 pub struct ExportOptions {
     /// Weight precision.
     pub dtype: ExportDtype,
-    /// ONNX opset (17 or 18).
+    /// ONNX opset (17 or 18; [`graph::PORTABLE_OPSET`] for a `portable` quantization).
     pub opset: i64,
     /// Inline or external weights.
     pub external_data: ExternalData,
+    /// Weight quantization of the linear layers (`None`: float weights of `dtype`).
+    pub quantize: Option<QuantOptions>,
 }
 
 impl Default for ExportOptions {
@@ -106,6 +112,23 @@ impl Default for ExportOptions {
             dtype: ExportDtype::Fp32,
             opset: 17,
             external_data: ExternalData::Auto,
+            quantize: None,
+        }
+    }
+}
+
+impl ExportOptions {
+    /// fp32 activations with weights quantized by `q`, at the opset its target needs (17, or
+    /// [`graph::PORTABLE_OPSET`] for `portable`).
+    pub fn quantized(q: QuantOptions) -> Self {
+        ExportOptions {
+            opset: if q.target == QuantTarget::Portable {
+                graph::PORTABLE_OPSET
+            } else {
+                17
+            },
+            quantize: Some(q),
+            ..Default::default()
         }
     }
 }
@@ -129,8 +152,10 @@ pub struct ExportReport {
     pub opset: i64,
     /// IR version written.
     pub ir_version: i64,
-    /// `fp32` or `fp16`.
+    /// `fp32` or `fp16` (the activation dtype; see `quantization` for the weights).
     pub dtype: ExportDtype,
+    /// The weight quantization written, if any.
+    pub quantization: Option<steper_runtime::manifest::WeightQuantization>,
     /// Whether a tokenizer was copied.
     pub tokenizer: bool,
 }
@@ -150,8 +175,12 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
         graph::GraphOptions {
             dtype: opts.dtype.elem(),
             opset: opts.opset,
+            quant: opts.quantize,
         },
     )?;
+    let quantization = opts
+        .quantize
+        .map(|q| q.record(quant::quantized_weights(cfg, &q).len()));
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let nodes = model.graph.as_ref().map(|g| g.node.len()).unwrap_or(0);
     let (model_bytes, weight_bytes, external) =
@@ -164,9 +193,10 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
         steper_models::fsutil::write_atomic(&out.join(files::TOKENIZER_FILE), &bytes)?;
         files::write_tokenizer_config(checkpoint, out)?;
     }
-    let manifest = files::manifest(cfg, opts.dtype);
+    let mut manifest = files::manifest(cfg, opts.dtype);
+    manifest.quantization = quantization.clone();
     manifest.save(&out.join(steper_runtime::manifest::MANIFEST_FILE))?;
-    let genai = files::genai_config(cfg);
+    let genai = files::genai_config(cfg, opts.quantize.as_ref());
     steper_models::fsutil::write_atomic(
         &out.join(files::GENAI_CONFIG_FILE),
         serde_json::to_string_pretty(&genai)?.as_bytes(),
@@ -179,8 +209,9 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
         weight_bytes,
         nodes,
         opset: opts.opset,
-        ir_version: graph::IR_VERSION,
+        ir_version: graph::ir_version(opts.opset),
         dtype: opts.dtype,
+        quantization,
         tokenizer,
     })
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use steper_export::{export, verify, ExportDtype, ExportOptions, ExternalData};
+use steper_export::{
+    export, verify, ExportDtype, ExportOptions, ExternalData, QuantBits, QuantOptions, QuantTarget,
+};
 
 /// Export a STEPER checkpoint to ONNX with a KV cache.
 #[derive(Parser)]
@@ -20,9 +22,25 @@ struct Args {
     /// Weight precision: fp32 or fp16.
     #[arg(long, default_value = "fp32")]
     dtype: String,
-    /// ONNX opset (17 or 18).
-    #[arg(long, default_value_t = 17)]
-    opset: i64,
+    /// ONNX opset (17 or 18; 21 with --target portable, the default there; 17 otherwise).
+    #[arg(long)]
+    opset: Option<i64>,
+    /// Quantize the linear layers' weights: int4 or int8 (symmetric, block-wise,
+    /// round-to-nearest; activations stay --dtype).
+    #[arg(long)]
+    quantize: Option<String>,
+    /// Weights per quantization block along the input dimension (one scale each); must divide
+    /// every quantized layer's input dimension. Needs --quantize.
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// ONNX form of the quantized layers: ort-cpu (com.microsoft MatMulNBits, accuracy_level 4)
+    /// or portable (DequantizeLinear + MatMul, opset 21). Needs --quantize.
+    #[arg(long)]
+    target: Option<String>,
+    /// Quantize the vocabulary projection too (lm_head / the tied embedding's projection; the
+    /// embedding lookup stays float). Needs --quantize.
+    #[arg(long)]
+    quantize_lm_head: Option<bool>,
     /// Always write the weights to model.onnx.data (otherwise only above 2 GB).
     #[arg(long)]
     external_data: bool,
@@ -55,14 +73,46 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(a: Args) -> anyhow::Result<bool> {
+    let quantize = match &a.quantize {
+        Some(bits) => {
+            let d = QuantOptions::int4();
+            Some(QuantOptions {
+                bits: bits.parse::<QuantBits>()?,
+                block_size: a.block_size.unwrap_or(d.block_size),
+                target: match &a.target {
+                    Some(t) => t.parse::<QuantTarget>()?,
+                    None => d.target,
+                },
+                lm_head: a.quantize_lm_head.unwrap_or(d.lm_head),
+            })
+        }
+        None => {
+            for (set, name) in [
+                (a.block_size.is_some(), "--block-size"),
+                (a.target.is_some(), "--target"),
+                (a.quantize_lm_head.is_some(), "--quantize-lm-head"),
+            ] {
+                if set {
+                    anyhow::bail!("option `{name}` needs --quantize int4|int8");
+                }
+            }
+            None
+        }
+    };
+    let portable = quantize.map(|q| q.target) == Some(QuantTarget::Portable);
     let opts = ExportOptions {
         dtype: a.dtype.parse::<ExportDtype>()?,
-        opset: a.opset,
+        opset: a.opset.unwrap_or(if portable {
+            steper_export::graph::PORTABLE_OPSET
+        } else {
+            17
+        }),
         external_data: if a.external_data {
             ExternalData::Always
         } else {
             ExternalData::Auto
         },
+        quantize,
     };
     let report = export(&a.checkpoint, &a.out, &opts)
         .with_context(|| format!("exporting {}", a.checkpoint.display()))?;
@@ -70,11 +120,15 @@ fn run(a: Args) -> anyhow::Result<bool> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if !a.json {
         eprintln!(
-            "wrote {} ({} nodes, {} MB of weights, {}, opset {}, IR {})",
+            "wrote {} ({} nodes, {} MB of weights, {}{}, opset {}, IR {})",
             report.model_file.display(),
             report.nodes,
             report.weight_bytes / 1_000_000,
             report.dtype.as_str(),
+            match &opts.quantize {
+                Some(q) => format!(" activations, {}", steper_export::graph::describe(q)),
+                None => String::new(),
+            },
             report.opset,
             report.ir_version
         );
@@ -82,11 +136,17 @@ fn run(a: Args) -> anyhow::Result<bool> {
     if !a.verify {
         return Ok(true);
     }
+    let defaults = verify::VerifyOptions::for_export(opts.dtype, opts.quantize.as_ref());
+    if !a.no_tract && !defaults.tract {
+        eprintln!(
+            "note: the runtime does not run quantized exports on tract 0.23; verifying on ONNX Runtime"
+        );
+    }
     let vopts = verify::VerifyOptions {
         steps: a.verify_steps,
         prompt: a.verify_prompt.clone(),
-        tract: !a.no_tract,
-        ..verify::VerifyOptions::for_dtype(opts.dtype)
+        tract: !a.no_tract && defaults.tract,
+        ..defaults
     };
     let v = verify::verify(&a.checkpoint, &a.out, &vopts).context("verifying the export")?;
     if a.json {

@@ -17,6 +17,12 @@ pub enum Elem {
     I64,
     /// `BOOL`.
     Bool,
+    /// `UINT8` (MatMulNBits packed weights).
+    U8,
+    /// `INT8` (8-bit block-quantized weights).
+    I8,
+    /// `INT4` (4-bit block-quantized weights, two per byte, low nibble first).
+    I4,
 }
 
 impl Elem {
@@ -27,16 +33,19 @@ impl Elem {
             Elem::F16 => DataType::Float16 as i32,
             Elem::I64 => DataType::Int64 as i32,
             Elem::Bool => DataType::Bool as i32,
+            Elem::U8 => DataType::Uint8 as i32,
+            Elem::I8 => DataType::Int8 as i32,
+            Elem::I4 => DataType::Int4 as i32,
         }
     }
 
-    /// Bytes per element.
+    /// Bytes per element (`INT4` packs two elements in a byte and reports 1).
     pub fn size(self) -> usize {
         match self {
             Elem::F32 => 4,
             Elem::F16 => 2,
             Elem::I64 => 8,
-            Elem::Bool => 1,
+            Elem::Bool | Elem::U8 | Elem::I8 | Elem::I4 => 1,
         }
     }
 }
@@ -143,12 +152,39 @@ impl GraphBuilder {
 
     /// Adds a node writing the output `out` (e.g. a graph output name).
     pub fn op_to(&mut self, op: &str, out: &str, inputs: &[&str], attrs: Vec<AttributeProto>) {
+        self.push_node("", op, out, inputs, attrs);
+    }
+
+    /// Adds a node of operator set `domain` (e.g. `com.microsoft`) with one output named from
+    /// `hint`; returns the output name.
+    pub fn op_in(
+        &mut self,
+        domain: &str,
+        op: &str,
+        hint: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+    ) -> String {
+        self.counter += 1;
+        let out = format!("{hint}/{op}_{}", self.counter);
+        self.push_node(domain, op, &out, inputs, attrs);
+        out
+    }
+
+    fn push_node(
+        &mut self,
+        domain: &str,
+        op: &str,
+        out: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+    ) {
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: vec![out.to_string()],
             name: format!("node_{}_{}", self.nodes.len(), op),
             op_type: op.into(),
-            domain: String::new(),
+            domain: domain.into(),
             attribute: attrs,
             doc_string: String::new(),
         });

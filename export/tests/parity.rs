@@ -25,6 +25,7 @@ const TOL: Tolerance = Tolerance {
     name: "test fp32 1e-4 abs",
     max_rel: 1.0,
     greedy_exact: true,
+    min_top1: 1.0,
 };
 
 #[test]

@@ -480,6 +480,9 @@ pub struct OrtGenerator {
     head_dim: usize,
     past_names: Vec<String>,
     present_names: Vec<String>,
+    /// The graph's `logits_to_keep` input (manifest `graph.logits_to_keep`), fed 1 for
+    /// [`LogitsMode::Last`] so the graph projects only the last position.
+    logits_to_keep: Option<String>,
 }
 
 /// The ONNX Runtime cache: the last call's `present.*` values.
@@ -630,6 +633,7 @@ impl OrtGenerator {
             head_dim: g.head_dim,
             past_names: g.inputs[3..].to_vec(),
             present_names: g.outputs[1..].to_vec(),
+            logits_to_keep: g.logits_to_keep.clone(),
         })
     }
 
@@ -767,6 +771,16 @@ impl BatchDecoder for OrtGenerator {
         for (name, v) in self.past_names.iter().zip(oc.values.iter()) {
             feed.push((Cow::Borrowed(name.as_str()), v.into()));
         }
+        // Last position only: the graph slices before the vocabulary projection and returns
+        // one row per batch row.
+        let keep_last = match (&self.logits_to_keep, mode) {
+            (Some(name), LogitsMode::Last) => {
+                let one = Tensor::from_array(((), vec![1i64])).map_err(backend_err)?;
+                feed.push((Cow::Borrowed(name.as_str()), one.into()));
+                true
+            }
+            _ => false,
+        };
         let mut session = self.sessions.checkout()?;
         let mut out = session.session().run(feed).map_err(backend_err)?;
         let logits = out
@@ -786,6 +800,11 @@ impl BatchDecoder for OrtGenerator {
         let logits = match mode {
             LogitsMode::All => Logits {
                 rows: b * s,
+                vocab,
+                data: data.to_vec(),
+            },
+            LogitsMode::Last if keep_last => Logits {
+                rows: b,
                 vocab,
                 data: data.to_vec(),
             },

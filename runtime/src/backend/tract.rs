@@ -52,6 +52,22 @@ impl TractGenerator {
             path: model.to_path_buf(),
             message: format!("tract cannot load the graph: {e:#}"),
         };
+        // tract 0.23's `DequantizeLinear` rejects `block_size`; its `MatMulNBits` reads 4-bit
+        // (and 2-bit) weights only, and on steper's 4-bit block-32 exports its result disagrees
+        // with the dequantized weights (relative logit error ≈ 1.8 where ONNX Runtime is within
+        // 10 %). Refuse rather than run a graph it cannot run, or runs wrongly.
+        if let Some(q) = &manifest.quantization {
+            return Err(Error::Model {
+                path: model.to_path_buf(),
+                message: format!(
+                    "tract 0.23 cannot run this export: its linear layers (the first is `model.layers.0.self_attn.q_proj`) are {}-bit `{}` (--target {}), which tract rejects (DequantizeLinear block_size, 8-bit MatMulNBits) or computes wrongly (4-bit MatMulNBits) — run it on the ort backend, or use a float export on tract",
+                    q.bits, q.op, q.target
+                ),
+            });
+        }
+        // `logits_to_keep` (manifest `graph.logits_to_keep`) is an initializer-backed input, which
+        // tract folds as a constant (its default 0 = every position): `LogitsMode::Last` below
+        // takes the last row itself.
         let mut m = tract_onnx::onnx().model_for_path(model).map_err(bad)?;
         let in_names: Vec<String> = m
             .input_outlets()

@@ -1,0 +1,340 @@
+//! Weight-quantized exports (`--quantize int4|int8`, `--target ort-cpu|portable`) of a tiny
+//! random model against the candle model on the same dequantized weights, the graph's operators,
+//! the records in the manifest and genai_config.json, and the errors.
+
+mod common;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use common::*;
+use prost::Message;
+use steper_export::quant::{dequantized_checkpoint, ORT_CPU_BITS};
+use steper_export::verify::{check_backend, reference, Reference, Tolerance, INT_MATMULNBITS};
+use steper_export::{Error, ExportOptions, QuantBits, QuantOptions, QuantTarget};
+use steper_runtime::backend::{load_model, BackendKind, OrtOptions};
+use tract_onnx::pb::ModelProto;
+
+fn opts(bits: QuantBits, target: QuantTarget, block_size: usize, lm_head: bool) -> ExportOptions {
+    ExportOptions::quantized(QuantOptions {
+        bits,
+        block_size,
+        target,
+        lm_head,
+    })
+}
+
+struct Quantized {
+    _tmp: tempfile::TempDir,
+    ckpt: std::path::PathBuf,
+    out: std::path::PathBuf,
+}
+
+fn export_quantized(o: &ExportOptions) -> Result<Quantized> {
+    ensure_ort()?;
+    let tmp = tempfile::tempdir()?;
+    let ckpt = tmp.path().join("ckpt");
+    let out = tmp.path().join("export");
+    tiny_checkpoint(&ckpt, &tiny_config(), 7)?;
+    steper_export::export(&ckpt, &out, o)?;
+    Ok(Quantized {
+        _tmp: tmp,
+        ckpt,
+        out,
+    })
+}
+
+/// The candle reference on the weights dequantized exactly as the export quantized them.
+fn dequantized_reference(ckpt: &Path, q: &QuantOptions, steps: usize) -> Result<Reference> {
+    let ck = steper_models::Checkpoint::load(ckpt, DType::F32, &Device::Cpu)?;
+    let (cfg, w) = dequantized_checkpoint(&ck.config, &ck.weights, q)?;
+    let model = steper_models::Llama::new(&cfg, &w)?;
+    Ok(reference(&model, &prompt(12), steps)?)
+}
+
+fn check(o: &ExportOptions, backends: &[(BackendKind, Tolerance)]) -> Result<()> {
+    let x = export_quantized(o)?;
+    let q = o.quantize.context("quantized options")?;
+    let r = dequantized_reference(&x.ckpt, &q, 8)?;
+    for (b, tol) in backends {
+        let rep = check_backend(&x.out, b, &r, *tol)?;
+        eprintln!(
+            "{:?} {} on {}: max_rel {:.2e}, max_abs {:.2e}, top-1 {:.3}",
+            q.bits,
+            q.target.as_str(),
+            rep.backend,
+            rep.max_rel,
+            rep.max_abs,
+            rep.top1_agreement
+        );
+        assert!(
+            rep.pass,
+            "{} fails {}: max_rel {} top-1 {} greedy identical {}",
+            rep.backend, tol.name, rep.max_rel, rep.top1_agreement, rep.greedy_identical
+        );
+    }
+    Ok(())
+}
+
+fn ort() -> (BackendKind, Tolerance) {
+    (BackendKind::Ort(OrtOptions::default()), INT_MATMULNBITS)
+}
+
+#[test]
+fn int4_ort_cpu_matches_candle_on_dequantized_weights() -> Result<()> {
+    check(
+        &opts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true),
+        &[ort()],
+    )
+}
+
+#[test]
+fn int4_ort_cpu_with_float_lm_head_and_block_64_matches() -> Result<()> {
+    check(
+        &opts(QuantBits::Int4, QuantTarget::OrtCpu, 64, false),
+        &[ort()],
+    )
+}
+
+#[test]
+fn int4_portable_matches_candle_on_dequantized_weights() -> Result<()> {
+    check(
+        &opts(QuantBits::Int4, QuantTarget::Portable, 32, true),
+        &[ort()],
+    )
+}
+
+#[test]
+fn int8_portable_matches_candle_on_dequantized_weights() -> Result<()> {
+    check(
+        &opts(QuantBits::Int8, QuantTarget::Portable, 32, true),
+        &[ort()],
+    )
+}
+
+#[test]
+fn int8_ort_cpu_matches_or_is_refused_naming_the_option() -> Result<()> {
+    let o = opts(QuantBits::Int8, QuantTarget::OrtCpu, 32, true);
+    if ORT_CPU_BITS.contains(&QuantBits::Int8) {
+        return check(&o, &[ort()]);
+    }
+    let e = export_quantized(&o)
+        .err()
+        .context("int8 ort-cpu must fail")?;
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("--quantize") && msg.contains("portable"),
+        "{msg}"
+    );
+    Ok(())
+}
+
+fn graph(dir: &Path) -> Result<ModelProto> {
+    Ok(ModelProto::decode(&*std::fs::read(
+        dir.join("model.onnx"),
+    )?)?)
+}
+
+fn count(m: &ModelProto, op: &str) -> usize {
+    m.graph
+        .as_ref()
+        .map(|g| g.node.iter().filter(|n| n.op_type == op).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn ort_cpu_graph_uses_matmulnbits_for_every_linear_layer() -> Result<()> {
+    let x = export_quantized(&opts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true))?;
+    let m = graph(&x.out)?;
+    let layers = tiny_config().num_hidden_layers;
+    assert_eq!(count(&m, "MatMulNBits"), 7 * layers + 1);
+    assert_eq!(count(&m, "Gemm"), 0, "the lm_head must be quantized too");
+    assert!(m
+        .opset_import
+        .iter()
+        .any(|o| o.domain == "com.microsoft" && o.version == 1));
+    let g = m.graph.as_ref().context("graph")?;
+    for n in g.node.iter().filter(|n| n.op_type == "MatMulNBits") {
+        assert_eq!(n.domain, "com.microsoft");
+        let attr = |k: &str| n.attribute.iter().find(|a| a.name == k).map(|a| a.i);
+        assert_eq!(attr("bits"), Some(4));
+        assert_eq!(attr("block_size"), Some(32));
+        assert_eq!(attr("accuracy_level"), Some(4));
+    }
+    // Remaining MatMuls are the two attention products per layer (activations × activations).
+    let inits: std::collections::HashSet<&str> =
+        g.initializer.iter().map(|t| t.name.as_str()).collect();
+    for n in g.node.iter().filter(|n| n.op_type == "MatMul") {
+        assert!(
+            !inits.contains(n.input[1].as_str()),
+            "float weight left: {}",
+            n.input[1]
+        );
+    }
+    assert_eq!(count(&m, "MatMul"), 2 * layers);
+    // The embedding lookup keeps the float table.
+    let embed = g
+        .initializer
+        .iter()
+        .find(|t| t.name == "model.embed_tokens.weight")
+        .context("float embedding")?;
+    assert_eq!(
+        embed.data_type,
+        tract_onnx::pb::tensor_proto::DataType::Float as i32
+    );
+    Ok(())
+}
+
+#[test]
+fn portable_graph_is_standard_onnx_opset_21_with_int4_weights() -> Result<()> {
+    let x = export_quantized(&opts(QuantBits::Int4, QuantTarget::Portable, 32, true))?;
+    let m = graph(&x.out)?;
+    let layers = tiny_config().num_hidden_layers;
+    assert!(m.ir_version <= 10, "ONNX Runtime 1.31 needs IR ≤ 10");
+    assert_eq!(m.opset_import.len(), 1);
+    assert_eq!(
+        (m.opset_import[0].domain.as_str(), m.opset_import[0].version),
+        ("", 21)
+    );
+    let g = m.graph.as_ref().context("graph")?;
+    assert!(g.node.iter().all(|n| n.domain.is_empty()));
+    assert_eq!(count(&m, "DequantizeLinear"), 7 * layers + 1);
+    assert_eq!(count(&m, "MatMul"), 2 * layers + 7 * layers + 1);
+    let int4 = tract_onnx::pb::tensor_proto::DataType::Int4 as i32;
+    for n in g.node.iter().filter(|n| n.op_type == "DequantizeLinear") {
+        let w = g
+            .initializer
+            .iter()
+            .find(|t| t.name == n.input[0])
+            .context("DequantizeLinear weight is an initializer")?;
+        assert_eq!(w.data_type, int4, "{}", w.name);
+        let attr = |k: &str| n.attribute.iter().find(|a| a.name == k).map(|a| a.i);
+        assert_eq!((attr("axis"), attr("block_size")), (Some(0), Some(32)));
+    }
+    Ok(())
+}
+
+#[test]
+fn manifest_and_genai_config_say_what_was_quantized() -> Result<()> {
+    let x = export_quantized(&opts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true))?;
+    let m = steper_runtime::Manifest::load(&x.out.join("steper.json"))?;
+    assert_eq!(m.dtype, "fp32");
+    let q = m.quantization.context("quantization record")?;
+    assert_eq!((q.bits, q.block_size, q.lm_head), (4, 32, true));
+    assert_eq!(
+        (q.target.as_str(), q.op.as_str()),
+        ("ort-cpu", "MatMulNBits")
+    );
+    assert_eq!(q.accuracy_level, Some(4));
+    assert_eq!(q.layers, 7 * tiny_config().num_hidden_layers + 1);
+    let genai: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(x.out.join("genai_config.json"))?)?;
+    let s = genai["model"]["decoder"]["session_options"]["steper.weight_quantization"]
+        .as_str()
+        .context("genai_config records the quantization")?;
+    assert!(s.contains("int4") && s.contains("MatMulNBits"), "{s}");
+    Ok(())
+}
+
+#[test]
+fn a_block_size_that_does_not_divide_a_layer_names_the_layer_and_option() -> Result<()> {
+    ensure_ort()?;
+    let tmp = tempfile::tempdir()?;
+    let ckpt = tmp.path().join("ckpt");
+    tiny_checkpoint(&ckpt, &tiny_config(), 7)?;
+    // hidden 64: block 128 (a valid MatMulNBits size) does not divide q_proj's input.
+    let e = steper_export::export(
+        &ckpt,
+        &tmp.path().join("a"),
+        &opts(QuantBits::Int4, QuantTarget::OrtCpu, 128, true),
+    )
+    .err()
+    .context("must fail")?;
+    assert!(
+        matches!(
+            e,
+            Error::BlockSize {
+                input_dim: 64,
+                block_size: 128,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("--block-size") && msg.contains("q_proj"),
+        "{msg}"
+    );
+    // Portable accepts any size, still only divisors: 48 does not divide 64.
+    let e = steper_export::export(
+        &ckpt,
+        &tmp.path().join("b"),
+        &opts(QuantBits::Int8, QuantTarget::Portable, 48, true),
+    )
+    .err()
+    .context("must fail")?;
+    assert!(
+        e.to_string()
+            .contains("model.layers.0.self_attn.q_proj.weight"),
+        "{e}"
+    );
+    // MatMulNBits needs a power of two ≥ 16.
+    let e = steper_export::export(
+        &ckpt,
+        &tmp.path().join("c"),
+        &opts(QuantBits::Int4, QuantTarget::OrtCpu, 24, true),
+    )
+    .err()
+    .context("must fail")?;
+    assert!(e.to_string().contains("--block-size"), "{e}");
+    // Nothing was written for a refused export.
+    assert!(!tmp.path().join("a").join("model.onnx").exists());
+    Ok(())
+}
+
+#[test]
+fn tract_refuses_quantized_exports_with_an_error_naming_layer_and_op() -> Result<()> {
+    for (bits, target, op) in [
+        (QuantBits::Int8, QuantTarget::Portable, "DequantizeLinear"),
+        (QuantBits::Int4, QuantTarget::OrtCpu, "MatMulNBits"),
+    ] {
+        let x = export_quantized(&opts(bits, target, 32, true))?;
+        let e = load_model(&x.out, &BackendKind::Tract)
+            .err()
+            .context("tract must refuse a quantized export")?;
+        let msg = e.to_string();
+        assert!(
+            msg.contains(op) && msg.contains("q_proj") && msg.contains("tract"),
+            "{msg}"
+        );
+        // ONNX Runtime runs the same export.
+        load_model(&x.out, &BackendKind::Ort(OrtOptions::default()))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn verify_reports_agreement_for_a_quantized_export() -> Result<()> {
+    let o = opts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true);
+    let x = export_quantized(&o)?;
+    let vo = steper_export::verify::VerifyOptions {
+        steps: 8,
+        ..steper_export::verify::VerifyOptions::for_export(
+            steper_export::ExportDtype::Fp32,
+            o.quantize.as_ref(),
+        )
+    };
+    assert!(!vo.tract, "the runtime refuses quantized exports on tract");
+    let rep = steper_export::verify::verify(&x.ckpt, &x.out, &vo)?;
+    assert_eq!(rep.quantization, o.quantize);
+    assert_eq!(rep.backends.len(), 1);
+    for b in &rep.backends {
+        let f = b.fp32.as_ref().context("fp32 agreement reported")?;
+        assert_eq!(f.steps, 8);
+        assert!((0.0..=1.0).contains(&f.top1_prompt) && (0.0..=1.0).contains(&f.greedy));
+        assert!(b.pass, "{}: {}", b.backend, rep.tolerance.name);
+    }
+    Ok(())
+}
