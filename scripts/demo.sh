@@ -8,19 +8,20 @@
 #   4. export base and trained student to ONNX; `steper-run eval` of both on held-out HotpotQA
 #      dev questions (own paragraph pool as the index) and one traced `ask`.
 # Outputs land in out/demo (STEPER_OUT); the table it prints is out/demo/demo-results.md.
-# Knobs (env): DEMO_TRAIN_QUESTIONS (300), DEMO_STEPS (60), DEMO_EVAL (30), DEMO_LR (1e-4),
-# DEMO_FIT_ARGS (extra steper-train fit flags), DEMO_EXPORT_ARGS (extra steper-export flags),
+# Knobs (env): DEMO_TRAIN_QUESTIONS (300), DEMO_STEPS (30, batch 2), DEMO_EVAL (30), DEMO_LR
+# (2e-4), DEMO_FIT_ARGS (what trains; default: the top 2 layers, the frozen bottom's outputs
+# cached on disk), DEMO_EXPORT_ARGS (extra steper-export flags, e.g. "--quantize int4"),
 # DEMO_SEED (0).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${STEPER_OUT:-$ROOT/out/demo}"
 TRAIN_Q="${DEMO_TRAIN_QUESTIONS:-300}"
-STEPS="${DEMO_STEPS:-60}"
+STEPS="${DEMO_STEPS:-30}"
 EVAL_N="${DEMO_EVAL:-30}"
-LR="${DEMO_LR:-1e-4}"
+LR="${DEMO_LR:-2e-4}"
 SEED="${DEMO_SEED:-0}"
-FIT_ARGS="${DEMO_FIT_ARGS:-}"
+FIT_ARGS="${DEMO_FIT_ARGS---freeze-embeddings --top-layers 2 --prefix-cache $OUT/prefix-cache --prefix-cache-dtype f16 --warmup 5}"
 EXPORT_ARGS="${DEMO_EXPORT_ARGS:-}"
 DATA="$ROOT/../shared/data"
 mkdir -p "$OUT"
@@ -47,8 +48,8 @@ rm -rf "$OUT/index-train" "$OUT/index-dev" "$OUT/distill"
 echo "== 3. σ-weighted step-wise training of SmolLM2 ($STEPS steps; $(since))"
 rm -rf "$OUT/student"
 "$BIN/steper-train" fit --student "$OUT/smollm2" --data "$OUT/distill/stepwise.jsonl" \
-  --out "$OUT/student" --mode steper --steps "$STEPS" --batch-size 4 --lr "$LR" --seed "$SEED" \
-  --save-every 0 --eval-every 20 $FIT_ARGS
+  --out "$OUT/student" --mode steper --steps "$STEPS" --batch-size 2 --lr "$LR" --seed "$SEED" \
+  --eval-fraction 0.02 --save-every 0 --eval-every "$STEPS" $FIT_ARGS
 "$BIN/steper-train" plot --log "$OUT/student/train_log.jsonl" --out "$OUT/plots" --title "STEPER SmolLM2"
 
 echo "== 4. export and evaluation on $EVAL_N held-out HotpotQA dev questions ($(since))"
@@ -57,7 +58,7 @@ rm -rf "$OUT/base-onnx" "$OUT/student-onnx"
 "$BIN/steper-export" --checkpoint "$OUT/student" --out "$OUT/student-onnx" $EXPORT_ARGS
 for m in base student; do
   "$BIN/steper-run" eval --model "$OUT/$m-onnx" --index "$OUT/index-dev" \
-    --data "$DATA/hotpotqa_dev500.jsonl" --limit "$EVAL_N" --out "$OUT/eval-$m.jsonl"
+    --data "$DATA/hotpotqa_dev500.jsonl" --limit "$EVAL_N" --batch 4 --out "$OUT/eval-$m.jsonl"
 done
 Q="$(head -n1 "$DATA/hotpotqa_dev500.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["question"])')"
 "$BIN/steper-run" ask --model "$OUT/student-onnx" --index "$OUT/index-dev" "$Q"
