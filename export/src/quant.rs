@@ -300,7 +300,7 @@ pub fn quantize(
     bits: QuantBits,
     block_size: usize,
 ) -> Result<BlockQuantized> {
-    if block_size == 0 || cols % block_size != 0 {
+    if block_size == 0 || !cols.is_multiple_of(block_size) {
         return Err(Error::BlockSize {
             layer: layer.into(),
             input_dim: cols,
