@@ -21,8 +21,11 @@
 # LR (2e-4), BATCH (2), EVAL_EVERY (50), SAVE_EVERY (25), FIT_ARGS (steper-train fit flags for
 # what trains; default "--freeze-embeddings --top-layers 2 --prefix-cache-dtype f16 --warmup 10",
 # the prefix cache lives in $OUT/prefix-cache-{stepwise,vanilla}), EXPORT_ARGS (extra
-# steper-export flags, e.g. "--quantize int4"), N_HOTPOT (100), N_MUSIQUE (50), N_2WIKI (50),
-# EVAL_FRACTION (0.01), EVAL_ARGS (extra steper-run eval flags), DEMOS (2).
+# steper-export flags, e.g. "--quantize int4"), SIGMA_LR (--sigma-lr of the steper runs, empty:
+# the weight rate; the σ of a 100-step run at lr 3e-4 barely moves without it), N_HOTPOT (100), N_MUSIQUE (50), N_2WIKI (50),
+# EVAL_FRACTION (0.01), EVAL_ARGS (extra steper-run eval flags; "--batch N" is not passed to
+# the few-shot configuration, whose prefix the batched loop refuses), DEMOS (2), FEWSHOT (1: also
+# evaluate base + DEMOS IRCoT demonstrations; 0: skip it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -35,6 +38,7 @@ BATCH="${BATCH:-2}"
 EVAL_EVERY="${EVAL_EVERY:-50}"
 SAVE_EVERY="${SAVE_EVERY:-25}"
 # trained part of SmolLM2 (the frozen bottom's outputs are cached on disk per record kind)
+SIGMA_LR="${SIGMA_LR:-}"
 FIT_ARGS="${FIT_ARGS---freeze-embeddings --top-layers 2 --prefix-cache-dtype f16 --warmup 10}"
 EXPORT_ARGS="${EXPORT_ARGS:-}"
 EVAL_ARGS="${EVAL_ARGS:-}"
@@ -43,6 +47,7 @@ N_MUSIQUE="${N_MUSIQUE:-50}"
 N_2WIKI="${N_2WIKI:-50}"
 EVAL_FRACTION="${EVAL_FRACTION:-0.01}"
 DEMOS="${DEMOS:-2}"
+FEWSHOT="${FEWSHOT:-1}"
 DATA="$ROOT/../shared/data"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
 GGUF="$(bash scripts/fetch-smollm2.sh)"
@@ -121,10 +126,12 @@ for seed in $SEEDS; do
       # a checkpoint already in $run/ckpt is resumed by the trainer
       kind=stepwise
       [[ "$mode" == vanilla ]] && kind=vanilla
+      sigma=()
+      [[ "$mode" == steper && -n "$SIGMA_LR" ]] && sigma=(--sigma-lr "$SIGMA_LR")
       timed "fit $mode-seed$seed" "$BIN/steper-train" fit --student "$OUT/base" --data "$data" \
         --out "$run/ckpt" --mode "$mode" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
         --seed "$seed" --eval-fraction "$EVAL_FRACTION" --eval-every "$EVAL_EVERY" \
-        --save-every "$SAVE_EVERY" --prefix-cache "$OUT/prefix-cache-$kind" $FIT_ARGS
+        --save-every "$SAVE_EVERY" --prefix-cache "$OUT/prefix-cache-$kind" "${sigma[@]}" $FIT_ARGS
       touch "$run/fit.done"
     fi
     if [[ ! -f "$run/plots.done" ]]; then
@@ -160,15 +167,27 @@ evaluate() {  # evaluate CONFIG MODEL_DIR [extra eval flags for DEV FILE: --demo
     mkdir -p "$(dirname "$res")"
     local limit=()
     [[ "$lim" -gt 0 ]] && limit=(--limit "$lim")
-    local extra=()
-    [[ "$config" == base-fewshot ]] && extra=(--demos "$(demo_file "$f"):$DEMOS")
+    local extra=() args=($EVAL_ARGS)
+    if [[ "$config" == base-fewshot ]]; then
+      extra=(--demos "$(demo_file "$f"):$DEMOS")
+      # the batched loop refuses a prompt prefix: drop "--batch N" / "--batch=N"
+      local kept=() i=0
+      while (( i < ${#args[@]} )); do
+        case "${args[$i]}" in
+          --batch) i=$((i + 2)); continue ;;
+          --batch=*) i=$((i + 1)); continue ;;
+        esac
+        kept+=("${args[$i]}"); i=$((i + 1))
+      done
+      args=("${kept[@]}")
+    fi
     log "eval $config on $f (${lim:-all})"
     timed "eval $config/$f" "$BIN/steper-run" eval --model "$model" --index "$OUT/index/$f" \
-      --data "$DATA/$f.jsonl" "${limit[@]}" "${extra[@]}" --out "$res" $EVAL_ARGS >/dev/null
+      --data "$DATA/$f.jsonl" "${limit[@]}" "${extra[@]}" --out "$res" "${args[@]}" >/dev/null
   done
 }
 evaluate base "$OUT/base-onnx"
-evaluate base-fewshot "$OUT/base-onnx"
+[[ "$FEWSHOT" == 1 ]] && evaluate base-fewshot "$OUT/base-onnx"
 for seed in $SEEDS; do
   for mode in $MODES; do
     evaluate "$mode-seed$seed" "$OUT/runs/$mode-seed$seed/onnx"

@@ -612,13 +612,38 @@ impl<'a> GeneratorStepModel<'a> {
     }
 
     /// Picks a token from `logits`; returns it with its probability and the entropy of the
-    /// distribution (both at temperature 1).
-    fn pick(&mut self, logits: &[f32]) -> Result<(u32, f64, f64)> {
+    /// distribution (both at temperature 1). With `no_eos` an end-of-sequence token is never
+    /// picked (the first token of a step: an empty step is never a valid one); the statistics
+    /// are still those of the whole distribution.
+    fn pick(&mut self, logits: &[f32], no_eos: bool) -> Result<(u32, f64, f64)> {
         let stats = softmax_stats(logits)?;
+        let eos = &self.eos;
+        let allowed = |i: usize| !(no_eos && u32::try_from(i).is_ok_and(|i| eos.contains(&i)));
         let id = match self.decoding {
-            Decoding::Greedy => stats.argmax,
+            Decoding::Greedy if allowed(stats.argmax) => stats.argmax,
+            Decoding::Greedy => logits
+                .iter()
+                .enumerate()
+                .filter(|&(i, v)| allowed(i) && v.is_finite())
+                .fold(None, |best: Option<(usize, f32)>, (i, &v)| match best {
+                    Some((_, bv)) if bv >= v => best,
+                    _ => Some((i, v)),
+                })
+                .map_or(stats.argmax, |(i, _)| i),
             Decoding::Sample { temperature, .. } => {
-                sample(logits, stats.max, temperature, &mut self.rng)
+                let mut masked;
+                let choose = if no_eos {
+                    masked = logits.to_vec();
+                    for (i, v) in masked.iter_mut().enumerate() {
+                        if !allowed(i) {
+                            *v = f32::NEG_INFINITY;
+                        }
+                    }
+                    &masked[..]
+                } else {
+                    logits
+                };
+                sample(choose, stats.max, temperature, &mut self.rng)
             }
         };
         let p = (f64::from(logits[id]) - stats.max).exp() / stats.z;
@@ -751,7 +776,7 @@ impl GeneratorStepModel<'_> {
         if d.picks >= d.max_new {
             return Ok(None);
         }
-        let (id, p, h) = self.pick(logits)?;
+        let (id, p, h) = self.pick(logits, d.generated.is_empty())?;
         d.sum_p += p;
         d.sum_h += h;
         d.picks += 1;
@@ -1182,6 +1207,102 @@ pub(crate) mod tests {
             let p = s.mean_prob.ok_or_else(|| Error::Input("no prob".into()))?;
             assert!(p > 0.0 && p <= 1.0);
             assert!(s.mean_entropy.is_some_and(|h| h >= 0.0));
+        }
+        Ok(())
+    }
+
+    /// A model whose most likely next token is always EOS, with `word` second.
+    struct EosFirstLm {
+        info: crate::generator::GeneratorInfo,
+        eos: u32,
+        word: u32,
+    }
+
+    impl Generator for EosFirstLm {
+        fn info(&self) -> &crate::generator::GeneratorInfo {
+            &self.info
+        }
+        fn new_sequence(&self) -> Result<Sequence> {
+            Ok(Sequence::new(Box::new(())))
+        }
+        fn append(
+            &self,
+            seq: &mut Sequence,
+            tokens: &[u32],
+            _mode: LogitsMode,
+        ) -> Result<crate::generator::Logits> {
+            seq.push_tokens(tokens);
+            let vocab = self.info.vocab_size;
+            let mut data = vec![0.0f32; vocab];
+            data[self.eos as usize] = 2.0 * FAKE_MARGIN;
+            data[self.word as usize] = FAKE_MARGIN;
+            Ok(crate::generator::Logits {
+                rows: 1,
+                vocab,
+                data,
+            })
+        }
+        fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()> {
+            seq.truncate_tokens(len);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_step_never_ends_before_its_first_token() -> Result<()> {
+        /// Named tolerance: f32 logits through an f64 softmax.
+        const PROB_EPS: f64 = 1e-6;
+        let tok = word_tokenizer(&["Q", ":", "A", "doc", "?"])?;
+        let id = |w: &str| tok.token_to_id(w).ok_or_else(|| Error::Tokenizer(w.into()));
+        let lm = EosFirstLm {
+            info: crate::generator::GeneratorInfo {
+                backend: "eos-first".into(),
+                providers: vec!["CPU".into()],
+                vocab_size: tok.get_vocab_size(true),
+                context_length: 64,
+            },
+            eos: id("[EOS]")?,
+            word: id("doc")?,
+        };
+        for decoding in [
+            Decoding::Greedy,
+            Decoding::Sample {
+                temperature: 0.05,
+                seed: 7,
+            },
+        ] {
+            let mut m = GeneratorStepModel::new(&lm, &tok, &[lm.eos]).with_decoding(decoding);
+            m.begin_question("doc ?")?;
+            let out = m.generate(&StepRequest {
+                question: "doc ?",
+                step: 1,
+                forced: false,
+                passages: &[],
+                reasoning: &[],
+                prompt: "Q : doc ? A :",
+                max_new_tokens: 8,
+            })?;
+            // EOS is refused as the first token, then taken as the second.
+            assert_eq!(
+                (out.text.as_str(), out.new_tokens),
+                ("doc", 1),
+                "{decoding:?}"
+            );
+            // The statistics are those of the model's own distribution (EOS not masked): the
+            // mean of p("doc") and p(EOS) over the unmasked softmax.
+            let v = tok.get_vocab_size(true) as f64;
+            let (e8, e4) = (
+                (2.0 * f64::from(FAKE_MARGIN)).exp(),
+                f64::from(FAKE_MARGIN).exp(),
+            );
+            let want = (e8 + e4) / (2.0 * (e8 + e4 + v - 2.0));
+            let got = out
+                .mean_prob
+                .ok_or_else(|| Error::Input("no prob".into()))?;
+            assert!(
+                (got - want).abs() < PROB_EPS,
+                "{got} vs {want} ({decoding:?})"
+            );
         }
         Ok(())
     }

@@ -394,3 +394,54 @@ fn lora_trains_only_adapters_resumes_bit_exactly_and_saves_merged_weights() -> R
     assert!(ck.path().join("lora.safetensors").is_file());
     Ok(())
 }
+
+#[test]
+fn sigma_lr_sets_how_fast_the_difficulties_move() -> Result<()> {
+    /// The σ rate below is 50× the weight rate; Adam's steps on the scalar s_j are then ~50×
+    /// larger, so |log σ| after the run must be well over this multiple of the default run's.
+    const MIN_RATIO: f64 = 10.0;
+    let tmp = tempfile::tempdir()?;
+    let s = tmp.path().join("student");
+    student(&s, 3)?;
+    let ex = examples();
+    let run = |sigma_lr: Option<f64>, name: &str| -> Result<f64> {
+        let cfg = FitConfig {
+            steps: 10,
+            batch_size: 8,
+            warmup: 1,
+            adamw: steper_train::fit::optim::AdamWConfig {
+                lr: 1e-3,
+                sigma_lr,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let out = tmp.path().join(name);
+        fit(&s, &ex, &ex, &cfg, &out, false)?;
+        let log = std::fs::read_to_string(out.join("train_log.jsonl"))?;
+        let last: serde_json::Value = serde_json::from_str(log.lines().last().expect("a line"))?;
+        Ok(["sigma_init", "sigma_exp", "sigma_agg"]
+            .iter()
+            .map(|k| last[*k].as_f64().expect("σ logged").ln().abs())
+            .sum())
+    };
+    let default = run(None, "default")?;
+    let fast = run(Some(5e-2), "fast")?;
+    assert!(default > 0.0, "σ did not move at all: {default}");
+    assert!(
+        fast > MIN_RATIO * default,
+        "Σ|log σ| with --sigma-lr 5e-2: {fast}, with the weight rate: {default}"
+    );
+    // A negative rate is refused, naming it.
+    let cfg = FitConfig {
+        steps: 1,
+        adamw: steper_train::fit::optim::AdamWConfig {
+            sigma_lr: Some(-1.0),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = fit(&s, &ex, &ex, &cfg, &tmp.path().join("bad"), false).unwrap_err();
+    assert!(err.to_string().contains("σ learning rate -1"), "{err}");
+    Ok(())
+}

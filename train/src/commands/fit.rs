@@ -39,6 +39,10 @@ pub struct Args {
     /// Warmup steps.
     #[arg(long, default_value_t = 20)]
     warmup: u64,
+    /// Peak learning rate of the σ difficulties (steper mode; default: --lr). Their Adam step is
+    /// about the learning rate, so a short run needs a larger one (e.g. 1e-2) for σ to move.
+    #[arg(long)]
+    sigma_lr: Option<f64>,
     /// AdamW weight decay (not on norms or σ).
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
@@ -136,6 +140,7 @@ pub fn run(a: Args) -> Result<()> {
         adamw: AdamWConfig {
             lr: a.lr,
             weight_decay: a.weight_decay,
+            sigma_lr: a.sigma_lr,
             ..Default::default()
         },
         warmup: a.warmup,

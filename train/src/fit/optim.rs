@@ -20,6 +20,12 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// Decoupled weight decay (not applied to σ, norms or biases).
     pub weight_decay: f64,
+    /// Peak learning rate of the σ parameters (`None`: `lr`). The three s_j = log σ_j are
+    /// scalars whose Adam step is at most about the learning rate, so at a weight learning rate
+    /// of 1e-4 they could move by 0.01 in 100 steps: short runs need their own rate. Follows
+    /// the same warmup and decay as `lr`.
+    #[serde(default)]
+    pub sigma_lr: Option<f64>,
 }
 
 impl Default for AdamWConfig {
@@ -30,6 +36,7 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.01,
+            sigma_lr: None,
         }
     }
 }
@@ -42,6 +49,8 @@ pub struct Param {
     pub var: Var,
     /// Whether weight decay applies.
     pub decay: bool,
+    /// This parameter's learning rate as a multiple of the scheduled one (1 by default).
+    pub lr_scale: f64,
     m: Tensor,
     v: Tensor,
 }
@@ -65,6 +74,7 @@ impl AdamW {
                 let z = var.as_tensor().zeros_like()?;
                 Ok(Param {
                     name,
+                    lr_scale: 1.0,
                     m: z.clone(),
                     v: z,
                     var,
@@ -84,6 +94,7 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (p, g) in self.params.iter_mut().zip(grads) {
             let Some(g) = g else { continue };
+            let lr = lr * p.lr_scale;
             p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let mhat = (&p.m / bc1)?;
@@ -216,6 +227,31 @@ mod tests {
             (w[0] - 0.9).abs() < 1e-5 && (w[1] + 1.9).abs() < 1e-5,
             "{w:?}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn lr_scale_multiplies_one_parameters_step() -> Result<()> {
+        /// Named tolerance for f32 parameters after one step.
+        const EPS: f32 = 1e-5;
+        let a = Var::new(&[1.0f32], &Device::Cpu)?;
+        let b = Var::new(&[1.0f32], &Device::Cpu)?;
+        let mut opt = AdamW::new(
+            AdamWConfig {
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+            vec![
+                ("w".into(), a.clone(), true),
+                ("sigma.init".into(), b.clone(), false),
+            ],
+        )?;
+        opt.params[1].lr_scale = 10.0;
+        let g = Tensor::new(&[1.0f32], &Device::Cpu)?;
+        opt.step(&[Some(g.clone()), Some(g)], 0.01)?;
+        let (a, b): (Vec<f32>, Vec<f32>) = (a.as_tensor().to_vec1()?, b.as_tensor().to_vec1()?);
+        assert!((a[0] - 0.99).abs() < EPS, "{a:?}");
+        assert!((b[0] - 0.9).abs() < EPS, "{b:?}");
         Ok(())
     }
 }

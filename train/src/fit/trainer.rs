@@ -488,6 +488,21 @@ pub fn fit(
         }
     }
     let mut opt = AdamW::new(cfg.adamw.clone(), params)?;
+    if let Some(sigma_lr) = cfg.adamw.sigma_lr {
+        if !(sigma_lr.is_finite() && sigma_lr >= 0.0 && cfg.adamw.lr > 0.0) {
+            return Err(Error::Input(format!(
+                "σ learning rate {sigma_lr} (weights {}): expected a finite rate ≥ 0 and a weight rate > 0",
+                cfg.adamw.lr
+            )));
+        }
+        for p in opt
+            .params
+            .iter_mut()
+            .filter(|p| p.name.starts_with("sigma."))
+        {
+            p.lr_scale = sigma_lr / cfg.adamw.lr;
+        }
+    }
     let start_step = state.as_ref().map(|s| s.step).unwrap_or(0);
     if let (Some(s), Some(d)) = (&state, &resume_dir) {
         let p = d.join(OPTIM_FILE);
