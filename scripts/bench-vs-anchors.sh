@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Decode and prefill speed of our SmolLM2-135M-Instruct exports against llama.cpp on the same
 # machine, in the same run, on the same model: llama.cpp's own `llama-bench` on the Q4_1 GGUF
-# (the file the checkpoint is imported from) and `steper-run bench-decode` on the fp32 and
-# int4 (MatMulNBits, block 32, accuracy_level 4) ONNX exports of that checkpoint, ort backend.
-# The two tools alternate ROUNDS times (one measured run each per round, after a warm-up) so
-# that drift on a shared machine hits both; the medians and their ratios are printed as JSON
-# and written to $OUT/bench-vs-anchors.json.
+# (the file the checkpoint is imported from); `steper-run bench-decode` on the fp32, int8 and
+# int4 (MatMulNBits, block 32, accuracy_level 4) ONNX exports of that checkpoint on the ort
+# backend and on the fp32 export on tract (tract refuses the quantized exports); and
+# onnxruntime-genai (PyPI, in .cache/genai-venv) on our int4 export. The tools alternate ROUNDS
+# times (one measured run each per round, after a warm-up) so that drift on a shared machine
+# hits all of them; the medians and their ratios are printed as JSON + a markdown table and
+# written to $OUT/bench-vs-anchors.json and $OUT/bench-vs-anchors.md.
 #
 # llama.cpp is built from the sources vendored in PyPI's llama-cpp-python sdist (the only way to
 # get it here: no binary wheel exists and GitHub is unreachable), `llama-bench` target only,
@@ -13,7 +15,8 @@
 #
 # Environment: PROMPT (128), NEW (128), THREADS (2), ROUNDS (3), OUT (out/bench-vs-anchors),
 # LLAMA_CPP_PYTHON (sdist requirement, llama-cpp-python==0.3.36), BIN_DIR (prebuilt steper
-# binaries; else a release build), BUILD_ONLY (1: build llama-bench and stop).
+# binaries; else a release build), BUILD_ONLY (1: build llama-bench and stop), GENAI (1: also
+# onnxruntime-genai; 0 skips it), TRACT (1: also tract on fp32; 0 skips it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -52,7 +55,11 @@ if [[ ! -x "$LLAMA/bin/llama-bench" ]]; then
   fi
   log "building llama-bench (llama.cpp from $REQ)"
   t=$(date +%s)
+  # Native ISA, but no AMX: this VM's CPU reports AMX tiles and ggml's AMX Q4_1 kernel
+  # segfaults in it (the tile state is not usable here); the AVX-512 VNNI kernels remain.
+  noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   cmake -S "$src" -B "$src/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >&2
   cmake --build "$src/build" --target llama-bench -j "$(nproc)" >&2
@@ -77,16 +84,65 @@ if [[ ! -f "$CKPT/config.json" ]]; then
   rm -rf "$CKPT"
   "$BIN/steper-train" import --gguf "$GGUF" --out "$CKPT" >/dev/null
 fi
-for q in fp32 int4; do
+for q in fp32 int8 int4; do
   if [[ ! -f "$OUT/onnx-$q/steper.json" ]]; then
     rm -rf "$OUT/onnx-$q"
     args=()
-    [[ "$q" == int4 ]] && args=(--quantize int4 --block-size 32)
+    [[ "$q" != fp32 ]] && args=(--quantize "$q" --block-size 32)
     "$BIN/steper-export" --checkpoint "$CKPT" --out "$OUT/onnx-$q" "${args[@]}" >/dev/null
   fi
 done
 
-# 3. alternate the two tools.
+GENAI="${GENAI:-1}"
+TRACT="${TRACT:-1}"
+VENV="$CACHE/genai-venv"
+if [[ "$GENAI" == 1 && ! -x "$VENV/bin/python" ]]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check onnxruntime-genai >&2
+fi
+# onnxruntime-genai on one export: the same prompt length / new tokens, greedy, one warm-up run
+# then one measured run; prints {"prefill_tok_s", "decode_tok_s"}.
+genai_bench() {
+  "$VENV/bin/python" - "$1" "$PROMPT" "$NEW" "$THREADS" <<'PY'
+import json, sys, time
+import onnxruntime_genai as og
+out, prompt, new, threads = sys.argv[1], *map(int, sys.argv[2:5])
+cfg = og.Config(out)
+model = og.Model(cfg)
+vocab = json.load(open(out + "/genai_config.json"))["model"]["vocab_size"]
+ids = [(i * 7919 + 17) % vocab for i in range(prompt)]
+def run():
+    p = og.GeneratorParams(model)
+    p.set_search_options(do_sample=False, max_length=prompt + new, min_length=prompt + new)
+    g = og.Generator(model, p)
+    t0 = time.perf_counter()
+    g.append_tokens(ids)
+    tp = time.perf_counter() - t0
+    n = 0
+    t1 = time.perf_counter()
+    while n < new and not g.is_done():
+        g.generate_next_token()
+        n += 1
+    td = time.perf_counter() - t1
+    return prompt / tp, n / td
+run()
+pre, dec = run()
+print(json.dumps({"prefill_tok_s": pre, "decode_tok_s": dec}))
+PY
+}
+if [[ "$GENAI" == 1 ]]; then
+  # genai reads the intra-op thread count from genai_config.json's session options.
+  python3 - "$OUT/onnx-int4/genai_config.json" "$THREADS" <<'PY'
+import json, os, sys
+p, t = sys.argv[1], int(sys.argv[2])
+c = json.load(open(p))
+c["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = t
+open(p + ".tmp", "w").write(json.dumps(c, indent=2))
+os.replace(p + ".tmp", p)
+PY
+fi
+
+# 3. alternate the tools.
 RAW="$OUT/raw"
 rm -rf "$RAW"
 mkdir -p "$RAW"
@@ -94,44 +150,70 @@ for r in $(seq 1 "$ROUNDS"); do
   log "round $r/$ROUNDS: llama-bench"
   "$LLAMA/bin/llama-bench" -m "$GGUF" -p "$PROMPT" -n "$NEW" -t "$THREADS" -r 1 -o json \
     > "$RAW/llama.$r.json" 2>"$RAW/llama.$r.log"
-  log "round $r/$ROUNDS: steper-run bench-decode (fp32, int4)"
-  "$BIN/steper-run" bench-decode --model "$OUT/onnx-fp32" --model "$OUT/onnx-int4" \
-    --backends ort --prompt-tokens "$PROMPT" --new-tokens "$NEW" --threads "$THREADS" --runs 1 \
-    > "$RAW/steper.$r.json"
+  log "round $r/$ROUNDS: steper-run bench-decode ort (fp32, int8, int4)"
+  "$BIN/steper-run" bench-decode --model "$OUT/onnx-fp32" --model "$OUT/onnx-int8" \
+    --model "$OUT/onnx-int4" --backends ort --prompt-tokens "$PROMPT" --new-tokens "$NEW" \
+    --threads "$THREADS" --runs 1 > "$RAW/steper.$r.json"
+  if [[ "$TRACT" == 1 ]]; then
+    log "round $r/$ROUNDS: steper-run bench-decode tract (fp32)"
+    "$BIN/steper-run" bench-decode --model "$OUT/onnx-fp32" --backends tract \
+      --prompt-tokens "$PROMPT" --new-tokens "$NEW" --threads "$THREADS" --runs 1 \
+      > "$RAW/tract.$r.json"
+  fi
+  if [[ "$GENAI" == 1 ]]; then
+    log "round $r/$ROUNDS: onnxruntime-genai (int4)"
+    genai_bench "$OUT/onnx-int4" > "$RAW/genai.$r.json"
+  fi
 done
 
 python3 - "$RAW" "$ROUNDS" "$OUT/bench-vs-anchors.json" "$PROMPT" "$NEW" "$THREADS" <<'EOF'
 import json, os, statistics, sys
 raw, rounds, out, prompt, new, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:7])
-llama = {"prefill": [], "decode": []}
-ours = {}
+samples = {}  # system name -> {"prefill": [...], "decode": [...]}
+def add(name, pre, dec):
+    d = samples.setdefault(name, {"prefill": [], "decode": []})
+    d["prefill"].append(pre)
+    d["decode"].append(dec)
 for r in range(1, rounds + 1):
     for row in json.load(open(f"{raw}/llama.{r}.json")):
         # llama-bench: n_prompt > 0 is the prompt-processing test, n_gen > 0 the generation one.
         kind = "prefill" if row["n_prompt"] > 0 and row["n_gen"] == 0 else "decode"
-        llama[kind].append(row["avg_ts"])
-    for row in json.load(open(f"{raw}/steper.{r}.json"))["bench_decode"]:
-        name = os.path.basename(str(row["model"])).removeprefix("onnx-")
-        d = ours.setdefault(name, {"prefill": [], "decode": []})
-        d["prefill"].append(row["prefill_tok_s"])
-        d["decode"].append(row["decode_tok_s"])
+        samples.setdefault("llama.cpp Q4_1", {"prefill": [], "decode": []})[kind].append(row["avg_ts"])
+    for f, backend in ((f"steper.{r}.json", "ort"), (f"tract.{r}.json", "tract")):
+        if not os.path.exists(f"{raw}/{f}"):
+            continue
+        for row in json.load(open(f"{raw}/{f}"))["bench_decode"]:
+            name = os.path.basename(str(row["model"])).removeprefix("onnx-")
+            add(f"steper-run {backend} {name}", row["prefill_tok_s"], row["decode_tok_s"])
+    if os.path.exists(f"{raw}/genai.{r}.json"):
+        g = json.load(open(f"{raw}/genai.{r}.json"))
+        add("onnxruntime-genai int4 (our export)", g["prefill_tok_s"], g["decode_tok_s"])
 med = lambda xs: statistics.median(xs) if xs else None
+medians = {n: {k: med(v) for k, v in d.items()} for n, d in samples.items()}
+ref = medians["llama.cpp Q4_1"]
+fp32 = medians.get("steper-run ort fp32", {})
+ratios = {}
+for n, d in medians.items():
+    ratios[n] = {f"{k}_vs_llama_cpp": round(d[k] / ref[k], 3) for k in ("prefill", "decode") if d[k] and ref[k]}
+    ratios[n].update({f"{k}_vs_ort_fp32": round(d[k] / fp32[k], 3) for k in ("prefill", "decode") if d[k] and fp32.get(k)})
 report = {
     "prompt_tokens": prompt, "new_tokens": new, "threads": threads, "rounds": rounds,
-    "llama_cpp_q4_1": {k: med(v) for k, v in llama.items()},
-    "steper_ort": {n: {k: med(v) for k, v in d.items()} for n, d in ours.items()},
-    "samples": {"llama_cpp_q4_1": llama, "steper_ort": ours},
+    "medians_tok_s": medians, "ratios": ratios, "samples": samples,
 }
-ratios = {}
-for n, d in report["steper_ort"].items():
-    for k in ("prefill", "decode"):
-        ref = report["llama_cpp_q4_1"][k]
-        if ref and d[k]:
-            ratios[f"{n}_{k}_vs_llama_cpp"] = round(d[k] / ref, 3)
-report["ratios"] = ratios
 tmp = out + ".tmp"
 with open(tmp, "w") as f:
     json.dump(report, f, indent=2)
 os.replace(tmp, out)
-print(json.dumps({k: report[k] for k in ("llama_cpp_q4_1", "steper_ort", "ratios")}, indent=2))
+md = [f"SmolLM2-135M-Instruct, {prompt}-token prompt + {new} greedy tokens, {threads} threads, median of {rounds}", "",
+      "| system | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp | decode vs ort fp32 |",
+      "|---|---|---|---|---|---|"]
+for n, d in medians.items():
+    r = ratios[n]
+    md.append(f"| {n} | {d['prefill']:.1f} | {d['decode']:.1f} | {r.get('prefill_vs_llama_cpp', '–')}× | "
+              f"{r.get('decode_vs_llama_cpp', '–')}× | {r.get('decode_vs_ort_fp32', '–')}× |")
+mdp = out.removesuffix(".json") + ".md"
+open(mdp + ".tmp", "w").write("\n".join(md) + "\n")
+os.replace(mdp + ".tmp", mdp)
+print(json.dumps({k: report[k] for k in ("medians_tok_s", "ratios")}, indent=2))
+print("\n".join(md))
 EOF

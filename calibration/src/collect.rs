@@ -139,6 +139,30 @@ pub fn split_prompts(
     Ok((render(&calib)?, render(&held)?))
 }
 
+/// Folds `data` (rows of `k` channels) into the running per-channel maxima `acc` of |x|
+/// (non-finite values are skipped; `acc` empty = nothing seen yet).
+pub fn channel_max(acc: &mut Vec<f32>, data: &[f32], k: usize) -> std::result::Result<(), String> {
+    if k == 0 || data.len() % k != 0 {
+        return Err(format!(
+            "{} values do not split into rows of {k} channels",
+            data.len()
+        ));
+    }
+    if acc.is_empty() {
+        acc.resize(k, 0.0);
+    } else if acc.len() != k {
+        return Err(format!("{k} channels, earlier prompts had {}", acc.len()));
+    }
+    for row in data.chunks_exact(k) {
+        for (a, &x) in acc.iter_mut().zip(row) {
+            if x.is_finite() {
+                *a = a.max(x.abs());
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn ort_err(e: impl std::fmt::Display) -> Error {
     Error::Ort(e.to_string())
 }
@@ -150,15 +174,20 @@ pub struct Collector {
     names: Vec<String>,
     /// Statistics, one per name.
     pub stats: Vec<TensorStats>,
+    /// Per-channel max |x| over the last dimension, for the names asked for (the inputs of the
+    /// linear layers, which SmoothQuant-style smoothing needs); `None` for the others.
+    pub channels: Vec<Option<Vec<f32>>>,
 }
 
 impl Collector {
     /// Opens `augmented` (a graph with `names` among its outputs) on ONNX Runtime's CPU
-    /// provider, with `bins` histogram bins per tensor.
+    /// provider, with `bins` histogram bins per tensor; the tensors of `names` that are also in
+    /// `per_channel` get per-channel maxima too.
     pub fn new(
         augmented: &Path,
         manifest: &Manifest,
         names: Vec<String>,
+        per_channel: &[String],
         bins: usize,
         threads: Option<usize>,
     ) -> Result<Self> {
@@ -172,11 +201,16 @@ impl Collector {
             message: format!("ONNX Runtime cannot load the augmented graph: {e}"),
         })?;
         let stats = names.iter().map(|_| TensorStats::new(bins)).collect();
+        let channels = names
+            .iter()
+            .map(|n| per_channel.contains(n).then(Vec::new))
+            .collect();
         Ok(Collector {
             session,
             manifest: manifest.clone(),
             names,
             stats,
+            channels,
         })
     }
 
@@ -212,15 +246,48 @@ impl Collector {
             feed.push((Cow::Owned(name.clone()), empty.into()));
         }
         let out = self.session.run(feed).map_err(ort_err)?;
-        for (name, st) in self.names.iter().zip(self.stats.iter_mut()) {
+        for ((name, st), ch) in self
+            .names
+            .iter()
+            .zip(self.stats.iter_mut())
+            .zip(self.channels.iter_mut())
+        {
             let v = out
                 .get(name)
                 .ok_or_else(|| Error::Ort(format!("the augmented graph has no output `{name}`")))?;
-            let (_, data) = v
+            let (shape, data) = v
                 .try_extract_tensor::<f32>()
                 .map_err(|e| Error::Ort(format!("output `{name}` is not an f32 tensor: {e}")))?;
             st.observe(data);
+            if let Some(ch) = ch {
+                let k = shape.last().copied().unwrap_or(0).max(0) as usize;
+                channel_max(ch, data, k).map_err(|m| Error::Stats(format!("`{name}`: {m}")))?;
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::channel_max;
+
+    #[test]
+    fn channel_max_keeps_the_largest_magnitude_per_last_dim_channel() {
+        let mut acc = Vec::new();
+        channel_max(&mut acc, &[1.0, -5.0, 2.0, -3.0, 4.0, f32::NAN], 3).unwrap();
+        assert_eq!(acc, vec![3.0, 5.0, 2.0]);
+        channel_max(&mut acc, &[-7.0, 0.0, 0.5], 3).unwrap();
+        assert_eq!(acc, vec![7.0, 5.0, 2.0]);
+    }
+
+    #[test]
+    fn channel_max_rejects_a_shape_that_changes_or_does_not_split() {
+        let mut acc = Vec::new();
+        assert!(channel_max(&mut acc, &[1.0, 2.0, 3.0], 2).is_err());
+        assert!(channel_max(&mut acc, &[1.0, 2.0], 0).is_err());
+        channel_max(&mut acc, &[1.0, 2.0], 2).unwrap();
+        let e = channel_max(&mut acc, &[1.0, 2.0, 3.0], 3).unwrap_err();
+        assert!(e.contains("earlier prompts had 2"), "{e}");
     }
 }

@@ -249,10 +249,45 @@ pub fn augment(model: &ModelProto, tensors: &[String]) -> ModelProto {
 }
 
 /// Options of [`quantize_qdq`].
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct QdqOptions {
     /// Quantize the vocabulary projection too (kept float by default: it sets every logit).
     pub quantize_lm_head: bool,
+    /// Layers kept in float: those whose node or weight name contains one of these.
+    pub keep_float: Vec<String>,
+}
+
+impl QdqOptions {
+    /// Whether `t` is quantized under these options.
+    pub fn quantizes(&self, t: &Target) -> bool {
+        (self.quantize_lm_head || !t.lm_head)
+            && !self
+                .keep_float
+                .iter()
+                .any(|p| t.node.contains(p.as_str()) || t.weight.contains(p.as_str()))
+    }
+
+    /// Every `keep_float` pattern must match a layer of `targets` (a typo would otherwise
+    /// quantize everything silently).
+    pub fn check_keep_float(&self, targets: &[Target]) -> Result<()> {
+        for p in &self.keep_float {
+            if p.is_empty()
+                || !targets
+                    .iter()
+                    .any(|t| t.node.contains(p.as_str()) || t.weight.contains(p.as_str()))
+            {
+                return Err(Error::Option {
+                    option: "--keep-float",
+                    expected: format!(
+                        "part of a linear layer's node or weight name (e.g. `down_proj`, `{}`)",
+                        targets.first().map(|t| t.weight.as_str()).unwrap_or("")
+                    ),
+                    got: p.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a QDQ graph holds.
@@ -264,7 +299,7 @@ pub struct QdqSummary {
     pub dequantize_nodes: usize,
     /// MatMul / Gemm nodes whose inputs are both dequantized.
     pub quantized_linears: usize,
-    /// Linear layers left in float (lm_head unless asked).
+    /// Linear layers left in float (lm_head unless asked, `keep_float` layers).
     pub float_linears: usize,
     /// int8 weight bytes.
     pub int8_weight_bytes: usize,
@@ -367,10 +402,7 @@ pub fn quantize_qdq(
         });
     }
     let all = targets(model, vocab_size, path)?;
-    let chosen: Vec<&Target> = all
-        .iter()
-        .filter(|t| opts.quantize_lm_head || !t.lm_head)
-        .collect();
+    let chosen: Vec<&Target> = all.iter().filter(|t| opts.quantizes(t)).collect();
     let mut m = model.clone();
     let g = m.graph.as_mut().ok_or_else(|| Error::Model {
         path: path.to_path_buf(),

@@ -8,6 +8,7 @@
 //! - [`collect`]: calibration prompts (balanced step-wise records) and collection on ONNX
 //!   Runtime's CPU provider.
 //! - [`tables`]: TensorRT's native cache and ONNX Runtime's TensorRT flatbuffers table.
+//! - [`smooth`]: SmoothQuant-style migration of activation outliers into the weights.
 //! - [`report`]: int8-vs-fp32 agreement (top-1, KL) and decode speed.
 //! - [`pipeline::calibrate`]: all of it, writing the output directory.
 #![warn(missing_docs)]
@@ -17,6 +18,7 @@ pub mod graph;
 pub mod hist;
 pub mod pipeline;
 pub mod report;
+pub mod smooth;
 pub mod tables;
 
 use std::path::{Path, PathBuf};

@@ -67,6 +67,17 @@ struct Args {
     /// of collecting them again (e.g. to try another --method).
     #[arg(long)]
     ranges: Option<PathBuf>,
+    /// SmoothQuant-style smoothing before quantization, migration strength α in (0, 1]
+    /// (e.g. 0.5): each linear layer's input channels are divided by s = max|x|^α /
+    /// max|w|^(1-α) and its weight rows multiplied by s (folded into RMSNorm γ or the
+    /// producing up_proj where possible). Writes the smoothed fp32 export to
+    /// OUT/smoothed-fp32, which the TensorRT tables belong to.
+    #[arg(long)]
+    smooth_alpha: Option<f32>,
+    /// Keep these linear layers in float (comma separated parts of node / weight names, e.g.
+    /// `down_proj` or `layers.11.mlp.down_proj`).
+    #[arg(long, value_delimiter = ',')]
+    keep_float: Vec<String>,
     /// Output directory (created; must not be the --model directory).
     #[arg(long)]
     out: PathBuf,
@@ -92,6 +103,8 @@ fn main() -> anyhow::Result<()> {
     o.bench_prompt_tokens = a.bench_prompt_tokens;
     o.bench_runs = a.bench_runs;
     o.ranges = a.ranges.clone();
+    o.smooth_alpha = a.smooth_alpha;
+    o.keep_float = a.keep_float.clone();
     let mut bar: Option<ProgressBar> = None;
     let mut progress = |p: Progress| match p {
         Progress::Phase { name, total } => {

@@ -14,9 +14,10 @@ use steper_runtime::data::{read_jsonl, read_qa, ReadOptions, StepwiseRecord};
 use steper_runtime::{BackendKind, OrtOptions};
 
 use crate::collect::{split_prompts, Collector, Prompt};
-use crate::graph::{self, QdqOptions, QdqSummary};
+use crate::graph::{self, QdqOptions, QdqSummary, Target};
 use crate::hist::{Method, DEFAULT_BINS, DEFAULT_PERCENTILE};
 use crate::report::{self, Agreement, Speed};
+use crate::smooth::{self, SmoothOptions, SmoothSummary};
 use crate::tables;
 use crate::{Error, Result};
 
@@ -30,6 +31,9 @@ pub mod files {
     pub const ORT_TABLE: &str = "calibration.flatbuffers";
     /// The QDQ model.
     pub const INT8_MODEL: &str = "model.int8.onnx";
+    /// With smoothing: the smoothed fp32 export (model, manifest, tokenizer) the TensorRT
+    /// tables belong to.
+    pub const SMOOTHED_DIR: &str = "smoothed-fp32";
     /// Machine-readable report.
     pub const REPORT_JSON: &str = "report.json";
     /// Readable report.
@@ -128,6 +132,13 @@ pub struct CalibrateOptions {
     /// Reuse the ranges of an earlier run's `calibration.json` (same model) instead of
     /// collecting: re-quantize with another method without running the prompts again.
     pub ranges: Option<PathBuf>,
+    /// SmoothQuant-style smoothing of the linear layers' inputs with migration strength α
+    /// (see [`crate::smooth`]); `None`: no smoothing.
+    pub smooth_alpha: Option<f32>,
+    /// Linear layers kept in float: a layer whose node or weight name contains one of these
+    /// (e.g. `down_proj`, `layers.11.mlp`) is not quantized. A pattern matching no layer is an
+    /// error.
+    pub keep_float: Vec<String>,
 }
 
 impl CalibrateOptions {
@@ -151,6 +162,8 @@ impl CalibrateOptions {
             bench_prompt_tokens: 128,
             bench_runs: 3,
             ranges: None,
+            smooth_alpha: None,
+            keep_float: Vec::new(),
         }
     }
 }
@@ -192,6 +205,10 @@ pub struct TensorRange {
     pub count: u64,
     /// Non-finite values seen.
     pub nonfinite: u64,
+    /// Per-channel max |x| (last dimension), for the inputs of the linear layers: what
+    /// smoothing needs (absent in files made before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_amax: Option<Vec<f32>>,
 }
 
 /// What [`calibrate`] did and measured (`report.json`).
@@ -217,6 +234,10 @@ pub struct CalibrationReport {
     pub qdq: QdqSummary,
     /// Whether lm_head is quantized.
     pub quantize_lm_head: bool,
+    /// Smoothing done before quantization (`None`: none).
+    pub smoothing: Option<SmoothSummary>,
+    /// `--keep-float` patterns (layers left in float).
+    pub keep_float: Vec<String>,
     /// Next-token agreement int8 vs fp32 on held-out prompts (every prompt position).
     pub agreement: Option<Agreement>,
     /// Greedy agreement on held-out prompts: fraction of fp32-greedy tokens int8 also picks.
@@ -297,9 +318,11 @@ fn load_records(
 
 /// Prefills the calibration prompts through the augmented graph (written into `scratch`, then
 /// removed) and returns every tensor's statistics as ranges (`amax` set by the caller).
+#[allow(clippy::too_many_arguments)]
 fn collect_ranges(
     model: &tract_onnx::pb::ModelProto,
     tensors: &[String],
+    per_channel: &[String],
     manifest: &steper_runtime::Manifest,
     calib: &[Prompt],
     opts: &CalibrateOptions,
@@ -313,6 +336,7 @@ fn collect_ranges(
         &aug_path,
         manifest,
         tensors.to_vec(),
+        per_channel,
         opts.bins,
         opts.threads,
     )?;
@@ -325,10 +349,12 @@ fn collect_ranges(
         progress(Progress::Step);
     }
     let _ = std::fs::remove_file(&aug_path);
+    let channels = std::mem::take(&mut collector.channels);
     Ok(tensors
         .iter()
         .zip(&collector.stats)
-        .map(|(name, s)| TensorRange {
+        .zip(channels)
+        .map(|((name, s), channel_amax)| TensorRange {
             name: name.clone(),
             amax: 0.0,
             scale: 0.0,
@@ -339,6 +365,7 @@ fn collect_ranges(
             entropy: s.amax(Method::Entropy, opts.percentile),
             count: s.count,
             nonfinite: s.nonfinite,
+            channel_amax,
         })
         .collect())
 }
@@ -390,6 +417,18 @@ pub fn calibrate(
     let vocab = manifest.graph.vocab_size;
     let targets = graph::targets(&model, vocab, &mpath)?;
     let tensors = graph::calibration_tensors(&model);
+    let smooth_opts = opts.smooth_alpha.map(SmoothOptions::new).transpose()?;
+    let qdq_opts = QdqOptions {
+        quantize_lm_head: opts.quantize_lm_head,
+        keep_float: opts.keep_float.clone(),
+    };
+    qdq_opts.check_keep_float(&targets)?;
+    let chosen: Vec<&Target> = targets.iter().filter(|t| qdq_opts.quantizes(t)).collect();
+    let per_channel: Vec<String> = {
+        let mut v: Vec<String> = targets.iter().map(|t| t.activation.clone()).collect();
+        v.dedup();
+        v
+    };
 
     // The output directory: created, writable, not the model's own.
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
@@ -432,6 +471,7 @@ pub fn calibrate(
         None => collect_ranges(
             &model,
             &tensors,
+            &per_channel,
             &manifest,
             &calib,
             opts,
@@ -448,8 +488,29 @@ pub fn calibrate(
         };
         r.scale = tables::int8_scale(r.amax);
     }
-    let amax_list: Vec<(String, f32)> = ranges.iter().map(|r| (r.name.clone(), r.amax)).collect();
+    let mut amax_list: Vec<(String, f32)> =
+        ranges.iter().map(|r| (r.name.clone(), r.amax)).collect();
+    // Smoothing: the smoothed graph, and the exact ranges of the tensors it changed or made.
+    let (model, smoothing) = match &smooth_opts {
+        Some(so) => {
+            let ch: HashMap<String, Vec<f32>> = ranges
+                .iter()
+                .filter_map(|r| r.channel_amax.clone().map(|c| (r.name.clone(), c)))
+                .collect();
+            let sm = smooth::smooth(&model, &chosen, &ch, so, &mpath)?;
+            for (name, a) in &sm.amax {
+                match amax_list.iter_mut().find(|(n, _)| n == name) {
+                    Some(e) => e.1 = *a,
+                    None => amax_list.push((name.clone(), *a)),
+                }
+            }
+            (sm.model, Some(sm.summary))
+        }
+        None => (model, None),
+    };
+    drop(chosen);
     let amax_map: HashMap<String, f32> = amax_list.iter().cloned().collect();
+    let final_targets = graph::targets(&model, vocab, &mpath)?;
     let mut by_stage: HashMap<String, usize> = HashMap::new();
     for p in &calib {
         *by_stage
@@ -460,6 +521,16 @@ pub fn calibrate(
 
     // Outputs, staged.
     let stage = |name: &str| staging.path().join(name);
+    // With smoothing, the ranges of the tensors smoothing changed or created (also in the
+    // tables; `tensors` keeps the collected, unsmoothed statistics).
+    let smoothed_ranges: Vec<serde_json::Value> = match &smoothing {
+        Some(sm) => sm
+            .tensors
+            .iter()
+            .map(|t| json!({"name": t.reads, "amax": t.amax, "from": t.tensor}))
+            .collect(),
+        None => Vec::new(),
+    };
     let calib_json = json!({
         "format": "steper-calibration",
         "version": 1,
@@ -470,11 +541,14 @@ pub fn calibrate(
         "samples": by_stage,
         "sample_tokens": sample_tokens,
         "prompts": calib.iter().map(|p| &p.source).collect::<Vec<_>>(),
-        "quantized_activations": targets
+        "quantized_activations": final_targets
             .iter()
-            .filter(|t| opts.quantize_lm_head || !t.lm_head)
+            .filter(|t| qdq_opts.quantizes(t))
             .map(|t| &t.activation)
             .collect::<Vec<_>>(),
+        "keep_float": opts.keep_float,
+        "smoothing": smoothing,
+        "smoothed_ranges": smoothed_ranges,
         "tensors": ranges,
     });
     write_atomic(
@@ -492,16 +566,41 @@ pub fn calibrate(
         &tables::ort_trt_table(&amax_list)?,
     )?;
 
-    let (qdq, summary) = graph::quantize_qdq(
-        &model,
-        &amax_map,
-        QdqOptions {
-            quantize_lm_head: opts.quantize_lm_head,
-        },
-        vocab,
-        &mpath,
-    )?;
-    drop(model);
+    let (qdq, summary) = graph::quantize_qdq(&model, &amax_map, qdq_opts.clone(), vocab, &mpath)?;
+    if smoothing.is_some() {
+        // The smoothed fp32 export: what the TensorRT tables (and TensorRT's own INT8
+        // calibration of it) belong to.
+        let dir = stage(files::SMOOTHED_DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        steper_export::write_model(
+            model,
+            &dir.join(&manifest.model_file),
+            steper_export::ExternalData::Auto,
+        )?;
+        let mut ms = manifest.clone();
+        ms.producer = format!(
+            "steper-calibrate {} (SmoothQuant-style smoothing, α {})",
+            env!("CARGO_PKG_VERSION"),
+            opts.smooth_alpha.unwrap_or_default()
+        );
+        write_atomic(
+            &dir.join(steper_runtime::manifest::MANIFEST_FILE),
+            serde_json::to_string_pretty(&ms)?.as_bytes(),
+        )?;
+        for name in [
+            manifest.tokenizer_file.as_str(),
+            "tokenizer_config.json",
+            "genai_config.json",
+        ] {
+            let src = opts.model.join(name);
+            if src.is_file() {
+                let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                write_atomic(&dir.join(name), &bytes)?;
+            }
+        }
+    } else {
+        drop(model);
+    }
     steper_export::write_model(
         qdq,
         &stage(files::INT8_MODEL),
@@ -557,6 +656,9 @@ pub fn calibrate(
             continue;
         };
         let dst = opts.out.join(name);
+        if src.is_dir() && dst.is_dir() {
+            std::fs::remove_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
+        }
         std::fs::rename(&src, &dst).map_err(|e| Error::io(&dst, e))?;
         written.push(dst);
     }
@@ -578,6 +680,8 @@ pub fn calibrate(
         tensors: ranges.len(),
         qdq: summary,
         quantize_lm_head: opts.quantize_lm_head,
+        smoothing,
+        keep_float: opts.keep_float.clone(),
         agreement: None,
         greedy_agreement: None,
         greedy_positions: 0,
@@ -695,6 +799,33 @@ pub fn summary_text(r: &CalibrationReport) -> String {
         r.qdq.quantize_nodes,
         r.qdq.dequantize_nodes
     ));
+    if !r.keep_float.is_empty() {
+        s.push_str(&format!("- kept in float: {}\n", r.keep_float.join(", ")));
+    }
+    if let Some(sm) = &r.smoothing {
+        let mut before: Vec<f32> = sm.tensors.iter().map(|t| t.spread_before).collect();
+        let mut after: Vec<f32> = sm.tensors.iter().map(|t| t.spread_after).collect();
+        before.sort_by(|a, b| a.total_cmp(b));
+        after.sort_by(|a, b| a.total_cmp(b));
+        let worst = |v: &[f32]| v.last().copied().unwrap_or(0.0);
+        let count = |w: &str| {
+            sm.tensors
+                .iter()
+                .filter(|t| t.folded_into.starts_with(w))
+                .count()
+        };
+        s.push_str(&format!(
+            "- smoothing (α {}): {} activation tensors ({} into RMSNorm γ, {} into the producing linear layer, {} through an inserted Mul), {} skipped; channel max / median: worst {:.1} → {:.1}\n",
+            sm.alpha,
+            sm.tensors.len(),
+            count("norm"),
+            count("linear"),
+            count("mul"),
+            sm.skipped.len(),
+            worst(&before),
+            worst(&after)
+        ));
+    }
     match &r.agreement {
         Some(a) => s.push_str(&format!(
             "- held-out prompts: {} ({} positions): top-1 agreement {}, mean KL {:.5} nats (max {:.4})\n",

@@ -320,3 +320,173 @@ fn bad_input_fails_clearly_and_writes_nothing() -> Result<()> {
     assert!(dir_is_empty(&out));
     Ok(())
 }
+
+/// Largest |smoothed − original| fp32 logit over the largest |original logit|.
+const SMOOTHED_LOGITS_REL: f32 = 1e-4;
+
+/// The tiny export and its world; an error (not a pass) when scripts/test.sh has not made it.
+fn tiny_required() -> Result<(PathBuf, PathBuf)> {
+    tiny().ok_or_else(|| {
+        anyhow::anyhow!("needs STEPER_TEST_MODEL (the tiny export of scripts/test.sh)")
+    })
+}
+
+fn calibration_json(out: &Path) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        out.join(files::CALIBRATION_JSON),
+    )?)?)
+}
+
+#[test]
+fn smoothing_keeps_the_fp32_function_and_flattens_the_channels() -> Result<()> {
+    let (model, world) = tiny_required()?;
+    let tmp = tempfile::tempdir()?;
+    let data = write_records(tmp.path(), &records(&world, 8)?)?;
+    let out = tmp.path().join("int8-smooth");
+    let mut o = options(&model, &data, &out);
+    o.samples = 8;
+    o.holdout = 4;
+    o.greedy_tokens = 0;
+    // α = 1 moves the whole range into the weights: every smoothed channel max becomes 1.
+    o.smooth_alpha = Some(1.0);
+    let r = calibrate(&o, &mut |_| {})?;
+    let sm = r.smoothing.clone().expect("smoothing summary");
+    // Per layer: q/k/v and gate/up inputs into γ, down_proj's into up_proj, o_proj's through a Mul.
+    let by = |w: &str| {
+        sm.tensors
+            .iter()
+            .filter(|t| t.folded_into.starts_with(w))
+            .count()
+    };
+    assert_eq!((by("norm"), by("linear"), by("mul")), (4, 2, 2), "{sm:?}");
+    assert_eq!(sm.inserted_muls, 2);
+    assert!(sm.skipped.is_empty(), "{:?}", sm.skipped);
+    for t in &sm.tensors {
+        assert!(
+            (t.amax - 1.0).abs() <= 1e-5 && (t.spread_after - 1.0).abs() <= 1e-5,
+            "{t:?}"
+        );
+        if t.folded_into.starts_with("linear:") {
+            assert!(t.folded_into.contains("up_proj"), "{t:?}");
+        }
+    }
+    assert_eq!(r.qdq.quantized_linears, 14);
+
+    // The smoothed fp32 export computes what the original does.
+    let ort = BackendKind::Ort(OrtOptions::default());
+    let a = load_model(&model, &ort)?;
+    let b = load_model(&out.join(files::SMOOTHED_DIR), &ort)?;
+    for prompt in [vec![1u32, 5, 9, 2, 7, 3], (10..60).collect::<Vec<u32>>()] {
+        let mut sa = a.generator.new_sequence()?;
+        let mut sb = b.generator.new_sequence()?;
+        let la = a
+            .generator
+            .append(&mut sa, &prompt, steper_runtime::LogitsMode::Last)?;
+        let lb = b
+            .generator
+            .append(&mut sb, &prompt, steper_runtime::LogitsMode::Last)?;
+        let (la, lb) = (la.last(), lb.last());
+        let scale = la.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let diff = la
+            .iter()
+            .zip(lb)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= SMOOTHED_LOGITS_REL * scale, "{diff} vs {scale}");
+    }
+
+    // The tables carry the smoothed ranges, under the names the smoothed graph uses.
+    let table = read_ort_trt_table(&std::fs::read(out.join(files::ORT_TABLE))?, "table")?;
+    for t in &sm.tensors {
+        let v: f32 = table
+            .iter()
+            .find(|(k, _)| k == &t.reads)
+            .unwrap_or_else(|| panic!("{} not in the table", t.reads))
+            .1
+            .parse()?;
+        assert!(
+            (v - t.amax).abs() <= AMAX_REL_TOL * t.amax.max(1.0),
+            "{t:?}: {v}"
+        );
+    }
+    let cj = calibration_json(&out)?;
+    assert_eq!(cj["smoothing"]["alpha"], 1.0);
+    // The per-channel maxima are stored, so --ranges can smooth again without collecting.
+    let with_channels = cj["tensors"]
+        .as_array()
+        .expect("tensors")
+        .iter()
+        .filter(|t| t["channel_amax"].is_array())
+        .count();
+    assert_eq!(
+        with_channels,
+        2 * 4 + 1,
+        "8 linear inputs + the final norm's output"
+    );
+    let again = tmp.path().join("again");
+    let mut o2 = options(&model, &data, &again);
+    o2.samples = 8;
+    o2.holdout = 0;
+    o2.smooth_alpha = Some(0.5);
+    o2.ranges = Some(out.join(files::CALIBRATION_JSON));
+    let r2 = calibrate(&o2, &mut |_| {})?;
+    assert_eq!(r2.smoothing.expect("smoothing").tensors.len(), 8);
+
+    // Ranges without per-channel maxima cannot be smoothed: a clear error.
+    let mut stripped = cj.clone();
+    for t in stripped["tensors"].as_array_mut().expect("tensors") {
+        t.as_object_mut().expect("object").remove("channel_amax");
+    }
+    let old = tmp.path().join("old-calibration.json");
+    std::fs::write(&old, serde_json::to_string(&stripped)?)?;
+    let mut o3 = options(&model, &data, &tmp.path().join("old"));
+    o3.holdout = 0;
+    o3.smooth_alpha = Some(0.5);
+    o3.ranges = Some(old);
+    let e = calibrate(&o3, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("per-channel maxima"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn keep_float_leaves_the_named_layers_in_float_and_rejects_unknown_names() -> Result<()> {
+    let (model, world) = tiny_required()?;
+    let tmp = tempfile::tempdir()?;
+    let data = write_records(tmp.path(), &records(&world, 6)?)?;
+    let out = tmp.path().join("int8");
+    let mut o = options(&model, &data, &out);
+    o.samples = 6;
+    o.holdout = 0;
+    o.keep_float = vec!["down_proj".into()];
+    let r = calibrate(&o, &mut |_| {})?;
+    // 2 layers × 6 quantized; 2 down_proj + lm_head in float.
+    assert_eq!((r.qdq.quantized_linears, r.qdq.float_linears), (12, 3));
+    let q = graph::load_onnx(&out.join(files::INT8_MODEL))?;
+    assert_eq!(
+        validate_qdq(&q, &out.join(files::INT8_MODEL))?.quantized_linears,
+        12
+    );
+
+    let bad = tmp.path().join("bad");
+    let mut o = options(&model, &data, &bad);
+    o.keep_float = vec!["down_prj".into()];
+    let e = calibrate(&o, &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(&e, Error::Option { option: "--keep-float", got, .. } if got == "down_prj"),
+        "{e}"
+    );
+    assert!(dir_is_empty(&bad));
+    let mut o = options(&model, &data, &tmp.path().join("bad-alpha"));
+    o.smooth_alpha = Some(1.5);
+    let e = calibrate(&o, &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            Error::Option {
+                option: "--smooth-alpha",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    Ok(())
+}
