@@ -5,14 +5,14 @@
 #      held-out step-wise prompts, for: no smoothing, SmoothQuant-style smoothing at α 0.5 /
 #      0.8 / 0.9 / 1.0, the two outlier down_proj layers (11, 28) kept in float, and both. One range
 #      collection (with per-channel maxima); the other rows reuse it (--ranges).
-#   2. weight-only int4 (steper-export --quantize int4, MatMulNBits): HotpotQA dev EM / F1 /
-#      Acc of a trained student, fp32 vs int4 on the same N questions (own pool index), and
-#      questions/s with and without --batch.
+#   2. weight-only int4 / int8 (steper-export --quantize, MatMulNBits): HotpotQA dev EM / F1 /
+#      Acc of a trained student, fp32 vs int4 (lm_head int4 or float) vs int8 on the same N
+#      questions (own pool index), questions/s with --batch (and without: UNBATCHED=1).
 # Needs: an fp32 SmolLM2 export (FP32, e.g. from scripts/bench-vs-anchors.sh), step-wise records
 # (RECORDS, e.g. out/real-student/records/stepwise.jsonl), a trained checkpoint (CKPT) and the
 # hotpotqa_dev500 index (INDEX) — experiments/real-student/run.sh makes the last three.
 # Knobs (env): OUT (out/quant-accuracy), BIN_DIR (prebuilt binaries, else a release build),
-# N (100), BATCH (4), THREADS (2).
+# N (100), BATCH (4), THREADS (2), UNBATCHED (0).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -61,10 +61,14 @@ calib smooth-0.8-float-outliers --smooth-alpha 0.8 --keep-float "$OUTLIERS"
 calib smooth-0.9-float-outliers --smooth-alpha 0.9 --keep-float "$OUTLIERS"
 
 # 2. int4 vs fp32 on HotpotQA
-for q in fp32 int4; do
+for q in fp32 int4 int4-fhead int8; do
   if [[ ! -f "$OUT/student-$q/steper.json" ]]; then
     args=()
-    [[ "$q" == int4 ]] && args=(--quantize int4)
+    case "$q" in
+      int4) args=(--quantize int4) ;;
+      int4-fhead) args=(--quantize int4 --quantize-lm-head false) ;;
+      int8) args=(--quantize int8) ;;
+    esac
     "$BIN/steper-export" --checkpoint "$CKPT" --out "$OUT/student-$q" "${args[@]}" > /dev/null
   fi
 done
@@ -78,7 +82,9 @@ evaluate() {  # evaluate NAME MODEL BATCH
 }
 evaluate "fp32-batch$BATCH" "$OUT/student-fp32" "$BATCH"
 evaluate "int4-batch$BATCH" "$OUT/student-int4" "$BATCH"
-evaluate "int4-batch1" "$OUT/student-int4" 1
+evaluate "int8-batch$BATCH" "$OUT/student-int8" "$BATCH"
+evaluate "int4-fhead-batch$BATCH" "$OUT/student-int4-fhead" "$BATCH"
+[[ "${UNBATCHED:-0}" == 1 ]] && evaluate "int8-batch1" "$OUT/student-int8" 1
 
 python3 - "$OUT" <<'PY'
 import glob, json, os, sys
