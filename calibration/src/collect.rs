@@ -142,7 +142,7 @@ pub fn split_prompts(
 /// Folds `data` (rows of `k` channels) into the running per-channel maxima `acc` of |x|
 /// (non-finite values are skipped; `acc` empty = nothing seen yet).
 pub fn channel_max(acc: &mut Vec<f32>, data: &[f32], k: usize) -> std::result::Result<(), String> {
-    if k == 0 || data.len() % k != 0 {
+    if k == 0 || !data.len().is_multiple_of(k) {
         return Err(format!(
             "{} values do not split into rows of {k} channels",
             data.len()

@@ -12,7 +12,8 @@
 # (RECORDS, e.g. out/real-student/records/stepwise.jsonl), a trained checkpoint (CKPT) and the
 # hotpotqa_dev500 index (INDEX) — experiments/real-student/run.sh makes the last three.
 # Knobs (env): OUT (out/quant-accuracy), BIN_DIR (prebuilt binaries, else a release build),
-# N (100), BATCH (4), THREADS (2), UNBATCHED (0).
+# N (100), BATCH (4), THREADS (2), UNBATCHED (0), FHEAD (0: 1 also evaluates int4 with a float
+# lm_head).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -83,7 +84,7 @@ evaluate() {  # evaluate NAME MODEL BATCH
 evaluate "fp32-batch$BATCH" "$OUT/student-fp32" "$BATCH"
 evaluate "int4-batch$BATCH" "$OUT/student-int4" "$BATCH"
 evaluate "int8-batch$BATCH" "$OUT/student-int8" "$BATCH"
-evaluate "int4-fhead-batch$BATCH" "$OUT/student-int4-fhead" "$BATCH"
+[[ "${FHEAD:-0}" == 1 ]] && evaluate "int4-fhead-batch$BATCH" "$OUT/student-int4-fhead" "$BATCH"
 [[ "${UNBATCHED:-0}" == 1 ]] && evaluate "int8-batch1" "$OUT/student-int8" 1
 
 python3 - "$OUT" <<'PY'
