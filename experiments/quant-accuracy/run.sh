@@ -60,6 +60,15 @@ calib float-outliers --keep-float "$OUTLIERS"
 calib smooth-0.5-float-outliers --smooth-alpha 0.5 --keep-float "$OUTLIERS"
 calib smooth-0.8-float-outliers --smooth-alpha 0.8 --keep-float "$OUTLIERS"
 calib smooth-0.9-float-outliers --smooth-alpha 0.9 --keep-float "$OUTLIERS"
+# which kind of layer loses the accuracy: each kept in float in turn (α 0.8)
+calib sens-0.8-float-o_proj --smooth-alpha 0.8 --keep-float o_proj
+calib sens-0.8-float-down_proj --smooth-alpha 0.8 --keep-float down_proj
+calib sens-0.8-float-qkv --smooth-alpha 0.8 --keep-float q_proj,k_proj,v_proj
+calib sens-0.8-float-gate_up --smooth-alpha 0.8 --keep-float gate_proj,up_proj
+DOWN8="layers.11.mlp.down_proj,layers.28.mlp.down_proj,layers.2.mlp.down_proj,layers.9.mlp.down_proj"
+DOWN8="$DOWN8,layers.29.mlp.down_proj,layers.1.mlp.down_proj,layers.10.mlp.down_proj,layers.27.mlp.down_proj"
+calib sens-0.8-float-down8 --smooth-alpha 0.8 --keep-float "$DOWN8"
+calib sens-none-float-down_proj --keep-float down_proj
 
 # 2. int4 vs fp32 on HotpotQA
 for q in fp32 int4 int4-fhead int8; do
