@@ -36,6 +36,8 @@ pub struct Target {
     pub activation: String,
     /// The weight initializer (input 1).
     pub weight: String,
+    /// The output tensor.
+    pub output: String,
     /// Axis of the weight that indexes output channels.
     pub axis: usize,
     /// Output channels.
@@ -185,6 +187,7 @@ pub fn targets(model: &ModelProto, vocab_size: usize, path: &Path) -> Result<Vec
             op: n.op_type.clone(),
             activation: a.clone(),
             weight: w.clone(),
+            output: n.output.first().cloned().unwrap_or_default(),
             axis,
             out_channels,
             lm_head: out_channels == vocab_size,
@@ -260,11 +263,14 @@ pub struct QdqOptions {
 impl QdqOptions {
     /// Whether `t` is quantized under these options.
     pub fn quantizes(&self, t: &Target) -> bool {
-        (self.quantize_lm_head || !t.lm_head)
-            && !self
-                .keep_float
-                .iter()
-                .any(|p| t.node.contains(p.as_str()) || t.weight.contains(p.as_str()))
+        (self.quantize_lm_head || !t.lm_head) && !self.keeps_float(t)
+    }
+
+    /// Whether `t` is kept in float by a `keep_float` pattern.
+    pub fn keeps_float(&self, t: &Target) -> bool {
+        self.keep_float
+            .iter()
+            .any(|p| t.node.contains(p.as_str()) || t.weight.contains(p.as_str()))
     }
 
     /// Every `keep_float` pattern must match a layer of `targets` (a typo would otherwise

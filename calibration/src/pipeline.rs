@@ -555,15 +555,35 @@ pub fn calibrate(
         &stage(files::CALIBRATION_JSON),
         serde_json::to_string_pretty(&calib_json)?.as_bytes(),
     )?;
+    // The TensorRT tables leave out the inputs and outputs of `--keep-float` layers (unless a
+    // quantized layer shares them): TensorRT runs a tensor without a range in float.
+    let float_only: std::collections::HashSet<&str> = {
+        let quantized: std::collections::HashSet<&str> = final_targets
+            .iter()
+            .filter(|t| !qdq_opts.keeps_float(t))
+            .flat_map(|t| [t.activation.as_str(), t.output.as_str()])
+            .collect();
+        final_targets
+            .iter()
+            .filter(|t| qdq_opts.keeps_float(t))
+            .flat_map(|t| [t.activation.as_str(), t.output.as_str()])
+            .filter(|n| !quantized.contains(n))
+            .collect()
+    };
+    let table_list: Vec<(String, f32)> = amax_list
+        .iter()
+        .filter(|(n, _)| !float_only.contains(n.as_str()))
+        .cloned()
+        .collect();
     let cache = tables::trt_cache(
         tables::TRT_VERSION,
         opts.method.trt_calibrator(),
-        &amax_list,
+        &table_list,
     )?;
     write_atomic(&stage(files::TRT_CACHE), cache.as_bytes())?;
     write_atomic(
         &stage(files::ORT_TABLE),
-        &tables::ort_trt_table(&amax_list)?,
+        &tables::ort_trt_table(&table_list)?,
     )?;
 
     let (qdq, summary) = graph::quantize_qdq(&model, &amax_map, qdq_opts.clone(), vocab, &mpath)?;

@@ -465,6 +465,34 @@ fn keep_float_leaves_the_named_layers_in_float_and_rejects_unknown_names() -> Re
         validate_qdq(&q, &out.join(files::INT8_MODEL))?.quantized_linears,
         12
     );
+    // The TensorRT tables leave the float layers' inputs and outputs out (TensorRT keeps a
+    // tensor without a range in float); everything else is there.
+    let fp = graph::load_onnx(&model.join("model.onnx"))?;
+    let downs: Vec<_> = graph::targets(&fp, 600, &model)?
+        .into_iter()
+        .filter(|t| t.weight.contains("down_proj"))
+        .collect();
+    assert_eq!(downs.len(), 2);
+    let table = read_ort_trt_table(&std::fs::read(out.join(files::ORT_TABLE))?, "table")?;
+    let cache = parse_trt_cache(
+        &std::fs::read_to_string(out.join(files::TRT_CACHE))?,
+        "cache",
+    )?;
+    for t in &downs {
+        for name in [&t.activation, &t.output] {
+            assert!(!table.iter().any(|(k, _)| k == name), "{name} in the table");
+            assert!(
+                !cache.scales.iter().any(|(k, _)| k == name),
+                "{name} in the cache"
+            );
+        }
+    }
+    let collected = calibration_json(&out)?["tensors"]
+        .as_array()
+        .expect("tensors")
+        .len();
+    assert_eq!(table.len(), collected - 2 * downs.len());
+    assert_eq!(cache.scales.len(), table.len());
 
     let bad = tmp.path().join("bad");
     let mut o = options(&model, &data, &bad);
