@@ -1,6 +1,7 @@
 //! Calibration of the tiny real export (`STEPER_TEST_MODEL`, made by scripts/test.sh): the QDQ
 //! model loads and runs on ONNX Runtime CPU, agrees with fp32, validates; the tables read
-//! back; bad input fails cleanly with nothing written.
+//! back; bad input fails cleanly with nothing written. Without the tiny export every test fails
+//! (it never passes without running).
 
 use std::path::{Path, PathBuf};
 
@@ -20,23 +21,19 @@ const TOP1_AGREEMENT_MIN: f64 = 0.8;
 /// Relative tolerance between a flatbuffers amax text and calibration.json's value.
 const AMAX_REL_TOL: f32 = 1e-6;
 
-/// The tiny export, or `None` (PENDING) without `STEPER_TEST_MODEL`.
-fn tiny() -> Option<(PathBuf, PathBuf)> {
-    let Some(dir) = std::env::var_os("STEPER_TEST_MODEL").map(PathBuf::from) else {
-        eprintln!(
-            "PENDING: set STEPER_TEST_MODEL to an export directory to run the calibration tests"
-        );
-        return None;
-    };
+/// The tiny export and its world, or why they are missing.
+fn tiny() -> std::result::Result<(PathBuf, PathBuf), String> {
+    let dir = std::env::var_os("STEPER_TEST_MODEL")
+        .map(PathBuf::from)
+        .ok_or("STEPER_TEST_MODEL is not set (the tiny export of scripts/test.sh)")?;
     let world = dir.join("../world");
     if !world.join("train.jsonl").is_file() {
-        eprintln!(
-            "PENDING: no world/train.jsonl beside {} (scripts/test.sh makes one)",
+        return Err(format!(
+            "no world/train.jsonl beside {} (scripts/test.sh makes one)",
             dir.display()
-        );
-        return None;
+        ));
     }
-    Some((dir, world))
+    Ok((dir, world))
 }
 
 /// Step-wise records from the world's QA (gold-style: one passage per step).
@@ -114,9 +111,7 @@ fn options(model: &Path, data: &Path, out: &Path) -> CalibrateOptions {
 
 #[test]
 fn qdq_model_loads_runs_agrees_and_validates() -> Result<()> {
-    let Some((model, world)) = tiny() else {
-        return Ok(());
-    };
+    let (model, world) = tiny_required()?;
     let tmp = tempfile::tempdir()?;
     let data = write_records(tmp.path(), &records(&world, 12)?)?;
     let out = tmp.path().join("int8");
@@ -206,9 +201,7 @@ fn qdq_model_loads_runs_agrees_and_validates() -> Result<()> {
 
 #[test]
 fn minmax_with_quantized_lm_head() -> Result<()> {
-    let Some((model, world)) = tiny() else {
-        return Ok(());
-    };
+    let (model, world) = tiny_required()?;
     let tmp = tempfile::tempdir()?;
     let data = write_records(tmp.path(), &records(&world, 6)?)?;
     let out = tmp.path().join("int8");
@@ -249,9 +242,7 @@ fn dir_is_empty(p: &Path) -> bool {
 
 #[test]
 fn bad_input_fails_clearly_and_writes_nothing() -> Result<()> {
-    let Some((model, world)) = tiny() else {
-        return Ok(());
-    };
+    let (model, world) = tiny_required()?;
     let tmp = tempfile::tempdir()?;
     let data = write_records(tmp.path(), &records(&world, 3)?)?;
 
@@ -326,9 +317,7 @@ const SMOOTHED_LOGITS_REL: f32 = 1e-4;
 
 /// The tiny export and its world; an error (not a pass) when scripts/test.sh has not made it.
 fn tiny_required() -> Result<(PathBuf, PathBuf)> {
-    tiny().ok_or_else(|| {
-        anyhow::anyhow!("needs STEPER_TEST_MODEL (the tiny export of scripts/test.sh)")
-    })
+    tiny().map_err(|why| anyhow::anyhow!("needs the tiny export: {why}"))
 }
 
 fn calibration_json(out: &Path) -> Result<serde_json::Value> {
