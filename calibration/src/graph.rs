@@ -101,11 +101,29 @@ pub fn load_onnx(path: &Path) -> Result<ModelProto> {
     Ok(model)
 }
 
+/// The graph of `m` (an error naming `path` when there is none) and its initializers by name.
+pub(crate) fn graph_and_index<'a>(
+    m: &'a mut ModelProto,
+    path: &Path,
+) -> Result<(&'a mut tract_onnx::pb::GraphProto, HashMap<String, usize>)> {
+    let g = m.graph.as_mut().ok_or_else(|| Error::Model {
+        path: path.to_path_buf(),
+        message: "the model has no graph".into(),
+    })?;
+    let index = g
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    Ok((g, index))
+}
+
 fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     n.attribute.iter().find(|a| a.name == name)
 }
 
-fn node_label(n: &NodeProto, i: usize) -> String {
+pub(crate) fn node_label(n: &NodeProto, i: usize) -> String {
     if n.name.is_empty() {
         format!("#{i}")
     } else {
@@ -410,16 +428,7 @@ pub fn quantize_qdq(
     let all = targets(model, vocab_size, path)?;
     let chosen: Vec<&Target> = all.iter().filter(|t| opts.quantizes(t)).collect();
     let mut m = model.clone();
-    let g = m.graph.as_mut().ok_or_else(|| Error::Model {
-        path: path.to_path_buf(),
-        message: "the model has no graph".into(),
-    })?;
-    let init_index: HashMap<String, usize> = g
-        .initializer
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.clone(), i))
-        .collect();
+    let (g, init_index) = graph_and_index(&mut m, path)?;
 
     let mut summary = QdqSummary {
         float_linears: all.len() - chosen.len(),

@@ -277,6 +277,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Copies the files of `names` that exist in `src` into `dst` (atomically, each).
+fn copy_present(src: &Path, dst: &Path, names: &[&str]) -> Result<()> {
+    for name in names {
+        let from = src.join(name);
+        if from.is_file() {
+            let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+            write_atomic(&dst.join(name), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
 fn load_records(
     src: &DataSource,
     opts: &CalibrateOptions,
@@ -508,7 +520,6 @@ pub fn calibrate(
         }
         None => (model, None),
     };
-    drop(chosen);
     let amax_map: HashMap<String, f32> = amax_list.iter().cloned().collect();
     let final_targets = graph::targets(&model, vocab, &mpath)?;
     let mut by_stage: HashMap<String, usize> = HashMap::new();
@@ -607,17 +618,15 @@ pub fn calibrate(
             &dir.join(steper_runtime::manifest::MANIFEST_FILE),
             serde_json::to_string_pretty(&ms)?.as_bytes(),
         )?;
-        for name in [
-            manifest.tokenizer_file.as_str(),
-            "tokenizer_config.json",
-            "genai_config.json",
-        ] {
-            let src = opts.model.join(name);
-            if src.is_file() {
-                let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-                write_atomic(&dir.join(name), &bytes)?;
-            }
-        }
+        copy_present(
+            &opts.model,
+            &dir,
+            &[
+                manifest.tokenizer_file.as_str(),
+                "tokenizer_config.json",
+                "genai_config.json",
+            ],
+        )?;
     } else {
         drop(model);
     }
@@ -638,13 +647,11 @@ pub fn calibrate(
         &stage(steper_runtime::manifest::MANIFEST_FILE),
         serde_json::to_string_pretty(&m8)?.as_bytes(),
     )?;
-    for name in [manifest.tokenizer_file.as_str(), "tokenizer_config.json"] {
-        let src = opts.model.join(name);
-        if src.is_file() {
-            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            write_atomic(&stage(name), &bytes)?;
-        }
-    }
+    copy_present(
+        &opts.model,
+        staging.path(),
+        &[manifest.tokenizer_file.as_str(), "tokenizer_config.json"],
+    )?;
     let genai = opts.model.join("genai_config.json");
     if genai.is_file() {
         let text = std::fs::read_to_string(&genai).map_err(|e| Error::io(&genai, e))?;

@@ -27,7 +27,7 @@ use std::path::Path;
 use serde::Serialize;
 use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
 
-use crate::graph::{tensor_f32, Target};
+use crate::graph::{graph_and_index, node_label, tensor_f32, Target};
 use crate::{Error, Result};
 
 /// Smallest / largest smoothing factor (keeps `1/s` and `s·W` finite and well scaled).
@@ -156,16 +156,7 @@ pub fn smooth(
     path: &Path,
 ) -> Result<Smoothed> {
     let mut m = model.clone();
-    let g = m.graph.as_mut().ok_or_else(|| Error::Model {
-        path: path.to_path_buf(),
-        message: "the model has no graph".into(),
-    })?;
-    let init_index: HashMap<String, usize> = g
-        .initializer
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.clone(), i))
-        .collect();
+    let (g, init_index) = graph_and_index(&mut m, path)?;
     let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
     let mut producer: HashMap<String, usize> = HashMap::new();
     for (i, n) in g.node.iter().enumerate() {
@@ -176,20 +167,19 @@ pub fn smooth(
             producer.insert(t.clone(), i);
         }
     }
-    let outputs: HashSet<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
-    let outputs: HashSet<String> = outputs.into_iter().map(String::from).collect();
-    let node_of = |label: &str| -> Option<usize> {
-        g.node
-            .iter()
-            .enumerate()
-            .position(|(i, n)| n.name == label || (n.name.is_empty() && format!("#{i}") == label))
-    };
+    let outputs: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    let by_label: HashMap<String, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (node_label(n, i), i))
+        .collect();
 
     // Groups: activation → its layers, in graph order.
     let mut order: Vec<String> = Vec::new();
     let mut groups: HashMap<String, Vec<(&Target, usize)>> = HashMap::new();
     for t in targets {
-        let idx = node_of(&t.node).ok_or_else(|| Error::Model {
+        let idx = *by_label.get(&t.node).ok_or_else(|| Error::Model {
             path: path.to_path_buf(),
             message: format!("no node `{}` in the graph", t.node),
         })?;
