@@ -42,6 +42,7 @@ pub fn manifest(cfg: &LlamaConfig, dtype: ExportDtype) -> Manifest {
             inputs: Manifest::input_names(layers),
             outputs: Manifest::output_names(layers),
             logits_to_keep: Some(crate::graph::LOGITS_TO_KEEP.into()),
+            attention: Default::default(),
         },
         loop_defaults: LoopDefaults::default(),
         producer: format!("steper-export {}", env!("CARGO_PKG_VERSION")),

@@ -37,6 +37,7 @@ use tract_onnx::pb::{GraphProto, ModelProto, OperatorSetIdProto, StringStringEnt
 use crate::error::{Error, Result};
 use crate::onnx::{attr_f, attr_i, attr_ints, value_info, Dim, Elem, GraphBuilder};
 use crate::quant::{self, QuantBits, QuantOptions, QuantTarget};
+use steper_runtime::manifest::AttentionOp;
 
 /// Name of the optional last-N-positions input (see the module doc).
 pub const LOGITS_TO_KEEP: &str = "logits_to_keep";
@@ -108,6 +109,8 @@ pub struct GraphOptions {
     pub opset: i64,
     /// Weight quantization of the linear layers (`None`: float weights of `dtype`).
     pub quant: Option<QuantOptions>,
+    /// Standard-operator attention, or ONNX Runtime's `GroupQueryAttention` (see the module doc).
+    pub attention: AttentionOp,
 }
 
 /// IR version written for `opset` (ONNX Runtime 1.31 reads up to 10 here; opset 21 and its
@@ -147,6 +150,21 @@ pub fn build_decoder(
     if let Some(q) = &opts.quant {
         q.check()?;
     }
+    let gqa = opts.attention == AttentionOp::GroupQueryAttention;
+    if gqa && portable {
+        return Err(Error::Option {
+            option: "--attention",
+            expected: "standard with --target portable (the TensorRT form has standard operators only; GroupQueryAttention is ONNX Runtime's contrib operator)".into(),
+            got: "gqa".into(),
+        });
+    }
+    if gqa && opts.dtype != Elem::F32 {
+        return Err(Error::Option {
+            option: "--attention",
+            expected: "standard with --dtype fp16 (the GroupQueryAttention export is fp32 activations only)".into(),
+            got: "gqa".into(),
+        });
+    }
     if !matches!(opts.dtype, Elem::F32 | Elem::F16) {
         return Err(Error::Option {
             option: "--dtype",
@@ -164,6 +182,11 @@ pub fn build_decoder(
     if nh % kv != 0 || d % 2 != 0 {
         return Err(Error::Unsupported(format!(
             "num_attention_heads {nh} must be a multiple of num_key_value_heads {kv}, head_dim {d} even"
+        )));
+    }
+    if gqa && d % 8 != 0 {
+        return Err(Error::Unsupported(format!(
+            "--attention gqa: head_dim {d} is not a multiple of 8, which ONNX Runtime's GroupQueryAttention needs"
         )));
     }
     let layers = cfg.num_hidden_layers;
@@ -186,6 +209,7 @@ pub fn build_decoder(
     let shape_group = g.const_i64("const/shape_group", &[5], &[0, kv, nh / kv, -1, d]);
     let shape_out_heads = g.const_i64("const/shape_out_heads", &[4], &[0, nh, -1, d]);
     let shape_merge = g.const_i64("const/shape_merge", &[3], &[0, 0, nh * d]);
+    let shape_merge_kv = g.const_i64("const/shape_merge_kv", &[3], &[0, 0, kv * d]);
     let shape_rows = g.const_i64("const/shape_rows", &[2], &[-1, h]);
     let c_vocab = g.const_i64("const/vocab", &[1], &[vocab]);
     let half = d / 2;
@@ -228,25 +252,41 @@ pub fn build_decoder(
         &[&am_shape, &c_one],
         vec![attr_i("axis", 0)],
     );
-    let past = g.op("Sub", "mask", &[&total, &seq], vec![]);
-    let q_idx = g.op("Range", "mask", &[&past, &total, &c_one], vec![]);
-    let k_idx = g.op("Range", "mask", &[&c_zero, &total, &c_one], vec![]);
-    let q_col = g.unsqueeze("mask", &q_idx, &[1]);
-    let k_row = g.unsqueeze("mask", &k_idx, &[0]);
-    let causal = g.op("LessOrEqual", "mask", &[&k_row, &q_col], vec![]);
-    let pad = g.cast("mask", "attention_mask", Elem::Bool);
-    let pad4 = g.unsqueeze("mask", &pad, &[1, 2]);
-    let allowed = g.op("And", "mask", &[&causal, &pad4], vec![]);
-    let mask = g.op(
-        "Where",
-        "mask",
-        &[&allowed, &c_mask_on, &c_mask_off],
-        vec![],
-    );
-    // [B, 1, 1, S, T] for the grouped scores [B, kv, rep, S, T].
-    let mask = g.unsqueeze("mask", &mask, &[1]);
+    // GroupQueryAttention masks by itself: each row attends to its first `seqlens_k + 1` keys
+    // (right padding), causally for the new tokens.
+    let (mask, gqa_lens) = if gqa {
+        let c_axis1 = g.const_i64("const/axis_1", &[1], &[1]);
+        let sum = g.op(
+            "ReduceSum",
+            "gqa",
+            &["attention_mask", &c_axis1],
+            vec![attr_i("keepdims", 0)],
+        );
+        let last = g.op("Sub", "gqa", &[&sum, &c_one], vec![]);
+        let seqlens = g.cast("gqa", &last, Elem::I32);
+        let total32 = g.cast("gqa", &total, Elem::I32);
+        (String::new(), Some((seqlens, total32)))
+    } else {
+        let past = g.op("Sub", "mask", &[&total, &seq], vec![]);
+        let q_idx = g.op("Range", "mask", &[&past, &total, &c_one], vec![]);
+        let k_idx = g.op("Range", "mask", &[&c_zero, &total, &c_one], vec![]);
+        let q_col = g.unsqueeze("mask", &q_idx, &[1]);
+        let k_row = g.unsqueeze("mask", &k_idx, &[0]);
+        let causal = g.op("LessOrEqual", "mask", &[&k_row, &q_col], vec![]);
+        let pad = g.cast("mask", "attention_mask", Elem::Bool);
+        let pad4 = g.unsqueeze("mask", &pad, &[1, 2]);
+        let allowed = g.op("And", "mask", &[&causal, &pad4], vec![]);
+        let mask = g.op(
+            "Where",
+            "mask",
+            &[&allowed, &c_mask_on, &c_mask_off],
+            vec![],
+        );
+        // [B, 1, 1, S, T] for the grouped scores [B, kv, rep, S, T].
+        (g.unsqueeze("mask", &mask, &[1]), None)
+    };
 
-    // RoPE rows for this call [B, 1, S, D].
+    // RoPE rows for this call.
     let cos_g = g.op(
         "Gather",
         "rope",
@@ -259,8 +299,11 @@ pub fn build_decoder(
         &[&sin_tab, "position_ids"],
         vec![attr_i("axis", 0)],
     );
-    let cos4 = g.unsqueeze("rope", &cos_g, &[1]);
-    let sin4 = g.unsqueeze("rope", &sin_g, &[1]);
+    // [B, 1, S, D] against heads-first q/k; [B, S, 1, D] against GroupQueryAttention's
+    // sequence-first layout.
+    let rope_axis = if gqa { 2 } else { 1 };
+    let cos4 = g.unsqueeze("rope", &cos_g, &[rope_axis]);
+    let sin4 = g.unsqueeze("rope", &sin_g, &[rope_axis]);
 
     // Embeddings; the residual stream is f32.
     let embed = {
@@ -290,6 +333,20 @@ pub fn build_decoder(
             }
         }
     };
+    // x · Wᵀ for several weights of one input: one fused `MatMulNBits` over the weights stacked
+    // along the output axis, then `Split` (ort-cpu quantization: at one decode token each small
+    // kernel costs a thread-pool dispatch, so q/k/v and gate/up are one kernel each); otherwise
+    // one `linear` each. Blocks never cross rows, so stacking quantizes every weight exactly as
+    // alone.
+    let linears =
+        |g: &mut GraphBuilder, hint: &str, x: &str, names: &[&str]| -> Result<Vec<String>> {
+            match &opts.quant {
+                Some(q) if q.target == QuantTarget::OrtCpu && names.len() > 1 => {
+                    fused_matmulnbits(g, w, q, ft, hint, x, names)
+                }
+                _ => names.iter().map(|n| linear(g, hint, x, n)).collect(),
+            }
+        };
     let norm_w = |g: &mut GraphBuilder, name: &str| -> Result<String> {
         let (data, shape) = w.tensor(name, false)?;
         let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
@@ -333,78 +390,112 @@ pub fn build_decoder(
 
         let ha = format!("{hint}/attn");
         let hn = rms(&mut g, &format!("{hint}/input_norm"), &x, &ln1);
-        let q = linear(&mut g, &ha, &hn, &wq)?;
-        let q = g.op("Reshape", &ha, &[&q, &shape_heads_q], vec![]);
-        let q = g.op(
-            "Transpose",
-            &ha,
-            &[&q],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-        );
-        let k = linear(&mut g, &ha, &hn, &wk)?;
-        let k = g.op("Reshape", &ha, &[&k, &shape_heads_kv], vec![]);
-        let k = g.op(
-            "Transpose",
-            &ha,
-            &[&k],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-        );
-        let v = linear(&mut g, &ha, &hn, &wv)?;
-        let v = g.op("Reshape", &ha, &[&v, &shape_heads_kv], vec![]);
-        let v = g.op(
-            "Transpose",
-            &ha,
-            &[&v],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-        );
-        let q = rope(&mut g, &ha, &q);
-        let k = rope(&mut g, &ha, &k);
         let pk = format!("present.{l}.key");
         let pv = format!("present.{l}.value");
-        g.op_to(
-            "Concat",
-            &pk,
-            &[&format!("past_key_values.{l}.key"), &k],
-            vec![attr_i("axis", 2)],
-        );
-        g.op_to(
-            "Concat",
-            &pv,
-            &[&format!("past_key_values.{l}.value"), &v],
-            vec![attr_i("axis", 2)],
-        );
-        // Grouped-query attention: queries [B, nh, S, D] → [B, kv, rep, S, D] (heads of one
-        // group are consecutive, as in HF's repeat_kv) against keys/values [B, kv, 1, T, D]
-        // broadcast over the group, so the cache is never copied per head. (Reshapes only divide
-        // by constant sizes, which symbolic shape inference needs.)
-        let qg = g.op("Reshape", &ha, &[&q, &shape_group], vec![]);
-        let kt = g.op(
-            "Transpose",
-            &ha,
-            &[&pk],
-            vec![attr_ints("perm", &[0, 1, 3, 2])],
-        );
-        let kt = g.unsqueeze(&ha, &kt, &[2]);
-        let mut sc = g.op("MatMul", &ha, &[&qg, &kt], vec![]);
-        if ft != Elem::F32 {
-            sc = g.cast(&ha, &sc, Elem::F32);
-        }
-        let sc = g.op("Mul", &ha, &[&sc, &c_scale], vec![]);
-        let sc = g.op("Add", &ha, &[&sc, &mask], vec![]);
-        let mut pr = g.op("Softmax", &ha, &[&sc], vec![attr_i("axis", -1)]);
-        if ft != Elem::F32 {
-            pr = g.cast(&ha, &pr, ft);
-        }
-        let v5 = g.unsqueeze(&ha, &pv, &[2]);
-        let y = g.op("MatMul", &ha, &[&pr, &v5], vec![]);
-        let y = g.op("Reshape", &ha, &[&y, &shape_out_heads], vec![]);
-        let y = g.op(
-            "Transpose",
-            &ha,
-            &[&y],
-            vec![attr_ints("perm", &[0, 2, 1, 3])],
-        );
-        let y = g.op("Reshape", &ha, &[&y, &shape_merge], vec![]);
+        let qkv = linears(&mut g, &ha, &hn, &[&wq, &wk, &wv])?;
+        let y = if let Some((seqlens, total32)) = &gqa_lens {
+            // q/k [B, S, heads, D] → RoPE → [B, S, heads·D]; the op appends k/v to the cache
+            // (present = past ++ new, heads-first) and attends causally.
+            let q = g.op("Reshape", &ha, &[&qkv[0], &shape_heads_q], vec![]);
+            let q = rope(&mut g, &ha, &q);
+            let q = g.op("Reshape", &ha, &[&q, &shape_merge], vec![]);
+            let k = g.op("Reshape", &ha, &[&qkv[1], &shape_heads_kv], vec![]);
+            let k = rope(&mut g, &ha, &k);
+            let k = g.op("Reshape", &ha, &[&k, &shape_merge_kv], vec![]);
+            let v = qkv[2].clone();
+            let y = format!("{ha}/GroupQueryAttention_{l}");
+            g.op_outputs(
+                MS_DOMAIN,
+                "GroupQueryAttention",
+                &[&y, &pk, &pv],
+                &[
+                    &q,
+                    &k,
+                    &v,
+                    &format!("past_key_values.{l}.key"),
+                    &format!("past_key_values.{l}.value"),
+                    seqlens,
+                    total32,
+                ],
+                vec![
+                    attr_i("num_heads", nh),
+                    attr_i("kv_num_heads", kv),
+                    attr_f("scale", 1.0 / (d as f32).sqrt()),
+                ],
+            );
+            y
+        } else {
+            let q = qkv[0].clone();
+            let q = g.op("Reshape", &ha, &[&q, &shape_heads_q], vec![]);
+            let q = g.op(
+                "Transpose",
+                &ha,
+                &[&q],
+                vec![attr_ints("perm", &[0, 2, 1, 3])],
+            );
+            let k = qkv[1].clone();
+            let k = g.op("Reshape", &ha, &[&k, &shape_heads_kv], vec![]);
+            let k = g.op(
+                "Transpose",
+                &ha,
+                &[&k],
+                vec![attr_ints("perm", &[0, 2, 1, 3])],
+            );
+            let v = qkv[2].clone();
+            let v = g.op("Reshape", &ha, &[&v, &shape_heads_kv], vec![]);
+            let v = g.op(
+                "Transpose",
+                &ha,
+                &[&v],
+                vec![attr_ints("perm", &[0, 2, 1, 3])],
+            );
+            let q = rope(&mut g, &ha, &q);
+            let k = rope(&mut g, &ha, &k);
+            g.op_to(
+                "Concat",
+                &pk,
+                &[&format!("past_key_values.{l}.key"), &k],
+                vec![attr_i("axis", 2)],
+            );
+            g.op_to(
+                "Concat",
+                &pv,
+                &[&format!("past_key_values.{l}.value"), &v],
+                vec![attr_i("axis", 2)],
+            );
+            // Grouped-query attention: queries [B, nh, S, D] → [B, kv, rep, S, D] (heads of one
+            // group are consecutive, as in HF's repeat_kv) against keys/values [B, kv, 1, T, D]
+            // broadcast over the group, so the cache is never copied per head. (Reshapes only divide
+            // by constant sizes, which symbolic shape inference needs.)
+            let qg = g.op("Reshape", &ha, &[&q, &shape_group], vec![]);
+            let kt = g.op(
+                "Transpose",
+                &ha,
+                &[&pk],
+                vec![attr_ints("perm", &[0, 1, 3, 2])],
+            );
+            let kt = g.unsqueeze(&ha, &kt, &[2]);
+            let mut sc = g.op("MatMul", &ha, &[&qg, &kt], vec![]);
+            if ft != Elem::F32 {
+                sc = g.cast(&ha, &sc, Elem::F32);
+            }
+            let sc = g.op("Mul", &ha, &[&sc, &c_scale], vec![]);
+            let sc = g.op("Add", &ha, &[&sc, &mask], vec![]);
+            let mut pr = g.op("Softmax", &ha, &[&sc], vec![attr_i("axis", -1)]);
+            if ft != Elem::F32 {
+                pr = g.cast(&ha, &pr, ft);
+            }
+            let v5 = g.unsqueeze(&ha, &pv, &[2]);
+            let y = g.op("MatMul", &ha, &[&pr, &v5], vec![]);
+            let y = g.op("Reshape", &ha, &[&y, &shape_out_heads], vec![]);
+            let y = g.op(
+                "Transpose",
+                &ha,
+                &[&y],
+                vec![attr_ints("perm", &[0, 2, 1, 3])],
+            );
+            g.op("Reshape", &ha, &[&y, &shape_merge], vec![])
+        };
         let mut o = linear(&mut g, &ha, &y, &wo)?;
         if ft != Elem::F32 {
             o = g.cast(&ha, &o, Elem::F32);
@@ -413,11 +504,11 @@ pub fn build_decoder(
 
         let hm = format!("{hint}/mlp");
         let hn = rms(&mut g, &format!("{hint}/post_attention_norm"), &x1, &ln2);
-        let gt = linear(&mut g, &hm, &hn, &wg)?;
-        let sg = g.op("Sigmoid", &hm, &[&gt], vec![]);
-        let act = g.op("Mul", &hm, &[&gt, &sg], vec![]);
-        let up = linear(&mut g, &hm, &hn, &wu)?;
-        let gu = g.op("Mul", &hm, &[&act, &up], vec![]);
+        let gate_up = linears(&mut g, &hm, &hn, &[&wg, &wu])?;
+        let (gt, up) = (&gate_up[0], &gate_up[1]);
+        let sg = g.op("Sigmoid", &hm, &[gt], vec![]);
+        let act = g.op("Mul", &hm, &[gt, &sg], vec![]);
+        let gu = g.op("Mul", &hm, &[&act, up], vec![]);
         let mut m = linear(&mut g, &hm, &gu, &wd)?;
         if ft != Elem::F32 {
             m = g.cast(&hm, &m, Elem::F32);
@@ -514,10 +605,21 @@ pub fn build_decoder(
     // After the Optimum list, so positional callers see the usual order.
     inputs.push(value_info(LOGITS_TO_KEEP, Elem::I64, &[]));
     let _ = inter;
+    // Constants only one attention form uses (its mask, its reshapes) are dropped, so ONNX
+    // Runtime has no unused initializer to warn about.
+    let used: std::collections::HashSet<&str> = g
+        .nodes
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .collect();
+    let initializers: Vec<_> = std::mem::take(&mut g.initializers)
+        .into_iter()
+        .filter(|t| used.contains(t.name.as_str()))
+        .collect();
     let graph = GraphProto {
         node: g.nodes,
         name: "steper_llama_decoder".into(),
-        initializer: g.initializers,
+        initializer: initializers,
         input: inputs,
         output: outputs,
         ..Default::default()
@@ -530,13 +632,19 @@ pub fn build_decoder(
         key: "steper.dtype".into(),
         value: if ft == Elem::F16 { "fp16" } else { "fp32" }.into(),
     }];
+    if gqa || opts.quant.map(|q| q.target) == Some(QuantTarget::OrtCpu) {
+        opset_import.push(OperatorSetIdProto {
+            domain: MS_DOMAIN.into(),
+            version: 1,
+        });
+    }
+    if gqa {
+        metadata_props.push(StringStringEntryProto {
+            key: "steper.attention".into(),
+            value: AttentionOp::GroupQueryAttention.as_str().into(),
+        });
+    }
     if let Some(q) = &opts.quant {
-        if q.target == QuantTarget::OrtCpu {
-            opset_import.push(OperatorSetIdProto {
-                domain: MS_DOMAIN.into(),
-                version: 1,
-            });
-        }
         metadata_props.push(StringStringEntryProto {
             key: "steper.quantization".into(),
             value: describe(q),
@@ -641,6 +749,101 @@ fn quantized_linear(
             g.op("MatMul", hint, &[x, &wd], vec![])
         }
     })
+}
+
+/// One `MatMulNBits` over the weights `names` (same input dimension) stacked along the output
+/// axis, then a `Split` back into one output per weight (in order). Each weight is quantized on
+/// its own (errors name it), so the stacked codes and scales are exactly the separate ones.
+fn fused_matmulnbits(
+    g: &mut GraphBuilder,
+    w: &dyn WeightSource,
+    q: &QuantOptions,
+    ft: Elem,
+    hint: &str,
+    x: &str,
+    names: &[&str],
+) -> Result<Vec<String>> {
+    let parts = names
+        .iter()
+        .map(|n| quant::quantize_weight(w, n, q))
+        .collect::<Result<Vec<_>>>()?;
+    let k = parts[0].cols;
+    if let Some((n, p)) = names.iter().zip(&parts).find(|(_, p)| p.cols != k) {
+        return Err(Error::Tensor {
+            name: n.to_string(),
+            message: format!(
+                "input dimension {} differs from {}'s {k}, so the two cannot share one MatMulNBits",
+                p.cols, names[0]
+            ),
+        });
+    }
+    let rows: Vec<i64> = parts.iter().map(|p| p.rows as i64).collect();
+    let stacked = quant::BlockQuantized {
+        rows: parts.iter().map(|p| p.rows).sum(),
+        cols: k,
+        block_size: q.block_size,
+        bits: q.bits,
+        codes: parts.iter().flat_map(|p| p.codes.iter().copied()).collect(),
+        scales: parts
+            .iter()
+            .flat_map(|p| p.scales.iter().copied())
+            .collect(),
+    };
+    let (n, kk) = (stacked.rows as i64, k as i64);
+    let nb = stacked.blocks_per_row() as i64;
+    let bits = q.bits.bits() as i64;
+    let bs = q.block_size as i64;
+    // Named after the first weight with the `+` of the others, e.g. `…q_proj+k_proj+v_proj`.
+    let tail: Vec<&str> = names[1..]
+        .iter()
+        .map(|n| {
+            n.trim_end_matches(".weight")
+                .rsplit('.')
+                .next()
+                .unwrap_or(n)
+        })
+        .collect();
+    let base = format!(
+        "{}+{}",
+        names[0].trim_end_matches(".weight"),
+        tail.join("+")
+    );
+    let b = g.init_raw(
+        &format!("{base}.MatMulNBits.B"),
+        Elem::U8,
+        &[n, nb, bs * bits / 8],
+        stacked.matmul_nbits_b(),
+    );
+    let s = g.init_float(
+        &format!("{base}.MatMulNBits.scales"),
+        ft,
+        &[n * nb],
+        &stacked.scales,
+    );
+    let y = g.op_in(
+        MS_DOMAIN,
+        "MatMulNBits",
+        hint,
+        &[x, &b, &s],
+        vec![
+            attr_i("K", kk),
+            attr_i("N", n),
+            attr_i("bits", bits),
+            attr_i("block_size", bs),
+            attr_i("accuracy_level", quant::ACCURACY_LEVEL),
+        ],
+    );
+    let sizes = g.const_i64(&format!("{base}.split"), &[rows.len() as i64], &rows);
+    let outs: Vec<String> = (0..names.len()).map(|i| format!("{y}/split_{i}")).collect();
+    let out_refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+    g.op_outputs(
+        "",
+        "Split",
+        &out_refs,
+        &[&y, &sizes],
+        vec![attr_i("axis", -1)],
+    );
+    Ok(outs)
 }
 
 /// IR version written (ONNX Runtime 1.31 reads up to 13; 8 is the IR of opsets 17/18's era).

@@ -32,6 +32,7 @@ use tract_onnx::pb::{tensor_proto::DataLocation, ModelProto, StringStringEntryPr
 pub use error::{Error, Result};
 pub use onnx::Elem;
 pub use quant::{QuantBits, QuantOptions, QuantTarget};
+pub use steper_runtime::manifest::AttentionOp;
 pub use steper_runtime::Manifest;
 
 /// File name of the ONNX graph in an export directory.
@@ -104,6 +105,9 @@ pub struct ExportOptions {
     pub external_data: ExternalData,
     /// Weight quantization of the linear layers (`None`: float weights of `dtype`).
     pub quantize: Option<QuantOptions>,
+    /// Attention form: standard operators (every backend) or ONNX Runtime's
+    /// `GroupQueryAttention` contrib operator (ONNX Runtime only, fp32 activations).
+    pub attention: AttentionOp,
 }
 
 impl Default for ExportOptions {
@@ -113,6 +117,7 @@ impl Default for ExportOptions {
             opset: 17,
             external_data: ExternalData::Auto,
             quantize: None,
+            attention: AttentionOp::Standard,
         }
     }
 }
@@ -156,6 +161,8 @@ pub struct ExportReport {
     pub dtype: ExportDtype,
     /// The weight quantization written, if any.
     pub quantization: Option<steper_runtime::manifest::WeightQuantization>,
+    /// The attention form written.
+    pub attention: AttentionOp,
     /// Whether a tokenizer was copied.
     pub tokenizer: bool,
 }
@@ -176,6 +183,7 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
             dtype: opts.dtype.elem(),
             opset: opts.opset,
             quant: opts.quantize,
+            attention: opts.attention,
         },
     )?;
     let quantization = opts
@@ -195,6 +203,7 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
     }
     let mut manifest = files::manifest(cfg, opts.dtype);
     manifest.quantization = quantization.clone();
+    manifest.graph.attention = opts.attention;
     manifest.save(&out.join(steper_runtime::manifest::MANIFEST_FILE))?;
     let genai = files::genai_config(cfg, opts.quantize.as_ref());
     steper_models::fsutil::write_atomic(
@@ -212,6 +221,7 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
         ir_version: graph::ir_version(opts.opset),
         dtype: opts.dtype,
         quantization,
+        attention: opts.attention,
         tokenizer,
     })
 }

@@ -41,6 +41,11 @@ struct Args {
     /// embedding lookup stays float). Needs --quantize.
     #[arg(long)]
     quantize_lm_head: Option<bool>,
+    /// Attention form: standard (standard ONNX operators; every backend, left-padded batches)
+    /// or gqa (ONNX Runtime's com.microsoft GroupQueryAttention: one fused kernel appends the
+    /// KV cache and attends; ONNX Runtime only, fp32 activations, batch-1 decoding).
+    #[arg(long, default_value = "standard")]
+    attention: String,
     /// Always write the weights to model.onnx.data (otherwise only above 2 GB).
     #[arg(long)]
     external_data: bool,
@@ -113,6 +118,10 @@ fn run(a: Args) -> anyhow::Result<bool> {
             ExternalData::Auto
         },
         quantize,
+        attention: a
+            .attention
+            .parse::<steper_export::AttentionOp>()
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
     };
     let report = export(&a.checkpoint, &a.out, &opts)
         .with_context(|| format!("exporting {}", a.checkpoint.display()))?;
@@ -137,6 +146,11 @@ fn run(a: Args) -> anyhow::Result<bool> {
         return Ok(true);
     }
     let defaults = verify::VerifyOptions::for_export(opts.dtype, opts.quantize.as_ref());
+    if !a.no_tract && defaults.tract && !opts.attention.is_standard() {
+        eprintln!(
+            "note: tract has no GroupQueryAttention (--attention gqa); verifying on ONNX Runtime"
+        );
+    }
     if !a.no_tract && !defaults.tract {
         eprintln!(
             "note: the runtime does not run quantized exports on tract 0.23; verifying on ONNX Runtime"

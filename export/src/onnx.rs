@@ -15,6 +15,8 @@ pub enum Elem {
     F16,
     /// `INT64`.
     I64,
+    /// `INT32` (GroupQueryAttention's sequence lengths).
+    I32,
     /// `BOOL`.
     Bool,
     /// `UINT8` (MatMulNBits packed weights).
@@ -32,6 +34,7 @@ impl Elem {
             Elem::F32 => DataType::Float as i32,
             Elem::F16 => DataType::Float16 as i32,
             Elem::I64 => DataType::Int64 as i32,
+            Elem::I32 => DataType::Int32 as i32,
             Elem::Bool => DataType::Bool as i32,
             Elem::U8 => DataType::Uint8 as i32,
             Elem::I8 => DataType::Int8 as i32,
@@ -42,7 +45,7 @@ impl Elem {
     /// Bytes per element (`INT4` packs two elements in a byte and reports 1).
     pub fn size(self) -> usize {
         match self {
-            Elem::F32 => 4,
+            Elem::F32 | Elem::I32 => 4,
             Elem::F16 => 2,
             Elem::I64 => 8,
             Elem::Bool | Elem::U8 | Elem::I8 | Elem::I4 => 1,
@@ -169,6 +172,26 @@ impl GraphBuilder {
         let out = format!("{hint}/{op}_{}", self.counter);
         self.push_node(domain, op, &out, inputs, attrs);
         out
+    }
+
+    /// Adds a node of operator set `domain` writing the named `outputs` (in order).
+    pub fn op_outputs(
+        &mut self,
+        domain: &str,
+        op: &str,
+        outputs: &[&str],
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+    ) {
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            name: format!("node_{}_{}", self.nodes.len(), op),
+            op_type: op.into(),
+            domain: domain.into(),
+            attribute: attrs,
+            doc_string: String::new(),
+        });
     }
 
     fn push_node(

@@ -406,7 +406,8 @@ pub fn verify(checkpoint: &Path, out: &Path, opts: &VerifyOptions) -> Result<Ver
         None => None,
     };
     let mut kinds = vec![BackendKind::Ort(opts.ort.clone())];
-    if opts.tract {
+    // tract has no GroupQueryAttention: a GQA export is verified on ONNX Runtime only.
+    if opts.tract && manifest.graph.attention.is_standard() {
         kinds.push(BackendKind::Tract);
     }
     let mut backends = Vec::new();

@@ -144,11 +144,14 @@ fn count(m: &ModelProto, op: &str) -> usize {
 }
 
 #[test]
-fn ort_cpu_graph_uses_matmulnbits_for_every_linear_layer() -> Result<()> {
+fn ort_cpu_graph_uses_matmulnbits_for_every_linear_layer_with_qkv_and_gate_up_fused() -> Result<()>
+{
     let x = export_quantized(&opts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true))?;
     let m = graph(&x.out)?;
     let layers = tiny_config().num_hidden_layers;
-    assert_eq!(count(&m, "MatMulNBits"), 7 * layers + 1);
+    // Per layer: q/k/v fused into one, o, gate/up fused into one, down; then the lm_head.
+    assert_eq!(count(&m, "MatMulNBits"), 4 * layers + 1);
+    assert_eq!(count(&m, "Split"), 2 * layers);
     assert_eq!(count(&m, "Gemm"), 0, "the lm_head must be quantized too");
     assert!(m
         .opset_import

@@ -71,6 +71,54 @@ pub struct GraphInfo {
     /// `None` for exports that always compute every position.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logits_to_keep: Option<String>,
+    /// How the graph computes attention and grows its KV cache (absent: standard operators).
+    #[serde(default, skip_serializing_if = "AttentionOp::is_standard")]
+    pub attention: AttentionOp,
+}
+
+/// The attention form of an export (`steper-export --attention`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionOp {
+    /// Standard ONNX operators: `Concat` of the cache, `MatMul`/`Softmax` attention over an
+    /// additive mask built from `attention_mask`. Runs everywhere (ONNX Runtime, TensorRT,
+    /// tract) and takes left-padded batches.
+    #[default]
+    Standard,
+    /// ONNX Runtime's `com.microsoft.GroupQueryAttention` contrib operator (one fused kernel
+    /// appends the new keys/values and attends). ONNX Runtime only; it assumes every row's
+    /// tokens start at position 0 (right padding), so left-padded batched decoding is refused.
+    GroupQueryAttention,
+}
+
+impl AttentionOp {
+    /// Whether this is [`AttentionOp::Standard`].
+    pub fn is_standard(&self) -> bool {
+        *self == AttentionOp::Standard
+    }
+
+    /// The name used on the command line and in `steper.json`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AttentionOp::Standard => "standard",
+            AttentionOp::GroupQueryAttention => "group-query-attention",
+        }
+    }
+}
+
+impl std::str::FromStr for AttentionOp {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "standard" => Ok(AttentionOp::Standard),
+            "gqa" | "group-query-attention" => Ok(AttentionOp::GroupQueryAttention),
+            other => Err(Error::InvalidOption {
+                option: "attention".into(),
+                expected: "standard or gqa (group-query-attention)".into(),
+                got: other.into(),
+            }),
+        }
+    }
 }
 
 /// Contents of `steper.json`.

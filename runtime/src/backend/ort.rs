@@ -30,7 +30,7 @@ use ::ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use super::{append_single, check_io, truncate_single, BatchCache, BatchDecoder, BatchInput};
 use crate::error::{Error, Result};
 use crate::generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
-use crate::manifest::Manifest;
+use crate::manifest::{AttentionOp, Manifest};
 
 /// ONNX Runtime version whose library `scripts/install-ort.sh` installs (matches `api-31`).
 pub const ORT_VERSION: &str = "1.31.1";
@@ -483,6 +483,8 @@ pub struct OrtGenerator {
     /// The graph's `logits_to_keep` input (manifest `graph.logits_to_keep`), fed 1 for
     /// [`LogitsMode::Last`] so the graph projects only the last position.
     logits_to_keep: Option<String>,
+    /// The graph's attention form: a `GroupQueryAttention` graph cannot take padded rows.
+    attention: AttentionOp,
 }
 
 /// The ONNX Runtime cache: the last call's `present.*` values.
@@ -634,6 +636,7 @@ impl OrtGenerator {
             past_names: g.inputs[3..].to_vec(),
             present_names: g.outputs[1..].to_vec(),
             logits_to_keep: g.logits_to_keep.clone(),
+            attention: g.attention,
         })
     }
 
@@ -750,6 +753,13 @@ impl BatchDecoder for OrtGenerator {
 
     fn step(&self, cache: &mut BatchCache, input: &BatchInput, mode: LogitsMode) -> Result<Logits> {
         input.check(cache.past, cache.batch)?;
+        if !self.attention.is_standard() && input.attention_mask.contains(&0) {
+            return Err(Error::InvalidOption {
+                option: "attention_mask".into(),
+                expected: "no padding: this export uses GroupQueryAttention (steper-export --attention gqa), which assumes every row starts at position 0 — re-export with --attention standard for padded batches".into(),
+                got: "a mask with padded (0) positions".into(),
+            });
+        }
         let (b, s) = (input.batch, input.seq);
         let oc = cache
             .inner
@@ -923,6 +933,9 @@ impl Generator for OrtGenerator {
     }
 
     fn batch_decoder(&self) -> Option<&dyn BatchDecoder> {
-        Some(self)
+        // Batched decoding left-pads rows, which GroupQueryAttention cannot mask.
+        self.attention
+            .is_standard()
+            .then_some(self as &dyn BatchDecoder)
     }
 }

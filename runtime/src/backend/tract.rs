@@ -56,6 +56,15 @@ impl TractGenerator {
         // (and 2-bit) weights only, and on steper's 4-bit block-32 exports its result disagrees
         // with the dequantized weights (relative logit error ≈ 1.8 where ONNX Runtime is within
         // 10 %). Refuse rather than run a graph it cannot run, or runs wrongly.
+        if !manifest.graph.attention.is_standard() {
+            return Err(Error::Model {
+                path: model.to_path_buf(),
+                message: format!(
+                    "tract cannot run this export: its attention is ONNX Runtime's `com.microsoft.GroupQueryAttention` contrib operator (steper.json graph.attention = {:?}), which tract does not implement — run it on the ort backend, or re-export with --attention standard for tract",
+                    manifest.graph.attention.as_str()
+                ),
+            });
+        }
         if let Some(q) = &manifest.quantization {
             return Err(Error::Model {
                 path: model.to_path_buf(),

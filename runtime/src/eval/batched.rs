@@ -142,7 +142,7 @@ pub(crate) fn answer_batched(
         .batch_decoder()
         .ok_or_else(|| Error::InvalidOption {
             option: "batch".into(),
-            expected: "1 for a generator without a batched step (only the ONNX backends have one)"
+            expected: "1 for a generator without a batched step (only the ONNX backends have one, and not for a GroupQueryAttention export, which cannot mask left-padded rows)"
                 .into(),
             got: batch.to_string(),
         })?;

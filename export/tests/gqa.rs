@@ -1,0 +1,256 @@
+//! `--attention gqa`: the `com.microsoft.GroupQueryAttention` graph of a tiny random GQA model
+//! against the candle model and against the standard (concatenating) graph step for step —
+//! prefill, 64 decode steps, a multi-token append onto a filled cache and a truncation — its
+//! operators and manifest, and where it is refused.
+
+mod common;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use common::*;
+use prost::Message;
+use steper_export::quant::dequantized_checkpoint;
+use steper_export::verify::{check_backend, reference, FP32_CLOSE, INT_MATMULNBITS};
+use steper_export::{AttentionOp, Error, ExportOptions, QuantBits, QuantOptions, QuantTarget};
+use steper_runtime::backend::{load_model, BackendKind, OrtOptions};
+use steper_runtime::LogitsMode;
+use tract_onnx::pb::ModelProto;
+
+/// The GroupQueryAttention graph against the standard graph on the same weights, both on ONNX
+/// Runtime: the same math in another summation order (its fused kernel vs `MatMul`/`Softmax`),
+/// as a fraction of the step's largest |logit|.
+const GQA_VS_CONCAT_REL: f32 = 1e-4;
+
+/// Decode steps compared (the "64 steps").
+const DECODE_STEPS: usize = 64;
+
+fn ort() -> BackendKind {
+    BackendKind::Ort(OrtOptions::default())
+}
+
+struct Exported {
+    _tmp: tempfile::TempDir,
+    ckpt: std::path::PathBuf,
+    gqa: std::path::PathBuf,
+    standard: std::path::PathBuf,
+}
+
+/// One checkpoint exported with both attention forms under `base` options.
+fn export_both(base: &ExportOptions) -> Result<Exported> {
+    ensure_ort()?;
+    let tmp = tempfile::tempdir()?;
+    let ckpt = tmp.path().join("ckpt");
+    tiny_checkpoint(&ckpt, &tiny_config(), 7)?;
+    let gqa = tmp.path().join("gqa");
+    let standard = tmp.path().join("standard");
+    steper_export::export(
+        &ckpt,
+        &gqa,
+        &ExportOptions {
+            attention: AttentionOp::GroupQueryAttention,
+            ..base.clone()
+        },
+    )?;
+    steper_export::export(&ckpt, &standard, base)?;
+    Ok(Exported {
+        _tmp: tmp,
+        ckpt,
+        gqa,
+        standard,
+    })
+}
+
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+#[test]
+fn gqa_export_matches_candle_for_the_prefill_and_64_decode_steps() -> Result<()> {
+    let x = export_both(&ExportOptions::default())?;
+    let ck = steper_models::Checkpoint::load(&x.ckpt, DType::F32, &Device::Cpu)?;
+    let r = reference(&ck.model()?, &prompt(12), DECODE_STEPS)?;
+    let rep = check_backend(&x.gqa, &ort(), &r, FP32_CLOSE)?;
+    assert_eq!(rep.steps.len(), DECODE_STEPS + 1);
+    assert!(
+        rep.pass,
+        "GroupQueryAttention export fails {}: max_rel {} greedy identical {}",
+        FP32_CLOSE.name, rep.max_rel, rep.greedy_identical
+    );
+    Ok(())
+}
+
+#[test]
+fn gqa_graph_equals_the_concatenating_graph_step_for_step() -> Result<()> {
+    let x = export_both(&ExportOptions::default())?;
+    let g = load_model(&x.gqa, &ort())?.generator;
+    let s = load_model(&x.standard, &ort())?.generator;
+    let (mut sg, mut ss) = (g.new_sequence()?, s.new_sequence()?);
+    let mut worst = 0.0f32;
+    let mut step = |tokens: &[u32], mode: LogitsMode, what: &str| -> Result<()> {
+        let a = g.append(&mut sg, tokens, mode)?;
+        let b = s.append(&mut ss, tokens, mode)?;
+        assert_eq!((a.rows, a.vocab), (b.rows, b.vocab), "{what}");
+        let d = rel_diff(&a.data, &b.data);
+        assert!(
+            d <= GQA_VS_CONCAT_REL,
+            "{what}: GroupQueryAttention differs from the standard graph by rel {d}"
+        );
+        worst = worst.max(d);
+        Ok(())
+    };
+    // Prefill with every position's logits, then 64 one-token steps.
+    step(&prompt(12), LogitsMode::All, "prefill")?;
+    for i in 0..DECODE_STEPS {
+        let t = ((i * 29 + 3) % VOCAB) as u32;
+        step(&[t], LogitsMode::Last, &format!("decode step {i}"))?;
+    }
+    // Several tokens onto a filled cache (the loop's new passages after a reused prefix).
+    step(&prompt(5), LogitsMode::All, "5-token append onto the cache")?;
+    // Truncation (KV-prefix reuse) and an append after it.
+    g.truncate(&mut sg, 40)?;
+    s.truncate(&mut ss, 40)?;
+    assert_eq!((sg.len(), ss.len()), (40, 40));
+    let a = g.append(&mut sg, &prompt(3), LogitsMode::All)?;
+    let b = s.append(&mut ss, &prompt(3), LogitsMode::All)?;
+    let d = rel_diff(&a.data, &b.data);
+    assert!(d <= GQA_VS_CONCAT_REL, "append after truncate: rel {d}");
+    eprintln!(
+        "GroupQueryAttention vs concat: worst rel {:.2e}",
+        worst.max(d)
+    );
+    Ok(())
+}
+
+#[test]
+fn int4_gqa_export_matches_candle_on_dequantized_weights() -> Result<()> {
+    let q = QuantOptions {
+        bits: QuantBits::Int4,
+        block_size: 32,
+        target: QuantTarget::OrtCpu,
+        lm_head: true,
+    };
+    let x = export_both(&ExportOptions::quantized(q))?;
+    let ck = steper_models::Checkpoint::load(&x.ckpt, DType::F32, &Device::Cpu)?;
+    let (cfg, w) = dequantized_checkpoint(&ck.config, &ck.weights, &q)?;
+    let r = reference(&steper_models::Llama::new(&cfg, &w)?, &prompt(12), 16)?;
+    let rep = check_backend(&x.gqa, &ort(), &r, INT_MATMULNBITS)?;
+    assert!(
+        rep.pass,
+        "int4 GroupQueryAttention export fails {}: max_rel {} top-1 {}",
+        INT_MATMULNBITS.name, rep.max_rel, rep.top1_agreement
+    );
+    Ok(())
+}
+
+fn graph(dir: &std::path::Path) -> Result<ModelProto> {
+    let bytes = std::fs::read(dir.join("model.onnx"))?;
+    Ok(ModelProto::decode(bytes.as_slice())?)
+}
+
+#[test]
+fn gqa_graph_has_one_fused_op_per_layer_and_no_cache_concat_and_says_so() -> Result<()> {
+    let x = export_both(&ExportOptions::default())?;
+    let layers = tiny_config().num_hidden_layers;
+    let m = graph(&x.gqa)?;
+    let g = m.graph.as_ref().context("graph")?;
+    let gqa: Vec<_> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "GroupQueryAttention")
+        .collect();
+    assert_eq!(gqa.len(), layers);
+    for (l, n) in gqa.iter().enumerate() {
+        assert_eq!(n.domain, "com.microsoft");
+        assert_eq!(
+            n.output[1..],
+            [format!("present.{l}.key"), format!("present.{l}.value")]
+        );
+    }
+    // Nothing else writes the cache, and no Softmax is left.
+    for n in &g.node {
+        if n.op_type != "GroupQueryAttention" {
+            assert!(
+                n.output.iter().all(|o| !o.starts_with("present.")),
+                "{} writes the cache",
+                n.op_type
+            );
+            assert_ne!(n.op_type, "Softmax");
+        }
+    }
+    // No initializer is left unused (the standard graph's mask constants are dropped).
+    let used: std::collections::HashSet<&str> = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .collect();
+    for t in &g.initializer {
+        assert!(
+            used.contains(t.name.as_str()),
+            "unused initializer {}",
+            t.name
+        );
+    }
+    assert!(m.opset_import.iter().any(|o| o.domain == "com.microsoft"));
+    // The standard graph has none of it.
+    let s = graph(&x.standard)?;
+    let sg = s.graph.as_ref().context("graph")?;
+    assert!(sg.node.iter().all(|n| n.op_type != "GroupQueryAttention"));
+    // The manifest records the form; a standard manifest leaves the field out.
+    let mg = steper_runtime::Manifest::load(&x.gqa.join("steper.json"))?;
+    assert_eq!(mg.graph.attention, AttentionOp::GroupQueryAttention);
+    let text = std::fs::read_to_string(x.standard.join("steper.json"))?;
+    assert!(!text.contains("\"attention\""), "{text}");
+    Ok(())
+}
+
+#[test]
+fn gqa_is_refused_where_it_cannot_run_with_errors_naming_the_option() -> Result<()> {
+    let x = export_both(&ExportOptions::default())?;
+    // tract has no GroupQueryAttention.
+    let e = load_model(&x.gqa, &BackendKind::Tract)
+        .err()
+        .context("tract must refuse a GroupQueryAttention export")?;
+    let msg = e.to_string();
+    assert!(
+        msg.contains("GroupQueryAttention") && msg.contains("--attention standard"),
+        "{msg}"
+    );
+    // Left-padded batched decoding: no batched step on this export.
+    let g = load_model(&x.gqa, &ort())?.generator;
+    assert!(g.batch_decoder().is_none());
+    let s = load_model(&x.standard, &ort())?.generator;
+    assert!(s.batch_decoder().is_some());
+    // Export options it cannot be combined with.
+    let tmp = tempfile::tempdir()?;
+    let portable = ExportOptions {
+        attention: AttentionOp::GroupQueryAttention,
+        ..ExportOptions::quantized(QuantOptions {
+            bits: QuantBits::Int4,
+            block_size: 32,
+            target: QuantTarget::Portable,
+            lm_head: true,
+        })
+    };
+    let fp16 = ExportOptions {
+        attention: AttentionOp::GroupQueryAttention,
+        dtype: steper_export::ExportDtype::Fp16,
+        ..Default::default()
+    };
+    for (o, what) in [(portable, "portable"), (fp16, "fp16")] {
+        match steper_export::export(&x.ckpt, &tmp.path().join(what), &o) {
+            Err(Error::Option { option, .. }) => assert_eq!(option, "--attention", "{what}"),
+            other => panic!("{what}: expected an --attention option error, got {other:?}"),
+        }
+        assert!(!tmp.path().join(what).join("model.onnx").exists());
+    }
+    // An unknown form is an error naming the accepted ones.
+    let e = "flash".parse::<AttentionOp>().err().context("must fail")?;
+    assert!(e.to_string().contains("gqa"), "{e}");
+    Ok(())
+}
