@@ -21,6 +21,10 @@
 //! ```
 #![warn(missing_docs)]
 
+// Not called directly: the dependency turns on gemm's AVX-512 kernels (feature `x86-v4`) for
+// every candle CPU matmul in the workspace (Cargo unifies features).
+use gemm as _;
+
 pub mod checkpoint;
 pub mod config;
 pub mod error;
