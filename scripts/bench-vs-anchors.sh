@@ -3,8 +3,9 @@
 # machine, in the same run, on the same model: llama.cpp's own `llama-bench` on the Q4_1 GGUF
 # (the file the checkpoint is imported from); `steper-run bench-decode` on the fp32, int8 and
 # int4 (MatMulNBits, block 32, accuracy_level 4) ONNX exports of that checkpoint on the ort
-# backend and on the fp32 export on tract (tract refuses the quantized exports); and
-# onnxruntime-genai (PyPI, in .cache/genai-venv) on our int4 export. The tools alternate ROUNDS
+# backend, each with standard-operator attention and with GroupQueryAttention (`*-gqa`,
+# --attention gqa), and on the fp32 export on tract (tract refuses the quantized and GQA
+# exports); and onnxruntime-genai (PyPI, in .cache/genai-venv) on our int4 and int4-gqa exports. The tools alternate ROUNDS
 # times (one measured run each per round, after a warm-up) so that drift on a shared machine
 # hits all of them; the medians and their ratios are printed as JSON + a markdown table and
 # written to $OUT/bench-vs-anchors.json and $OUT/bench-vs-anchors.md.
@@ -16,7 +17,9 @@
 # Environment: PROMPT (128), NEW (128), THREADS (2), ROUNDS (3), OUT (out/bench-vs-anchors),
 # LLAMA_CPP_PYTHON (sdist requirement, llama-cpp-python==0.3.36), BIN_DIR (prebuilt steper
 # binaries; else a release build), BUILD_ONLY (1: build llama-bench and stop), GENAI (1: also
-# onnxruntime-genai; 0 skips it), TRACT (1: also tract on fp32; 0 skips it).
+# onnxruntime-genai; 0 skips it), TRACT (1: also tract on fp32; 0 skips it), ORT_ALSO (another
+# ONNX Runtime version from PyPI, e.g. 1.32.0: the int4 / int4-gqa rows once more on that
+# library, in the same rounds; empty: none).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -29,6 +32,9 @@ REQ="${LLAMA_CPP_PYTHON:-llama-cpp-python==0.3.36}"
 CACHE="$ROOT/.cache"
 LLAMA="$CACHE/llama.cpp-bench"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
+ORT_ALSO="${ORT_ALSO:-}"
+ORT_ALSO_LIB=""
+[[ -n "$ORT_ALSO" ]] && ORT_ALSO_LIB="$(ORT_VERSION="$ORT_ALSO" bash scripts/install-ort.sh)"
 GGUF="$(bash scripts/fetch-smollm2.sh)"
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
@@ -84,11 +90,14 @@ if [[ ! -f "$CKPT/config.json" ]]; then
   rm -rf "$CKPT"
   "$BIN/steper-train" import --gguf "$GGUF" --out "$CKPT" >/dev/null
 fi
-for q in fp32 int8 int4; do
+# *-gqa: the same export with ONNX Runtime's GroupQueryAttention (--attention gqa)
+for q in fp32 int8 int4 fp32-gqa int8-gqa int4-gqa; do
   if [[ ! -f "$OUT/onnx-$q/steper.json" ]]; then
     rm -rf "$OUT/onnx-$q"
     args=()
-    [[ "$q" != fp32 ]] && args=(--quantize "$q" --block-size 32)
+    bits="${q%-gqa}"
+    [[ "$bits" != fp32 ]] && args=(--quantize "$bits" --block-size 32)
+    [[ "$q" == *-gqa ]] && args+=(--attention gqa)
     "$BIN/steper-export" --checkpoint "$CKPT" --out "$OUT/onnx-$q" "${args[@]}" >/dev/null
   fi
 done
@@ -132,7 +141,8 @@ PY
 }
 if [[ "$GENAI" == 1 ]]; then
   # genai reads the intra-op thread count from genai_config.json's session options.
-  python3 - "$OUT/onnx-int4/genai_config.json" "$THREADS" <<'PY'
+  for e in int4 int4-gqa; do
+    python3 - "$OUT/onnx-$e/genai_config.json" "$THREADS" <<'PY'
 import json, os, sys
 p, t = sys.argv[1], int(sys.argv[2])
 c = json.load(open(p))
@@ -140,6 +150,7 @@ c["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] 
 open(p + ".tmp", "w").write(json.dumps(c, indent=2))
 os.replace(p + ".tmp", p)
 PY
+  done
 fi
 
 # 3. alternate the tools.
@@ -150,10 +161,17 @@ for r in $(seq 1 "$ROUNDS"); do
   log "round $r/$ROUNDS: llama-bench"
   "$LLAMA/bin/llama-bench" -m "$GGUF" -p "$PROMPT" -n "$NEW" -t "$THREADS" -r 1 -o json \
     > "$RAW/llama.$r.json" 2>"$RAW/llama.$r.log"
-  log "round $r/$ROUNDS: steper-run bench-decode ort (fp32, int8, int4)"
+  log "round $r/$ROUNDS: steper-run bench-decode ort (fp32, int8, int4; standard and GQA attention)"
   "$BIN/steper-run" bench-decode --model "$OUT/onnx-fp32" --model "$OUT/onnx-int8" \
-    --model "$OUT/onnx-int4" --backends ort --prompt-tokens "$PROMPT" --new-tokens "$NEW" \
+    --model "$OUT/onnx-int4" --model "$OUT/onnx-fp32-gqa" --model "$OUT/onnx-int8-gqa" \
+    --model "$OUT/onnx-int4-gqa" --backends ort --prompt-tokens "$PROMPT" --new-tokens "$NEW" \
     --threads "$THREADS" --runs 1 > "$RAW/steper.$r.json"
+  if [[ -n "$ORT_ALSO_LIB" ]]; then
+    log "round $r/$ROUNDS: steper-run bench-decode ort $ORT_ALSO (int4, int4-gqa)"
+    ORT_DYLIB_PATH="$ORT_ALSO_LIB" "$BIN/steper-run" bench-decode --model "$OUT/onnx-int4" \
+      --model "$OUT/onnx-int4-gqa" --backends ort --prompt-tokens "$PROMPT" --new-tokens "$NEW" \
+      --threads "$THREADS" --runs 1 > "$RAW/ort-also.$r.json"
+  fi
   if [[ "$TRACT" == 1 ]]; then
     log "round $r/$ROUNDS: steper-run bench-decode tract (fp32)"
     "$BIN/steper-run" bench-decode --model "$OUT/onnx-fp32" --backends tract \
@@ -163,12 +181,15 @@ for r in $(seq 1 "$ROUNDS"); do
   if [[ "$GENAI" == 1 ]]; then
     log "round $r/$ROUNDS: onnxruntime-genai (int4)"
     genai_bench "$OUT/onnx-int4" > "$RAW/genai.$r.json"
+    genai_bench "$OUT/onnx-int4-gqa" > "$RAW/genai-gqa.$r.json"
   fi
 done
 
-python3 - "$RAW" "$ROUNDS" "$OUT/bench-vs-anchors.json" "$PROMPT" "$NEW" "$THREADS" <<'EOF'
+ORT_MAIN="$(basename "$ORT_DYLIB_PATH" | sed 's/^libonnxruntime\.so\.//')"
+python3 - "$RAW" "$ROUNDS" "$OUT/bench-vs-anchors.json" "$PROMPT" "$NEW" "$THREADS" "$ORT_MAIN" "$ORT_ALSO" <<'EOF'
 import json, os, statistics, sys
 raw, rounds, out, prompt, new, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:7])
+ort_main, ort_also = sys.argv[7], sys.argv[8]
 samples = {}  # system name -> {"prefill": [...], "decode": [...]}
 def add(name, pre, dec):
     d = samples.setdefault(name, {"prefill": [], "decode": []})
@@ -179,15 +200,18 @@ for r in range(1, rounds + 1):
         # llama-bench: n_prompt > 0 is the prompt-processing test, n_gen > 0 the generation one.
         kind = "prefill" if row["n_prompt"] > 0 and row["n_gen"] == 0 else "decode"
         samples.setdefault("llama.cpp Q4_1", {"prefill": [], "decode": []})[kind].append(row["avg_ts"])
-    for f, backend in ((f"steper.{r}.json", "ort"), (f"tract.{r}.json", "tract")):
+    for f, backend in ((f"steper.{r}.json", "ort"), (f"ort-also.{r}.json", f"ort {ort_also}"),
+                       (f"tract.{r}.json", "tract")):
         if not os.path.exists(f"{raw}/{f}"):
             continue
         for row in json.load(open(f"{raw}/{f}"))["bench_decode"]:
             name = os.path.basename(str(row["model"])).removeprefix("onnx-")
             add(f"steper-run {backend} {name}", row["prefill_tok_s"], row["decode_tok_s"])
-    if os.path.exists(f"{raw}/genai.{r}.json"):
-        g = json.load(open(f"{raw}/genai.{r}.json"))
-        add("onnxruntime-genai int4 (our export)", g["prefill_tok_s"], g["decode_tok_s"])
+    for f, name in (("genai", "onnxruntime-genai int4 (our export)"),
+                    ("genai-gqa", "onnxruntime-genai int4-gqa (our export)")):
+        if os.path.exists(f"{raw}/{f}.{r}.json"):
+            g = json.load(open(f"{raw}/{f}.{r}.json"))
+            add(name, g["prefill_tok_s"], g["decode_tok_s"])
 med = lambda xs: statistics.median(xs) if xs else None
 medians = {n: {k: med(v) for k, v in d.items()} for n, d in samples.items()}
 ref = medians["llama.cpp Q4_1"]
@@ -198,13 +222,15 @@ for n, d in medians.items():
     ratios[n].update({f"{k}_vs_ort_fp32": round(d[k] / fp32[k], 3) for k in ("prefill", "decode") if d[k] and fp32.get(k)})
 report = {
     "prompt_tokens": prompt, "new_tokens": new, "threads": threads, "rounds": rounds,
+    "onnxruntime": ort_main, "onnxruntime_also": ort_also or None,
     "medians_tok_s": medians, "ratios": ratios, "samples": samples,
 }
 tmp = out + ".tmp"
 with open(tmp, "w") as f:
     json.dump(report, f, indent=2)
 os.replace(tmp, out)
-md = [f"SmolLM2-135M-Instruct, {prompt}-token prompt + {new} greedy tokens, {threads} threads, median of {rounds}", "",
+md = [f"SmolLM2-135M-Instruct, {prompt}-token prompt + {new} greedy tokens, {threads} threads, median of {rounds}; "
+      f"steper-run on ONNX Runtime {ort_main}" + (f" (rows marked {ort_also}: that version)" if ort_also else ""), "",
       "| system | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp | decode vs ort fp32 |",
       "|---|---|---|---|---|---|"]
 for n, d in medians.items():

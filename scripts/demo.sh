@@ -9,7 +9,8 @@
 #      dev questions (own paragraph pool as the index) and one traced `ask`.
 # Outputs land in out/demo (STEPER_OUT); the table it prints is out/demo/demo-results.md.
 # Knobs (env): DEMO_TRAIN_QUESTIONS (300), DEMO_STEPS (30, batch 2), DEMO_EVAL (30), DEMO_LR
-# (2e-4), DEMO_FIT_ARGS (what trains; default: the top 2 layers, the frozen bottom's outputs
+# (2e-4), DEMO_SIGMA_LR (1e-2: σ's own rate; at the weight rate σ cannot move in 30 steps),
+# DEMO_FIT_ARGS (what trains; default: the top 2 layers, the frozen bottom's outputs
 # cached on disk), DEMO_EXPORT_ARGS (extra steper-export flags, e.g. "--quantize int4"),
 # DEMO_SEED (0).
 set -euo pipefail
@@ -21,6 +22,7 @@ STEPS="${DEMO_STEPS:-30}"
 EVAL_N="${DEMO_EVAL:-30}"
 LR="${DEMO_LR:-2e-4}"
 SEED="${DEMO_SEED:-0}"
+SIGMA_LR="${DEMO_SIGMA_LR:-1e-2}"
 FIT_ARGS="${DEMO_FIT_ARGS---freeze-embeddings --top-layers 2 --prefix-cache $OUT/prefix-cache --prefix-cache-dtype f16 --warmup 5}"
 EXPORT_ARGS="${DEMO_EXPORT_ARGS:-}"
 DATA="$ROOT/../shared/data"
@@ -49,7 +51,7 @@ echo "== 3. σ-weighted step-wise training of SmolLM2 ($STEPS steps; $(since))"
 rm -rf "$OUT/student"
 "$BIN/steper-train" fit --student "$OUT/smollm2" --data "$OUT/distill/stepwise.jsonl" \
   --out "$OUT/student" --mode steper --steps "$STEPS" --batch-size 2 --lr "$LR" --seed "$SEED" \
-  --eval-fraction 0.02 --save-every 0 --eval-every "$STEPS" $FIT_ARGS
+  --eval-fraction 0.02 --save-every 0 --eval-every "$STEPS" --sigma-lr "$SIGMA_LR" $FIT_ARGS
 "$BIN/steper-train" plot --log "$OUT/student/train_log.jsonl" --out "$OUT/plots" --title "STEPER SmolLM2"
 
 echo "== 4. export and evaluation on $EVAL_N held-out HotpotQA dev questions ($(since))"
