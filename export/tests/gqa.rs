@@ -12,7 +12,9 @@ use prost::Message;
 use steper_export::quant::dequantized_checkpoint;
 use steper_export::verify::{check_backend, reference, FP32_CLOSE, INT_MATMULNBITS};
 use steper_export::{AttentionOp, Error, ExportOptions, QuantBits, QuantOptions, QuantTarget};
-use steper_runtime::backend::{load_model, BackendKind, OrtOptions};
+use steper_runtime::backend::{
+    load_model, BackendKind, BatchDecoder, BatchInput, OrtGenerator, OrtOptions,
+};
 use steper_runtime::LogitsMode;
 use tract_onnx::pb::ModelProto;
 
@@ -226,6 +228,30 @@ fn gqa_is_refused_where_it_cannot_run_with_errors_naming_the_option() -> Result<
     assert!(g.batch_decoder().is_none());
     let s = load_model(&x.standard, &ort())?.generator;
     assert!(s.batch_decoder().is_some());
+    // A padded row fed to its step directly is refused, not computed wrongly.
+    let manifest = steper_runtime::Manifest::load(&x.gqa.join("steper.json"))?;
+    let dec = OrtGenerator::load(&x.gqa.join("model.onnx"), &manifest, &OrtOptions::default())?;
+    let rows = vec![
+        prompt(4).into_iter().map(Some).collect::<Vec<_>>(),
+        [None, None]
+            .into_iter()
+            .chain(prompt(2).into_iter().map(Some))
+            .collect(),
+    ];
+    let mut c = dec.new_cache(2)?;
+    let inp = BatchInput::left_padded(&rows, &[vec![], vec![]], &mut [0, 0])?;
+    match dec.step(&mut c, &inp, LogitsMode::Last) {
+        Err(steper_runtime::Error::InvalidOption {
+            option, expected, ..
+        }) => {
+            assert_eq!(option, "attention_mask");
+            assert!(expected.contains("--attention standard"), "{expected}");
+        }
+        other => panic!(
+            "a padded mask must be refused, got {:?}",
+            other.map(|l| l.rows)
+        ),
+    }
     // Export options it cannot be combined with.
     let tmp = tempfile::tempdir()?;
     let portable = ExportOptions {
