@@ -425,30 +425,19 @@ pub fn build_decoder(
             );
             y
         } else {
-            let q = qkv[0].clone();
-            let q = g.op("Reshape", &ha, &[&q, &shape_heads_q], vec![]);
-            let q = g.op(
-                "Transpose",
-                &ha,
-                &[&q],
-                vec![attr_ints("perm", &[0, 2, 1, 3])],
-            );
-            let k = qkv[1].clone();
-            let k = g.op("Reshape", &ha, &[&k, &shape_heads_kv], vec![]);
-            let k = g.op(
-                "Transpose",
-                &ha,
-                &[&k],
-                vec![attr_ints("perm", &[0, 2, 1, 3])],
-            );
-            let v = qkv[2].clone();
-            let v = g.op("Reshape", &ha, &[&v, &shape_heads_kv], vec![]);
-            let v = g.op(
-                "Transpose",
-                &ha,
-                &[&v],
-                vec![attr_ints("perm", &[0, 2, 1, 3])],
-            );
+            // [B, S, heads·D] → [B, heads, S, D].
+            let heads_first = |g: &mut GraphBuilder, x: &str, shape: &str| -> String {
+                let x = g.op("Reshape", &ha, &[x, shape], vec![]);
+                g.op(
+                    "Transpose",
+                    &ha,
+                    &[&x],
+                    vec![attr_ints("perm", &[0, 2, 1, 3])],
+                )
+            };
+            let q = heads_first(&mut g, &qkv[0], &shape_heads_q);
+            let k = heads_first(&mut g, &qkv[1], &shape_heads_kv);
+            let v = heads_first(&mut g, &qkv[2], &shape_heads_kv);
             let q = rope(&mut g, &ha, &q);
             let k = rope(&mut g, &ha, &k);
             g.op_to(
@@ -693,36 +682,9 @@ fn quantized_linear(
     let bq = quant::quantize_weight(w, name, q)?;
     let (n, k) = (bq.rows as i64, bq.cols as i64);
     let nb = bq.blocks_per_row() as i64;
-    let bits = q.bits.bits() as i64;
     let bs = q.block_size as i64;
     Ok(match q.target {
-        QuantTarget::OrtCpu => {
-            let b = g.init_raw(
-                &format!("{name}.MatMulNBits.B"),
-                Elem::U8,
-                &[n, nb, bs * bits / 8],
-                bq.matmul_nbits_b(),
-            );
-            let s = g.init_float(
-                &format!("{name}.MatMulNBits.scales"),
-                ft,
-                &[n * nb],
-                &bq.scales,
-            );
-            g.op_in(
-                MS_DOMAIN,
-                "MatMulNBits",
-                hint,
-                &[x, &b, &s],
-                vec![
-                    attr_i("K", k),
-                    attr_i("N", n),
-                    attr_i("bits", bits),
-                    attr_i("block_size", bs),
-                    attr_i("accuracy_level", quant::ACCURACY_LEVEL),
-                ],
-            )
-        }
+        QuantTarget::OrtCpu => matmul_nbits(g, &bq, name, ft, hint, x),
         QuantTarget::Portable => {
             let elem = match q.bits {
                 QuantBits::Int4 => Elem::I4,
@@ -789,10 +751,6 @@ fn fused_matmulnbits(
             .flat_map(|p| p.scales.iter().copied())
             .collect(),
     };
-    let (n, kk) = (stacked.rows as i64, k as i64);
-    let nb = stacked.blocks_per_row() as i64;
-    let bits = q.bits.bits() as i64;
-    let bs = q.block_size as i64;
     // Named after the first weight with the `+` of the others, e.g. `…q_proj+k_proj+v_proj`.
     let tail: Vec<&str> = names[1..]
         .iter()
@@ -808,31 +766,7 @@ fn fused_matmulnbits(
         names[0].trim_end_matches(".weight"),
         tail.join("+")
     );
-    let b = g.init_raw(
-        &format!("{base}.MatMulNBits.B"),
-        Elem::U8,
-        &[n, nb, bs * bits / 8],
-        stacked.matmul_nbits_b(),
-    );
-    let s = g.init_float(
-        &format!("{base}.MatMulNBits.scales"),
-        ft,
-        &[n * nb],
-        &stacked.scales,
-    );
-    let y = g.op_in(
-        MS_DOMAIN,
-        "MatMulNBits",
-        hint,
-        &[x, &b, &s],
-        vec![
-            attr_i("K", kk),
-            attr_i("N", n),
-            attr_i("bits", bits),
-            attr_i("block_size", bs),
-            attr_i("accuracy_level", quant::ACCURACY_LEVEL),
-        ],
-    );
+    let y = matmul_nbits(g, &stacked, &base, ft, hint, x);
     let sizes = g.const_i64(&format!("{base}.split"), &[rows.len() as i64], &rows);
     let outs: Vec<String> = (0..names.len()).map(|i| format!("{y}/split_{i}")).collect();
     let out_refs: Vec<&str> = outs.iter().map(String::as_str).collect();
@@ -844,6 +778,47 @@ fn fused_matmulnbits(
         vec![attr_i("axis", -1)],
     );
     Ok(outs)
+}
+
+/// `x · Wᵀ` as `com.microsoft.MatMulNBits` over the block-quantized `bq`, its initializers named
+/// after `name` (`{name}.MatMulNBits.B`, `.scales`).
+fn matmul_nbits(
+    g: &mut GraphBuilder,
+    bq: &quant::BlockQuantized,
+    name: &str,
+    ft: Elem,
+    hint: &str,
+    x: &str,
+) -> String {
+    let (n, k) = (bq.rows as i64, bq.cols as i64);
+    let nb = bq.blocks_per_row() as i64;
+    let bits = bq.bits.bits() as i64;
+    let bs = bq.block_size as i64;
+    let b = g.init_raw(
+        &format!("{name}.MatMulNBits.B"),
+        Elem::U8,
+        &[n, nb, bs * bits / 8],
+        bq.matmul_nbits_b(),
+    );
+    let s = g.init_float(
+        &format!("{name}.MatMulNBits.scales"),
+        ft,
+        &[n * nb],
+        &bq.scales,
+    );
+    g.op_in(
+        MS_DOMAIN,
+        "MatMulNBits",
+        hint,
+        &[x, &b, &s],
+        vec![
+            attr_i("K", k),
+            attr_i("N", n),
+            attr_i("bits", bits),
+            attr_i("block_size", bs),
+            attr_i("accuracy_level", quant::ACCURACY_LEVEL),
+        ],
+    )
 }
 
 /// IR version written (ONNX Runtime 1.31 reads up to 13; 8 is the IR of opsets 17/18's era).
