@@ -445,3 +445,43 @@ fn sigma_lr_sets_how_fast_the_difficulties_move() -> Result<()> {
     assert!(err.to_string().contains("σ learning rate -1"), "{err}");
     Ok(())
 }
+
+#[test]
+fn a_run_resumed_from_a_checkpoint_without_tokenizer_still_ends_with_the_students() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let s = tmp.path().join("student");
+    student(&s, 4)?;
+    // The tokenizer is opaque to the trainer: any bytes must be carried over unchanged.
+    let tok = br#"{"version":"1.0","note":"the student's own tokenizer"}"#;
+    std::fs::write(s.join("tokenizer.json"), tok)?;
+    let base = FitConfig {
+        steps: 4,
+        batch_size: 2,
+        save_every: 2,
+        ..Default::default()
+    };
+    let out = tmp.path().join("run");
+    let first = fit(
+        &s,
+        &examples(),
+        &[],
+        &FitConfig {
+            stop_after: Some(2),
+            ..base.clone()
+        },
+        &out,
+        false,
+    )?;
+    assert!(!first.finished);
+    let ckpt = out.join("checkpoints").join("step-00000002");
+    assert_eq!(std::fs::read(ckpt.join("tokenizer.json"))?, tok);
+    // As a checkpoint written by a build that did not copy the tokenizer.
+    std::fs::remove_file(ckpt.join("tokenizer.json"))?;
+    let second = fit(&s, &examples(), &[], &base, &out, false)?;
+    assert_eq!(second.resumed_from, 2);
+    assert!(second.finished);
+    assert_eq!(std::fs::read(out.join("tokenizer.json"))?, tok);
+    let last = out.join("checkpoints").join("step-00000004");
+    assert_eq!(std::fs::read(last.join("tokenizer.json"))?, tok);
+    Ok(())
+}

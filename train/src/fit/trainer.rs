@@ -370,6 +370,16 @@ pub fn fit(
     let source = resume_dir
         .clone()
         .unwrap_or_else(|| student_dir.to_path_buf());
+    // Training never changes the tokenizer: every checkpoint takes it from the student, so a
+    // run resumed from a checkpoint that lacks one (written by an older build) still ends with it.
+    let tokenizer_from = if student_dir
+        .join(steper_models::weights::TOKENIZER_FILE)
+        .is_file()
+    {
+        student_dir.to_path_buf()
+    } else {
+        source.clone()
+    };
     // A LoRA run's checkpoints hold merged weights: it resumes from the student's base weights
     // and the saved adapters.
     let base_dir = if cfg.trainable.lora.is_some() {
@@ -683,7 +693,7 @@ pub fn fit(
             };
             save_checkpoint(
                 out,
-                &source,
+                &tokenizer_from,
                 &mcfg,
                 &export(&all)?,
                 adapters.as_ref().map(|a| &a.0),
@@ -706,7 +716,7 @@ pub fn fit(
         // The final model also lands at the top level of `out`.
         export(&all)?.save_dir(out, None)?;
         mcfg.save(&out.join(steper_models::weights::CONFIG_FILE))?;
-        copy_tokenizer(&source, out)?;
+        copy_tokenizer(&tokenizer_from, out)?;
     }
     let seconds = run_start.elapsed().as_secs_f64();
     Ok(FitSummary {
@@ -738,7 +748,7 @@ fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
 
 fn save_checkpoint(
     out: &Path,
-    source: &Path,
+    tokenizer_from: &Path,
     cfg: &LlamaConfig,
     weights: &Weights,
     adapters: Option<&Weights>,
@@ -754,7 +764,7 @@ fn save_checkpoint(
             .map_err(|e| Error::Input(format!("cannot serialize LoRA adapters: {e}")))?;
         write_atomic(&stage.path().join(LORA_FILE), &bytes)?;
     }
-    copy_tokenizer(source, stage.path())?;
+    copy_tokenizer(tokenizer_from, stage.path())?;
     let opt_state: Vec<(String, Tensor)> = opt.state_tensors().into_iter().collect();
     let bytes = safetensors::serialize(opt_state.iter().map(|(k, v)| (k.as_str(), v)), None)
         .map_err(|e| Error::Input(format!("cannot serialize optimizer state: {e}")))?;
