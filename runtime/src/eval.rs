@@ -1,9 +1,12 @@
 //! Evaluation over a QA file: the loop on every question, per-question records and a summary;
-//! [`evaluate_batched`] runs several questions at once with batched decoding ([`batched`]).
+//! [`evaluate_batched`] runs several questions at once with batched decoding ([`batched`]),
+//! [`evaluate_parallel`] several such streams on their own threads and model sessions.
 
 pub mod batched;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -231,6 +234,87 @@ pub fn evaluate_batched(
     if batch == 1 {
         return evaluate(engine, examples, options, opts, out);
     }
+    check_batch(options, batch)?;
+    gather_in_order(examples, opts, out, |ex, sink| {
+        batched::answer_batched(engine, ex, options, batch, |q, result, seconds| {
+            sink(q, result, seconds);
+            Ok(())
+        })
+    })
+}
+
+/// [`evaluate_batched`] on `workers` threads at once, each running its own stream of questions
+/// (batch 1: the next unanswered question; batch N: every `workers`-th question, N in flight).
+/// The engine needs one model session per worker to run them at the same time
+/// ([`crate::BackendKind::with_concurrency`]); with fewer, workers wait for a free one. Records
+/// come in question order and equal [`evaluate_batched`]'s (the same calls, on other threads).
+pub fn evaluate_parallel(
+    engine: &Engine,
+    examples: &[QaExample],
+    options: &ReasonOptions,
+    opts: &EvalOptions,
+    out: Option<&Path>,
+    batch: usize,
+    workers: usize,
+) -> Result<(EvalSummary, Vec<EvalRecord>)> {
+    if workers == 0 {
+        return Err(Error::InvalidOption {
+            option: "workers".into(),
+            expected: "at least 1".into(),
+            got: "0".into(),
+        });
+    }
+    if workers == 1 {
+        return evaluate_batched(engine, examples, options, opts, out, batch);
+    }
+    if batch == 0 {
+        return Err(Error::InvalidOption {
+            option: "batch".into(),
+            expected: "at least 1".into(),
+            got: "0".into(),
+        });
+    }
+    if batch > 1 {
+        check_batch(options, batch)?;
+    }
+    gather_in_order(examples, opts, out, |ex, sink| {
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let next = &next;
+                    scope.spawn(move || -> Result<()> {
+                        if batch == 1 {
+                            loop {
+                                let q = next.fetch_add(1, Ordering::Relaxed);
+                                if q >= ex.len() {
+                                    return Ok(());
+                                }
+                                let t = Instant::now();
+                                let result = engine.reason(&ex[q].question, options);
+                                sink(q, result, t.elapsed().as_secs_f64());
+                            }
+                        }
+                        let mine: Vec<usize> = (w..ex.len()).step_by(workers).collect();
+                        let rows: Vec<QaExample> = mine.iter().map(|&q| ex[q].clone()).collect();
+                        batched::answer_batched(engine, &rows, options, batch, |i, result, s| {
+                            sink(mine[i], result, s);
+                            Ok(())
+                        })
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join()
+                    .map_err(|_| Error::Input("an evaluation worker panicked".into()))??;
+            }
+            Ok(())
+        })
+    })
+}
+
+/// The batched loop cannot share one prompt prefix across rows.
+fn check_batch(options: &ReasonOptions, batch: usize) -> Result<()> {
     if options.prompt_prefix.is_some() {
         return Err(Error::InvalidOption {
             option: "batch".into(),
@@ -238,26 +322,42 @@ pub fn evaluate_batched(
             got: batch.to_string(),
         });
     }
+    Ok(())
+}
+
+/// A sink that records one answered question by its index; callable from any thread.
+type Sink<'a> = dyn Fn(usize, Result<Reasoning>, f64) + Sync + 'a;
+
+/// Runs `run` over the first `opts.limit` questions, handing it a sink for their results in any
+/// order; returns the records in question order (every question must be answered) and writes
+/// them to `out` atomically.
+fn gather_in_order(
+    examples: &[QaExample],
+    opts: &EvalOptions,
+    out: Option<&Path>,
+    run: impl FnOnce(&[QaExample], &Sink<'_>) -> Result<()>,
+) -> Result<(EvalSummary, Vec<EvalRecord>)> {
     let n = opts.limit.unwrap_or(examples.len()).min(examples.len());
     let examples = &examples[..n];
     let writer = out.map(AtomicWriter::create).transpose()?;
     let bar = progress_bar(opts.progress, n as u64, "evaluating");
     let start = Instant::now();
-    let mut records: Vec<Option<EvalRecord>> = vec![None; n];
-    batched::answer_batched(engine, examples, options, batch, |q, result, seconds| {
-        records[q] = Some(record(&examples[q], result, seconds));
+    let slots: Mutex<Vec<Option<EvalRecord>>> = Mutex::new(vec![None; n]);
+    let sink = |q: usize, result: Result<Reasoning>, seconds: f64| {
+        let rec = record(&examples[q], result, seconds);
+        slots.lock().unwrap_or_else(|p| p.into_inner())[q] = Some(rec);
         bar.inc(1);
-        Ok(())
-    })?;
+    };
+    run(examples, &sink)?;
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let records = records
+    let records = slots
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
         .into_iter()
         .enumerate()
         .map(|(q, r)| {
-            r.ok_or_else(|| {
-                Error::Input(format!("batched evaluation left question {q} unanswered"))
-            })
+            r.ok_or_else(|| Error::Input(format!("evaluation left question {q} unanswered")))
         })
         .collect::<Result<Vec<_>>>()?;
     if let Some(mut w) = writer {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use steper_runtime::backend::{BatchCache, BatchInput};
 use steper_runtime::data::{read_corpus, read_qa, ReadOptions};
-use steper_runtime::eval::{evaluate, evaluate_batched, EvalOptions};
+use steper_runtime::eval::{evaluate, evaluate_batched, evaluate_parallel, EvalOptions};
 use steper_runtime::retrieval::{build_index, IndexOptions};
 use steper_runtime::{load_model, BackendKind, Engine, Error, Generator, LogitsMode, OrtOptions};
 
@@ -126,6 +126,67 @@ fn ort_batched_eval_answers_like_one_at_a_time() -> Result<()> {
 #[test]
 fn tract_batched_eval_answers_like_one_at_a_time() -> Result<()> {
     compare_batched_with_sequential(BackendKind::Tract)
+}
+
+/// Workers of the parallel evaluation.
+const WORKERS: usize = 2;
+
+/// `evaluate_parallel` on two sessions: one question at a time per worker, and three in flight
+/// per worker, answer exactly as one worker does, records in question order.
+#[test]
+fn ort_parallel_eval_answers_like_one_worker() -> Result<()> {
+    let model = model_dir()?;
+    let world = world(&model)?;
+    let corpus = world.join("corpus.jsonl");
+    let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
+    let dir = tempfile::tempdir()?;
+    let index = dir.path().join("index");
+    build_index(&docs, &index, &corpus, IndexOptions::default())?;
+    let mut qa = read_qa(&world.join("dev.jsonl"), ReadOptions::default())?.rows;
+    qa.extend(read_qa(&world.join("test.jsonl"), ReadOptions::default())?.rows);
+    anyhow::ensure!(qa.len() >= QUESTIONS, "too few dev + test questions");
+    let engine = Engine::builder()
+        .model_dir(&model)
+        .backend(
+            BackendKind::Ort(OrtOptions::default().with_intra_threads(1)).with_concurrency(WORKERS),
+        )
+        .index(&index)
+        .build()?;
+    let options = engine.default_options();
+    let opts = EvalOptions {
+        limit: Some(QUESTIONS),
+        progress: false,
+    };
+    let (_, r1) = evaluate(&engine, &qa, &options, &opts, None)?;
+    let key = |r: &[steper_runtime::eval::EvalRecord]| -> Vec<(String, String, Vec<String>)> {
+        r.iter()
+            .map(|r| {
+                let trace = r.trace.iter().map(|s| s.sentence.clone()).collect();
+                (r.id.clone(), r.prediction.clone(), trace)
+            })
+            .collect()
+    };
+    for batch in [1, BATCH] {
+        let out = dir.path().join(format!("parallel-{batch}.jsonl"));
+        let (s, r) = evaluate_parallel(&engine, &qa, &options, &opts, Some(&out), batch, WORKERS)?;
+        assert_eq!(s.questions, QUESTIONS);
+        assert_eq!(
+            s.errors, 0,
+            "parallel run (batch {batch}) had errors: {r:?}"
+        );
+        assert_eq!(key(&r), key(&r1), "parallel run with batch {batch}");
+        let back = steper_runtime::data::read_jsonl::<steper_runtime::eval::EvalRecord>(
+            &out,
+            ReadOptions::default(),
+        )?;
+        assert_eq!(key(&back.rows), key(&r1), "records file of batch {batch}");
+    }
+    let err = evaluate_parallel(&engine, &qa, &options, &opts, None, 1, 0).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidOption { option, .. } if option == "workers"),
+        "{err}"
+    );
+    Ok(())
 }
 
 fn argmax(v: &[f32]) -> u32 {

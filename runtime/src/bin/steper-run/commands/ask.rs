@@ -147,9 +147,26 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// Loads the engine and the options the flags ask for.
     pub fn engine(&self) -> anyhow::Result<(Engine, steper_runtime::ReasonOptions)> {
+        self.engine_for_workers(1)
+    }
+
+    /// [`EngineArgs::engine`] for `workers` callers at once: one session each, and (unless
+    /// `--threads` says otherwise) the cores split between them.
+    pub fn engine_for_workers(
+        &self,
+        workers: usize,
+    ) -> anyhow::Result<(Engine, steper_runtime::ReasonOptions)> {
+        let threads = match (self.threads, workers) {
+            (Some(t), _) => Some(t),
+            (None, 1) => None,
+            (None, w) => {
+                Some((std::thread::available_parallelism().map_or(1, |n| n.get()) / w).max(1))
+            }
+        };
+        let kind = self.backend.kind(threads).with_concurrency(workers);
         let engine = Engine::builder()
             .model_dir(&self.model)
-            .backend(self.provider.apply(self.backend.kind(self.threads))?)
+            .backend(self.provider.apply(kind)?)
             .index(&self.index)
             .build()?;
         let mut opts = engine.default_options();

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use steper_runtime::data::{read_qa, ReadOptions};
-use steper_runtime::eval::{evaluate_batched, EvalOptions};
+use steper_runtime::eval::{evaluate_parallel, EvalOptions};
 
 /// Arguments of `eval`.
 #[derive(clap::Args)]
@@ -23,6 +23,10 @@ pub struct Args {
     /// stays per question); 1 runs them one after another.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     batch: u64,
+    /// Questions answered at once on their own threads and model sessions, each worker with
+    /// `--batch` questions in flight; the cores are split between them unless `--threads` is set.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    workers: u64,
     /// Skip malformed lines of the data file.
     #[arg(long)]
     skip_bad: bool,
@@ -40,8 +44,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
     )?;
     super::ask::report_skipped(&a.data, &qa.skipped);
-    let (engine, opts) = a.engine.engine()?;
-    let (summary, _) = evaluate_batched(
+    let workers = usize::try_from(a.workers)?;
+    let (engine, opts) = a.engine.engine_for_workers(workers)?;
+    let (summary, _) = evaluate_parallel(
         &engine,
         &qa.rows,
         &opts,
@@ -51,12 +56,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         Some(&a.out),
         usize::try_from(a.batch)?,
+        workers,
     )?;
     let mut v = serde_json::to_value(&summary)?;
     v["backend"] = serde_json::to_value(engine.info())?;
     v["kv_reuse"] = serde_json::json!(opts.kv_reuse);
     v["demos"] = serde_json::json!(a.engine.demos);
     v["batch"] = serde_json::json!(a.batch);
+    v["workers"] = serde_json::json!(a.workers);
     v["skipped_lines"] = serde_json::json!(qa.skipped.len());
     let mut summary_path = a.out.clone().into_os_string();
     summary_path.push(".summary.json");
@@ -77,9 +84,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             summary.errors
         );
         println!(
-            "{:.3} questions/s (batch {}), {:.1} tokens/s; prefilled {} tokens, reused {} (ratio {:.2})",
+            "{:.3} questions/s (batch {}, {} worker(s)), {:.1} tokens/s; prefilled {} tokens, reused {} (ratio {:.2})",
             summary.questions_per_sec,
             a.batch,
+            a.workers,
             summary.tokens_per_sec,
             summary.prefilled_tokens,
             summary.reused_tokens,
