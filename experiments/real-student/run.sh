@@ -25,7 +25,8 @@
 # the weight rate; the σ of a 100-step run at lr 3e-4 barely moves without it), N_HOTPOT (100), N_MUSIQUE (50), N_2WIKI (50),
 # EVAL_FRACTION (0.01), EVAL_ARGS (extra steper-run eval flags; "--batch N" is not passed to
 # the few-shot configuration, whose prefix the batched loop refuses), DEMOS (2), FEWSHOT (1: also
-# evaluate base + DEMOS IRCoT demonstrations; 0: skip it).
+# evaluate base + DEMOS IRCoT demonstrations; 0: skip it), BASE_EVAL (1: evaluate the base model
+# zero-shot; 0: skip it, e.g. when another run of the same questions already has it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -48,6 +49,7 @@ N_2WIKI="${N_2WIKI:-50}"
 EVAL_FRACTION="${EVAL_FRACTION:-0.01}"
 DEMOS="${DEMOS:-2}"
 FEWSHOT="${FEWSHOT:-1}"
+BASE_EVAL="${BASE_EVAL:-1}"
 DATA="$ROOT/../shared/data"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
 GGUF="$(bash scripts/fetch-smollm2.sh)"
@@ -186,7 +188,7 @@ evaluate() {  # evaluate CONFIG MODEL_DIR [extra eval flags for DEV FILE: --demo
       --data "$DATA/$f.jsonl" "${limit[@]}" "${extra[@]}" --out "$res" "${args[@]}" >/dev/null
   done
 }
-evaluate base "$OUT/base-onnx"
+[[ "$BASE_EVAL" == 1 ]] && evaluate base "$OUT/base-onnx"
 [[ "$FEWSHOT" == 1 ]] && evaluate base-fewshot "$OUT/base-onnx"
 for seed in $SEEDS; do
   for mode in $MODES; do
