@@ -257,23 +257,11 @@ pub fn evaluate_parallel(
     batch: usize,
     workers: usize,
 ) -> Result<(EvalSummary, Vec<EvalRecord>)> {
-    if workers == 0 {
-        return Err(Error::InvalidOption {
-            option: "workers".into(),
-            expected: "at least 1".into(),
-            got: "0".into(),
-        });
-    }
+    at_least_one("workers", workers)?;
     if workers == 1 {
         return evaluate_batched(engine, examples, options, opts, out, batch);
     }
-    if batch == 0 {
-        return Err(Error::InvalidOption {
-            option: "batch".into(),
-            expected: "at least 1".into(),
-            got: "0".into(),
-        });
-    }
+    at_least_one("batch", batch)?;
     if batch > 1 {
         check_batch(options, batch)?;
     }
@@ -311,6 +299,18 @@ pub fn evaluate_parallel(
             Ok(())
         })
     })
+}
+
+/// An option that counts things in flight must be positive.
+fn at_least_one(option: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::InvalidOption {
+            option: option.into(),
+            expected: "at least 1".into(),
+            got: "0".into(),
+        });
+    }
+    Ok(())
 }
 
 /// The batched loop cannot share one prompt prefix across rows.

@@ -54,15 +54,18 @@ fn world(model: &Path) -> Result<PathBuf> {
     Ok(w)
 }
 
-fn compare_batched_with_sequential(backend: BackendKind) -> Result<()> {
+/// The tiny export on `backend` over an index of its world (in `dir`), and the world's dev + test
+/// questions (8 + 9 in scripts/test.sh's).
+fn engine_on_world(
+    backend: BackendKind,
+    dir: &Path,
+) -> Result<(Engine, Vec<steper_runtime::data::QaExample>)> {
     let model = model_dir()?;
     let world = world(&model)?;
     let corpus = world.join("corpus.jsonl");
     let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
-    let dir = tempfile::tempdir()?;
-    let index = dir.path().join("index");
+    let index = dir.join("index");
     build_index(&docs, &index, &corpus, IndexOptions::default())?;
-    // dev + test questions of the world (8 + 9 in scripts/test.sh's)
     let mut qa = read_qa(&world.join("dev.jsonl"), ReadOptions::default())?.rows;
     qa.extend(read_qa(&world.join("test.jsonl"), ReadOptions::default())?.rows);
     anyhow::ensure!(qa.len() >= QUESTIONS, "too few dev + test questions");
@@ -71,6 +74,12 @@ fn compare_batched_with_sequential(backend: BackendKind) -> Result<()> {
         .backend(backend)
         .index(&index)
         .build()?;
+    Ok((engine, qa))
+}
+
+fn compare_batched_with_sequential(backend: BackendKind) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (engine, qa) = engine_on_world(backend, dir.path())?;
     let options = engine.default_options();
     let opts = EvalOptions {
         limit: Some(QUESTIONS),
@@ -135,23 +144,9 @@ const WORKERS: usize = 2;
 /// per worker, answer exactly as one worker does, records in question order.
 #[test]
 fn ort_parallel_eval_answers_like_one_worker() -> Result<()> {
-    let model = model_dir()?;
-    let world = world(&model)?;
-    let corpus = world.join("corpus.jsonl");
-    let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
     let dir = tempfile::tempdir()?;
-    let index = dir.path().join("index");
-    build_index(&docs, &index, &corpus, IndexOptions::default())?;
-    let mut qa = read_qa(&world.join("dev.jsonl"), ReadOptions::default())?.rows;
-    qa.extend(read_qa(&world.join("test.jsonl"), ReadOptions::default())?.rows);
-    anyhow::ensure!(qa.len() >= QUESTIONS, "too few dev + test questions");
-    let engine = Engine::builder()
-        .model_dir(&model)
-        .backend(
-            BackendKind::Ort(OrtOptions::default().with_intra_threads(1)).with_concurrency(WORKERS),
-        )
-        .index(&index)
-        .build()?;
+    let backend = BackendKind::Ort(OrtOptions::default().with_intra_threads(1));
+    let (engine, qa) = engine_on_world(backend.with_concurrency(WORKERS), dir.path())?;
     let options = engine.default_options();
     let opts = EvalOptions {
         limit: Some(QUESTIONS),
@@ -325,19 +320,8 @@ fn tract_batched_step_matches_each_sequence_alone() -> Result<()> {
 
 #[test]
 fn batch_zero_is_an_error_naming_the_option() -> Result<()> {
-    let model = model_dir()?;
-    let world = world(&model)?;
-    let corpus = world.join("corpus.jsonl");
-    let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
     let dir = tempfile::tempdir()?;
-    let index = dir.path().join("index");
-    build_index(&docs, &index, &corpus, IndexOptions::default())?;
-    let qa = read_qa(&world.join("dev.jsonl"), ReadOptions::default())?.rows;
-    let engine = Engine::builder()
-        .model_dir(&model)
-        .backend(BackendKind::Tract)
-        .index(&index)
-        .build()?;
+    let (engine, qa) = engine_on_world(BackendKind::Tract, dir.path())?;
     let res = evaluate_batched(
         &engine,
         &qa,
