@@ -13,9 +13,9 @@ use steper_export::quant::dequantized_checkpoint;
 use steper_export::verify::{check_backend, reference, FP32_CLOSE, INT_MATMULNBITS};
 use steper_export::{AttentionOp, Error, ExportOptions, QuantBits, QuantOptions, QuantTarget};
 use steper_runtime::backend::{
-    load_model, BackendKind, BatchDecoder, BatchInput, OrtGenerator, OrtOptions,
+    load_model, BackendKind, BatchDecoder, BatchInput, KvCacheMode, OrtGenerator, OrtOptions,
 };
-use steper_runtime::LogitsMode;
+use steper_runtime::{Generator, LogitsMode};
 use tract_onnx::pb::ModelProto;
 
 /// The GroupQueryAttention graph against the standard graph on the same weights, both on ONNX
@@ -126,6 +126,146 @@ fn gqa_graph_equals_the_concatenating_graph_step_for_step() -> Result<()> {
         "GroupQueryAttention vs concat: worst rel {:.2e}",
         worst.max(d)
     );
+    Ok(())
+}
+
+/// The in-place cache against the concatenating one on the same GroupQueryAttention graph: the
+/// same kernel over the same keys and values, only where the past is read from differs, so
+/// the logits must be identical.
+const IN_PLACE_VS_CONCAT_ABS: f32 = 0.0;
+
+#[test]
+fn in_place_kv_cache_equals_the_concatenating_cache_step_for_step() -> Result<()> {
+    ensure_ort()?;
+    let tmp = tempfile::tempdir()?;
+    let ckpt = tmp.path().join("ckpt");
+    // Room for the cache to grow past its first allocation (IN_PLACE_GROWTH positions).
+    let mut cfg = tiny_config();
+    cfg.max_position_embeddings = 1024;
+    tiny_checkpoint(&ckpt, &cfg, 11)?;
+    let dir = tmp.path().join("gqa");
+    steper_export::export(
+        &ckpt,
+        &dir,
+        &ExportOptions {
+            attention: AttentionOp::GroupQueryAttention,
+            ..ExportOptions::default()
+        },
+    )?;
+    let open = |mode: KvCacheMode| -> Result<OrtGenerator> {
+        let manifest = steper_runtime::Manifest::load(&dir.join("steper.json"))?;
+        Ok(OrtGenerator::load(
+            &dir.join("model.onnx"),
+            &manifest,
+            &OrtOptions::default().with_kv_cache(mode),
+        )?)
+    };
+    let (ip, cc) = (open(KvCacheMode::InPlace)?, open(KvCacheMode::Concat)?);
+    assert!(ip.kv_in_place() && !cc.kv_in_place());
+    assert!(
+        open(KvCacheMode::Auto)?.kv_in_place(),
+        "auto keeps a GroupQueryAttention export's cache in place on the CPU provider"
+    );
+    let (mut si, mut sc) = (ip.new_sequence()?, cc.new_sequence()?);
+    let mut steps = 0;
+    let mut step = |si: &mut steper_runtime::Sequence,
+                    sc: &mut steper_runtime::Sequence,
+                    tokens: &[u32],
+                    mode: LogitsMode,
+                    what: &str|
+     -> Result<()> {
+        let a = ip.append(si, tokens, mode)?;
+        let b = cc.append(sc, tokens, mode)?;
+        assert_eq!((a.rows, a.vocab), (b.rows, b.vocab), "{what}");
+        let d = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            d <= IN_PLACE_VS_CONCAT_ABS,
+            "{what}: in-place cache differs from the concatenating one by {d}"
+        );
+        steps += 1;
+        Ok(())
+    };
+    step(&mut si, &mut sc, &prompt(12), LogitsMode::All, "prefill")?;
+    for i in 0..DECODE_STEPS {
+        let t = ((i * 29 + 3) % VOCAB) as u32;
+        step(
+            &mut si,
+            &mut sc,
+            &[t],
+            LogitsMode::Last,
+            &format!("decode {i}"),
+        )?;
+    }
+    step(
+        &mut si,
+        &mut sc,
+        &prompt(5),
+        LogitsMode::All,
+        "5-token append",
+    )?;
+    // KV-prefix reuse: truncate, then append onto the shorter cache.
+    ip.truncate(&mut si, 40)?;
+    cc.truncate(&mut sc, 40)?;
+    assert_eq!((si.len(), sc.len()), (40, 40));
+    step(
+        &mut si,
+        &mut sc,
+        &prompt(3),
+        LogitsMode::All,
+        "append after truncate",
+    )?;
+    // Past the first allocation: the buffers grow (copying the valid positions) twice.
+    for c in 0..5 {
+        step(
+            &mut si,
+            &mut sc,
+            &prompt(100),
+            LogitsMode::Last,
+            &format!("chunk {c}"),
+        )?;
+    }
+    assert_eq!(si.len(), 543);
+    for i in 0..8 {
+        let t = ((i * 13 + 1) % VOCAB) as u32;
+        step(
+            &mut si,
+            &mut sc,
+            &[t],
+            LogitsMode::Last,
+            &format!("late decode {i}"),
+        )?;
+    }
+    assert_eq!(steps, 1 + DECODE_STEPS + 1 + 1 + 5 + 8);
+    Ok(())
+}
+
+#[test]
+fn an_in_place_cache_is_refused_for_a_standard_export_naming_the_option() -> Result<()> {
+    let x = export_both(&ExportOptions::default())?;
+    let manifest = steper_runtime::Manifest::load(&x.standard.join("steper.json"))?;
+    let opts = OrtOptions::default().with_kv_cache(KvCacheMode::InPlace);
+    match OrtGenerator::load(&x.standard.join("model.onnx"), &manifest, &opts) {
+        Err(steper_runtime::Error::InvalidOption {
+            option, expected, ..
+        }) => {
+            assert_eq!(option, "kv_cache");
+            assert!(expected.contains("--attention gqa"), "{expected}");
+        }
+        Err(e) => panic!("expected InvalidOption kv_cache, got {e}"),
+        Ok(_) => panic!("in-place must be refused for a standard-attention export"),
+    }
+    // auto on a standard export: concatenated, no error.
+    let g = OrtGenerator::load(
+        &x.standard.join("model.onnx"),
+        &manifest,
+        &OrtOptions::default(),
+    )?;
+    assert!(!g.kv_in_place());
     Ok(())
 }
 

@@ -20,7 +20,8 @@ mod sampling;
 pub mod serve;
 
 pub use backend::{
-    load_model, BackendKind, ExecutionProvider, LoadedModel, OptLevel, OrtOptions, TensorRtOptions,
+    load_model, BackendKind, ExecutionProvider, KvCacheMode, LoadedModel, OptLevel, OrtOptions,
+    TensorRtOptions,
 };
 pub use engine::{Engine, EngineBuilder, ReasonOptions};
 pub use error::{Error, Result};

@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 use crate::generator::{Generator, Logits, LogitsMode, Sequence};
 use crate::manifest::{Manifest, MANIFEST_FILE};
 
-pub use self::ort::{ExecutionProvider, OptLevel, OrtGenerator, OrtOptions, TensorRtOptions};
+pub use self::ort::{
+    ExecutionProvider, KvCacheMode, OptLevel, OrtGenerator, OrtOptions, TensorRtOptions,
+};
 pub use self::tract::TractGenerator;
 
 /// Which backend runs the graph.
@@ -44,6 +46,15 @@ impl BackendKind {
     pub fn with_concurrency(self, n: usize) -> Self {
         match self {
             BackendKind::Ort(o) => BackendKind::Ort(o.with_sessions(n)),
+            BackendKind::Tract => BackendKind::Tract,
+        }
+    }
+
+    /// Sets how ONNX Runtime keeps the KV cache ([`OrtOptions::kv_cache`]); tract is unchanged
+    /// (its state holds the cache).
+    pub fn with_kv_cache(self, mode: KvCacheMode) -> Self {
+        match self {
+            BackendKind::Ort(o) => BackendKind::Ort(o.with_kv_cache(mode)),
             BackendKind::Tract => BackendKind::Tract,
         }
     }

@@ -15,7 +15,11 @@
 //!
 //! The KV cache stays in ONNX Runtime values between steps: the `present.*` outputs of one call
 //! are fed back as `past_key_values.*` views without a host copy (any session of the pool can run
-//! the next step of a sequence: the values are plain CPU buffers).
+//! the next step of a sequence: the values are plain CPU buffers). On a `GroupQueryAttention`
+//! export ([`KvCacheMode::Auto`] / [`KvCacheMode::InPlace`]) a batch-1 cache is instead one
+//! preallocated buffer per layer and kind, bound with IoBinding as both the `past_key_values.*`
+//! input and the `present.*` output: the fused op appends the new positions in place and copies
+//! nothing, and truncating (KV-prefix reuse) only shortens the cache's length.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -115,6 +119,66 @@ impl ExecutionProvider {
     }
 }
 
+/// How the KV cache is kept between calls on ONNX Runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheMode {
+    /// In place where the graph allows it (a `GroupQueryAttention` export, `steper-export
+    /// --attention gqa`, on the CPU provider alone), concatenated otherwise.
+    #[default]
+    Auto,
+    /// One preallocated `[1, kv_heads, capacity, head_dim]` buffer per layer and kind, bound
+    /// with IoBinding as both `past_key_values.*` and `present.*`: ONNX Runtime's
+    /// `GroupQueryAttention` then writes the new positions into it and copies nothing
+    /// (`past_present_share_buffer`); truncating the cache is setting its length. The buffer
+    /// grows by [`IN_PLACE_GROWTH`] (copying once) when a call needs more room. Needs a
+    /// `GroupQueryAttention` export and batch 1 (larger batches fall back to [`Concat`]).
+    ///
+    /// [`Concat`]: KvCacheMode::Concat
+    InPlace,
+    /// Each call's `present.*` outputs are the next call's `past_key_values.*` (the graph
+    /// concatenates, or the fused op copies the past into a new present).
+    Concat,
+}
+
+impl KvCacheMode {
+    /// `auto`, `in-place` or `concat`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KvCacheMode::Auto => "auto",
+            KvCacheMode::InPlace => "in-place",
+            KvCacheMode::Concat => "concat",
+        }
+    }
+}
+
+impl std::str::FromStr for KvCacheMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(KvCacheMode::Auto),
+            "in-place" => Ok(KvCacheMode::InPlace),
+            "concat" => Ok(KvCacheMode::Concat),
+            other => Err(Error::InvalidOption {
+                option: "kv_cache".into(),
+                expected: "auto, in-place or concat".into(),
+                got: other.into(),
+            }),
+        }
+    }
+}
+
+/// Positions an in-place cache grows by at least (and rounds its capacity up to).
+pub const IN_PLACE_GROWTH: usize = 256;
+
+/// The capacity an in-place cache of `capacity` positions grows to when a call needs `needed`:
+/// 1.5× (at least `needed`), rounded up to [`IN_PLACE_GROWTH`], at most `context_length` (but
+/// never below `needed`).
+pub fn grown_capacity(capacity: usize, needed: usize, context_length: usize) -> usize {
+    let want = needed.max(capacity + capacity / 2);
+    let rounded = want.div_ceil(IN_PLACE_GROWTH) * IN_PLACE_GROWTH;
+    rounded.min(context_length).max(needed)
+}
+
 /// Session options of the ONNX Runtime backend.
 ///
 /// ```
@@ -143,6 +207,8 @@ pub struct OrtOptions {
     /// When a provider cannot be registered: `false` → error naming it (the default), `true` →
     /// continue with the next one (the report says what runs).
     pub allow_fallback: bool,
+    /// How the KV cache is kept between calls.
+    pub kv_cache: KvCacheMode,
 }
 
 impl Default for OrtOptions {
@@ -154,6 +220,7 @@ impl Default for OrtOptions {
             opt_level: OptLevel::All,
             providers: vec![ExecutionProvider::Cpu],
             allow_fallback: false,
+            kv_cache: KvCacheMode::Auto,
         }
     }
 }
@@ -180,6 +247,12 @@ impl OrtOptions {
     /// Graph optimization level.
     pub fn with_opt_level(mut self, level: OptLevel) -> Self {
         self.opt_level = level;
+        self
+    }
+
+    /// How the KV cache is kept between calls.
+    pub fn with_kv_cache(mut self, mode: KvCacheMode) -> Self {
+        self.kv_cache = mode;
         self
     }
 
@@ -485,12 +558,27 @@ pub struct OrtGenerator {
     logits_to_keep: Option<String>,
     /// The graph's attention form: a `GroupQueryAttention` graph cannot take padded rows.
     attention: AttentionOp,
+    /// Batch-1 caches are [`InPlaceCache`]s ([`KvCacheMode::InPlace`] in effect).
+    in_place: bool,
 }
 
 /// The ONNX Runtime cache: the last call's `present.*` values.
 struct OrtCache {
     values: Vec<DynValue>,
 }
+
+/// A batch-1 cache kept in place ([`KvCacheMode::InPlace`]): one `[1, kv_heads, capacity,
+/// head_dim]` buffer per `past_key_values.*` input, bound as that input and as its `present.*`
+/// output; positions at and after the cache's length are stale and never read (the graph's
+/// `seqlens_k` comes from the attention mask).
+struct InPlaceCache {
+    buffers: Vec<Tensor<f32>>,
+    capacity: usize,
+}
+
+// SAFETY: as for `OrtCache`: the buffers are owned here and bound to a session only for the
+// duration of one call made through `&mut` access to this cache.
+unsafe impl Send for InPlaceCache {}
 
 // SAFETY: ONNX Runtime values are plain buffers owned by this struct; nothing else aliases them
 // once a call has returned, so moving them between threads is sound.
@@ -611,6 +699,25 @@ impl OrtGenerator {
                     }
                 )
             });
+        let cpu_only = used.iter().all(|u| u == "CPUExecutionProvider");
+        let in_place = match opts.kv_cache {
+            KvCacheMode::Concat => false,
+            KvCacheMode::Auto => !manifest.graph.attention.is_standard() && cpu_only && !cache_f16,
+            KvCacheMode::InPlace => {
+                if manifest.graph.attention.is_standard() || cache_f16 || !cpu_only {
+                    return Err(Error::InvalidOption {
+                        option: "kv_cache".into(),
+                        expected: "auto or concat for this export: in-place needs a GroupQueryAttention export (steper-export --attention gqa) with an fp32 cache on the CPU provider".into(),
+                        got: format!(
+                            "in-place with {} attention, {} cache, providers {used:?}",
+                            manifest.graph.attention.as_str(),
+                            if cache_f16 { "fp16" } else { "fp32" }
+                        ),
+                    });
+                }
+                true
+            }
+        };
         let mut idle = vec![session];
         for _ in 1..opts.sessions {
             let (mut b, _) = session_builder(manifest, opts, shared.as_ref(), false)?;
@@ -637,7 +744,13 @@ impl OrtGenerator {
             present_names: g.outputs[1..].to_vec(),
             logits_to_keep: g.logits_to_keep.clone(),
             attention: g.attention,
+            in_place,
         })
+    }
+
+    /// Whether batch-1 caches are kept in place ([`KvCacheMode`]).
+    pub fn kv_in_place(&self) -> bool {
+        self.in_place
     }
 
     /// Number of sessions, i.e. model calls that can run at once.
@@ -727,7 +840,7 @@ impl OrtGenerator {
         let oc = cache
             .inner
             .downcast_mut::<OrtCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or_else(not_a_concat_cache)?;
         let values = oc
             .values
             .iter()
@@ -739,8 +852,151 @@ impl OrtGenerator {
     }
 }
 
+/// The error of a batched-cache operation (re-layout, placing a row) on a cache that is not a
+/// concatenated ONNX Runtime cache.
+fn not_a_concat_cache() -> Error {
+    Error::Input(
+        "cache belongs to another backend, or is an in-place cache (batch 1, kv_cache in-place), which is not re-laid or batched"
+            .into(),
+    )
+}
+
+/// The logits a call returns in `mode`, copied out of the graph's `logits` output (`[b, s,
+/// vocab]`, or `[b, 1, vocab]` when the graph kept the last position only).
+fn logits_of(
+    logits: &DynValue,
+    b: usize,
+    s: usize,
+    mode: LogitsMode,
+    keep_last: bool,
+) -> Result<Logits> {
+    let (shape, data) = logits.try_extract_tensor::<f32>().map_err(backend_err)?;
+    let vocab = *shape.last().unwrap_or(&0) as usize;
+    Ok(match mode {
+        LogitsMode::All => Logits {
+            rows: b * s,
+            vocab,
+            data: data.to_vec(),
+        },
+        LogitsMode::Last if keep_last => Logits {
+            rows: b,
+            vocab,
+            data: data.to_vec(),
+        },
+        LogitsMode::Last => {
+            let mut v = Vec::with_capacity(b * vocab);
+            for r in 0..b {
+                let off = (r * s + s - 1) * vocab;
+                v.extend_from_slice(&data[off..off + vocab]);
+            }
+            Logits {
+                rows: b,
+                vocab,
+                data: v,
+            }
+        }
+    })
+}
+
+impl OrtGenerator {
+    /// Grows the buffers of an in-place cache holding `past` positions to hold `needed`
+    /// ([`grown_capacity`]), copying the `past` valid positions of every head.
+    fn grow_in_place(&self, ip: &mut InPlaceCache, past: usize, needed: usize) -> Result<()> {
+        let cap = grown_capacity(ip.capacity, needed, self.info.context_length);
+        let (heads, d, old) = (self.kv_heads, self.head_dim, ip.capacity);
+        let alloc = ::ort::memory::Allocator::default();
+        let mut buffers = Vec::with_capacity(self.past_names.len());
+        for i in 0..self.past_names.len() {
+            let mut t = Tensor::<f32>::new(&alloc, [1, heads, cap, d]).map_err(backend_err)?;
+            if past > 0 {
+                let (_, src) = ip.buffers[i].extract_tensor();
+                let (_, dst) = t.extract_tensor_mut();
+                for h in 0..heads {
+                    dst[h * cap * d..(h * cap + past) * d]
+                        .copy_from_slice(&src[h * old * d..(h * old + past) * d]);
+                }
+            }
+            buffers.push(t);
+        }
+        ip.buffers = buffers;
+        ip.capacity = cap;
+        Ok(())
+    }
+
+    /// [`BatchDecoder::step`] on an in-place cache (batch 1, no padding: checked by the
+    /// caller): the cache buffers are bound as both past and present, the logits to a
+    /// CPU-allocated output.
+    fn step_in_place(
+        &self,
+        cache: &mut BatchCache,
+        input: &BatchInput,
+        mode: LogitsMode,
+    ) -> Result<Logits> {
+        let (past, s) = (cache.past, input.seq);
+        let ip = cache
+            .inner
+            .downcast_mut::<InPlaceCache>()
+            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+        if past + s > ip.capacity {
+            self.grow_in_place(ip, past, past + s)?;
+        }
+        let row = |v: &[i64]| -> Result<Tensor<i64>> {
+            Tensor::from_array(([1, v.len()], v.to_vec())).map_err(backend_err)
+        };
+        let ids = row(&input.input_ids)?;
+        let mask = row(&input.attention_mask)?;
+        let pos = row(&input.position_ids)?;
+        let keep = match (&self.logits_to_keep, mode) {
+            (Some(name), LogitsMode::Last) => Some((
+                name,
+                Tensor::from_array(((), vec![1i64])).map_err(backend_err)?,
+            )),
+            _ => None,
+        };
+        let mut session = self.sessions.checkout()?;
+        let session = session.session();
+        let mut bind = session.create_binding().map_err(backend_err)?;
+        bind.bind_input("input_ids", &ids).map_err(backend_err)?;
+        bind.bind_input("attention_mask", &mask)
+            .map_err(backend_err)?;
+        bind.bind_input("position_ids", &pos).map_err(backend_err)?;
+        if let Some((name, one)) = &keep {
+            bind.bind_input(name.as_str(), one).map_err(backend_err)?;
+        }
+        for (name, buf) in self.past_names.iter().zip(&ip.buffers) {
+            bind.bind_input(name.as_str(), buf).map_err(backend_err)?;
+        }
+        for (name, buf) in self.present_names.iter().zip(ip.buffers.iter_mut()) {
+            bind.bind_output(name.as_str(), buf).map_err(backend_err)?;
+        }
+        bind.bind_output_to_device("logits", &::ort::memory::MemoryInfo::default())
+            .map_err(backend_err)?;
+        let logits = {
+            let mut out = session.run_binding(&bind).map_err(backend_err)?;
+            let logits = out
+                .remove("logits")
+                .ok_or_else(|| backend_err("no `logits` output"))?;
+            logits_of(&logits, 1, s, mode, keep.is_some())?
+        };
+        drop(bind);
+        cache.past += s;
+        Ok(logits)
+    }
+}
+
 impl BatchDecoder for OrtGenerator {
     fn new_cache(&self, batch: usize) -> Result<BatchCache> {
+        if self.in_place && batch == 1 {
+            // Buffers are allocated by the first call, at the size it needs.
+            return Ok(BatchCache {
+                batch,
+                past: 0,
+                inner: Box::new(InPlaceCache {
+                    buffers: Vec::new(),
+                    capacity: 0,
+                }),
+            });
+        }
         let values = (0..self.past_names.len())
             .map(|_| self.empty(batch))
             .collect::<Result<Vec<_>>>()?;
@@ -759,6 +1015,9 @@ impl BatchDecoder for OrtGenerator {
                 expected: "no padding: this export uses GroupQueryAttention (steper-export --attention gqa), which assumes every row starts at position 0 — re-export with --attention standard for padded batches".into(),
                 got: "a mask with padded (0) positions".into(),
             });
+        }
+        if cache.inner.is::<InPlaceCache>() {
+            return self.step_in_place(cache, input, mode);
         }
         let (b, s) = (input.batch, input.seq);
         let oc = cache
@@ -805,32 +1064,7 @@ impl BatchDecoder for OrtGenerator {
         }
         drop(out);
         drop(session);
-        let (shape, data) = logits.try_extract_tensor::<f32>().map_err(backend_err)?;
-        let vocab = *shape.last().unwrap_or(&0) as usize;
-        let logits = match mode {
-            LogitsMode::All => Logits {
-                rows: b * s,
-                vocab,
-                data: data.to_vec(),
-            },
-            LogitsMode::Last if keep_last => Logits {
-                rows: b,
-                vocab,
-                data: data.to_vec(),
-            },
-            LogitsMode::Last => {
-                let mut v = Vec::with_capacity(b * vocab);
-                for r in 0..b {
-                    let off = (r * s + s - 1) * vocab;
-                    v.extend_from_slice(&data[off..off + vocab]);
-                }
-                Logits {
-                    rows: b,
-                    vocab,
-                    data: v,
-                }
-            }
-        };
+        let logits = logits_of(&logits, b, s, mode, keep_last)?;
         oc.values = values;
         cache.past += s;
         Ok(logits)
@@ -838,6 +1072,11 @@ impl BatchDecoder for OrtGenerator {
 
     fn truncate_cache(&self, cache: &mut BatchCache, len: usize) -> Result<()> {
         if len >= cache.past {
+            return Ok(());
+        }
+        if cache.inner.is::<InPlaceCache>() {
+            // Positions from `len` on become stale; the next call overwrites them.
+            cache.past = len;
             return Ok(());
         }
         // Keeping the first `len` positions is dropping the last ones: re-lay each row.
@@ -893,11 +1132,11 @@ impl BatchDecoder for OrtGenerator {
         let sc = src
             .inner
             .downcast_ref::<OrtCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or_else(not_a_concat_cache)?;
         let dc = dst
             .inner
             .downcast_mut::<OrtCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or_else(not_a_concat_cache)?;
         for (dv, sv) in dc.values.iter_mut().zip(&sc.values) {
             if self.cache_f16 {
                 let (_, x) = sv.try_extract_tensor::<half::f16>().map_err(backend_err)?;
@@ -937,5 +1176,39 @@ impl Generator for OrtGenerator {
         self.attention
             .is_standard()
             .then_some(self as &dyn BatchDecoder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_in_place_cache_grows_by_half_in_whole_chunks_within_the_context() {
+        // First call: one chunk, or what the prompt needs.
+        assert_eq!(grown_capacity(0, 12, 2048), IN_PLACE_GROWTH);
+        assert_eq!(grown_capacity(0, 700, 2048), 768);
+        // Then 1.5×, rounded up to a chunk.
+        assert_eq!(grown_capacity(256, 257, 2048), 512);
+        assert_eq!(grown_capacity(768, 800, 2048), 1280);
+        // A jump larger than 1.5× gets what it needs.
+        assert_eq!(grown_capacity(256, 1000, 2048), 1024);
+        // Never past the context, never below what is needed.
+        assert_eq!(grown_capacity(1792, 1800, 2048), 2048);
+        assert_eq!(grown_capacity(0, 100, 100), 100);
+        assert_eq!(grown_capacity(0, 12, 200), 200);
+    }
+
+    #[test]
+    fn kv_cache_modes_parse_their_names_and_refuse_others() {
+        for m in [KvCacheMode::Auto, KvCacheMode::InPlace, KvCacheMode::Concat] {
+            assert_eq!(m.as_str().parse::<KvCacheMode>().unwrap(), m);
+        }
+        match "inplace".parse::<KvCacheMode>() {
+            Err(Error::InvalidOption { option, got, .. }) => {
+                assert_eq!((option.as_str(), got.as_str()), ("kv_cache", "inplace"))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

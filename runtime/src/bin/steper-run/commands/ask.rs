@@ -30,6 +30,29 @@ impl Backend {
     }
 }
 
+/// How ONNX Runtime keeps the KV cache between calls.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum KvCache {
+    /// In place for a GroupQueryAttention export on the CPU provider, else concatenated.
+    #[default]
+    Auto,
+    /// One preallocated buffer per layer bound as past and present (needs --attention gqa).
+    InPlace,
+    /// Each call's present outputs become the next call's past.
+    Concat,
+}
+
+impl KvCache {
+    /// The library's value.
+    pub fn mode(self) -> steper_runtime::KvCacheMode {
+        match self {
+            KvCache::Auto => steper_runtime::KvCacheMode::Auto,
+            KvCache::InPlace => steper_runtime::KvCacheMode::InPlace,
+            KvCache::Concat => steper_runtime::KvCacheMode::Concat,
+        }
+    }
+}
+
 /// ONNX Runtime execution provider.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Provider {
@@ -129,6 +152,9 @@ pub struct EngineArgs {
     /// Execution provider flags.
     #[command(flatten)]
     pub provider: ProviderArgs,
+    /// ONNX Runtime: how the KV cache is kept between calls.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kv_cache: KvCache,
     /// Prefill every step from scratch instead of reusing the KV cache of the common prefix.
     #[arg(long)]
     pub no_kv_reuse: bool,
@@ -163,7 +189,11 @@ impl EngineArgs {
                 Some((std::thread::available_parallelism().map_or(1, |n| n.get()) / w).max(1))
             }
         };
-        let kind = self.backend.kind(threads).with_concurrency(workers);
+        let kind = self
+            .backend
+            .kind(threads)
+            .with_concurrency(workers)
+            .with_kv_cache(self.kv_cache.mode());
         let engine = Engine::builder()
             .model_dir(&self.model)
             .backend(self.provider.apply(kind)?)

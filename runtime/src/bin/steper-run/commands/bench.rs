@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use steper_runtime::backend::{load_model, BackendKind, OrtOptions};
+use steper_runtime::backend::{load_model, BackendKind, KvCacheMode, OrtOptions};
 use steper_runtime::LogitsMode;
 
 /// Arguments of `bench-decode`.
@@ -29,6 +29,10 @@ pub struct Args {
     /// ONNX Runtime intra-op threads (default: ONNX Runtime's choice).
     #[arg(long)]
     threads: Option<usize>,
+    /// ONNX Runtime KV-cache modes to measure, each a row (comma separated: auto, in-place,
+    /// concat; in-place needs a GroupQueryAttention export).
+    #[arg(long, default_value = "auto")]
+    kv_cache: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -38,23 +42,42 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the benchmark and prints one JSON object.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let mut results = Vec::new();
-    for dir in &a.models {
-        for b in a
-            .backends
-            .split(',')
+    let list = |s: &str| -> Vec<String> {
+        s.split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-        {
-            let kind = match b {
-                "ort" => BackendKind::Ort(OrtOptions {
-                    intra_threads: a.threads,
-                    ..Default::default()
-                }),
-                "tract" => BackendKind::Tract,
-                other => anyhow::bail!("unknown backend {other:?} (ort, tract)"),
+            .map(String::from)
+            .collect()
+    };
+    let kv_modes = list(&a.kv_cache)
+        .iter()
+        .map(|m| m.parse::<KvCacheMode>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("--kv-cache")?;
+    let mut runs: Vec<(String, BackendKind)> = Vec::new();
+    for b in list(&a.backends) {
+        match b.as_str() {
+            "ort" => {
+                for &m in &kv_modes {
+                    let o = OrtOptions {
+                        intra_threads: a.threads,
+                        ..Default::default()
+                    };
+                    runs.push((b.clone(), BackendKind::Ort(o.with_kv_cache(m))));
+                }
+            }
+            "tract" => runs.push((b.clone(), BackendKind::Tract)),
+            other => anyhow::bail!("unknown backend {other:?} (ort, tract)"),
+        }
+    }
+    let mut results = Vec::new();
+    for dir in &a.models {
+        for (b, kind) in &runs {
+            let kv_cache = match kind {
+                BackendKind::Ort(o) => Some(o.kv_cache.as_str()),
+                BackendKind::Tract => None,
             };
-            let m = load_model(dir, &kind).with_context(|| format!("loading {}", dir.display()))?;
+            let m = load_model(dir, kind).with_context(|| format!("loading {}", dir.display()))?;
             let g = m.generator;
             let vocab = g.info().vocab_size as u32;
             let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
@@ -89,6 +112,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 "model": dir,
                 "dtype": m.manifest.dtype,
                 "backend": b,
+                "kv_cache": kv_cache,
                 "providers": g.info().providers,
                 "prompt_tokens": a.prompt_tokens,
                 "new_tokens": a.new_tokens,
