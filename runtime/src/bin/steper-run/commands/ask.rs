@@ -182,12 +182,10 @@ impl EngineArgs {
         &self,
         workers: usize,
     ) -> anyhow::Result<(Engine, steper_runtime::ReasonOptions)> {
+        // One worker without --threads: ONNX Runtime's own default (one thread per core).
         let threads = match (self.threads, workers) {
-            (Some(t), _) => Some(t),
             (None, 1) => None,
-            (None, w) => {
-                Some((std::thread::available_parallelism().map_or(1, |n| n.get()) / w).max(1))
-            }
+            (t, w) => Some(super::threads_per_worker(t, w)),
         };
         let kind = self
             .backend

@@ -109,10 +109,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (addr, server, server_pid) = match (&a.url, &a.model, &a.index) {
         (Some(url), _, _) => (host_port(url)?, None, a.server_pid),
         (None, Some(model), Some(index)) => {
-            let cores = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1);
-            let threads = a.threads.unwrap_or((cores / a.workers.max(1)).max(1));
+            let threads = super::threads_per_worker(a.threads, a.workers);
             let backend = match a.backend.kind(Some(threads)).with_concurrency(a.workers) {
                 BackendKind::Ort(o) if a.no_shared_weights => {
                     BackendKind::Ort(o.with_shared_prepacked_weights(false))

@@ -7,3 +7,12 @@ pub mod index;
 pub mod retrieval_eval;
 pub mod serve;
 pub mod version;
+
+/// Intra-op threads of each of `workers` sessions: `threads` when given, else the machine's
+/// cores split evenly between the workers (at least one each).
+pub fn threads_per_worker(threads: Option<usize>, workers: usize) -> usize {
+    threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / workers.max(1)).max(1)
+    })
+}

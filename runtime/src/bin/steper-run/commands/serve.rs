@@ -53,10 +53,7 @@ pub struct Args {
 
 /// Serves until SIGTERM or ctrl-c, then finishes the accepted requests and exits.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let threads = a.threads.unwrap_or((cores / a.workers.max(1)).max(1));
+    let threads = super::threads_per_worker(a.threads, a.workers);
     let config = ServeConfig {
         addr: a.addr,
         workers: a.workers,
