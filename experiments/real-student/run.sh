@@ -23,8 +23,8 @@
 # the prefix cache lives in $OUT/prefix-cache-{stepwise,vanilla}), EXPORT_ARGS (extra
 # steper-export flags, e.g. "--quantize int4"), SIGMA_LR (--sigma-lr of the steper runs, empty:
 # the weight rate; the σ of a 100-step run at lr 3e-4 barely moves without it), N_HOTPOT (100), N_MUSIQUE (50), N_2WIKI (50),
-# EVAL_FRACTION (0.01), EVAL_ARGS (extra steper-run eval flags; "--batch N" is not passed to
-# the few-shot configuration, whose prefix the batched loop refuses), DEMOS (2), FEWSHOT (1: also
+# EVAL_FRACTION (0.01), EVAL_ARGS (extra steper-run eval flags, for every configuration),
+# DEMOS (2), FEWSHOT (1: also
 # evaluate base + DEMOS IRCoT demonstrations; 0: skip it), BASE_EVAL (1: evaluate the base model
 # zero-shot; 0: skip it, e.g. when another run of the same questions already has it).
 set -euo pipefail
@@ -171,17 +171,8 @@ evaluate() {  # evaluate CONFIG MODEL_DIR [extra eval flags for DEV FILE: --demo
     [[ "$lim" -gt 0 ]] && limit=(--limit "$lim")
     local extra=() args=($EVAL_ARGS)
     if [[ "$config" == base-fewshot ]]; then
+      # the demonstrations are prefilled once; every question starts from a copy of their cache
       extra=(--demos "$(demo_file "$f"):$DEMOS")
-      # the batched loop refuses a prompt prefix: drop "--batch N" / "--batch=N"
-      local kept=() i=0
-      while (( i < ${#args[@]} )); do
-        case "${args[$i]}" in
-          --batch) i=$((i + 2)); continue ;;
-          --batch=*) i=$((i + 1)); continue ;;
-        esac
-        kept+=("${args[$i]}"); i=$((i + 1))
-      done
-      args=("${kept[@]}")
     fi
     log "eval $config on $f (${lim:-all})"
     timed "eval $config/$f" "$BIN/steper-run" eval --model "$model" --index "$OUT/index/$f" \

@@ -244,6 +244,68 @@ fn in_place_kv_cache_equals_the_concatenating_cache_step_for_step() -> Result<()
     Ok(())
 }
 
+/// A forked sequence holds a copy of the cache: what it computes equals the original
+/// truncated to the same length (bit for bit: the same cached values, the same kernels), and
+/// appending to either leaves the other as it was. For the in-place and concatenating caches of
+/// a GroupQueryAttention export and the standard export's cache, on ort and tract.
+#[test]
+fn a_forked_sequence_equals_the_truncated_original_and_is_independent_of_it() -> Result<()> {
+    let ex = export_both(&ExportOptions::default())?;
+    let cases = [
+        (&ex.gqa, Some(KvCacheMode::InPlace)),
+        (&ex.gqa, Some(KvCacheMode::Concat)),
+        (&ex.standard, Some(KvCacheMode::Auto)),
+        (&ex.standard, None), // tract
+    ];
+    for (dir, mode) in cases {
+        let manifest = steper_runtime::Manifest::load(&dir.join("steper.json"))?;
+        let model = dir.join("model.onnx");
+        let g: Box<dyn Generator> = match mode {
+            Some(mode) => Box::new(OrtGenerator::load(
+                &model,
+                &manifest,
+                &OrtOptions::default().with_kv_cache(mode),
+            )?),
+            None => Box::new(steper_runtime::backend::TractGenerator::load(
+                &model, &manifest,
+            )?),
+        };
+        let what = format!("{} {mode:?}", dir.display());
+        let filled = |n: usize| -> Result<steper_runtime::Sequence> {
+            let mut s = g.new_sequence()?;
+            g.append(&mut s, &prompt(30), LogitsMode::Last)?;
+            if n < 30 {
+                g.truncate(&mut s, n)?;
+            }
+            Ok(s)
+        };
+        let mut original = filled(30)?;
+        for len in [0usize, 1, 20, 30, 99] {
+            let mut fork = g.fork(&original, len)?;
+            let kept = len.min(30);
+            assert_eq!(fork.tokens(), &prompt(30)[..kept], "{what}: fork {len}");
+            let mut reference = filled(kept)?;
+            let a = g.append(&mut fork, &prompt(5), LogitsMode::All)?;
+            let b = g.append(&mut reference, &prompt(5), LogitsMode::All)?;
+            assert_eq!(
+                a.data, b.data,
+                "{what}: fork at {len} vs truncated original"
+            );
+            // The original is untouched by the fork and by what was appended to it.
+            let mut again = filled(30)?;
+            let c = g.append(&mut original, &[7], LogitsMode::Last)?;
+            let d = g.append(&mut again, &[7], LogitsMode::Last)?;
+            assert_eq!(c.data, d.data, "{what}: original after fork at {len}");
+            g.truncate(&mut original, 30)?;
+            // And the fork goes on independently.
+            let e = g.append(&mut fork, &[9], LogitsMode::Last)?;
+            let f = g.append(&mut reference, &[9], LogitsMode::Last)?;
+            assert_eq!(e.data, f.data, "{what}: fork decode after fork at {len}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn an_in_place_cache_is_refused_for_a_standard_export_naming_the_option() -> Result<()> {
     let x = export_both(&ExportOptions::default())?;

@@ -25,7 +25,7 @@
 //! concurrent requests). Nothing is global: two engines in one process are independent.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
@@ -34,7 +34,9 @@ use crate::backend::{load_model, BackendKind, OrtOptions};
 use crate::error::{Error, Result};
 use crate::generator::{Generator, GeneratorInfo};
 use crate::manifest::Manifest;
-use crate::reasoning::{reason, Decoding, GeneratorStepModel, LoopOptions, Reasoning};
+use crate::reasoning::{
+    reason, Decoding, GeneratorStepModel, LoopOptions, PromptPrefix, Reasoning,
+};
 use crate::retrieval::{Bm25Index, Retriever};
 
 /// Per-call settings of [`Engine::reason`].
@@ -171,6 +173,7 @@ impl EngineBuilder {
             manifest,
             model_dir,
             loop_options,
+            prefix: Mutex::new(None),
         })
     }
 }
@@ -184,6 +187,9 @@ pub struct Engine {
     manifest: Option<Manifest>,
     model_dir: Option<PathBuf>,
     loop_options: LoopOptions,
+    /// The last prompt prefix asked for, prefilled once (few-shot demonstrations are the same
+    /// for every question of a run).
+    prefix: Mutex<Option<Arc<PromptPrefix>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -210,30 +216,46 @@ impl Engine {
         }
     }
 
-    /// The step model [`Engine::reason`] drives, with `options`' reuse and decoding.
-    pub(crate) fn step_model(&self, options: &ReasonOptions) -> GeneratorStepModel<'_> {
-        GeneratorStepModel::new(self.generator.as_ref(), &self.tokenizer, &self.eos)
+    /// The step model [`Engine::reason`] drives, with `options`' reuse, decoding and prompt
+    /// prefix (prefilled on the first call that asks for it, then shared).
+    pub(crate) fn step_model(&self, options: &ReasonOptions) -> Result<GeneratorStepModel<'_>> {
+        let model = GeneratorStepModel::new(self.generator.as_ref(), &self.tokenizer, &self.eos)
             .with_kv_reuse(options.kv_reuse)
-            .with_decoding(options.decoding)
+            .with_decoding(options.decoding);
+        Ok(match &options.prompt_prefix {
+            Some(text) => model.with_prompt_prefix(self.prompt_prefix(text)?),
+            None => model,
+        })
+    }
+
+    /// The prefilled prompt prefix for `text`: the cached one when it is the same text, else a
+    /// new one (computed under the lock, so concurrent callers prefill it once).
+    fn prompt_prefix(&self, text: &str) -> Result<Arc<PromptPrefix>> {
+        let mut cached = self
+            .prefix
+            .lock()
+            .map_err(|_| Error::Input("engine prompt-prefix lock poisoned".into()))?;
+        if let Some(p) = cached.as_ref().filter(|p| p.text() == text) {
+            return Ok(Arc::clone(p));
+        }
+        let p = Arc::new(PromptPrefix::new(
+            self.generator.as_ref(),
+            &self.tokenizer,
+            text,
+        )?);
+        *cached = Some(Arc::clone(&p));
+        Ok(p)
     }
 
     /// Answers `question`; the result carries the per-step trace.
     pub fn reason(&self, question: &str, options: &ReasonOptions) -> Result<Reasoning> {
-        let model = self.step_model(options);
-        match &options.prompt_prefix {
-            Some(p) => reason(
-                question,
-                self.retriever.as_ref(),
-                &mut crate::fewshot::Prefixed::new(model, p.clone())?,
-                &options.loop_options,
-            ),
-            None => reason(
-                question,
-                self.retriever.as_ref(),
-                &mut { model },
-                &options.loop_options,
-            ),
-        }
+        let mut model = self.step_model(options)?;
+        reason(
+            question,
+            self.retriever.as_ref(),
+            &mut model,
+            &options.loop_options,
+        )
     }
 
     /// What runs the model (backend, providers, context length).

@@ -234,7 +234,6 @@ pub fn evaluate_batched(
     if batch == 1 {
         return evaluate(engine, examples, options, opts, out);
     }
-    check_batch(options, batch)?;
     gather_in_order(examples, opts, out, |ex, sink| {
         batched::answer_batched(engine, ex, options, batch, |q, result, seconds| {
             sink(q, result, seconds);
@@ -262,9 +261,6 @@ pub fn evaluate_parallel(
         return evaluate_batched(engine, examples, options, opts, out, batch);
     }
     at_least_one("batch", batch)?;
-    if batch > 1 {
-        check_batch(options, batch)?;
-    }
     gather_in_order(examples, opts, out, |ex, sink| {
         let next = AtomicUsize::new(0);
         std::thread::scope(|scope| {
@@ -308,18 +304,6 @@ fn at_least_one(option: &str, n: usize) -> Result<()> {
             option: option.into(),
             expected: "at least 1".into(),
             got: "0".into(),
-        });
-    }
-    Ok(())
-}
-
-/// The batched loop cannot share one prompt prefix across rows.
-fn check_batch(options: &ReasonOptions, batch: usize) -> Result<()> {
-    if options.prompt_prefix.is_some() {
-        return Err(Error::InvalidOption {
-            option: "batch".into(),
-            expected: "1 when a prompt prefix (few-shot demonstrations) is set".into(),
-            got: batch.to_string(),
         });
     }
     Ok(())

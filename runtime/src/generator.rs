@@ -114,6 +114,19 @@ pub trait Generator: Send + Sync {
     /// Keeps only the first `len` cached positions (to reuse a shared prefix).
     fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()>;
 
+    /// A new sequence holding the first `len` positions of `seq` (all of them when `len` is
+    /// longer), which is left as it is: how a prompt prefix computed once (few-shot
+    /// demonstrations) starts every question. The ONNX backends copy the cache; this default
+    /// recomputes it from the tokens, for generators that cannot copy theirs.
+    fn fork(&self, seq: &Sequence, len: usize) -> Result<Sequence> {
+        let len = len.min(seq.tokens.len());
+        let mut out = self.new_sequence()?;
+        if len > 0 {
+            self.append(&mut out, &seq.tokens[..len], LogitsMode::Last)?;
+        }
+        Ok(out)
+    }
+
     /// The raw batched step of this model, when it has one (the ONNX backends do; their
     /// sequences hold a batch-1 [`crate::backend::BatchCache`]). Batched evaluation needs it.
     fn batch_decoder(&self) -> Option<&dyn crate::backend::BatchDecoder> {

@@ -14,6 +14,7 @@
 //! on their own models.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -563,6 +564,81 @@ pub struct GeneratorStepModel<'a> {
     decoding: Decoding,
     rng: u64,
     seq: Option<Sequence>,
+    prefix: Option<Arc<PromptPrefix>>,
+}
+
+/// A text put before every step prompt (few-shot demonstrations), prefilled once: every
+/// question's first step starts from a copy of its KV cache ([`Generator::fork`]) instead of
+/// prefilling it again. Shared by every question and thread of one generator.
+pub struct PromptPrefix {
+    text: String,
+    tokens: usize,
+    seq: Mutex<Sequence>,
+}
+
+impl std::fmt::Debug for PromptPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromptPrefix")
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PromptPrefix {
+    /// Tokenizes `text` and prefills it on `generator` (the generator every question using
+    /// the prefix runs on).
+    pub fn new(generator: &dyn Generator, tokenizer: &Tokenizer, text: &str) -> Result<Self> {
+        let ids = tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec();
+        let context = generator.info().context_length;
+        if ids.len() >= context {
+            return Err(Error::ContextOverflow {
+                tokens: ids.len(),
+                budget: context,
+            });
+        }
+        let mut seq = generator.new_sequence()?;
+        if !ids.is_empty() {
+            generator.append(&mut seq, &ids, LogitsMode::Last)?;
+        }
+        Ok(PromptPrefix {
+            text: text.to_string(),
+            tokens: ids.len(),
+            seq: Mutex::new(seq),
+        })
+    }
+
+    /// The prefix text.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Its length in tokens (tokenized alone).
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// A sequence holding the longest prefix of `ids` the prefilled prefix covers, short of the
+    /// last id (whose logits start the generation). The prefix tokenized alone may end
+    /// differently from the prefix inside a prompt (a tokenizer merges across the seam), so
+    /// only the common tokens are kept.
+    fn fork_for(&self, generator: &dyn Generator, ids: &[u32]) -> Result<Sequence> {
+        let seq = self
+            .seq
+            .lock()
+            .map_err(|_| Error::Input("prompt prefix lock poisoned".into()))?;
+        let common = seq
+            .tokens()
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len().saturating_sub(1));
+        generator.fork(&seq, common)
+    }
 }
 
 impl<'a> GeneratorStepModel<'a> {
@@ -581,7 +657,15 @@ impl<'a> GeneratorStepModel<'a> {
             decoding: Decoding::Greedy,
             rng: 0,
             seq: None,
+            prefix: None,
         }
+    }
+
+    /// Puts `prefix` before every step prompt; with KV reuse on, each question starts from a
+    /// copy of its prefilled cache. `prefix` must have been prefilled on this model's generator.
+    pub fn with_prompt_prefix(mut self, prefix: Arc<PromptPrefix>) -> Self {
+        self.prefix = Some(prefix);
+        self
     }
 
     /// Turns cross-step KV reuse on (default) or off.
@@ -658,11 +742,13 @@ impl StepModel for GeneratorStepModel<'_> {
     }
 
     fn prompt_budget(&self, max_new_tokens: usize) -> Option<usize> {
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.tokens);
         Some(
             self.generator
                 .info()
                 .context_length
-                .saturating_sub(max_new_tokens),
+                .saturating_sub(max_new_tokens)
+                .saturating_sub(prefix),
         )
     }
 
@@ -722,7 +808,10 @@ impl GeneratorStepModel<'_> {
         &mut self,
         req: &StepRequest<'_>,
     ) -> Result<(StepDecode, Sequence, crate::generator::Logits)> {
-        let ids = self.encode(req.prompt)?;
+        let ids = match &self.prefix {
+            Some(p) => self.encode(&format!("{}{}", p.text, req.prompt))?,
+            None => self.encode(req.prompt)?,
+        };
         if ids.is_empty() {
             return Err(Error::Input("the prompt encodes to no token".into()));
         }
@@ -733,8 +822,9 @@ impl GeneratorStepModel<'_> {
                 budget: context.saturating_sub(req.max_new_tokens),
             });
         }
-        let mut seq = match (self.kv_reuse, self.seq.take()) {
-            (true, Some(seq)) => seq,
+        let mut seq = match (self.kv_reuse, self.seq.take(), &self.prefix) {
+            (true, Some(seq), _) => seq,
+            (true, None, Some(p)) => p.fork_for(self.generator, &ids)?,
             _ => self.generator.new_sequence()?,
         };
         // Keep the common prefix, but always run at least the last prompt token: its logits
@@ -1103,6 +1193,16 @@ pub(crate) mod tests {
             seq.truncate_tokens(len);
             Ok(())
         }
+        fn fork(&self, seq: &Sequence, len: usize) -> Result<Sequence> {
+            let cache = seq
+                .cache
+                .downcast_ref::<Vec<u32>>()
+                .ok_or_else(|| Error::Input("foreign sequence".into()))?;
+            let len = len.min(cache.len());
+            let mut out = Sequence::new(Box::new(cache[..len].to_vec()));
+            out.push_tokens(&seq.tokens()[..len]);
+            Ok(out)
+        }
     }
 
     /// A word-level tokenizer over a small vocabulary, built in code.
@@ -1208,6 +1308,104 @@ pub(crate) mod tests {
             assert!(p > 0.0 && p <= 1.0);
             assert!(s.mean_entropy.is_some_and(|h| h >= 0.0));
         }
+        Ok(())
+    }
+
+    /// Few-shot demonstrations prefilled once ([`PromptPrefix`]): every question starts from a
+    /// copy of their cache, answers equal the ones of prefilling them with every question (the
+    /// [`crate::fewshot::Prefixed`] wrapper), and the demonstrations' tokens run through the
+    /// model once instead of once per question.
+    #[test]
+    fn a_prompt_prefix_is_prefilled_once_and_changes_no_answer() -> Result<()> {
+        let mut words: Vec<String> = [
+            "Wikipedia",
+            "Title",
+            ":",
+            "Q",
+            "A",
+            "text",
+            "of",
+            "doc",
+            "Which",
+            "?",
+            ".",
+            "So",
+            "the",
+            "answer",
+            "is",
+        ]
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+        words.extend((0..20).map(|i| i.to_string()));
+        let refs: Vec<&str> = words.iter().map(String::as_str).collect();
+        let tok = word_tokenizer(&refs)?;
+        let id = |w: &str| tok.token_to_id(w).ok_or_else(|| Error::Tokenizer(w.into()));
+        let lm = HashLm {
+            info: crate::generator::GeneratorInfo {
+                backend: "hash-lm".into(),
+                providers: vec!["CPU".into()],
+                vocab_size: tok.get_vocab_size(true),
+                context_length: 4096,
+            },
+            words: ["text", "doc", "1", "2", "3", "of"]
+                .iter()
+                .map(|w| id(w))
+                .collect::<Result<_>>()?,
+            period: id(".")?,
+            eos: id("[EOS]")?,
+            appended: Mutex::new(0),
+        };
+        let demos = "Wikipedia Title : doc 7\ntext of doc 7 .\n\nQ : Which doc ?\nA : So the answer is 7 .\n\n";
+        let questions = ["Which doc ?", "Which doc of 3 ?", "Which text of 12 ?"];
+        let appended = || lm.appended.lock().map(|a| *a).unwrap_or(0);
+        let r = ListRetriever::new(20);
+        let opts = LoopOptions::default();
+
+        let before = appended();
+        let prefix = Arc::new(PromptPrefix::new(&lm, &tok, demos)?);
+        let p = prefix.tokens();
+        assert_eq!(
+            appended() - before,
+            p,
+            "the prefix is prefilled on creation"
+        );
+        assert!(p > 10);
+        let mut pinned = Vec::new();
+        for q in questions {
+            let mut m = GeneratorStepModel::new(&lm, &tok, &[lm.eos])
+                .with_prompt_prefix(Arc::clone(&prefix));
+            pinned.push(reason(q, &r, &mut m, &opts)?);
+        }
+        let pinned_appended = appended() - before - p;
+
+        let before = appended();
+        let mut each = Vec::new();
+        for q in questions {
+            let m = GeneratorStepModel::new(&lm, &tok, &[lm.eos]);
+            let mut m = crate::fewshot::Prefixed::new(m, demos.to_string())?;
+            each.push(reason(q, &r, &mut m, &opts)?);
+        }
+        let each_appended = appended() - before;
+
+        for (a, b) in pinned.iter().zip(&each) {
+            assert_eq!(a.answer, b.answer);
+            assert_eq!(a.sentences(), b.sentences());
+            assert_eq!(
+                a.prefilled_tokens() + p,
+                b.prefilled_tokens(),
+                "the first step of a question reuses the whole prefix"
+            );
+            assert!(a.steps.len() > 1);
+        }
+        assert_eq!(
+            each_appended - pinned_appended,
+            questions.len() * p,
+            "the prefix runs once, not once per question"
+        );
+        // The prompt budget leaves room for the prefix.
+        let m = GeneratorStepModel::new(&lm, &tok, &[lm.eos]).with_prompt_prefix(prefix);
+        assert_eq!(m.prompt_budget(100), Some(4096 - 100 - p));
         Ok(())
     }
 

@@ -268,6 +268,10 @@ pub trait BatchDecoder: Send + Sync {
     /// Keeps the first `len` cached positions.
     fn truncate_cache(&self, cache: &mut BatchCache, len: usize) -> Result<()>;
 
+    /// A new cache holding a copy of the first `len` positions of `cache` (`len` at most
+    /// `cache.past()`); `cache` is left as it is.
+    fn copy_cache(&self, cache: &BatchCache, len: usize) -> Result<BatchCache>;
+
     /// Puts `n` positions in front of every row (their keys and values are zeros; the caller
     /// masks them out), e.g. to make room for a longer row.
     fn pad_front(&self, cache: &mut BatchCache, n: usize) -> Result<()>;
@@ -343,6 +347,18 @@ pub(crate) fn truncate_single(
     dec.truncate_cache(cache, len)?;
     seq.truncate_tokens(len);
     Ok(())
+}
+
+/// [`Generator::fork`] for any [`BatchDecoder`]: copies the cache, not recomputes it.
+pub(crate) fn fork_single(dec: &dyn BatchDecoder, seq: &Sequence, len: usize) -> Result<Sequence> {
+    let len = len.min(seq.tokens.len());
+    let cache = seq
+        .cache
+        .downcast_ref::<BatchCache>()
+        .ok_or_else(|| Error::Input("sequence belongs to another generator".into()))?;
+    let mut out = Sequence::new(Box::new(dec.copy_cache(cache, len)?));
+    out.push_tokens(&seq.tokens[..len]);
+    Ok(out)
 }
 
 /// Checks that the graph's inputs and outputs are the manifest's, in any order.

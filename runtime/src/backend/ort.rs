@@ -21,6 +21,7 @@
 //! input and the `present.*` output: the fused op appends the new positions in place and copies
 //! nothing, and truncating (KV-prefix reuse) only shortens the cache's length.
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
@@ -31,7 +32,9 @@ use ::ort::session::builder::{GraphOptimizationLevel, PrepackedWeights, SessionB
 use ::ort::session::{Session, SessionInputValue};
 use ::ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
-use super::{append_single, check_io, truncate_single, BatchCache, BatchDecoder, BatchInput};
+use super::{
+    append_single, check_io, fork_single, truncate_single, BatchCache, BatchDecoder, BatchInput,
+};
 use crate::error::{Error, Result};
 use crate::generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
 use crate::manifest::{AttentionOp, Manifest};
@@ -903,6 +906,12 @@ impl OrtGenerator {
     /// ([`grown_capacity`]), copying the `past` valid positions of every head.
     fn grow_in_place(&self, ip: &mut InPlaceCache, past: usize, needed: usize) -> Result<()> {
         let cap = grown_capacity(ip.capacity, needed, self.info.context_length);
+        *ip = self.copy_in_place(ip, past, cap)?;
+        Ok(())
+    }
+
+    /// New in-place buffers of `cap` positions holding the first `past` positions of `ip`'s.
+    fn copy_in_place(&self, ip: &InPlaceCache, past: usize, cap: usize) -> Result<InPlaceCache> {
         let (heads, d, old) = (self.kv_heads, self.head_dim, ip.capacity);
         let alloc = ::ort::memory::Allocator::default();
         let mut buffers = Vec::with_capacity(self.past_names.len());
@@ -918,9 +927,36 @@ impl OrtGenerator {
             }
             buffers.push(t);
         }
-        ip.buffers = buffers;
-        ip.capacity = cap;
-        Ok(())
+        Ok(InPlaceCache {
+            buffers,
+            capacity: cap,
+        })
+    }
+
+    /// The first `len` of `past` positions of every row of a concatenating cache, re-laid as
+    /// new values.
+    fn kept_values(
+        &self,
+        oc: &OrtCache,
+        batch: usize,
+        past: usize,
+        len: usize,
+    ) -> Result<Vec<DynValue>> {
+        let rows = batch * self.kv_heads;
+        let d = self.head_dim;
+        let shape = [batch, self.kv_heads, len, d];
+        let keep = |r: usize| r * past * d..(r * past + len) * d;
+        let mut values = Vec::with_capacity(oc.values.len());
+        for v in &oc.values {
+            values.push(if self.cache_f16 {
+                let (_, x) = v.try_extract_tensor::<half::f16>().map_err(backend_err)?;
+                self.tensor(shape, (0..rows).flat_map(|r| x[keep(r)].to_vec()).collect())?
+            } else {
+                let (_, x) = v.try_extract_tensor::<f32>().map_err(backend_err)?;
+                self.tensor(shape, (0..rows).flat_map(|r| x[keep(r)].to_vec()).collect())?
+            });
+        }
+        Ok(values)
     }
 
     /// [`BatchDecoder::step`] on an in-place cache (batch 1, no padding: checked by the
@@ -1080,29 +1116,42 @@ impl BatchDecoder for OrtGenerator {
             return Ok(());
         }
         // Keeping the first `len` positions is dropping the last ones: re-lay each row.
-        let b = cache.batch;
-        let past = cache.past;
+        let (b, past) = (cache.batch, cache.past);
         let oc = cache
             .inner
             .downcast_mut::<OrtCache>()
             .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
-        let rows = b * self.kv_heads;
-        let d = self.head_dim;
-        let shape = [b, self.kv_heads, len, d];
-        let mut values = Vec::with_capacity(oc.values.len());
-        for v in &oc.values {
-            let keep = |r: usize| r * past * d..(r * past + len) * d;
-            values.push(if self.cache_f16 {
-                let (_, x) = v.try_extract_tensor::<half::f16>().map_err(backend_err)?;
-                self.tensor(shape, (0..rows).flat_map(|r| x[keep(r)].to_vec()).collect())?
-            } else {
-                let (_, x) = v.try_extract_tensor::<f32>().map_err(backend_err)?;
-                self.tensor(shape, (0..rows).flat_map(|r| x[keep(r)].to_vec()).collect())?
-            });
-        }
-        oc.values = values;
+        oc.values = self.kept_values(oc, b, past, len)?;
         cache.past = len;
         Ok(())
+    }
+
+    fn copy_cache(&self, cache: &BatchCache, len: usize) -> Result<BatchCache> {
+        let (batch, len) = (cache.batch, len.min(cache.past));
+        let inner: Box<dyn Any + Send> =
+            if let Some(ip) = cache.inner.downcast_ref::<InPlaceCache>() {
+                if ip.capacity == 0 {
+                    Box::new(InPlaceCache {
+                        buffers: Vec::new(),
+                        capacity: 0,
+                    })
+                } else {
+                    Box::new(self.copy_in_place(ip, len, ip.capacity)?)
+                }
+            } else {
+                let oc = cache
+                    .inner
+                    .downcast_ref::<OrtCache>()
+                    .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+                Box::new(OrtCache {
+                    values: self.kept_values(oc, batch, cache.past, len)?,
+                })
+            };
+        Ok(BatchCache {
+            batch,
+            past: len,
+            inner,
+        })
     }
 
     fn pad_front(&self, cache: &mut BatchCache, n: usize) -> Result<()> {
@@ -1169,6 +1218,10 @@ impl Generator for OrtGenerator {
 
     fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()> {
         truncate_single(self, seq, len)
+    }
+
+    fn fork(&self, seq: &Sequence, len: usize) -> Result<Sequence> {
+        fork_single(self, seq, len)
     }
 
     fn batch_decoder(&self) -> Option<&dyn BatchDecoder> {

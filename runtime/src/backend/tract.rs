@@ -14,7 +14,9 @@ use tract_onnx::prelude::{
     IntoTensor, TDim, TValue, Tensor, TypedRunnableModel,
 };
 
-use super::{append_single, check_io, truncate_single, BatchCache, BatchDecoder, BatchInput};
+use super::{
+    append_single, check_io, fork_single, truncate_single, BatchCache, BatchDecoder, BatchInput,
+};
 use crate::error::{Error, Result};
 use crate::generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
 use crate::manifest::Manifest;
@@ -170,11 +172,28 @@ impl TractGenerator {
     }
 }
 
+impl TractGenerator {
+    /// A cache value of no position.
+    fn empty_value(&self, batch: usize) -> Result<TValue> {
+        Ok(
+            Tensor::zero_dt(self.cache_dt, &[batch, self.kv_heads, 0, self.head_dim])
+                .map_err(backend_err)?
+                .into_tvalue(),
+        )
+    }
+
+    /// The first `len` positions of a cache value (tract refuses an empty slice range).
+    fn kept(&self, v: &TValue, batch: usize, len: usize) -> Result<TValue> {
+        if len == 0 {
+            return self.empty_value(batch);
+        }
+        Ok(v.slice(2, 0, len).map_err(backend_err)?.into_tvalue())
+    }
+}
+
 impl BatchDecoder for TractGenerator {
     fn new_cache(&self, batch: usize) -> Result<BatchCache> {
-        let empty = Tensor::zero_dt(self.cache_dt, &[batch, self.kv_heads, 0, self.head_dim])
-            .map_err(backend_err)?;
-        let empty = empty.into_tvalue();
+        let empty = self.empty_value(batch)?;
         Ok(BatchCache {
             batch,
             past: 0,
@@ -250,11 +269,38 @@ impl BatchDecoder for TractGenerator {
             .inner
             .downcast_mut::<TractCache>()
             .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+        let batch = cache.batch;
         for v in tc.values.iter_mut() {
-            *v = v.slice(2, 0, len).map_err(backend_err)?.into_tvalue();
+            *v = self.kept(v, batch, len)?;
         }
         cache.past = len;
         Ok(())
+    }
+
+    fn copy_cache(&self, cache: &BatchCache, len: usize) -> Result<BatchCache> {
+        let len = len.min(cache.past);
+        let tc = cache
+            .inner
+            .downcast_ref::<TractCache>()
+            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+        // Values are immutable once made (a call replaces them), so the full-length ones can
+        // be shared.
+        let values = tc
+            .values
+            .iter()
+            .map(|v| {
+                if len == cache.past {
+                    Ok(v.clone())
+                } else {
+                    self.kept(v, cache.batch, len)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BatchCache {
+            batch: cache.batch,
+            past: len,
+            inner: Box::new(TractCache { values }),
+        })
     }
 
     fn pad_front(&self, cache: &mut BatchCache, n: usize) -> Result<()> {
@@ -374,6 +420,10 @@ impl Generator for TractGenerator {
 
     fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()> {
         truncate_single(self, seq, len)
+    }
+
+    fn fork(&self, seq: &Sequence, len: usize) -> Result<Sequence> {
+        fork_single(self, seq, len)
     }
 
     fn batch_decoder(&self) -> Option<&dyn BatchDecoder> {

@@ -164,16 +164,14 @@ pub(crate) fn answer_batched(
                     }
                     let q = next;
                     next += 1;
-                    let mut model = engine.step_model(options);
-                    let run = LoopRun::new(&examples[q].question, &options.loop_options).and_then(
-                        |run| {
-                            use crate::reasoning::StepModel;
-                            model.begin_question(&examples[q].question)?;
-                            Ok(run)
-                        },
-                    );
+                    let run = engine.step_model(options).and_then(|mut model| {
+                        use crate::reasoning::StepModel;
+                        let run = LoopRun::new(&examples[q].question, &options.loop_options)?;
+                        model.begin_question(&examples[q].question)?;
+                        Ok((run, model))
+                    });
                     match run {
-                        Ok(run) => {
+                        Ok((run, model)) => {
                             *entry = Some(Slot {
                                 q,
                                 started: Instant::now(),
@@ -279,7 +277,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::backend::{append_single, truncate_single};
+    use crate::backend::{append_single, fork_single, truncate_single};
     use crate::engine::Engine;
     use crate::eval::{evaluate, evaluate_batched, EvalOptions};
     use crate::generator::{Generator, GeneratorInfo, Logits};
@@ -397,6 +395,20 @@ mod tests {
             Ok(())
         }
 
+        fn copy_cache(&self, cache: &BatchCache, len: usize) -> Result<BatchCache> {
+            let len = len.min(cache.past);
+            let rows = &cache
+                .inner
+                .downcast_ref::<Rows>()
+                .ok_or_else(|| Error::Input("foreign cache".into()))?
+                .0;
+            Ok(BatchCache {
+                batch: cache.batch,
+                past: len,
+                inner: Box::new(Rows(rows.iter().map(|r| r[..len].to_vec()).collect())),
+            })
+        }
+
         fn pad_front(&self, cache: &mut BatchCache, n: usize) -> Result<()> {
             for row in self.rows(cache)? {
                 row.splice(0..0, std::iter::repeat_n(None, n));
@@ -443,6 +455,9 @@ mod tests {
         }
         fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()> {
             truncate_single(self, seq, len)
+        }
+        fn fork(&self, seq: &Sequence, len: usize) -> Result<Sequence> {
+            fork_single(self, seq, len)
         }
         fn batch_decoder(&self) -> Option<&dyn BatchDecoder> {
             Some(self)
@@ -542,6 +557,53 @@ mod tests {
                     .map(|s| (&s.sentence, s.new_tokens, s.prompt_tokens))
                     .collect();
                 assert_eq!(sa, sb, "batch {batch}, {}", a.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Few-shot demonstrations before every prompt: the batched rows start from copies of the
+    /// prefix's cache and answer as one question at a time does, on one thread or two.
+    #[test]
+    fn batched_answers_with_a_prompt_prefix_equal_one_at_a_time() -> Result<()> {
+        let engine = engine()?;
+        let qs: Vec<QaExample> = (0..8).map(question).collect();
+        let mut options = engine.default_options();
+        options.prompt_prefix =
+            Some("Wikipedia Title : doc 7\ntext of doc 7 .\n\nQ : Which doc ?\nA : So the answer is 7 .\n\n".into());
+        let opts = EvalOptions::default();
+        let (_, one) = evaluate(&engine, &qs, &options, &opts, None)?;
+        assert!(one.iter().all(|r| r.error.is_none()), "{one:?}");
+        let mut plain = engine.default_options();
+        plain.kv_reuse = false;
+        plain.prompt_prefix = options.prompt_prefix.clone();
+        let (_, recomputed) = evaluate(&engine, &qs, &plain, &opts, None)?;
+        let runs = [
+            ("reuse off", recomputed),
+            (
+                "batch 3",
+                evaluate_batched(&engine, &qs, &options, &opts, None, 3)?.1,
+            ),
+            (
+                "batch 2, 2 workers",
+                crate::eval::evaluate_parallel(&engine, &qs, &options, &opts, None, 2, 2)?.1,
+            ),
+        ];
+        for (what, run) in runs {
+            for (a, b) in one.iter().zip(&run) {
+                assert_eq!(b.error, None, "{what}, {}", a.id);
+                assert_eq!(a.prediction, b.prediction, "{what}, {}", a.id);
+                let sa: Vec<_> = a
+                    .trace
+                    .iter()
+                    .map(|s| (&s.sentence, s.prompt_tokens))
+                    .collect();
+                let sb: Vec<_> = b
+                    .trace
+                    .iter()
+                    .map(|s| (&s.sentence, s.prompt_tokens))
+                    .collect();
+                assert_eq!(sa, sb, "{what}, {}", a.id);
             }
         }
         Ok(())

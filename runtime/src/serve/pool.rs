@@ -496,6 +496,11 @@ impl Generator for Guarded<'_> {
     fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()> {
         self.inner.truncate(seq, len)
     }
+
+    fn fork(&self, seq: &Sequence, len: usize) -> Result<Sequence> {
+        self.check()?;
+        self.inner.fork(seq, len)
+    }
 }
 
 /// The runtime's step model, reporting each step as it finishes.
