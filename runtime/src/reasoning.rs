@@ -588,11 +588,7 @@ impl PromptPrefix {
     /// Tokenizes `text` and prefills it on `generator` (the generator every question using
     /// the prefix runs on).
     pub fn new(generator: &dyn Generator, tokenizer: &Tokenizer, text: &str) -> Result<Self> {
-        let ids = tokenizer
-            .encode(text, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?
-            .get_ids()
-            .to_vec();
+        let ids = encode_ids(tokenizer, text)?;
         let context = generator.info().context_length;
         if ids.len() >= context {
             return Err(Error::ContextOverflow {
@@ -630,15 +626,23 @@ impl PromptPrefix {
             .seq
             .lock()
             .map_err(|_| Error::Input("prompt prefix lock poisoned".into()))?;
-        let common = seq
-            .tokens()
-            .iter()
-            .zip(ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(ids.len().saturating_sub(1));
+        let common = common_prefix(seq.tokens(), ids).min(ids.len().saturating_sub(1));
         generator.fork(&seq, common)
     }
+}
+
+/// `text`'s token ids (special tokens added, as every prompt is encoded).
+fn encode_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(tokenizer
+        .encode(text, true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?
+        .get_ids()
+        .to_vec())
+}
+
+/// Length of the longest common prefix of two token sequences.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl<'a> GeneratorStepModel<'a> {
@@ -681,12 +685,7 @@ impl<'a> GeneratorStepModel<'a> {
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?
-            .get_ids()
-            .to_vec())
+        encode_ids(self.tokenizer, text)
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -829,13 +828,7 @@ impl GeneratorStepModel<'_> {
         };
         // Keep the common prefix, but always run at least the last prompt token: its logits
         // start the generation.
-        let common = seq
-            .tokens()
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(ids.len() - 1);
+        let common = common_prefix(seq.tokens(), &ids).min(ids.len() - 1);
         if common < seq.len() {
             self.generator.truncate(&mut seq, common)?;
         }
@@ -1222,9 +1215,10 @@ pub(crate) mod tests {
         Ok(t)
     }
 
-    #[test]
-    fn generator_step_model_reuses_the_prefix_and_gives_identical_answers() -> Result<()> {
-        let words = [
+    /// The word tokenizer of the loop tests: the prompt's words, the answer phrase and the
+    /// numbers 0..20.
+    pub(crate) fn loop_tokenizer() -> Result<Tokenizer> {
+        let mut words: Vec<String> = [
             "Wikipedia",
             "Title",
             ":",
@@ -1240,30 +1234,19 @@ pub(crate) mod tests {
             "the",
             "answer",
             "is",
-            "0",
-            "1",
-            "2",
-            "3",
-            "4",
-            "5",
-            "6",
-            "7",
-            "8",
-            "9",
-            "10",
-            "11",
-            "12",
-            "13",
-            "14",
-            "15",
-            "16",
-            "17",
-            "18",
-            "19",
-        ];
-        let tok = word_tokenizer(&words)?;
+        ]
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+        words.extend((0..20).map(|i| i.to_string()));
+        let refs: Vec<&str> = words.iter().map(String::as_str).collect();
+        word_tokenizer(&refs)
+    }
+
+    /// A [`HashLm`] over [`loop_tokenizer`]'s ids.
+    fn hash_lm(tok: &Tokenizer) -> Result<HashLm> {
         let id = |w: &str| tok.token_to_id(w).ok_or_else(|| Error::Tokenizer(w.into()));
-        let lm = HashLm {
+        Ok(HashLm {
             info: crate::generator::GeneratorInfo {
                 backend: "hash-lm".into(),
                 providers: vec!["CPU".into()],
@@ -1277,7 +1260,13 @@ pub(crate) mod tests {
             period: id(".")?,
             eos: id("[EOS]")?,
             appended: Mutex::new(0),
-        };
+        })
+    }
+
+    #[test]
+    fn generator_step_model_reuses_the_prefix_and_gives_identical_answers() -> Result<()> {
+        let tok = loop_tokenizer()?;
+        let lm = hash_lm(&tok)?;
         let r = ListRetriever::new(20);
         let mut with = Vec::new();
         let mut without = Vec::new();
@@ -1317,45 +1306,8 @@ pub(crate) mod tests {
     /// model once instead of once per question.
     #[test]
     fn a_prompt_prefix_is_prefilled_once_and_changes_no_answer() -> Result<()> {
-        let mut words: Vec<String> = [
-            "Wikipedia",
-            "Title",
-            ":",
-            "Q",
-            "A",
-            "text",
-            "of",
-            "doc",
-            "Which",
-            "?",
-            ".",
-            "So",
-            "the",
-            "answer",
-            "is",
-        ]
-        .iter()
-        .map(|w| w.to_string())
-        .collect();
-        words.extend((0..20).map(|i| i.to_string()));
-        let refs: Vec<&str> = words.iter().map(String::as_str).collect();
-        let tok = word_tokenizer(&refs)?;
-        let id = |w: &str| tok.token_to_id(w).ok_or_else(|| Error::Tokenizer(w.into()));
-        let lm = HashLm {
-            info: crate::generator::GeneratorInfo {
-                backend: "hash-lm".into(),
-                providers: vec!["CPU".into()],
-                vocab_size: tok.get_vocab_size(true),
-                context_length: 4096,
-            },
-            words: ["text", "doc", "1", "2", "3", "of"]
-                .iter()
-                .map(|w| id(w))
-                .collect::<Result<_>>()?,
-            period: id(".")?,
-            eos: id("[EOS]")?,
-            appended: Mutex::new(0),
-        };
+        let tok = loop_tokenizer()?;
+        let lm = hash_lm(&tok)?;
         let demos = "Wikipedia Title : doc 7\ntext of doc 7 .\n\nQ : Which doc ?\nA : So the answer is 7 .\n\n";
         let questions = ["Which doc ?", "Which doc of 3 ?", "Which text of 12 ?"];
         let appended = || lm.appended.lock().map(|a| *a).unwrap_or(0);

@@ -281,7 +281,7 @@ mod tests {
     use crate::engine::Engine;
     use crate::eval::{evaluate, evaluate_batched, EvalOptions};
     use crate::generator::{Generator, GeneratorInfo, Logits};
-    use crate::reasoning::tests::{word_tokenizer, ListRetriever};
+    use crate::reasoning::tests::{loop_tokenizer, ListRetriever};
 
     /// Logit of the token the fake picks, over 0 for the rest.
     const FAKE_MARGIN: f32 = 4.0;
@@ -478,29 +478,7 @@ mod tests {
     }
 
     fn engine() -> Result<Engine> {
-        let mut words: Vec<String> = [
-            "Wikipedia",
-            "Title",
-            ":",
-            "Q",
-            "A",
-            "text",
-            "of",
-            "doc",
-            "Which",
-            "?",
-            ".",
-            "So",
-            "the",
-            "answer",
-            "is",
-        ]
-        .iter()
-        .map(|w| w.to_string())
-        .collect();
-        words.extend((0..20).map(|i| i.to_string()));
-        let refs: Vec<&str> = words.iter().map(String::as_str).collect();
-        let tok = word_tokenizer(&refs)?;
+        let tok = loop_tokenizer()?;
         let id = |w: &str| tok.token_to_id(w).ok_or_else(|| Error::Tokenizer(w.into()));
         let lm = BatchHashLm {
             info: GeneratorInfo {
