@@ -25,6 +25,7 @@
 // every candle CPU matmul in the workspace (Cargo unifies features).
 use gemm as _;
 
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -4,9 +4,15 @@
 //! Every op used here has a backward pass, so [`Llama::forward`] is differentiable with respect
 //! to every weight: RMSNorm, softmax and RoPE are the fused kernels of [`crate::ops`], which carry
 //! their own backward (candle-nn's fused `ops::rms_norm` / `softmax_last_dim` /
-//! `rotary_emb::rope` have none and are not used).
+//! `rotary_emb::rope` have none and are not used). On the CPU in f32, attention is the fused,
+//! causally tiled kernel of [`crate::attention`]; elsewhere the composed form (`repeat_kv`,
+//! matmul, masked softmax, matmul) runs.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+
+use crate::attention::KeyMask;
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
@@ -96,6 +102,9 @@ impl KvCache {
 /// What every layer needs for one batch: the additive mask and the RoPE tables per position.
 struct AttnInputs {
     mask: Option<Tensor>,
+    /// The same mask for the fused CPU attention ([`crate::attention`]); `None` off the CPU
+    /// or for non-f32 weights, where the composed form runs.
+    keys: Option<Arc<KeyMask>>,
     cos: Tensor,
     sin: Tensor,
 }
@@ -482,7 +491,14 @@ impl Llama {
     ) -> Result<AttnInputs> {
         let total = past + s;
         let need_mask = s > 1 || valid.iter().any(|r| r.iter().any(|&v| !v));
-        let mask = if need_mask {
+        let keys = if self.device.is_cpu() && self.dtype == DType::F32 {
+            Some(Arc::new(KeyMask::causal(valid, s)?))
+        } else {
+            None
+        };
+        let mask = if keys.is_some() {
+            None
+        } else if need_mask {
             let mut m = vec![0f32; b * s * total];
             for r in 0..b {
                 for i in 0..s {
@@ -502,7 +518,12 @@ impl Llama {
         let half = self.cfg.head_size() / 2;
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, s, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, s, half))?;
-        Ok(AttnInputs { mask, cos, sin })
+        Ok(AttnInputs {
+            mask,
+            keys,
+            cos,
+            sin,
+        })
     }
 
     fn layer_forward(
@@ -563,9 +584,13 @@ impl Llama {
         if keep {
             *cache = Some((k.clone(), v.clone()));
         }
+        let scale = 1.0 / (d as f64).sqrt();
+        if let Some(keys) = &ctx.keys {
+            let y = crate::attention::attention(&q, &k, &v, keys.clone(), scale)?;
+            return a.o_proj.forward(&y.reshape((b, s, nh * d))?);
+        }
         let k = repeat_kv(&k, nh / kvh)?;
         let v = repeat_kv(&v, nh / kvh)?;
-        let scale = 1.0 / (d as f64).sqrt();
         let att = q.matmul(&k.t()?.contiguous()?)?;
         let att = crate::ops::attention_softmax(&att, ctx.mask.as_ref(), scale)?;
         let y = att.matmul(&v)?;

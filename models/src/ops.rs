@@ -13,14 +13,18 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use rayon::prelude::*;
 
 /// Rows of `src` (contiguous, last dim `n`) as a slice.
-fn contiguous<'a, T>(src: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T>(
+    src: &'a [T],
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&src[a..b]),
         None => candle_core::bail!("{what}: input must be contiguous"),
     }
 }
 
-fn f32s<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn f32s<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
     match s {
         CpuStorage::F32(v) => Ok(v),
         other => candle_core::bail!("{what}: f32 only, got {:?}", other.dtype()),
