@@ -604,43 +604,8 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var, D};
-
-    /// Agreement with the composed form (f32, the same sums in another order).
-    const FWD_ATOL: f64 = 1e-5;
-    /// Gradient agreement with the composed form's autograd, relative to the gradient's scale.
-    const GRAD_RTOL: f64 = 1e-4;
-
-    fn max_abs(t: &Tensor) -> f64 {
-        t.abs()
-            .and_then(|t| t.max_all())
-            .and_then(|t| t.to_dtype(DType::F64))
-            .and_then(|t| t.to_scalar::<f64>())
-            .expect("max |x|")
-    }
-
-    fn close(name: &str, a: &Tensor, b: &Tensor, tol: f64) {
-        let scale = max_abs(a).max(max_abs(b)).max(1.0);
-        let d = max_abs(&(a - b).expect("same shapes"));
-        assert!(
-            d <= tol * scale,
-            "{name}: max |Δ| {d:e} > {tol:e} × {scale}"
-        );
-    }
-
-    fn randn(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-    }
+    use crate::ops::tests::{close, randn, FWD_ATOL, GRAD_RTOL};
+    use candle_core::{Device, Var, D};
 
     /// The composed form: `repeat_kv`, `q·kᵀ`, additive mask (−1e9), softmax, `·v`, transpose.
     fn composed(

@@ -415,17 +415,17 @@ pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Res
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
     /// Forward agreement of a fused kernel with its composed form (f32, a different order of
     /// the same operations).
-    const FWD_ATOL: f64 = 1e-5;
+    pub(crate) const FWD_ATOL: f64 = 1e-5;
     /// Gradient agreement with the composed form's autograd, relative to the gradient's scale.
-    const GRAD_RTOL: f64 = 1e-4;
+    pub(crate) const GRAD_RTOL: f64 = 1e-4;
 
-    fn max_abs(t: &Tensor) -> f64 {
+    pub(crate) fn max_abs(t: &Tensor) -> f64 {
         t.abs()
             .unwrap()
             .max_all()
@@ -436,7 +436,7 @@ mod tests {
             .unwrap()
     }
 
-    fn close(name: &str, a: &Tensor, b: &Tensor, tol: f64) {
+    pub(crate) fn close(name: &str, a: &Tensor, b: &Tensor, tol: f64) {
         let scale = max_abs(a).max(max_abs(b)).max(1.0);
         let d = max_abs(&(a - b).unwrap());
         assert!(
@@ -446,7 +446,7 @@ mod tests {
     }
 
     /// A random tensor; values of both signs and several magnitudes.
-    fn randn(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
         let n: usize = shape.iter().product();
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let v: Vec<f32> = (0..n)
