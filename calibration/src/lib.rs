@@ -30,6 +30,9 @@ pub use tables::{f32_hex, int8_scale, trt_cache};
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Writing an output file or directory failed (its path, the operation, the I/O error).
+    #[error(transparent)]
+    Fs(#[from] steper_fsutil::FsError),
     /// A tensor range that cannot be written (negative, NaN or infinite amax).
     #[error("tensor `{tensor}`: amax must be finite and >= 0, got {amax}")]
     BadRange {

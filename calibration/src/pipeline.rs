@@ -1,6 +1,6 @@
 //! The whole calibration run: prompts → ranges → tables → QDQ model → report.
 //!
-//! Files are first written into a staging directory inside `out` and renamed into place only
+//! Files are first written into a staging directory beside `out` (`steper_fsutil`) and moved into place only
 //! when every one of them is complete, so a failed run leaves no half-written output behind.
 
 use std::collections::HashMap;
@@ -258,23 +258,9 @@ pub struct CalibrationReport {
     pub seconds: f64,
 }
 
-/// Writes `bytes` to `path` through a temporary name in the same directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut f = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    f.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-    // Temporary files are created 0600; outputs are ordinary readable files.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        f.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| Error::io(path, e))?;
-    }
-    f.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+/// Writes `bytes` to `path` atomically (`steper_fsutil`).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    Ok(steper_fsutil::write_atomic(path, bytes)?)
 }
 
 /// Copies the files of `names` that exist in `src` into `dst` (atomically, each).
@@ -455,10 +441,7 @@ pub fn calibrate(
             got: opts.out.display().to_string(),
         });
     }
-    let staging = tempfile::Builder::new()
-        .prefix(".steper-calibrate-")
-        .tempdir_in(&opts.out)
-        .map_err(|e| Error::io(&opts.out, e))?;
+    let staging = steper_fsutil::StagingDir::new(&opts.out, steper_fsutil::Existing::Merge)?;
 
     let records = load_records(&opts.data, opts, progress)?;
     let budget = opts.max_tokens.min(manifest.context_length).max(1);
@@ -668,28 +651,7 @@ pub fn calibrate(
         )?;
     }
     // Everything is complete: move it into place (the manifest last).
-    let mut written = Vec::new();
-    let mut names: Vec<PathBuf> = std::fs::read_dir(staging.path())
-        .map_err(|e| Error::io(staging.path(), e))?
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    names.sort_by_key(|p| {
-        p.file_name()
-            .is_some_and(|n| n == steper_runtime::manifest::MANIFEST_FILE)
-    });
-    for src in names {
-        let Some(name) = src.file_name() else {
-            continue;
-        };
-        let dst = opts.out.join(name);
-        if src.is_dir() && dst.is_dir() {
-            std::fs::remove_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
-        }
-        std::fs::rename(&src, &dst).map_err(|e| Error::io(&dst, e))?;
-        written.push(dst);
-    }
-    drop(staging);
+    let written = staging.merge(&[steper_runtime::manifest::MANIFEST_FILE])?;
 
     // Report: int8 vs fp32 on ONNX Runtime CPU.
     let backend = BackendKind::Ort(OrtOptions {

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong while exporting or verifying a model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Writing an output file or directory failed (its path, the operation, the I/O error).
+    #[error(transparent)]
+    Fs(#[from] steper_fsutil::FsError),
     /// Loading the checkpoint or running the candle reference failed.
     #[error(transparent)]
     Model(#[from] steper_models::Error),

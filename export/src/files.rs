@@ -136,6 +136,6 @@ pub fn write_tokenizer_config(checkpoint: &Path, out: &Path) -> Result<()> {
             "model_max_length": 1_000_000
         }))?
     };
-    steper_models::fsutil::write_atomic(&dst, &bytes)?;
+    steper_fsutil::write_atomic(&dst, &bytes)?;
     Ok(())
 }

@@ -198,7 +198,7 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
     let tokenizer = tok_src.is_file();
     if tokenizer {
         let bytes = std::fs::read(&tok_src).map_err(|e| Error::io(&tok_src, e))?;
-        steper_models::fsutil::write_atomic(&out.join(files::TOKENIZER_FILE), &bytes)?;
+        steper_fsutil::write_atomic(&out.join(files::TOKENIZER_FILE), &bytes)?;
         files::write_tokenizer_config(checkpoint, out)?;
     }
     let mut manifest = files::manifest(cfg, opts.dtype);
@@ -206,7 +206,7 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
     manifest.graph.attention = opts.attention;
     manifest.save(&out.join(steper_runtime::manifest::MANIFEST_FILE))?;
     let genai = files::genai_config(cfg, opts.quantize.as_ref());
-    steper_models::fsutil::write_atomic(
+    steper_fsutil::write_atomic(
         &out.join(files::GENAI_CONFIG_FILE),
         serde_json::to_string_pretty(&genai)?.as_bytes(),
     )?;
@@ -266,7 +266,7 @@ pub fn write_model(
             offset += len;
             blobs.push(raw);
         }
-        steper_models::fsutil::write_atomic_with(&data_path, |f| {
+        steper_fsutil::write_atomic_with(&data_path, |f| {
             use std::io::Write;
             for b in &blobs {
                 f.write_all(b)?;
@@ -276,7 +276,7 @@ pub fn write_model(
         ext_path = Some(data_path);
     }
     let bytes = model.encode_to_vec();
-    steper_models::fsutil::write_atomic(path, &bytes)?;
+    steper_fsutil::write_atomic(path, &bytes)?;
     if !external {
         let stale = path.with_file_name(EXTERNAL_DATA_FILE);
         if stale.exists() {

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic;
+use steper_fsutil::write_atomic;
 
 /// Model types whose architecture is the one implemented here.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama"];
@@ -175,7 +175,7 @@ impl LlamaConfig {
 
     /// Writes the config atomically to `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        write_atomic(path, self.to_json_string().as_bytes())
+        Ok(write_atomic(path, self.to_json_string().as_bytes())?)
     }
 
     /// Checks the values, naming the first field that is wrong.

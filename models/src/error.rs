@@ -6,6 +6,9 @@ use std::path::PathBuf;
 /// model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Writing an output file or directory failed (its path, the operation, the I/O error).
+    #[error(transparent)]
+    Fs(#[from] steper_fsutil::FsError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -13,8 +13,8 @@ use candle_core::{Device, Tensor};
 
 use crate::config::{LlamaConfig, TokenIds};
 use crate::error::{Error, Result};
-use crate::fsutil::StagingDir;
 use crate::weights::{Weights, CONFIG_FILE, TOKENIZER_FILE};
+use steper_fsutil::{Existing, StagingDir};
 
 /// Tensor types this importer dequantizes (those candle's GGML kernels implement).
 pub const SUPPORTED_TYPES: &[GgmlDType] = &[
@@ -424,7 +424,7 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportReport> {
         )));
     }
     let weights = f.hf_weights(&cfg)?;
-    let stage = StagingDir::new(out)?;
+    let stage = StagingDir::new(out, Existing::Refuse)?;
     cfg.save(&stage.path().join(CONFIG_FILE))?;
     weights.save_dir(stage.path(), None)?;
     let tok_path = stage.path().join(TOKENIZER_FILE);

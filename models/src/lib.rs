@@ -29,7 +29,6 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
-pub mod fsutil;
 pub mod generate;
 pub mod gguf;
 pub mod lora;

@@ -10,7 +10,6 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic_with;
 
 /// File name of a single-file checkpoint.
 pub const SAFETENSORS_FILE: &str = "model.safetensors";
@@ -197,7 +196,7 @@ impl Weights {
             "weight_map": weight_map,
         });
         let text = serde_json::to_string_pretty(&index).unwrap_or_default();
-        crate::fsutil::write_atomic(&dir.join(SAFETENSORS_INDEX_FILE), text.as_bytes())?;
+        steper_fsutil::write_atomic(&dir.join(SAFETENSORS_INDEX_FILE), text.as_bytes())?;
         let single = dir.join(SAFETENSORS_FILE);
         if single.exists() {
             std::fs::remove_file(&single).map_err(|e| Error::io(&single, e))?;
@@ -235,7 +234,7 @@ fn save_safetensors<'a>(
         path: path.to_path_buf(),
         message: format!("cannot serialize safetensors: {e}"),
     })?;
-    write_atomic_with(path, |w| std::io::Write::write_all(w, &bytes))
+    Ok(steper_fsutil::write_atomic(path, &bytes)?)
 }
 
 /// The safetensors files of a checkpoint directory, in load order.

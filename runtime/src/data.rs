@@ -4,8 +4,8 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -278,57 +278,32 @@ pub fn write_jsonl<'a, T: Serialize + 'a>(
     w.commit()
 }
 
-/// A JSONL writer that writes to `<path>.tmp` and renames into place on [`AtomicWriter::commit`].
-/// Dropped without commit, it removes the temporary file.
+/// A JSONL writer whose file appears, complete, only on [`AtomicWriter::commit`] (written under
+/// a temporary name by `steper_fsutil`, synced, renamed). Dropped without commit, it removes
+/// the temporary file.
 pub struct AtomicWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    out: Option<BufWriter<File>>,
+    out: steper_fsutil::AtomicFile,
 }
 
 impl AtomicWriter {
-    /// Opens `<path>.tmp` for writing.
+    /// Starts writing `path`.
     pub fn create(path: &Path) -> Result<Self> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         Ok(AtomicWriter {
-            path: path.to_path_buf(),
-            tmp,
-            out: Some(BufWriter::new(file)),
+            out: steper_fsutil::AtomicFile::create(path)?,
         })
     }
 
     /// Appends one JSON line.
     pub fn write_row<T: Serialize + ?Sized>(&mut self, row: &T) -> Result<()> {
-        let tmp = self.tmp.clone();
-        let out = self
-            .out
-            .as_mut()
-            .ok_or_else(|| Error::Input("writer already committed".into()))?;
-        serde_json::to_writer(&mut *out, row)
-            .map_err(|e| Error::io(&tmp, std::io::Error::other(e)))?;
-        out.write_all(b"\n").map_err(|e| Error::io(&tmp, e))
+        let path = self.out.path().to_path_buf();
+        serde_json::to_writer(&mut self.out, row)
+            .map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
+        self.out.write_all(b"\n").map_err(|e| Error::io(&path, e))
     }
 
     /// Flushes, syncs and renames the file into place.
-    pub fn commit(mut self) -> Result<()> {
-        if let Some(out) = self.out.take() {
-            let file = out
-                .into_inner()
-                .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-            file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
-        }
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
-    }
-}
-
-impl Drop for AtomicWriter {
-    fn drop(&mut self) {
-        if self.out.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+    pub fn commit(self) -> Result<()> {
+        Ok(self.out.commit()?)
     }
 }
 
@@ -336,7 +311,7 @@ impl Drop for AtomicWriter {
 mod tests {
     use super::*;
 
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
         let p = dir.join(name);
         std::fs::write(&p, text).expect("write fixture");
         p
@@ -457,7 +432,11 @@ mod tests {
             text: "x".into(),
         }];
         write_jsonl(&p, &docs)?;
-        assert!(!dir.path().join("c.jsonl.tmp").exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .map_err(|e| Error::io("tmp", e))?
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("c.jsonl")]);
         let back = read_corpus(&p, ReadOptions::default())?;
         assert_eq!(back.rows, docs);
         Ok(())

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 /// what was expected); add a variant rather than formatting facts into a string elsewhere.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Writing an output file or directory failed (its path, the operation, the I/O error).
+    #[error(transparent)]
+    Fs(#[from] steper_fsutil::FsError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -70,6 +73,18 @@ pub enum Error {
     /// Invalid input given to an API call.
     #[error("invalid input: {0}")]
     Input(String),
+    /// The question is empty (or only whitespace).
+    #[error("the question is empty")]
+    EmptyQuestion,
+    /// The run was cancelled (its [`crate::control::Cancel`] token, or its observer stopped it).
+    #[error("the run was cancelled")]
+    Cancelled,
+    /// The run passed the deadline of its [`crate::control::Cancel`] token.
+    #[error("the run passed its deadline ({after_ms:.0} ms after the token was made)")]
+    DeadlineExceeded {
+        /// Milliseconds from the token's creation to its deadline.
+        after_ms: f64,
+    },
     /// A tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

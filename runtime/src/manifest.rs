@@ -240,7 +240,7 @@ impl Manifest {
     /// Writes the manifest (pretty JSON) atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::Input(e.to_string()))?;
-        write_atomic(path, text.as_bytes())
+        Ok(steper_fsutil::write_atomic(path, text.as_bytes())?)
     }
 
     /// Optimum's input names for `layers` decoder layers.
@@ -266,30 +266,4 @@ impl Manifest {
         }
         v
     }
-}
-
-/// Writes `bytes` to a temporary sibling of `path`, then renames it into place.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    if let Some(parent) = path.parent() {
-        if !parent.as_os_str().is_empty() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
 }

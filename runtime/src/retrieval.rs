@@ -132,16 +132,9 @@ pub fn build_index(
         Bm25Index::open(out)?;
     }
     let start = Instant::now();
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "index".into());
-    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = (|| {
+    let stage = steper_fsutil::StagingDir::new(out, steper_fsutil::Existing::Replace)?;
+    let tmp = stage.path().to_path_buf();
+    let result: Result<()> = (|| {
         let (schema, f) = schema();
         let index = Index::create_in_dir(&tmp, schema).map_err(index_err(out))?;
         index.tokenizers().register(ANALYZER, analyzer()?);
@@ -160,14 +153,9 @@ pub fn build_index(
         bar.finish_and_clear();
         Ok(())
     })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    // on an error the staging directory is removed when `stage` drops
+    result?;
+    stage.commit()?;
     let seconds = start.elapsed().as_secs_f64();
     Ok(IndexStats {
         path: out.to_path_buf(),

@@ -121,7 +121,7 @@ fn rewrite_lines(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<String>
     if !out.is_empty() {
         out.push('\n');
     }
-    steper_models::fsutil::write_atomic(path, out.as_bytes())?;
+    steper_fsutil::write_atomic(path, out.as_bytes())?;
     Ok(lines)
 }
 
@@ -302,7 +302,7 @@ pub fn distill_pool<M: StepModel + Send>(
     s.seconds = seconds;
     s.teacher_tokens_per_sec = new_tokens as f64 / seconds.max(1e-9);
     let text = serde_json::to_string_pretty(&s).map_err(|e| Error::Input(e.to_string()))?;
-    steper_models::fsutil::write_atomic(&out.join("summary.json"), text.as_bytes())?;
+    steper_fsutil::write_atomic(&out.join("summary.json"), text.as_bytes())?;
     Ok(s)
 }
 

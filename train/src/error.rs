@@ -5,6 +5,9 @@ use std::path::PathBuf;
 /// Everything the training library can report.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Writing an output file or directory failed (its path, the operation, the I/O error).
+    #[error(transparent)]
+    Fs(#[from] steper_fsutil::FsError),
     /// An error from the models crate (config, checkpoint, GGUF, candle).
     #[error(transparent)]
     Models(#[from] steper_models::Error),

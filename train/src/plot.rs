@@ -138,7 +138,7 @@ pub fn plot_log(log: &Path, out: &Path, opts: &PlotOptions) -> Result<PlotReport
         opts.size,
         font.is_some(),
     )?;
-    steper_models::fsutil::write_atomic(&losses_png, &png)?;
+    steper_fsutil::write_atomic(&losses_png, &png)?;
 
     let sigma_series: Vec<Series> = STAGES
         .iter()
@@ -166,7 +166,7 @@ pub fn plot_log(log: &Path, out: &Path, opts: &PlotOptions) -> Result<PlotReport
         opts.size,
         font.is_some(),
     )?;
-    steper_models::fsutil::write_atomic(&sigma_png, &png)?;
+    steper_fsutil::write_atomic(&sigma_png, &png)?;
 
     let last = lines.last().expect("non-empty");
     let tail = &lines[lines.len().saturating_sub(smooth)..];

@@ -93,7 +93,7 @@ pub fn init_student(texts: &[String], spec: &StudentSpec, out: &Path) -> Result<
     };
     cfg.validate(out)?;
     let w = Weights::random(&cfg, spec.seed, &Device::Cpu)?;
-    let stage = steper_models::fsutil::StagingDir::new(out)?;
+    let stage = steper_fsutil::StagingDir::new(out, steper_fsutil::Existing::Refuse)?;
     Checkpoint::save(stage.path(), &cfg, &w, None)?;
     let tp = stage.path().join("tokenizer.json");
     tok.save(&tp, false)

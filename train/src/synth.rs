@@ -410,10 +410,10 @@ pub fn write_world(w: &World, dir: &std::path::Path) -> crate::Result<()> {
         }
         s
     }
-    steper_models::fsutil::write_atomic(&dir.join("corpus.jsonl"), lines(&w.corpus).as_bytes())?;
-    steper_models::fsutil::write_atomic(&dir.join("train.jsonl"), lines(&w.train).as_bytes())?;
-    steper_models::fsutil::write_atomic(&dir.join("dev.jsonl"), lines(&w.dev).as_bytes())?;
-    steper_models::fsutil::write_atomic(&dir.join("test.jsonl"), lines(&w.test).as_bytes())?;
+    steper_fsutil::write_atomic(&dir.join("corpus.jsonl"), lines(&w.corpus).as_bytes())?;
+    steper_fsutil::write_atomic(&dir.join("train.jsonl"), lines(&w.train).as_bytes())?;
+    steper_fsutil::write_atomic(&dir.join("dev.jsonl"), lines(&w.dev).as_bytes())?;
+    steper_fsutil::write_atomic(&dir.join("test.jsonl"), lines(&w.test).as_bytes())?;
     Ok(())
 }
 

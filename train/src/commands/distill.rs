@@ -144,7 +144,7 @@ pub fn run(a: Args) -> Result<()> {
         )?;
         // Counts cover the questions run now (a resumed run skips those already done).
         let stats = t.stats();
-        steper_models::fsutil::write_atomic(
+        steper_fsutil::write_atomic(
             &a.out.join("gold_stats.json"),
             serde_json::to_string_pretty(stats)?.as_bytes(),
         )?;

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use steper_models::fsutil::write_atomic;
+use steper_fsutil::write_atomic;
 use steper_models::{Llama, Weights};
 
 use super::Example;

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use steper_models::fsutil::{write_atomic, StagingDir};
+use steper_fsutil::{write_atomic, StagingDir};
 use steper_models::lora::{init_adapters, merge, LoraConfig};
 use steper_models::{Checkpoint, Llama, LlamaConfig, Weights};
 
@@ -756,7 +756,7 @@ fn save_checkpoint(
     state: &TrainerState,
 ) -> Result<()> {
     let dest = out.join(CKPT_DIR).join(format!("step-{:08}", state.step));
-    let stage = StagingDir::new(&dest)?;
+    let stage = StagingDir::new(&dest, steper_fsutil::Existing::Refuse)?;
     Checkpoint::save(stage.path(), cfg, weights, None)?;
     if let Some(a) = adapters {
         let named: Vec<(&String, &Tensor)> = a.tensors().iter().collect();

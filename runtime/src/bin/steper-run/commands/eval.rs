@@ -68,9 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut summary_path = a.out.clone().into_os_string();
     summary_path.push(".summary.json");
     let summary_path = PathBuf::from(summary_path);
-    let tmp = summary_path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&v)?)?;
-    std::fs::rename(&tmp, &summary_path)?;
+    steper_fsutil::write_atomic(&summary_path, serde_json::to_string_pretty(&v)?.as_bytes())?;
     if a.json {
         println!("{v}");
     } else {
