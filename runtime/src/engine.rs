@@ -31,11 +31,12 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::backend::{load_model, BackendKind, OrtOptions};
+use crate::control::{Cancel, LoopControl, StepObserver};
 use crate::error::{Error, Result};
 use crate::generator::{Generator, GeneratorInfo};
 use crate::manifest::Manifest;
 use crate::reasoning::{
-    reason, Decoding, GeneratorStepModel, LoopOptions, PromptPrefix, Reasoning,
+    reason_with, Decoding, GeneratorStepModel, LoopOptions, PromptPrefix, Reasoning,
 };
 use crate::retrieval::{Bm25Index, Retriever};
 
@@ -52,6 +53,14 @@ pub struct ReasonOptions {
     /// [`crate::fewshot::prefix`]); the prompt is fitted into what the context leaves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_prefix: Option<String>,
+    /// Stops the run from another thread or at a deadline ([`Error::Cancelled`] /
+    /// [`Error::DeadlineExceeded`]); checked before every model call. Not serialized.
+    #[serde(skip)]
+    pub cancel: Option<Cancel>,
+    /// Called with each step's trace as soon as the step finishes; it may stop the run. Not
+    /// serialized.
+    #[serde(skip)]
+    pub observer: Option<StepObserver>,
 }
 
 impl Default for ReasonOptions {
@@ -61,6 +70,8 @@ impl Default for ReasonOptions {
             kv_reuse: true,
             decoding: Decoding::Greedy,
             prompt_prefix: None,
+            cancel: None,
+            observer: None,
         }
     }
 }
@@ -250,11 +261,16 @@ impl Engine {
     /// Answers `question`; the result carries the per-step trace.
     pub fn reason(&self, question: &str, options: &ReasonOptions) -> Result<Reasoning> {
         let mut model = self.step_model(options)?;
-        reason(
+        let control = LoopControl {
+            cancel: options.cancel.clone(),
+            observer: options.observer.clone(),
+        };
+        reason_with(
             question,
             self.retriever.as_ref(),
             &mut model,
             &options.loop_options,
+            &control,
         )
     }
 

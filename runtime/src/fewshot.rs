@@ -225,6 +225,7 @@ mod tests {
             reasoning: &[],
             prompt: "Q: q\nA:",
             max_new_tokens: 8,
+            cancel: None,
         };
         m.generate(&req)?;
         assert_eq!(m.inner().0, vec!["one two three\n\nQ: q\nA:".to_string()]);

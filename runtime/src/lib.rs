@@ -5,6 +5,7 @@
 
 pub mod answer;
 pub mod backend;
+pub mod control;
 pub mod data;
 pub mod engine;
 pub mod error;
@@ -23,9 +24,10 @@ pub use backend::{
     load_model, BackendKind, ExecutionProvider, KvCacheMode, LoadedModel, OptLevel, OrtOptions,
     TensorRtOptions,
 };
+pub use control::{Cancel, LoopControl, StepObserver};
 pub use engine::{Engine, EngineBuilder, ReasonOptions};
 pub use error::{Error, Result};
 pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
 pub use manifest::{Manifest, TEMPLATE_VERSION};
-pub use reasoning::{reason, GeneratorStepModel, LoopOptions, Reasoning, StepModel};
+pub use reasoning::{reason, reason_with, GeneratorStepModel, LoopOptions, Reasoning, StepModel};
 pub use retrieval::{Bm25Index, Retriever};

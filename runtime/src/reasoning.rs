@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::answer::{clean_query, extract_answer, first_sentence};
+use crate::control::{Cancel, LoopControl};
 use crate::data::{PromptPassage, Stage, StepwiseRecord};
 use crate::error::{Error, Result};
 use crate::generator::{Generator, LogitsMode, Sequence};
@@ -100,6 +101,9 @@ pub struct StepRequest<'a> {
     pub prompt: &'a str,
     /// Maximum new tokens.
     pub max_new_tokens: usize,
+    /// The run's cancel token: a step model checks it before each model call (the runtime's
+    /// does, before the prefill and every decoded token) and returns its error.
+    pub cancel: Option<&'a Cancel>,
 }
 
 /// One continuation produced by a [`StepModel`].
@@ -296,13 +300,38 @@ pub fn reason(
     model: &mut dyn StepModel,
     opts: &LoopOptions,
 ) -> Result<Reasoning> {
-    let mut run = LoopRun::new(question, opts)?;
+    reason_with(question, retriever, model, opts, &LoopControl::default())
+}
+
+/// Runs the loop for `question` under `control`: its cancel token is checked before each step
+/// and handed to the step model (which checks it before every model call), and its observer is
+/// called with each step's trace and the passages held so far as soon as the step finishes.
+/// A cancelled run ends with [`Error::Cancelled`] or [`Error::DeadlineExceeded`].
+pub fn reason_with(
+    question: &str,
+    retriever: &dyn Retriever,
+    model: &mut dyn StepModel,
+    opts: &LoopOptions,
+    control: &LoopControl,
+) -> Result<Reasoning> {
+    let mut run = LoopRun::new(question, opts)?.with_cancel(control.cancel.clone());
     model.begin_question(question)?;
     loop {
+        control.check()?;
         run.prepare(retriever, &*model)?;
         let out = model.generate(&run.request()?)?;
-        if let Some(done) = run.finish_step(out)? {
-            return Ok(done);
+        match run.finish_step(out)? {
+            Some(done) => {
+                if let Some(last) = done.steps.last() {
+                    control.report(last, &done.passages)?;
+                }
+                return Ok(done);
+            }
+            None => {
+                if let Some(last) = run.steps.last() {
+                    control.report(last, &run.passages)?;
+                }
+            }
         }
     }
 }
@@ -333,6 +362,7 @@ pub struct LoopRun {
     /// The step being run (1-based once prepared).
     step: usize,
     prepared: Option<PreparedStep>,
+    cancel: Option<Cancel>,
 }
 
 impl LoopRun {
@@ -340,7 +370,7 @@ impl LoopRun {
     pub fn new(question: &str, opts: &LoopOptions) -> Result<Self> {
         opts.validate()?;
         if question.trim().is_empty() {
-            return Err(Error::Input("the question is empty".into()));
+            return Err(Error::EmptyQuestion);
         }
         Ok(LoopRun {
             question: question.to_string(),
@@ -353,7 +383,14 @@ impl LoopRun {
             query: question.trim().to_string(),
             step: 0,
             prepared: None,
+            cancel: None,
         })
+    }
+
+    /// Hands `cancel` to the step model with every request.
+    pub fn with_cancel(mut self, cancel: Option<Cancel>) -> Self {
+        self.cancel = cancel;
+        self
     }
 
     /// The question.
@@ -457,6 +494,7 @@ impl LoopRun {
             reasoning: &self.reasoning,
             prompt: &p.fitted.text,
             max_new_tokens: self.opts.max_sentence_tokens,
+            cancel: self.cancel.as_ref(),
         })
     }
 
@@ -769,8 +807,11 @@ impl StepModel for GeneratorStepModel<'_> {
     }
 
     fn generate(&mut self, req: &StepRequest<'_>) -> Result<StepOutput> {
+        let check = || req.cancel.map_or(Ok(()), Cancel::check);
+        check()?;
         let (mut d, mut seq, mut logits) = self.prefill(req)?;
         while let Some(id) = self.accept(&mut d, logits.last())? {
+            check()?;
             logits = self.generator.append(&mut seq, &[id], LogitsMode::Last)?;
         }
         Ok(self.finish(d, seq))
@@ -1018,6 +1059,86 @@ pub(crate) mod tests {
             .2
             .ends_with("Q: Which doc?\nA: Doc 3 is about text."));
         assert_eq!(out.passages.len(), 8);
+        Ok(())
+    }
+
+    #[test]
+    fn the_observer_sees_every_step_as_it_finishes_and_can_stop_the_run() -> Result<()> {
+        use crate::control::{Cancel, LoopControl, StepObserver};
+        use std::ops::ControlFlow;
+        use std::sync::{Arc, Mutex};
+        let r = ListRetriever::new(20);
+        let lines = vec![
+            " Doc 3 is about text.",
+            " Doc 5 is too.",
+            " So the answer is: Title 3.",
+        ];
+        let seen: Arc<Mutex<Vec<(usize, String, usize)>>> = Arc::default();
+        let log = Arc::clone(&seen);
+        let control = LoopControl {
+            cancel: Some(Cancel::new()),
+            observer: Some(StepObserver::new(move |t, held| {
+                log.lock()
+                    .unwrap()
+                    .push((t.step, t.sentence.clone(), held.len()));
+                ControlFlow::Continue(())
+            })),
+        };
+        let mut m = scripted(lines.clone());
+        let out = reason_with("Which doc?", &r, &mut m, &LoopOptions::default(), &control)?;
+        let seen = seen.lock().unwrap().clone();
+        let expected: Vec<(usize, String, usize)> = out
+            .steps
+            .iter()
+            .map(|t| (t.step, t.sentence.clone(), t.held))
+            .collect();
+        assert_eq!(
+            seen, expected,
+            "one report per step, in order, with the held passages"
+        );
+        assert_eq!(out.answer, "Title 3");
+
+        // Break after the first step: the run stops there with Cancelled.
+        let stop = LoopControl {
+            cancel: None,
+            observer: Some(StepObserver::new(|_, _| ControlFlow::Break(()))),
+        };
+        let mut m = scripted(lines.clone());
+        let err = reason_with("Which doc?", &r, &mut m, &LoopOptions::default(), &stop);
+        assert!(matches!(err, Err(Error::Cancelled)), "{err:?}");
+        assert_eq!(m.prompts.len(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_cancelled_or_expired_token_stops_the_loop_before_the_next_model_call() -> Result<()> {
+        use crate::control::{Cancel, LoopControl};
+        let r = ListRetriever::new(20);
+        let cancel = Cancel::new();
+        cancel.cancel();
+        let control = LoopControl {
+            cancel: Some(cancel),
+            observer: None,
+        };
+        let mut m = scripted(vec![" So the answer is: Title 3."]);
+        let err = reason_with("Which doc?", &r, &mut m, &LoopOptions::default(), &control);
+        assert!(matches!(err, Err(Error::Cancelled)), "{err:?}");
+        assert!(m.prompts.is_empty(), "no model call after cancellation");
+
+        let expired = LoopControl {
+            cancel: Some(Cancel::with_deadline(std::time::Instant::now())),
+            observer: None,
+        };
+        let err = reason_with("Which doc?", &r, &mut m, &LoopOptions::default(), &expired);
+        assert!(
+            matches!(err, Err(Error::DeadlineExceeded { .. })),
+            "{err:?}"
+        );
+        assert!(m.prompts.is_empty());
+
+        // the empty question is its own error, not a message to match
+        let err = reason("  ", &r, &mut m, &LoopOptions::default());
+        assert!(matches!(err, Err(Error::EmptyQuestion)), "{err:?}");
         Ok(())
     }
 
@@ -1305,6 +1426,31 @@ pub(crate) mod tests {
     /// [`crate::fewshot::Prefixed`] wrapper), and the demonstrations' tokens run through the
     /// model once instead of once per question.
     #[test]
+    fn the_generator_step_model_checks_the_cancel_token_of_its_request() -> Result<()> {
+        let tok = loop_tokenizer()?;
+        let lm = hash_lm(&tok)?;
+        let mut m = GeneratorStepModel::new(&lm, &tok, &[]);
+        let cancel = crate::control::Cancel::new();
+        let mut req = StepRequest {
+            question: "q",
+            step: 1,
+            forced: false,
+            passages: &[],
+            reasoning: &[],
+            prompt: "Q : Which doc ? A :",
+            max_new_tokens: 4,
+            cancel: Some(&cancel),
+        };
+        m.begin_question("q")?;
+        assert!(m.generate(&req).is_ok());
+        cancel.cancel();
+        assert!(matches!(m.generate(&req), Err(Error::Cancelled)));
+        req.cancel = None;
+        assert!(m.generate(&req).is_ok());
+        Ok(())
+    }
+
+    #[test]
     fn a_prompt_prefix_is_prefilled_once_and_changes_no_answer() -> Result<()> {
         let tok = loop_tokenizer()?;
         let lm = hash_lm(&tok)?;
@@ -1431,6 +1577,7 @@ pub(crate) mod tests {
                 reasoning: &[],
                 prompt: "Q : doc ? A :",
                 max_new_tokens: 8,
+                cancel: None,
             })?;
             // EOS is refused as the first token, then taken as the second.
             assert_eq!(

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -39,28 +39,20 @@ struct Fixture {
     questions: Vec<String>,
 }
 
-/// The tiny export and an index of its world, or `None` (PENDING) without `STEPER_TEST_MODEL`.
-fn fixture() -> Result<Option<Fixture>> {
-    let model = match std::env::var_os("STEPER_TEST_MODEL") {
-        Some(p) if Path::new(&p).join("steper.json").is_file() => PathBuf::from(p),
-        _ => {
-            eprintln!(
-                "PENDING: set STEPER_TEST_MODEL to an export directory to run the serve tests"
-            );
-            return Ok(None);
-        }
-    };
+/// The tiny export of `STEPER_TEST_MODEL` and an index of its world; missing either is an
+/// error (scripts/test.sh makes both).
+fn fixture() -> Result<Fixture> {
+    let model = common::test_model()?;
     let world = model
         .parent()
         .map(|p| p.join("world"))
-        .filter(|w| w.join("corpus.jsonl").is_file());
-    let Some(world) = world else {
-        eprintln!(
-            "PENDING: no world/corpus.jsonl beside {} (scripts/test.sh makes one)",
-            model.display()
-        );
-        return Ok(None);
-    };
+        .filter(|w| w.join("corpus.jsonl").is_file())
+        .with_context(|| {
+            format!(
+                "no world/corpus.jsonl beside {} (scripts/test.sh makes one)",
+                model.display()
+            )
+        })?;
     let corpus = world.join("corpus.jsonl");
     let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
     let dir = tempfile::tempdir()?;
@@ -73,12 +65,12 @@ fn fixture() -> Result<Option<Fixture>> {
         .take(20)
         .collect();
     anyhow::ensure!(questions.len() >= 4, "too few dev questions");
-    Ok(Some(Fixture {
+    Ok(Fixture {
         _dir: dir,
         model,
         index,
         questions,
-    }))
+    })
 }
 
 fn ort() -> BackendKind {
@@ -148,7 +140,7 @@ fn error_type(r: &Response) -> Result<String> {
 
 #[test]
 fn reason_round_trip_matches_the_engine_and_health_is_ready() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let direct = engine(&f)?;
     let h = start(&f, config())?;
     let mut c = client(&h)?;
@@ -229,7 +221,7 @@ fn assert_openai_completion(v: &Value) -> Result<()> {
 
 #[test]
 fn completions_follow_the_openai_schema_and_match_direct_decoding() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let direct = engine(&f)?;
     let h = start(&f, config())?;
     let mut c = client(&h)?;
@@ -246,6 +238,7 @@ fn completions_follow_the_openai_schema_and_match_direct_decoding() -> Result<()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let expected = complete(
         direct.generator(),
+        &steper_runtime::Cancel::new(),
         direct.tokenizer(),
         direct.eos_token_ids(),
         &req,
@@ -320,7 +313,7 @@ fn completions_follow_the_openai_schema_and_match_direct_decoding() -> Result<()
 
 #[test]
 fn streaming_sends_steps_in_order_then_the_answer() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let h = start(&f, config())?;
     let mut c = client(&h)?;
     for q in f.questions.iter().take(2) {
@@ -389,7 +382,7 @@ fn streaming_sends_steps_in_order_then_the_answer() -> Result<()> {
 
 #[test]
 fn bad_requests_get_400_naming_the_field_404_405_and_413() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let h = start(&f, config())?;
     let mut c = client(&h)?;
     for (body, field) in [
@@ -453,7 +446,7 @@ fn bad_requests_get_400_naming_the_field_404_405_and_413() -> Result<()> {
 
 #[test]
 fn metrics_counters_move() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let h = start(&f, config())?;
     let mut c = client(&h)?;
     let read = |c: &mut Client| -> Result<String> {
@@ -580,7 +573,7 @@ fn spawn_reason(addr: String, question: String) -> std::thread::JoinHandle<Resul
 
 #[test]
 fn health_is_503_until_the_model_is_loaded() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let (release, wait) = std::sync::mpsc::channel::<()>();
     let (model, index) = (f.model.clone(), f.index.clone());
     let h = Server::start(config(), move || {
@@ -612,7 +605,7 @@ fn health_is_503_until_the_model_is_loaded() -> Result<()> {
 
 #[test]
 fn a_full_queue_answers_503_with_retry_after_and_accepted_requests_finish() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let gate = Arc::new(Gate::default());
     let cfg = ServeConfig {
         workers: 1,
@@ -648,7 +641,7 @@ fn a_full_queue_answers_503_with_retry_after_and_accepted_requests_finish() -> R
 
 #[test]
 fn a_request_past_its_deadline_gets_504_and_frees_the_worker() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let gate = Arc::new(Gate::default());
     let cfg = ServeConfig {
         workers: 1,
@@ -697,7 +690,7 @@ fn a_request_past_its_deadline_gets_504_and_frees_the_worker() -> Result<()> {
 
 #[test]
 fn graceful_shutdown_answers_every_accepted_request_and_refuses_new_ones() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let gate = Arc::new(Gate::default());
     let cfg = ServeConfig {
         workers: 1,
@@ -743,7 +736,7 @@ fn graceful_shutdown_answers_every_accepted_request_and_refuses_new_ones() -> Re
 
 #[test]
 fn bounded_load_then_bad_input_barrage_then_still_correct() -> Result<()> {
-    let Some(f) = fixture()? else { return Ok(()) };
+    let f = fixture()?;
     let h = start(&f, config())?;
     let addr = h.addr();
     let mut c = client(&h)?;

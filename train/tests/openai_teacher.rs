@@ -156,6 +156,7 @@ fn ask(t: &mut OpenAiTeacher) -> steper_runtime::Result<steper_runtime::reasonin
         reasoning: &[],
         prompt: PROMPT,
         max_new_tokens: 48,
+        cancel: None,
     })
 }
 
@@ -414,6 +415,7 @@ fn gold_server(questions: Vec<QaExample>) -> Result<FakeServer> {
             reasoning: &reasoning,
             prompt,
             max_new_tokens: 48,
+            cancel: None,
         });
         match out {
             Ok(o) => Reply::Json(
@@ -592,6 +594,7 @@ fn a_failing_question_stops_a_concurrent_run_keeping_earlier_ones() -> Result<()
                 reasoning: &[],
                 prompt,
                 max_new_tokens: 48,
+                cancel: None,
             })
             .map(|o| {
                 json!({"choices": [{"text": o.text}], "usage": {"completion_tokens": o.new_tokens}})

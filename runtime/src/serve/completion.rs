@@ -5,6 +5,7 @@
 use tokenizers::Tokenizer;
 
 use super::api::{CompletionLogprobs, CompletionRequest};
+use crate::control::Cancel;
 use crate::error::{Error, Result};
 use crate::generator::{Generator, LogitsMode};
 use crate::sampling::{sample, softmax_stats};
@@ -65,9 +66,11 @@ pub enum PromptProblem {
 /// Generates the completion of `req.prompt`. `seed` drives sampling (ignored when greedy).
 /// `on_piece` receives text as it becomes final (never a piece that could still turn into a
 /// stop sequence, never half a UTF-8 character) and returns false to stop early (client gone).
-/// `Ok(Err(problem))` is a prompt the model cannot take.
+/// `Ok(Err(problem))` is a prompt the model cannot take. `cancel` is checked before every
+/// model call ([`Error::Cancelled`] / [`Error::DeadlineExceeded`]).
 pub fn complete(
     generator: &dyn Generator,
+    cancel: &Cancel,
     tokenizer: &Tokenizer,
     eos: &[u32],
     req: &CompletionRequest,
@@ -102,6 +105,7 @@ pub fn complete(
         return Ok(Ok(out));
     }
     let t = std::time::Instant::now();
+    cancel.check()?;
     let mut seq = generator.new_sequence()?;
     let mut logits = generator.append(&mut seq, &ids, LogitsMode::Last)?;
     let mut rng = seed ^ 0x5DEE_CE66_D1CE_5EED;
@@ -150,6 +154,7 @@ pub fn complete(
             out.finish_reason = FinishReason::Length;
             break;
         }
+        cancel.check()?;
         logits = generator.append(&mut seq, &[id], LogitsMode::Last)?;
     }
     out.model_seconds = t.elapsed().as_secs_f64();

@@ -136,6 +136,12 @@ fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response 
     }
 }
 
+/// The deadline of a job's token (every job of the server has one; without, a year away).
+fn deadline_of(cancel: &Cancel) -> tokio::time::Instant {
+    let far = || std::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600);
+    tokio::time::Instant::from_std(cancel.deadline().unwrap_or_else(far))
+}
+
 /// Reads the body within the request deadline; over the limit → 413.
 fn too_large(limit: usize) -> ApiError {
     ApiError::new(
@@ -154,7 +160,7 @@ async fn read_body(req: Request, limit: usize, cancel: &Cancel) -> Result<Bytes,
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
-    let deadline = tokio::time::Instant::from_std(cancel.deadline());
+    let deadline = deadline_of(cancel);
     match tokio::time::timeout_at(deadline, Bytes::from_request(req, &())).await {
         Err(_) => Err(ApiError::new(
             ErrorKind::BodyTimeout,
@@ -195,7 +201,7 @@ fn submit(
 /// Waits for the job's last event (`Done` or `Failed`) until the deadline; on timeout the job
 /// is cancelled.
 async fn finish(rx: &mut UnboundedReceiver<WorkerEvent>, cancel: &Cancel) -> WorkerEvent {
-    let deadline = tokio::time::Instant::from_std(cancel.deadline());
+    let deadline = deadline_of(cancel);
     let wait = async {
         loop {
             match rx.recv().await {
@@ -226,7 +232,7 @@ async fn finish(rx: &mut UnboundedReceiver<WorkerEvent>, cancel: &Cancel) -> Wor
 
 async fn reason(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let t0 = Instant::now();
-    let cancel = Cancel::new(t0 + st.config.timeout);
+    let cancel = Cancel::with_deadline(t0 + st.config.timeout);
     let result = reason_inner(&st, req, &cancel, t0).await;
     respond(&st, Endpoint::Reason, t0, result)
 }
@@ -323,7 +329,7 @@ struct StreamState {
 impl StreamState {
     /// The next worker event before the deadline (a timeout cancels the job).
     async fn next_event(&mut self) -> WorkerEvent {
-        let deadline = tokio::time::Instant::from_std(self.cancel.deadline());
+        let deadline = deadline_of(&self.cancel);
         match tokio::time::timeout_at(deadline, self.rx.recv()).await {
             Ok(Some(ev)) => ev,
             Ok(None) => WorkerEvent::Failed(ApiError::new(
@@ -406,7 +412,7 @@ fn reason_events(
 
 async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let t0 = Instant::now();
-    let cancel = Cancel::new(t0 + st.config.timeout);
+    let cancel = Cancel::with_deadline(t0 + st.config.timeout);
     let result = completions_inner(&st, req, &cancel, t0).await;
     respond(&st, Endpoint::Completions, t0, result)
 }

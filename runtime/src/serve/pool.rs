@@ -6,7 +6,6 @@
 //! held by waiting requests is bounded by `workers + capacity` jobs.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,46 +17,15 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::api::{ApiError, CompletionRequest, ReasonRequest};
 use super::completion::{complete, Completion, PromptProblem};
 use super::metrics::{ErrorKind, Metrics};
-use crate::answer::first_sentence;
+use crate::control::StepObserver;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
-use crate::reasoning::{
-    reason, GeneratorStepModel, HeldPassage, StepModel, StepOutput, StepRequest, StepTrace,
-};
+use crate::reasoning::{HeldPassage, StepTrace};
 
 /// Cancellation of one job: set by the HTTP side on timeout or when the client goes away, and
-/// implied once the deadline passes. Workers check it before every model call.
-#[derive(Debug, Clone)]
-pub struct Cancel {
-    flag: Arc<AtomicBool>,
-    deadline: Instant,
-}
-
-impl Cancel {
-    /// A token that expires at `deadline`.
-    pub fn new(deadline: Instant) -> Self {
-        Cancel {
-            flag: Arc::new(AtomicBool::new(false)),
-            deadline,
-        }
-    }
-
-    /// Cancels the job.
-    pub fn cancel(&self) {
-        self.flag.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the job should stop.
-    pub fn is_cancelled(&self) -> bool {
-        self.flag.load(Ordering::Relaxed) || Instant::now() >= self.deadline
-    }
-
-    /// The deadline.
-    pub fn deadline(&self) -> Instant {
-        self.deadline
-    }
-}
+/// implied once the deadline passes (the runtime's token; the loop and the completion checks
+/// it before every model call).
+pub use crate::control::Cancel;
 
 /// What a job asks for.
 #[derive(Debug)]
@@ -291,7 +259,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn worker_loop(rx: &Mutex<Receiver<Job>>, engine: &Engine, metrics: &Metrics) {
+fn worker_loop(rx: &Mutex<Receiver<Job>>, engine: &Engine, metrics: &Arc<Metrics>) {
     loop {
         let job = match lock(rx).recv() {
             Ok(job) => job,
@@ -328,47 +296,40 @@ fn timeout_error() -> ApiError {
 }
 
 /// Maps a runtime error of a job to the client's error.
-fn job_error(e: Error, cancel: &Cancel) -> ApiError {
-    if cancel.is_cancelled() {
-        return timeout_error();
-    }
+fn job_error(e: Error) -> ApiError {
     match e {
+        Error::Cancelled | Error::DeadlineExceeded { .. } => timeout_error(),
         Error::ContextOverflow { .. } => ApiError {
             kind: ErrorKind::BadRequest,
             message: e.to_string(),
             param: Some("question".into()),
         },
-        Error::Input(m) if m.contains("question is empty") => ApiError::field("question", m),
+        Error::EmptyQuestion => ApiError::field("question", e.to_string()),
         other => ApiError::new(ErrorKind::Internal, other.to_string()),
     }
 }
 
-fn run_job(engine: &Engine, metrics: &Metrics, job: Job) {
+fn run_job(engine: &Engine, metrics: &Arc<Metrics>, job: Job) {
     let started = Instant::now();
     let timings = |done: Instant| Timings {
         queue_ms: (started - job.accepted).as_secs_f64() * 1e3,
         run_ms: (done - started).as_secs_f64() * 1e3,
         total_ms: (done - job.accepted).as_secs_f64() * 1e3,
     };
-    let guarded = Guarded {
-        inner: engine.generator(),
-        cancel: &job.cancel,
-    };
     let event = match &job.work {
-        Work::Reason(req) => {
-            match run_reason(engine, &guarded, req, &job.events, &job.cancel, metrics) {
-                Ok(mut r) => {
-                    r.timings = timings(Instant::now());
-                    WorkerEvent::ReasonDone(Box::new(r))
-                }
-                Err(e) => WorkerEvent::Failed(e),
+        Work::Reason(req) => match run_reason(engine, req, &job.events, &job.cancel, metrics) {
+            Ok(mut r) => {
+                r.timings = timings(Instant::now());
+                WorkerEvent::ReasonDone(Box::new(r))
             }
-        }
+            Err(e) => WorkerEvent::Failed(e),
+        },
         Work::Complete(req, seed) => {
             let events = &job.events;
             let mut on_piece = |s: &str| events.send(WorkerEvent::Piece(s.to_string())).is_ok();
             match complete(
-                &guarded,
+                engine.generator(),
+                &job.cancel,
                 engine.tokenizer(),
                 engine.eos_token_ids(),
                 req,
@@ -394,7 +355,7 @@ fn run_job(engine: &Engine, metrics: &Metrics, job: Job) {
                         ),
                     ))
                 }
-                Err(e) => WorkerEvent::Failed(job_error(e, &job.cancel)),
+                Err(e) => WorkerEvent::Failed(job_error(e)),
             }
         }
     };
@@ -403,11 +364,10 @@ fn run_job(engine: &Engine, metrics: &Metrics, job: Job) {
 
 fn run_reason(
     engine: &Engine,
-    generator: &Guarded<'_>,
     req: &ReasonRequest,
     events: &UnboundedSender<WorkerEvent>,
     cancel: &Cancel,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
 ) -> std::result::Result<ReasonResponse, ApiError> {
     let mut opts = engine.default_options();
     if let Some(n) = req.max_steps {
@@ -416,23 +376,37 @@ fn run_reason(
     if let Some(k) = req.top_k {
         opts.loop_options.top_k = k;
     }
-    let inner = GeneratorStepModel::new(generator, engine.tokenizer(), engine.eos_token_ids())
-        .with_kv_reuse(opts.kv_reuse)
-        .with_decoding(opts.decoding);
-    let mut model = Observed {
-        inner,
-        stop_phrase: opts.loop_options.stop_phrase.clone(),
-        events,
-        cancel,
-        metrics,
-    };
-    let r = reason(
-        &req.question,
-        engine.retriever(),
-        &mut model,
-        &opts.loop_options,
-    )
-    .map_err(|e| job_error(e, cancel))?;
+    opts.cancel = Some(cancel.clone());
+    let (events, cancel_on_gone, metrics_of_steps) =
+        (events.clone(), cancel.clone(), Arc::clone(metrics));
+    opts.observer = Some(StepObserver::new(move |t, held| {
+        metrics_of_steps
+            .step_seconds
+            .observe((t.prefill_ms + t.decode_ms) / 1e3);
+        let event = StepEvent {
+            step: t.step,
+            forced: t.forced,
+            sentence: t.sentence.clone(),
+            passages: held[..t.held.min(held.len())]
+                .iter()
+                .map(|p| p.title.clone())
+                .collect(),
+            new_tokens: t.new_tokens,
+            mean_prob: t.mean_prob,
+            mean_entropy: t.mean_entropy,
+            prefilled_tokens: t.prefilled_tokens,
+            reused_tokens: t.reused_tokens,
+            prefill_ms: t.prefill_ms,
+            decode_ms: t.decode_ms,
+        };
+        if events.send(WorkerEvent::Step(event)).is_err() {
+            // Nobody listens any more: stop spending the worker on this request.
+            cancel_on_gone.cancel();
+            return std::ops::ControlFlow::Break(());
+        }
+        std::ops::ControlFlow::Continue(())
+    }));
+    let r = engine.reason(&req.question, &opts).map_err(job_error)?;
     let usage = ReasonUsage {
         new_tokens: r.new_tokens(),
         prefilled_tokens: r.prefilled_tokens(),
@@ -459,110 +433,6 @@ fn run_reason(
             total_ms: 0.0,
         },
     })
-}
-
-/// A generator that refuses to run once its job is cancelled, so a timed-out request frees its
-/// worker within one model call.
-struct Guarded<'a> {
-    inner: &'a dyn Generator,
-    cancel: &'a Cancel,
-}
-
-impl Guarded<'_> {
-    fn check(&self) -> Result<()> {
-        if self.cancel.is_cancelled() {
-            Err(Error::Input("the request was cancelled".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl Generator for Guarded<'_> {
-    fn info(&self) -> &GeneratorInfo {
-        self.inner.info()
-    }
-
-    fn new_sequence(&self) -> Result<Sequence> {
-        self.check()?;
-        self.inner.new_sequence()
-    }
-
-    fn append(&self, seq: &mut Sequence, tokens: &[u32], mode: LogitsMode) -> Result<Logits> {
-        self.check()?;
-        self.inner.append(seq, tokens, mode)
-    }
-
-    fn truncate(&self, seq: &mut Sequence, len: usize) -> Result<()> {
-        self.inner.truncate(seq, len)
-    }
-
-    fn fork(&self, seq: &Sequence, len: usize) -> Result<Sequence> {
-        self.check()?;
-        self.inner.fork(seq, len)
-    }
-}
-
-/// The runtime's step model, reporting each step as it finishes.
-struct Observed<'a> {
-    inner: GeneratorStepModel<'a>,
-    stop_phrase: String,
-    events: &'a UnboundedSender<WorkerEvent>,
-    cancel: &'a Cancel,
-    metrics: &'a Metrics,
-}
-
-impl StepModel for Observed<'_> {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-
-    fn prompt_budget(&self, max_new_tokens: usize) -> Option<usize> {
-        self.inner.prompt_budget(max_new_tokens)
-    }
-
-    fn count_tokens(&self, text: &str) -> Result<usize> {
-        self.inner.count_tokens(text)
-    }
-
-    fn begin_question(&mut self, question: &str) -> Result<()> {
-        self.inner.begin_question(question)
-    }
-
-    fn generate(&mut self, req: &StepRequest<'_>) -> Result<StepOutput> {
-        let out = self.inner.generate(req)?;
-        self.metrics
-            .step_seconds
-            .observe((out.prefill_ms + out.decode_ms) / 1e3);
-        let generated = first_sentence(&out.text);
-        // The same sentence the loop records in its trace.
-        let sentence = if req.forced {
-            format!("{} {}", self.stop_phrase.trim(), generated)
-                .trim()
-                .to_string()
-        } else {
-            generated.to_string()
-        };
-        let event = StepEvent {
-            step: req.step,
-            forced: req.forced,
-            sentence,
-            passages: req.passages.iter().map(|p| p.title.clone()).collect(),
-            new_tokens: out.new_tokens,
-            mean_prob: out.mean_prob,
-            mean_entropy: out.mean_entropy,
-            prefilled_tokens: out.prefilled_tokens,
-            reused_tokens: out.reused_tokens,
-            prefill_ms: out.prefill_ms,
-            decode_ms: out.decode_ms,
-        };
-        if self.events.send(WorkerEvent::Step(event)).is_err() {
-            // Nobody listens any more: stop spending the worker on this request.
-            self.cancel.cancel();
-            return Err(Error::Input("the client went away".into()));
-        }
-        Ok(out)
-    }
 }
 
 /// Seconds a client is told to wait (`Retry-After`) after a 503.

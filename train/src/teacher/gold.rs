@@ -356,6 +356,7 @@ mod tests {
             reasoning: &[],
             prompt,
             max_new_tokens: 32,
+            cancel: None,
         }
     }
 
