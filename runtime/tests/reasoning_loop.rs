@@ -201,9 +201,7 @@ fn compare_reuse(engine: &Engine, qa: &[steper_runtime::data::QaExample]) -> Res
 
 #[test]
 fn kv_reuse_gives_identical_answers_and_saves_prefill_on_20_questions() -> Result<()> {
-    let Some(data) = common::data_dir() else {
-        return Ok(());
-    };
+    let data = common::data_dir()?;
     let f = fixture(&data)?;
     let engine = fake_engine(&f, 2048)?;
     compare_reuse(&engine, &f.qa)?;
@@ -227,9 +225,7 @@ fn kv_reuse_gives_identical_answers_and_saves_prefill_on_20_questions() -> Resul
 
 #[test]
 fn a_question_longer_than_the_context_is_a_clear_error() -> Result<()> {
-    let Some(data) = common::data_dir() else {
-        return Ok(());
-    };
+    let data = common::data_dir()?;
     let f = fixture(&data)?;
     let engine = fake_engine(&f, 192)?;
     let long = format!("{} Who?", f.qa[0].question.repeat(12));
@@ -244,25 +240,9 @@ fn a_question_longer_than_the_context_is_a_clear_error() -> Result<()> {
     Ok(())
 }
 
-/// An export directory of a (tiny) real model, from `STEPER_TEST_MODEL` (e.g. made by
-/// `steper-train init-student` + `steper-export`).
-fn test_model() -> Option<PathBuf> {
-    match std::env::var_os("STEPER_TEST_MODEL") {
-        Some(p) if Path::new(&p).join("steper.json").is_file() => Some(PathBuf::from(p)),
-        _ => {
-            eprintln!(
-                "PENDING: set STEPER_TEST_MODEL to an export directory to run the real-model checks"
-            );
-            None
-        }
-    }
-}
-
 #[test]
 fn kv_reuse_with_a_real_exported_model() -> Result<()> {
-    let (Some(data), Some(model)) = (common::data_dir(), test_model()) else {
-        return Ok(());
-    };
+    let (data, model) = (common::data_dir()?, common::test_model()?);
     let f = fixture(&data)?;
     for backend in [
         steper_runtime::BackendKind::Ort(steper_runtime::OrtOptions::default()),
@@ -283,9 +263,7 @@ fn kv_reuse_with_a_real_exported_model() -> Result<()> {
 
 #[test]
 fn eval_cli_on_a_real_exported_model_writes_well_formed_records() -> Result<()> {
-    let (Some(data), Some(model)) = (common::data_dir(), test_model()) else {
-        return Ok(());
-    };
+    let (data, model) = (common::data_dir()?, common::test_model()?);
     let f = fixture(&data)?;
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("results.jsonl");

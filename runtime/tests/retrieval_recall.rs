@@ -15,9 +15,7 @@ const MIN_RECALL_AT_2: f64 = 0.50;
 
 #[test]
 fn hotpotqa_pool_recall_meets_the_bar() -> Result<()> {
-    let Some(data) = common::data_dir() else {
-        return Ok(());
-    };
+    let data = common::data_dir()?;
     let path = data.join("hotpotqa_dev500.jsonl");
     let qa = read_qa(&path, ReadOptions::default())?;
     assert_eq!(qa.rows.len(), 500);
