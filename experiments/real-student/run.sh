@@ -18,6 +18,9 @@
 # Every stage is skipped when its output exists, so an interrupted run resumes where it stopped.
 # Knobs (env): OUT (out/real-student), BIN_DIR (prebuilt binaries, else a release build),
 # SEEDS ("0 1"), MODES ("steper uniform vanilla"; "" = base configurations only), STEPS (150),
+# EPOCHS (empty; set: train that many passes over each mode's records instead of STEPS, so
+# step-wise and whole-chain runs see their whole data equally often), TRAIN_QUESTIONS (empty =
+# all; N: every mode and seed trains on the records of the same N training questions),
 # LR (2e-4), BATCH (2), EVAL_EVERY (50), SAVE_EVERY (25), FIT_ARGS (steper-train fit flags for
 # what trains; default "--freeze-embeddings --top-layers 2 --prefix-cache-dtype f16 --warmup 10",
 # the prefix cache lives in $OUT/prefix-cache-{stepwise,vanilla}), EXPORT_ARGS (extra
@@ -34,6 +37,8 @@ OUT="${OUT:-$ROOT/out/real-student}"
 SEEDS="${SEEDS:-0 1}"
 MODES="${MODES-steper uniform vanilla}"
 STEPS="${STEPS:-150}"
+EPOCHS="${EPOCHS:-}"
+TRAIN_QUESTIONS="${TRAIN_QUESTIONS:-}"
 LR="${LR:-2e-4}"
 BATCH="${BATCH:-2}"
 EVAL_EVERY="${EVAL_EVERY:-50}"
@@ -123,15 +128,20 @@ for seed in $SEEDS; do
     data="$REC/stepwise.jsonl"
     [[ "$mode" == vanilla ]] && data="$REC/vanilla.jsonl"
     if [[ ! -f "$run/ckpt/config.json" || ! -f "$run/fit.done" ]]; then
-      log "fit $mode seed $seed ($STEPS steps)"
+      budget_note="$STEPS steps"
+      [[ -n "$EPOCHS" ]] && budget_note="$EPOCHS epochs"
+      log "fit $mode seed $seed ($budget_note${TRAIN_QUESTIONS:+ on $TRAIN_QUESTIONS questions})"
       mkdir -p "$run"
       # a checkpoint already in $run/ckpt is resumed by the trainer
       kind=stepwise
       [[ "$mode" == vanilla ]] && kind=vanilla
       sigma=()
       [[ "$mode" == steper && -n "$SIGMA_LR" ]] && sigma=(--sigma-lr "$SIGMA_LR")
+      budget=(--steps "$STEPS")
+      [[ -n "$EPOCHS" ]] && budget=(--epochs "$EPOCHS")
+      [[ -n "$TRAIN_QUESTIONS" ]] && budget+=(--train-questions "$TRAIN_QUESTIONS")
       timed "fit $mode-seed$seed" "$BIN/steper-train" fit --student "$OUT/base" --data "$data" \
-        --out "$run/ckpt" --mode "$mode" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" \
+        --out "$run/ckpt" --mode "$mode" "${budget[@]}" --batch-size "$BATCH" --lr "$LR" \
         --seed "$seed" --eval-fraction "$EVAL_FRACTION" --eval-every "$EVAL_EVERY" \
         --save-every "$SAVE_EVERY" --prefix-cache "$OUT/prefix-cache-$kind" "${sigma[@]}" $FIT_ARGS
       touch "$run/fit.done"

@@ -27,6 +27,17 @@ pub struct Args {
     /// Optimizer steps.
     #[arg(long, default_value_t = 300)]
     steps: u64,
+    /// Train for this many passes over the training examples instead of a step count (steps =
+    /// ⌈epochs × ⌈examples / batch-size⌉ / grad-accum⌉), so runs on record kinds of different
+    /// sizes see their whole data the same number of times.
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<f64>,
+    /// Train on the records of this many training questions only, the same questions for every
+    /// mode and seed on the same records (a fixed order of question ids; held-out questions are
+    /// never among them). With step-wise and whole-chain records of one teacher run this gives
+    /// every mode the same teacher data.
+    #[arg(long)]
+    train_questions: Option<usize>,
     /// Examples per micro-batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -111,6 +122,21 @@ pub fn lora_config(
     }))
 }
 
+/// Optimizer steps for `epochs` passes over `examples` in micro-batches of `batch` with
+/// `accum` micro-batches per step (at least one step).
+pub fn steps_for_epochs(epochs: f64, examples: usize, batch: usize, accum: usize) -> Result<u64> {
+    anyhow::ensure!(
+        epochs.is_finite() && epochs > 0.0,
+        "--epochs must be a positive number, got {epochs}"
+    );
+    anyhow::ensure!(
+        batch > 0 && accum > 0,
+        "--batch-size and --grad-accum must be positive"
+    );
+    let micro = examples.div_ceil(batch) as f64 * epochs;
+    Ok(((micro / accum as f64).ceil() as u64).max(1))
+}
+
 /// Renders, tokenizes, splits and trains.
 pub fn run(a: Args) -> Result<()> {
     let cfg_path = a.student.join("config.json");
@@ -122,8 +148,15 @@ pub fn run(a: Args) -> Result<()> {
         .first()
         .context("student config.json has no eos_token_id")?;
     let (records, skipped) = read_records(&a.data, a.skip_bad)?;
-    let (train_r, eval_r) =
+    let (mut train_r, eval_r) =
         steper_train::fit::records::split_by_question(&records, a.eval_fraction, a.seed);
+    let mut questions_note = String::new();
+    if let Some(n) = a.train_questions {
+        anyhow::ensure!(n > 0, "--train-questions must be positive");
+        let (kept, total) = steper_train::fit::records::first_questions(&train_r, n);
+        questions_note = format!(", {} of {total} training questions", n.min(total));
+        train_r = kept;
+    }
     let train = examples_from_records(
         &train_r,
         &tok,
@@ -132,9 +165,13 @@ pub fn run(a: Args) -> Result<()> {
         mcfg.max_position_embeddings,
     )?;
     let eval = examples_from_records(&eval_r, &tok, a.word_cap, eos, mcfg.max_position_embeddings)?;
+    let steps = match a.epochs {
+        Some(e) => steps_for_epochs(e, train.len(), a.batch_size, a.grad_accum)?,
+        None => a.steps,
+    };
     let cfg = FitConfig {
         mode: a.mode,
-        steps: a.steps,
+        steps,
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
         adamw: AdamWConfig {
@@ -162,11 +199,12 @@ pub fn run(a: Args) -> Result<()> {
         v["train_examples"] = train.len().into();
         v["eval_examples"] = eval.len().into();
         v["skipped_lines"] = skipped.into();
+        v["steps"] = steps.into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let l = summary.last.as_ref();
         println!(
-            "{} step {} ({} train / {} held-out examples, {skipped} bad lines skipped): total {:.4}, σ {:.3}/{:.3}/{:.3}, {:.0} tok/s, {:.1}s → {}",
+            "{} step {} ({} train / {} held-out examples{questions_note}, {skipped} bad lines skipped): total {:.4}, σ {:.3}/{:.3}/{:.3}, {:.0} tok/s, {:.1}s → {}",
             if summary.finished { "finished" } else { "stopped at" },
             summary.step,
             train.len(),
@@ -187,4 +225,20 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::steps_for_epochs;
+
+    #[test]
+    fn epochs_become_whole_optimizer_steps() {
+        assert_eq!(steps_for_epochs(1.0, 10, 2, 1).unwrap(), 5);
+        assert_eq!(steps_for_epochs(1.0, 11, 2, 1).unwrap(), 6);
+        assert_eq!(steps_for_epochs(2.0, 11, 2, 4).unwrap(), 3);
+        assert_eq!(steps_for_epochs(0.01, 11, 2, 1).unwrap(), 1);
+        assert!(steps_for_epochs(0.0, 11, 2, 1).is_err());
+        assert!(steps_for_epochs(f64::NAN, 11, 2, 1).is_err());
+        assert!(steps_for_epochs(1.0, 11, 0, 1).is_err());
+    }
 }

@@ -98,6 +98,23 @@ pub fn examples_from_records(
     Ok(out)
 }
 
+/// A stable 64-bit hash of a question id mixed with `salt`: FNV-1a of the id, then splitmix64's
+/// finalizer. The same on every run and platform.
+fn question_hash(qid: &str, salt: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in qid.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    h
+}
+
 /// Splits records into training and held-out sets by question (all records of a question land
 /// on the same side), deterministically from `seed`.
 pub fn split_by_question(
@@ -108,19 +125,7 @@ pub fn split_by_question(
     let mut train = Vec::new();
     let mut held = Vec::new();
     for r in records {
-        // FNV-1a of the qid, mixed with the seed by splitmix64's finalizer: stable across runs
-        // and platforms, and uniform enough for a split.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in r.qid.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h ^= seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h ^= h >> 30;
-        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h ^= h >> 27;
-        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-        h ^= h >> 31;
+        let h = question_hash(&r.qid, seed);
         if ((h >> 11) as f64 / (1u64 << 53) as f64) < heldout_fraction {
             held.push(r.clone());
         } else {
@@ -128,6 +133,31 @@ pub fn split_by_question(
         }
     }
     (train, held)
+}
+
+/// Salt of the question order of [`first_questions`]. It is not the run's seed on purpose: every
+/// mode and seed trained on the same record files gets the same questions, so a comparison
+/// between them is on the same teacher data, and the frozen-bottom cache built by one run serves
+/// the others.
+const QUESTION_ORDER_SALT: u64 = 0x5354_4550_4552; // "STEPER"
+
+/// The records of the first `n` questions in a fixed pseudo-random order of question ids (the
+/// same order for step-wise and whole-chain records, so `n` questions means the same questions
+/// in either kind). Records keep their file order. Returns the kept records and the number of
+/// distinct questions there were; `n` at or above that keeps everything.
+pub fn first_questions(records: &[StepwiseRecord], n: usize) -> (Vec<StepwiseRecord>, usize) {
+    let mut qids: Vec<&str> = records.iter().map(|r| r.qid.as_str()).collect();
+    qids.sort_unstable();
+    qids.dedup();
+    let total = qids.len();
+    qids.sort_by_key(|q| (question_hash(q, QUESTION_ORDER_SALT), *q));
+    let keep: std::collections::HashSet<&str> = qids.into_iter().take(n).collect();
+    let kept = records
+        .iter()
+        .filter(|r| keep.contains(r.qid.as_str()))
+        .cloned()
+        .collect();
+    (kept, total)
 }
 
 #[cfg(test)]
@@ -162,5 +192,35 @@ mod tests {
         assert!(train.iter().all(|r| !held_q.contains(&r.qid)));
         let share = held_q.len() as f64 / 400.0;
         assert!((0.05..0.2).contains(&share), "held-out share {share}");
+    }
+
+    #[test]
+    fn first_questions_keeps_whole_questions_and_the_same_ones_for_every_record_kind() {
+        let mut stepwise = Vec::new();
+        let mut vanilla = Vec::new();
+        for q in 0..50 {
+            for _ in 0..3 {
+                stepwise.push(rec(&format!("hotpot-{q}")));
+            }
+            vanilla.push(rec(&format!("hotpot-{q}")));
+        }
+        let (kept, total) = first_questions(&stepwise, 10);
+        assert_eq!(total, 50);
+        assert_eq!(kept.len(), 30);
+        let (kept_v, _) = first_questions(&vanilla, 10);
+        let q = |rs: &[StepwiseRecord]| -> std::collections::BTreeSet<String> {
+            rs.iter().map(|r| r.qid.clone()).collect()
+        };
+        assert_eq!(q(&kept), q(&kept_v));
+        assert_eq!(q(&kept).len(), 10);
+        // file order is kept, and not simply the first ten of the file
+        let pos: Vec<usize> = kept
+            .iter()
+            .map(|r| stepwise.iter().position(|s| s.qid == r.qid).unwrap())
+            .collect();
+        assert!(pos.windows(2).all(|w| w[0] <= w[1]));
+        assert_ne!(q(&kept), q(&stepwise[..30]));
+        // a budget past the question count keeps everything
+        assert_eq!(first_questions(&stepwise, 500).0.len(), 150);
     }
 }
