@@ -295,10 +295,11 @@ impl AtomicWriter {
 
     /// Appends one JSON line.
     pub fn write_row<T: Serialize + ?Sized>(&mut self, row: &T) -> Result<()> {
-        let path = self.out.path().to_path_buf();
         serde_json::to_writer(&mut self.out, row)
-            .map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
-        self.out.write_all(b"\n").map_err(|e| Error::io(&path, e))
+            .map_err(|e| Error::io(self.out.path(), std::io::Error::other(e)))?;
+        self.out
+            .write_all(b"\n")
+            .map_err(|e| Error::io(self.out.path(), e))
     }
 
     /// Flushes, syncs and renames the file into place.
