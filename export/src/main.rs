@@ -67,7 +67,9 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
+    let args = Args::parse();
+    steper_runtime::backend::ort::set_library_env(None);
+    match run(args) {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::from(2),
         Err(e) => {

@@ -53,13 +53,16 @@ pub enum Error {
         reason: String,
     },
     /// The ONNX Runtime shared library could not be loaded.
-    #[error("ONNX Runtime library {path}: {reason} (set ORT_DYLIB_PATH to libonnxruntime.so, e.g. ORT_DYLIB_PATH=$(scripts/install-ort.sh))")]
+    #[error("ONNX Runtime library {path}: {reason}")]
     OrtLibrary {
         /// The library path tried.
         path: PathBuf,
         /// Why it failed.
         reason: String,
     },
+    /// No ONNX Runtime library was named: neither `OrtOptions::library` nor `ORT_DYLIB_PATH`.
+    #[error("no ONNX Runtime library given: set OrtOptions::library or the ORT_DYLIB_PATH environment variable to libonnxruntime.so")]
+    OrtLibraryUnset,
     /// An option of a builder or a command has a value it cannot take.
     #[error("option {option}: expected {expected}, got {got}")]
     InvalidOption {

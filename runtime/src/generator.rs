@@ -5,16 +5,60 @@ use std::any::Any;
 use crate::error::Result;
 
 /// What a generator reports about itself.
+///
+/// ```
+/// use steper_runtime::GeneratorInfo;
+/// let info = GeneratorInfo::new("my-lm", 49_152, 2_048).with_providers(["CPU"]);
+/// assert_eq!(info.providers, ["CPU"]);
+/// assert!(info.fallbacks.is_empty());
+/// ```
 #[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
 pub struct GeneratorInfo {
     /// `ort` or `tract` (or a test double).
     pub backend: String,
     /// Execution providers actually in use, in priority order (e.g. `["CPU"]`).
     pub providers: Vec<String>,
+    /// Providers that were asked for but could not be registered, each with why (only with
+    /// `OrtOptions::allow_fallback`; the library prints nothing, the caller reports these).
+    pub fallbacks: Vec<ProviderFallback>,
     /// Number of logits per position.
     pub vocab_size: usize,
     /// Longest sequence (prompt + generated) the model accepts.
     pub context_length: usize,
+}
+
+/// A provider skipped at load because it could not be registered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProviderFallback {
+    /// ONNX Runtime's name of the provider (e.g. `CUDAExecutionProvider`).
+    pub provider: String,
+    /// The registration error.
+    pub reason: String,
+}
+
+impl GeneratorInfo {
+    /// A generator of `backend` with `vocab_size` logits per position and `context_length`
+    /// positions at most; no providers listed, no fallbacks.
+    pub fn new(backend: impl Into<String>, vocab_size: usize, context_length: usize) -> Self {
+        GeneratorInfo {
+            backend: backend.into(),
+            providers: Vec::new(),
+            fallbacks: Vec::new(),
+            vocab_size,
+            context_length,
+        }
+    }
+
+    /// The execution providers in use, in priority order.
+    #[must_use]
+    pub fn with_providers<S: Into<String>>(
+        mut self,
+        providers: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.providers = providers.into_iter().map(Into::into).collect();
+        self
+    }
 }
 
 /// Which logits [`Generator::append`] returns.

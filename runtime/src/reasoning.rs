@@ -1368,12 +1368,8 @@ pub(crate) mod tests {
     fn hash_lm(tok: &Tokenizer) -> Result<HashLm> {
         let id = |w: &str| tok.token_to_id(w).ok_or_else(|| Error::Tokenizer(w.into()));
         Ok(HashLm {
-            info: crate::generator::GeneratorInfo {
-                backend: "hash-lm".into(),
-                providers: vec!["CPU".into()],
-                vocab_size: tok.get_vocab_size(true),
-                context_length: 4096,
-            },
+            info: crate::generator::GeneratorInfo::new("hash-lm", tok.get_vocab_size(true), 4096)
+                .with_providers(["CPU"]),
             words: ["text", "doc", "1", "2", "3", "of"]
                 .iter()
                 .map(|w| id(w))
@@ -1551,12 +1547,8 @@ pub(crate) mod tests {
         let tok = word_tokenizer(&["Q", ":", "A", "doc", "?"])?;
         let id = |w: &str| tok.token_to_id(w).ok_or_else(|| Error::Tokenizer(w.into()));
         let lm = EosFirstLm {
-            info: crate::generator::GeneratorInfo {
-                backend: "eos-first".into(),
-                providers: vec!["CPU".into()],
-                vocab_size: tok.get_vocab_size(true),
-                context_length: 64,
-            },
+            info: crate::generator::GeneratorInfo::new("eos-first", tok.get_vocab_size(true), 64)
+                .with_providers(["CPU"]),
             eos: id("[EOS]")?,
             word: id("doc")?,
         };

@@ -40,12 +40,8 @@ impl HashLm {
             e.get_ids().first().copied().context("empty encoding")
         };
         Ok(HashLm {
-            info: GeneratorInfo {
-                backend: "hash-lm".into(),
-                providers: vec!["CPU".into()],
-                vocab_size: tok.get_vocab_size(true),
-                context_length,
-            },
+            info: GeneratorInfo::new("hash-lm", tok.get_vocab_size(true), context_length)
+                .with_providers(["CPU"]),
             words: [
                 " the",
                 " city",

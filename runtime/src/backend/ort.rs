@@ -1,7 +1,8 @@
 //! The ONNX Runtime backend (`ort` 2.x, library loaded at run time).
 //!
-//! The library is found through `ORT_DYLIB_PATH`, else `.cache/onnxruntime/libonnxruntime.so.*`
-//! of the workspace (made by `scripts/install-ort.sh`). It is loaded once per process.
+//! The library is the one [`OrtOptions::library`] names, else the one in the `ORT_DYLIB_PATH`
+//! environment variable; nothing else is searched (the `steper-run` binary adds its own
+//! defaults). It is loaded once per process; a load that fails is tried again on the next call.
 //!
 //! Thread safety: `ort::Session::run` takes `&mut self` (ONNX Runtime's `Run` is not safe to
 //! call on one session from many threads), so the generator holds a pool of
@@ -24,7 +25,7 @@
 use std::any::Any;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use ::ort::environment::Environment;
 use ::ort::ep::{self, ExecutionProviderDispatch};
@@ -36,7 +37,7 @@ use super::{
     append_single, check_io, fork_single, truncate_single, BatchCache, BatchDecoder, BatchInput,
 };
 use crate::error::{Error, Result};
-use crate::generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
+use crate::generator::{Generator, GeneratorInfo, Logits, LogitsMode, ProviderFallback, Sequence};
 use crate::manifest::{AttentionOp, Manifest};
 
 /// ONNX Runtime version whose library `scripts/install-ort.sh` installs (matches `api-31`).
@@ -212,6 +213,10 @@ pub struct OrtOptions {
     pub allow_fallback: bool,
     /// How the KV cache is kept between calls.
     pub kv_cache: KvCacheMode,
+    /// The ONNX Runtime shared library (`libonnxruntime.so`); `None`: the path in the
+    /// `ORT_DYLIB_PATH` environment variable. Only the first successful load of a process
+    /// counts (ONNX Runtime cannot be loaded twice).
+    pub library: Option<PathBuf>,
 }
 
 impl Default for OrtOptions {
@@ -224,6 +229,7 @@ impl Default for OrtOptions {
             providers: vec![ExecutionProvider::Cpu],
             allow_fallback: false,
             kv_cache: KvCacheMode::Auto,
+            library: None,
         }
     }
 }
@@ -256,6 +262,12 @@ impl OrtOptions {
     /// How the KV cache is kept between calls.
     pub fn with_kv_cache(mut self, mode: KvCacheMode) -> Self {
         self.kv_cache = mode;
+        self
+    }
+
+    /// The ONNX Runtime shared library to load (instead of `ORT_DYLIB_PATH`).
+    pub fn with_library(mut self, path: impl Into<PathBuf>) -> Self {
+        self.library = Some(path.into());
         self
     }
 
@@ -374,42 +386,79 @@ fn shared_initializers(model: &Path) -> Result<Vec<(String, std::sync::Arc<DynVa
     Ok(out)
 }
 
-static ENVIRONMENT: OnceLock<std::result::Result<Environment, (PathBuf, String)>> = OnceLock::new();
+/// The loaded library and its environment (a failed load leaves it empty, so the next call
+/// tries again).
+static ENVIRONMENT: Mutex<Option<(PathBuf, Environment)>> = Mutex::new(None);
 
-/// Where the ONNX Runtime library is looked for: `ORT_DYLIB_PATH`, else the workspace's
-/// `.cache/onnxruntime/libonnxruntime.so.<ORT_VERSION>` (relative to the current directory,
-/// then to the source tree).
-pub fn dylib_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
+/// The environment variable naming the ONNX Runtime library when no path is given.
+pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+
+/// The library to load: `library` when given, else the path in [`ORT_DYLIB_ENV`]; neither is
+/// an [`Error::OrtLibraryUnset`].
+pub fn library_path(library: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = library {
+        return Ok(p.to_path_buf());
     }
-    let rel = PathBuf::from(".cache/onnxruntime").join(format!("libonnxruntime.so.{ORT_VERSION}"));
-    if rel.is_file() {
-        return rel;
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    std::env::var_os(ORT_DYLIB_ENV)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .ok_or(Error::OrtLibraryUnset)
 }
 
-/// Loads ONNX Runtime (once per process) and returns its environment.
-pub fn environment() -> Result<Environment> {
-    let res = ENVIRONMENT.get_or_init(|| {
-        let path = dylib_path();
-        if !path.is_file() {
-            return Err((path, "file not found".into()));
-        }
-        let builder = ::ort::init_from(&path).map_err(|e| (path.clone(), e.to_string()))?;
-        builder
-            .with_name("steper")
-            .build()
-            .map_err(|e| (path.clone(), e.to_string()))
-    });
-    match res {
-        Ok(env) => Ok(env.clone()),
-        Err((path, reason)) => Err(Error::OrtLibrary {
-            path: path.clone(),
-            reason: reason.clone(),
-        }),
+/// Loads ONNX Runtime from `library` (see [`library_path`]) and returns its environment.
+///
+/// The library is loaded once per process: once one has loaded, later calls return its
+/// environment whatever path they name. A load that fails is not remembered.
+pub fn environment(library: Option<&Path>) -> Result<Environment> {
+    let mut slot = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, env)) = slot.as_ref() {
+        return Ok(env.clone());
     }
+    let path = library_path(library)?;
+    let fail = |reason: String| Error::OrtLibrary {
+        path: path.clone(),
+        reason,
+    };
+    if !path.is_file() {
+        return Err(fail("file not found".into()));
+    }
+    let env = ::ort::init_from(&path)
+        .map_err(|e| fail(e.to_string()))?
+        .with_name("steper")
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    *slot = Some((path, env.clone()));
+    Ok(env)
+}
+
+/// The copy `scripts/install-ort.sh` makes, `.cache/onnxruntime/libonnxruntime.so.<ORT_VERSION>`,
+/// looked up in the current directory, then two levels above the running executable (a
+/// workspace's `target/<profile>/`). The library never uses this by itself: it is the default
+/// of the project's binaries ([`set_library_env`]).
+pub fn installed_library() -> Option<PathBuf> {
+    let rel = PathBuf::from(".cache/onnxruntime").join(format!("libonnxruntime.so.{ORT_VERSION}"));
+    let beside_exe = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.parent()?.join(&rel)));
+    std::iter::once(rel.clone())
+        .chain(beside_exe)
+        .find(|p| p.is_file())
+}
+
+/// For a binary's `main`, before it starts threads: sets [`ORT_DYLIB_ENV`] to `explicit` (a
+/// command-line flag) when given, else, when the variable is unset, to [`installed_library`]
+/// if there is one. Changing the environment is only sound while the process has one thread.
+pub fn set_library_env(explicit: Option<PathBuf>) {
+    let unset = std::env::var_os(ORT_DYLIB_ENV).is_none_or(|v| v.is_empty());
+    if let Some(lib) = explicit.or_else(|| unset.then(installed_library).flatten()) {
+        std::env::set_var(ORT_DYLIB_ENV, lib);
+    }
+}
+
+/// The library the process has loaded, if one has.
+pub fn loaded_library() -> Option<PathBuf> {
+    let slot = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
+    slot.as_ref().map(|(p, _)| p.clone())
 }
 
 fn backend_err(message: impl std::fmt::Display) -> Error {
@@ -588,14 +637,13 @@ unsafe impl Send for InPlaceCache {}
 unsafe impl Send for OrtCache {}
 
 /// A session builder with `opts` applied and its providers registered; also returns the names
-/// of the providers in use. Warnings about fallbacks are printed when `warn`.
+/// of the providers in use and those skipped (with `allow_fallback`).
 fn session_builder(
     manifest: &Manifest,
     opts: &OrtOptions,
     shared: Option<&SharedWeights>,
-    warn: bool,
-) -> Result<(SessionBuilder, Vec<String>)> {
-    let env = environment()?;
+) -> Result<(SessionBuilder, Vec<String>, Vec<ProviderFallback>)> {
+    let env = environment(opts.library.as_deref())?;
     let mut b = Session::builder(&env).map_err(backend_err)?;
     b = b
         .with_optimization_level(match opts.opt_level {
@@ -619,6 +667,7 @@ fn session_builder(
         }
     }
     let mut used: Vec<String> = Vec::new();
+    let mut fallbacks = Vec::new();
     for p in &opts.providers {
         if let ExecutionProvider::TensorRt(TensorRtOptions {
             calibration_table: Some(t),
@@ -634,16 +683,15 @@ fn session_builder(
         }
         match dispatch(p, manifest).register(&mut b) {
             Ok(()) => used.push(p.ort_name().into()),
-            Err(e) if opts.allow_fallback => {
-                if warn {
-                    eprintln!("warning: {} not registered ({e}); falling back", p.ort_name());
-                }
-            }
+            Err(e) if opts.allow_fallback => fallbacks.push(ProviderFallback {
+                provider: p.ort_name().into(),
+                reason: e.to_string(),
+            }),
             Err(e) => {
                 return Err(Error::ProviderUnavailable {
                     provider: p.ort_name().into(),
                     reason: format!(
-                        "{e} (GPU providers need the onnxruntime-gpu library in ORT_DYLIB_PATH and the CUDA/TensorRT libraries; pass allow_fallback to continue on CPU)"
+                        "{e} (GPU providers need the onnxruntime-gpu library and the CUDA/TensorRT libraries; allow_fallback continues on the next provider)"
                     ),
                 })
             }
@@ -652,7 +700,7 @@ fn session_builder(
     if !used.iter().any(|u| u == "CPUExecutionProvider") {
         used.push("CPUExecutionProvider".into());
     }
-    Ok((b, used))
+    Ok((b, used, fallbacks))
 }
 
 impl OrtGenerator {
@@ -676,7 +724,7 @@ impl OrtGenerator {
                 message: format!("ONNX Runtime cannot load the graph: {e}"),
             })
         };
-        let (mut b, used) = session_builder(manifest, opts, shared.as_ref(), true)?;
+        let (mut b, used, fallbacks) = session_builder(manifest, opts, shared.as_ref())?;
         let session = commit(&mut b)?;
         let inputs: Vec<String> = session
             .inputs()
@@ -723,7 +771,7 @@ impl OrtGenerator {
         };
         let mut idle = vec![session];
         for _ in 1..opts.sessions {
-            let (mut b, _) = session_builder(manifest, opts, shared.as_ref(), false)?;
+            let (mut b, _, _) = session_builder(manifest, opts, shared.as_ref())?;
             idle.push(commit(&mut b)?);
         }
         let g = &manifest.graph;
@@ -735,10 +783,9 @@ impl OrtGenerator {
                 _shared: shared,
             },
             info: GeneratorInfo {
-                backend: "ort".into(),
-                providers: used,
-                vocab_size: g.vocab_size,
-                context_length: manifest.context_length,
+                fallbacks,
+                ..GeneratorInfo::new("ort", g.vocab_size, manifest.context_length)
+                    .with_providers(used)
             },
             cache_f16,
             kv_heads: g.num_kv_heads,

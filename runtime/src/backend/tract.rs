@@ -156,12 +156,8 @@ impl TractGenerator {
             .collect::<Result<Vec<_>>>()?;
         Ok(TractGenerator {
             plan,
-            info: GeneratorInfo {
-                backend: "tract".into(),
-                providers: vec!["tract-cpu".into()],
-                vocab_size: g.vocab_size,
-                context_length: manifest.context_length,
-            },
+            info: GeneratorInfo::new("tract", g.vocab_size, manifest.context_length)
+                .with_providers(["tract-cpu"]),
             cache_dt,
             kv_heads: g.num_kv_heads,
             head_dim: g.head_dim,

@@ -481,12 +481,8 @@ mod tests {
         let tok = loop_tokenizer()?;
         let id = |w: &str| tok.token_to_id(w).ok_or_else(|| Error::Tokenizer(w.into()));
         let lm = BatchHashLm {
-            info: GeneratorInfo {
-                backend: "batch-hash-lm".into(),
-                providers: vec!["CPU".into()],
-                vocab_size: tok.get_vocab_size(true),
-                context_length: 4096,
-            },
+            info: GeneratorInfo::new("batch-hash-lm", tok.get_vocab_size(true), 4096)
+                .with_providers(["CPU"]),
             words: ["text", "doc", "1", "2", "3", "of", "Title", "7"]
                 .iter()
                 .map(|w| id(w))
@@ -590,12 +586,7 @@ mod tests {
     #[test]
     fn the_batch_cache_is_trimmed_when_every_row_has_front_padding() -> Result<()> {
         let lm = BatchHashLm {
-            info: GeneratorInfo {
-                backend: "batch-hash-lm".into(),
-                providers: vec![],
-                vocab_size: 50,
-                context_length: 4096,
-            },
+            info: GeneratorInfo::new("batch-hash-lm", 50, 4096),
             words: vec![3, 4, 5],
             period: 1,
             eos: 2,

@@ -9,6 +9,11 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "steper-run", version, about)]
 struct Cli {
+    /// The ONNX Runtime library (libonnxruntime.so) of the ort backend. Default: ORT_DYLIB_PATH,
+    /// else `.cache/onnxruntime/libonnxruntime.so.VERSION` (made by scripts/install-ort.sh) in
+    /// the current directory or two levels above this executable (a workspace's target/*/).
+    #[arg(long, global = true, value_name = "PATH")]
+    ort_library: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +40,9 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Every ort session of this process is built from options that name no library, so they
+    // read the variable; set once, before any thread starts.
+    steper_runtime::backend::ort::set_library_env(cli.ort_library);
     let result = match cli.command {
         Command::Version(a) => commands::version::run(a),
         Command::Index(a) => commands::index::run(a),

@@ -197,6 +197,7 @@ impl EngineArgs {
             .backend(self.provider.apply(kind)?)
             .index(&self.index)
             .build()?;
+        super::warn_fallbacks(engine.info());
         let mut opts = engine.default_options();
         opts.kv_reuse = !self.no_kv_reuse;
         if let Some(n) = self.max_steps {

@@ -16,3 +16,13 @@ pub fn threads_per_worker(threads: Option<usize>, workers: usize) -> usize {
         (cores / workers.max(1)).max(1)
     })
 }
+
+/// Prints a warning for each execution provider the backend skipped (`--allow-fallback`).
+pub fn warn_fallbacks(info: &steper_runtime::GeneratorInfo) {
+    for f in &info.fallbacks {
+        eprintln!(
+            "warning: {} not registered ({}); falling back",
+            f.provider, f.reason
+        );
+    }
+}
