@@ -861,3 +861,49 @@ fn post(path: &str, body: &[u8], content_length: usize) -> Vec<u8> {
     raw.extend_from_slice(body);
     raw
 }
+
+/// An embedder's own axum app and tokio runtime: the service's router nested under a prefix
+/// next to the embedder's own route, answering like the engine called directly.
+#[test]
+fn the_router_nests_in_an_embedders_app_on_its_own_runtime() -> Result<()> {
+    use steper_runtime::serve::Service;
+    let f = fixture()?;
+    let direct = engine(&f)?;
+    let service = Service::new(config())?;
+    let app = axum::Router::new()
+        .route("/own", axum::routing::get(|| async { "embedder" }))
+        .nest("/steper", service.router());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?.to_string();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    let mut c = Client::new(&addr, CLIENT_TIMEOUT)?;
+    assert_eq!(c.get("/steper/healthz")?.status, 503, "not loaded yet");
+    service.start_workers(engine(&f)?)?;
+    assert!(service.is_ready());
+    assert_eq!(c.get("/steper/healthz")?.status, 200);
+    let own = c.get("/own")?;
+    assert_eq!((own.status, own.body.as_slice()), (200, &b"embedder"[..]));
+    let q = &f.questions[0];
+    let r = c.post_json("/steper/v1/reason", &json!({ "question": q }))?;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let expected = direct.reason(q, &direct.default_options())?;
+    assert_eq!(r.json()?["answer"], expected.answer.as_str());
+    assert_eq!(service.metrics().requests(Endpoint::Reason, 200), 1);
+    service.begin_drain();
+    assert_eq!(c.get("/steper/healthz")?.status, 503, "draining");
+    let _ = stop_tx.send(());
+    rt.block_on(server)??;
+    service.close();
+    Ok(())
+}

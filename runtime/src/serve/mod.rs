@@ -112,25 +112,173 @@ impl ServeConfig {
     }
 }
 
+/// The service without a listener or an async runtime: its routes, its model workers and its
+/// state. An embedder nests [`Service::router`] in its own axum app (adding auth, TLS or its
+/// own layers) and serves it on its own tokio runtime; [`Server::start`] does exactly this
+/// with a listener and a runtime of its own.
+///
+/// ```no_run
+/// use steper_runtime::serve::{ServeConfig, Service};
+/// use steper_runtime::Engine;
+///
+/// # async fn serve() -> Result<(), Box<dyn std::error::Error>> {
+/// let service = Service::new(ServeConfig::default())?;
+/// let _loading = service.load(|| {
+///     Engine::builder().model_dir("exports/student").index("indexes/hotpotqa").build()
+/// })?;
+/// let app = axum::Router::new().nest("/steper", service.router());
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// axum::serve(listener, app).await?;
+/// service.begin_drain();
+/// service.close();
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Service {
+    state: Arc<AppState>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("ready", &self.is_ready())
+            .field("draining", &self.is_draining())
+            .finish()
+    }
+}
+
+/// Receives the outcome of [`Service::load`]: `Ok` once the workers run, or the loader's
+/// error message.
+pub type LoadOutcome = std::sync::mpsc::Receiver<std::result::Result<(), String>>;
+
+impl Service {
+    /// A service with `config` (checked); no model yet: `/healthz` and the model routes answer
+    /// 503 until [`Service::load`] or [`Service::start_workers`] succeeds.
+    pub fn new(config: ServeConfig) -> Result<Self> {
+        config.validate()?;
+        let metrics = Arc::new(Metrics::default());
+        let pool = Arc::new(Pool::new(config.max_queue, Arc::clone(&metrics)));
+        metrics.set_pool(0, config.max_queue);
+        Ok(Service {
+            state: Arc::new(AppState::new(config, metrics, pool)),
+        })
+    }
+
+    /// The routes (`/v1/reason`, `/v1/completions`, `/healthz`, `/metrics`) over this service,
+    /// with the body limit and request logging (tower-http's trace layer: a `tracing` span per
+    /// request; nothing is printed unless a subscriber is installed).
+    pub fn router(&self) -> axum::Router {
+        http::router(Arc::clone(&self.state)).layer(tower_http::trace::TraceLayer::new_for_http())
+    }
+
+    /// Starts the model workers on `engine` (at once, on this thread); the service is ready
+    /// when this returns `Ok`.
+    pub fn start_workers(&self, engine: Engine) -> Result<()> {
+        let st = &self.state;
+        let name = st.config.model_name.clone().unwrap_or_else(|| {
+            engine
+                .model_dir()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| engine.info().backend.clone())
+        });
+        let _ = st.model_name.set(name);
+        st.pool.start_workers(Arc::new(engine), st.config.workers)?;
+        st.ready.store(true, Ordering::SeqCst);
+        st.metrics.set_ready(true);
+        Ok(())
+    }
+
+    /// Runs `loader` on its own thread, then [`Service::start_workers`] on what it returns; a
+    /// failure is kept for `/healthz` and sent on the returned channel.
+    pub fn load<F>(&self, loader: F) -> Result<LoadOutcome>
+    where
+        F: FnOnce() -> Result<Engine> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let service = self.clone();
+        std::thread::Builder::new()
+            .name("steper-loader".into())
+            .spawn(move || {
+                let outcome = loader().and_then(|engine| service.start_workers(engine));
+                let sent = outcome.map_err(|e| {
+                    let msg = e.to_string();
+                    *service
+                        .state
+                        .load_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+                    msg
+                });
+                let _ = tx.send(sent);
+            })
+            .map_err(|e| Error::Server {
+                addr: "-".into(),
+                message: format!("cannot start the loader thread: {e}"),
+            })?;
+        Ok(rx)
+    }
+
+    /// Whether the model is loaded and the workers run.
+    pub fn is_ready(&self) -> bool {
+        self.state.ready.load(Ordering::SeqCst)
+    }
+
+    /// Whether [`Service::begin_drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.state.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// The loader's error, when loading failed.
+    pub fn load_error(&self) -> Option<String> {
+        self.state
+            .load_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// From now on new requests get 503 (`shutting_down`) and `/healthz` reports it; requests
+    /// already accepted finish.
+    pub fn begin_drain(&self) {
+        self.state.shutting_down.store(true, Ordering::SeqCst);
+        self.state.metrics.set_ready(false);
+    }
+
+    /// Closes the queue, lets the workers finish what they hold, and joins them. Call it after
+    /// the HTTP server stopped (every connection closed).
+    pub fn close(&self) {
+        self.state.pool.close_and_join();
+    }
+
+    /// The service's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.state.metrics
+    }
+}
+
 /// Starts servers.
 pub struct Server;
 
 impl Server {
-    /// Binds `config.addr` and serves at once; `loader` runs on its own thread, and until it
-    /// returns `/healthz` and the model routes answer 503. The model workers start when it
-    /// succeeds; when it fails `/healthz` reports the error and [`ServerHandle::wait_ready`]
-    /// returns it.
+    /// Binds `config.addr` and serves at once on a tokio runtime of its own; `loader` runs on
+    /// its own thread, and until it returns `/healthz` and the model routes answer 503. The
+    /// model workers start when it succeeds; when it fails `/healthz` reports the error and
+    /// [`ServerHandle::wait_ready`] returns it.
     pub fn start<F>(config: ServeConfig, loader: F) -> Result<ServerHandle>
     where
         F: FnOnce() -> Result<Engine> + Send + 'static,
     {
-        config.validate()?;
         let addr_text = config.addr.to_string();
         let server_err = |message: String| Error::Server {
             addr: addr_text.clone(),
             message,
         };
-        let listener = std::net::TcpListener::bind(config.addr)
+        let (bind, io_threads, handle_signals) =
+            (config.addr, config.io_threads, config.handle_signals);
+        let service = Service::new(config)?;
+        let listener = std::net::TcpListener::bind(bind)
             .map_err(|e| server_err(format!("cannot listen: {e}")))?;
         listener
             .set_nonblocking(true)
@@ -139,74 +287,26 @@ impl Server {
             .local_addr()
             .map_err(|e| server_err(format!("no local address: {e}")))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.io_threads)
+            .worker_threads(io_threads)
             .thread_name("steper-http")
             .enable_all()
             .build()
             .map_err(|e| server_err(format!("cannot start the async runtime: {e}")))?;
-        let metrics = Arc::new(Metrics::default());
-        let pool = Arc::new(Pool::new(config.max_queue, Arc::clone(&metrics)));
-        metrics.set_pool(0, config.max_queue);
-        let workers = config.workers;
-        let handle_signals = config.handle_signals;
-        let model_name = config.model_name.clone();
-        let state = Arc::new(AppState::new(
-            config,
-            Arc::clone(&metrics),
-            Arc::clone(&pool),
-        ));
         let (stop_tx, stop_rx) = watch::channel(false);
+        let ready_rx = service.load(loader)?;
 
-        // Loading.
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
-        {
-            let state = Arc::clone(&state);
-            std::thread::Builder::new()
-                .name("steper-loader".into())
-                .spawn(move || {
-                    let outcome = loader().and_then(|engine| {
-                        let name = model_name.unwrap_or_else(|| {
-                            engine
-                                .model_dir()
-                                .and_then(|d| d.file_name())
-                                .map(|n| n.to_string_lossy().into_owned())
-                                .unwrap_or_else(|| engine.info().backend.clone())
-                        });
-                        let _ = state.model_name.set(name);
-                        state.pool.start_workers(Arc::new(engine), workers)
-                    });
-                    match outcome {
-                        Ok(()) => {
-                            state.ready.store(true, Ordering::SeqCst);
-                            state.metrics.set_ready(true);
-                            let _ = ready_tx.send(Ok(()));
-                        }
-                        Err(e) => {
-                            let msg = e.to_string();
-                            *state.load_error.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some(msg.clone());
-                            let _ = ready_tx.send(Err(msg));
-                        }
-                    }
-                })
-                .map_err(|e| server_err(format!("cannot start the loader thread: {e}")))?;
-        }
-
-        // Serving.
-        let serve_state = Arc::clone(&state);
+        let serving = service.clone();
         let thread = std::thread::Builder::new()
             .name("steper-serve".into())
             .spawn(move || -> Result<()> {
-                let st = Arc::clone(&serve_state);
+                let app = serving.router();
+                let draining = serving.clone();
                 let result = rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)
                         .map_err(|e| format!("cannot register the listener: {e}"))?;
-                    let app = http::router(Arc::clone(&st));
-                    let drain_state = Arc::clone(&st);
                     let signal = async move {
                         stop_signal(stop_rx, handle_signals).await;
-                        drain_state.shutting_down.store(true, Ordering::SeqCst);
-                        drain_state.metrics.set_ready(false);
+                        draining.begin_drain();
                     };
                     axum::serve(listener, app)
                         .with_graceful_shutdown(signal)
@@ -215,7 +315,7 @@ impl Server {
                 });
                 // Every connection is closed: no job is waiting for a client any more. Let the
                 // workers finish what they hold and stop.
-                serve_state.pool.close_and_join();
+                serving.close();
                 rt.shutdown_timeout(Duration::from_secs(1));
                 result.map_err(|message| Error::Server {
                     addr: addr.to_string(),
@@ -225,7 +325,7 @@ impl Server {
             .map_err(|e| server_err(format!("cannot start the server thread: {e}")))?;
         Ok(ServerHandle {
             addr,
-            state,
+            service,
             stop: stop_tx,
             thread: Some(thread),
             ready: std::sync::Mutex::new(Some(ready_rx)),
@@ -277,10 +377,10 @@ async fn stop_signal(mut stop: watch::Receiver<bool>, handle_signals: bool) {
 /// handle shuts the server down gracefully.
 pub struct ServerHandle {
     addr: SocketAddr,
-    state: Arc<AppState>,
+    service: Service,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<Result<()>>>,
-    ready: std::sync::Mutex<Option<std::sync::mpsc::Receiver<std::result::Result<(), String>>>>,
+    ready: std::sync::Mutex<Option<LoadOutcome>>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -300,12 +400,17 @@ impl ServerHandle {
 
     /// The server's metrics.
     pub fn metrics(&self) -> &Metrics {
-        &self.state.metrics
+        self.service.metrics()
+    }
+
+    /// The service behind the server.
+    pub fn service(&self) -> &Service {
+        &self.service
     }
 
     /// Whether the model is loaded and the workers run.
     pub fn is_ready(&self) -> bool {
-        self.state.ready.load(Ordering::SeqCst)
+        self.service.is_ready()
     }
 
     /// Waits until the model is loaded (Ok) or failed to load (the loader's error).
@@ -320,11 +425,8 @@ impl ServerHandle {
                 Ok(())
             } else {
                 Err(err(self
-                    .state
-                    .load_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
+                    .service
+                    .load_error()
                     .unwrap_or_else(|| "the model failed to load".into())))
             };
         };
@@ -349,7 +451,7 @@ impl ServerHandle {
 
     /// Whether a shutdown has begun (by the handle or a signal).
     pub fn is_shutting_down(&self) -> bool {
-        self.state.shutting_down.load(Ordering::SeqCst)
+        self.service.is_draining()
     }
 
     /// Stops accepting, finishes every accepted request, stops the workers; returns when done.

@@ -49,10 +49,27 @@ pub struct Args {
     /// Print the start-up and shutdown report as JSON lines.
     #[arg(long)]
     pub json: bool,
+    /// Log every request (method, path, status, latency) to stderr.
+    #[arg(long)]
+    pub log_requests: bool,
 }
 
 /// Serves until SIGTERM or ctrl-c, then finishes the accepted requests and exits.
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.log_requests {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        // The router's trace layer emits one INFO span and response event per request; only
+        // those are shown (ONNX Runtime's own events stay quiet).
+        tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("tower_http", tracing::Level::INFO),
+            )
+            .try_init()
+            .map_err(|e| anyhow::anyhow!("--log-requests: {e}"))?;
+    }
     let threads = super::threads_per_worker(a.threads, a.workers);
     let config = ServeConfig {
         addr: a.addr,
