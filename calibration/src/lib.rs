@@ -1,5 +1,5 @@
 //! `steper-calibrate`: INT8 calibration of a STEPER export from the prompts it will see at each
-//! step (init, expand, aggregate) — DESIGN.md, "Calibration output".
+//! step (init, expand, aggregate) — docs/DESIGN.md, "Calibration output".
 //!
 //! - [`hist`]: per-tensor statistics (min/max, bounded mergeable histograms) and the three
 //!   range methods (min/max, percentile, TensorRT's entropy).

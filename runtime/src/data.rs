@@ -1,4 +1,4 @@
-//! Files on disk (DESIGN.md, "Files on disk"): QA datasets, corpora and step-wise records, all
+//! Files on disk (docs/DESIGN.md, "Files on disk"): QA datasets, corpora and step-wise records, all
 //! JSONL. Readers name the file and the 1-based line of anything malformed; with
 //! [`ReadOptions::skip_bad`] they skip such lines and count them instead.
 
@@ -118,7 +118,7 @@ pub struct Document {
     pub text: String,
 }
 
-/// A training stage of DESIGN.md, "The prompt".
+/// A training stage of docs/DESIGN.md, "The prompt".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
@@ -139,7 +139,7 @@ pub struct PromptPassage {
     pub text: String,
 }
 
-/// One step-wise training example (DESIGN.md, "Step-wise records"). The prompt is rendered from
+/// One step-wise training example (docs/DESIGN.md, "Step-wise records"). The prompt is rendered from
 /// these fields by [`crate::prompt::render`] at training time; data never carries a prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepwiseRecord {

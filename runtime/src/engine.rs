@@ -124,7 +124,7 @@ impl EngineBuilder {
         self
     }
 
-    /// Loop settings for [`Engine::default_options`] (default: the manifest's, else DESIGN.md's).
+    /// Loop settings for [`Engine::default_options`] (default: the manifest's, else docs/DESIGN.md's).
     pub fn loop_options(mut self, options: LoopOptions) -> Self {
         self.loop_options = Some(options);
         self

@@ -12,7 +12,7 @@ pub const MANIFEST_FORMAT: &str = "steper-manifest";
 pub const MANIFEST_VERSION: u32 = 1;
 /// File name of the manifest inside an export directory.
 pub const MANIFEST_FILE: &str = "steper.json";
-/// The prompt template version this runtime renders (DESIGN.md, "The prompt").
+/// The prompt template version this runtime renders (docs/DESIGN.md, "The prompt").
 pub const TEMPLATE_VERSION: &str = "ircot-v1";
 
 /// Reasoning-loop defaults stored with a model.

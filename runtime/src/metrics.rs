@@ -1,4 +1,4 @@
-//! Answer metrics (DESIGN.md, "Metrics"), as the official SQuAD v1.1 script computes them:
+//! Answer metrics (docs/DESIGN.md, "Metrics"), as the official SQuAD v1.1 script computes them:
 //! normalization lower-cases, removes ASCII punctuation (Python's `string.punctuation`), removes
 //! the articles a/an/the as whole words and collapses whitespace. EM and token F1 take the max
 //! over gold answers; Acc is 1 when some normalized gold is contained in the normalized

@@ -1,4 +1,4 @@
-//! The one prompt template (DESIGN.md, "The prompt"), shared by teacher, trainer and runtime.
+//! The one prompt template (docs/DESIGN.md, "The prompt"), shared by teacher, trainer and runtime.
 //!
 //! IRCoT's layout, passages first so that a step only appends:
 //!

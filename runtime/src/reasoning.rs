@@ -1,4 +1,4 @@
-//! The multi-step loop (DESIGN.md, "The multi-step loop"), shared by the runtime and the
+//! The multi-step loop (docs/DESIGN.md, "The multi-step loop"), shared by the runtime and the
 //! teachers.
 //!
 //! 1. query = question; retrieve the top-k new passages (skip held ones; cap the total).
@@ -30,7 +30,7 @@ use crate::prompt;
 use crate::retrieval::Retriever;
 use crate::sampling::{sample, softmax_stats};
 
-/// Settings of the loop. Defaults are DESIGN.md's (and [`LoopDefaults`]'s).
+/// Settings of the loop. Defaults are docs/DESIGN.md's (and [`LoopDefaults`]'s).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoopOptions {
     /// Passages retrieved per step.
@@ -259,7 +259,7 @@ impl Reasoning {
         self.steps.iter().map(|s| s.reused_tokens).sum()
     }
 
-    /// The step-wise training records of this trace (DESIGN.md, "Step-wise records"): one per
+    /// The step-wise training records of this trace (docs/DESIGN.md, "Step-wise records"): one per
     /// step, with P_≤s, R_<s and the step's sentence as target.
     pub fn stepwise_records(
         &self,

@@ -1,5 +1,5 @@
 //! `steper-train distill`: runs a teacher through the runtime's reasoning loop on every question
-//! and writes the full traces and the step-wise records (DESIGN.md, "Files on disk").
+//! and writes the full traces and the step-wise records (docs/DESIGN.md, "Files on disk").
 //!
 //! Output directory:
 //! - `traces.jsonl` — one line per question: qid, question, golds, the teacher's answer, whether

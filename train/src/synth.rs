@@ -1,6 +1,6 @@
 //! A synthetic multi-hop world: entities with typed relations, one passage per entity plus
 //! distractors that share names, and 2-, 3- and 4-hop questions with their gold reasoning chains.
-//! Deterministic per seed; written in the corpus and QA formats of DESIGN.md.
+//! Deterministic per seed; written in the corpus and QA formats of docs/DESIGN.md.
 
 use std::collections::{BTreeMap, BTreeSet};
 

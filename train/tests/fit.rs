@@ -69,7 +69,7 @@ fn overfits_eight_records_in_every_stage() -> Result<()> {
         let l = l.expect("stage present");
         assert!(l < OVERFIT_MAX_LOSS, "{name} loss {l}");
     }
-    // The log has one line per step with the fields of DESIGN.md.
+    // The log has one line per step with the fields of docs/DESIGN.md.
     let log = std::fs::read_to_string(out.join("train_log.jsonl"))?;
     let lines: Vec<serde_json::Value> = log
         .lines()

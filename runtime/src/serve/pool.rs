@@ -134,7 +134,7 @@ pub struct ReasonResponse {
     pub forced: bool,
     /// Steps run.
     pub num_steps: usize,
-    /// The per-step trace (DESIGN.md), unless `include_trace` was false.
+    /// The per-step trace (docs/DESIGN.md), unless `include_trace` was false.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepTrace>>,
     /// Passages held at the end.

@@ -1,4 +1,4 @@
-//! The STEPER objective (DESIGN.md, "Training objective"): per-stage mean token cross-entropy on
+//! The STEPER objective (docs/DESIGN.md, "Training objective"): per-stage mean token cross-entropy on
 //! target tokens, combined with learned difficulties s_j = log σ_j:
 //!
 //! `L = Σ_j [ exp(-2 s_j) / 2 · L_j + s_j ]` over the stages present in the batch.

@@ -14,7 +14,7 @@ mod trainer;
 pub use prefix_cache::{CacheDtype, CacheStats};
 pub use trainer::{fit, FitConfig, FitSummary, LogLine, Trainable};
 
-/// The three STEPER stages (DESIGN.md, "The prompt").
+/// The three STEPER stages (docs/DESIGN.md, "The prompt").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
