@@ -404,7 +404,7 @@ pub fn calibrate(
     if opts.samples == 0 {
         return Err(Error::EmptyCalibration {
             path: opts.data.path().to_path_buf(),
-            reason: "--samples is 0".into(),
+            reason: "samples is 0".into(),
         });
     }
     // Inputs first, so bad ones fail before anything is created.

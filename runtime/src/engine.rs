@@ -135,10 +135,11 @@ impl EngineBuilder {
         let (generator, tokenizer, eos, manifest, model_dir) =
             match (self.generator, self.model_dir) {
                 (Some(_), Some(dir)) => {
-                    return Err(Error::Input(format!(
-                        "engine: both a generator and a model directory ({}) were given",
-                        dir.display()
-                    )))
+                    return Err(Error::InvalidOption {
+                        option: "model".into(),
+                        expected: "one of model_dir or generator".into(),
+                        got: format!("both (model_dir {})", dir.display()),
+                    })
                 }
                 (Some((g, t, eos)), None) => (g, t, eos, None, None),
                 (None, Some(dir)) => {
@@ -150,23 +151,29 @@ impl EngineBuilder {
                     (m.generator, m.tokenizer, eos, Some(m.manifest), Some(m.dir))
                 }
                 (None, None) => {
-                    return Err(Error::Input(
-                        "engine: no model (call model_dir or generator)".into(),
-                    ))
+                    return Err(Error::InvalidOption {
+                        option: "model".into(),
+                        expected: "one of model_dir or generator".into(),
+                        got: "neither".into(),
+                    })
                 }
             };
         let retriever: Arc<dyn Retriever> = match (self.retriever, self.index) {
             (Some(r), None) => r,
             (None, Some(dir)) => Arc::new(Bm25Index::open(&dir)?),
             (Some(_), Some(_)) => {
-                return Err(Error::Input(
-                    "engine: both a retriever and an index directory were given".into(),
-                ))
+                return Err(Error::InvalidOption {
+                    option: "retriever".into(),
+                    expected: "one of index or retriever".into(),
+                    got: "both".into(),
+                })
             }
             (None, None) => {
-                return Err(Error::Input(
-                    "engine: no retriever (call index or retriever)".into(),
-                ))
+                return Err(Error::InvalidOption {
+                    option: "retriever".into(),
+                    expected: "one of index or retriever".into(),
+                    got: "neither".into(),
+                })
             }
         };
         let loop_options = self.loop_options.unwrap_or_else(|| {
@@ -242,10 +249,9 @@ impl Engine {
     /// The prefilled prompt prefix for `text`: the cached one when it is the same text, else a
     /// new one (computed under the lock, so concurrent callers prefill it once).
     fn prompt_prefix(&self, text: &str) -> Result<Arc<PromptPrefix>> {
-        let mut cached = self
-            .prefix
-            .lock()
-            .map_err(|_| Error::Input("engine prompt-prefix lock poisoned".into()))?;
+        let mut cached = self.prefix.lock().map_err(|_| Error::Poisoned {
+            what: "the engine's prompt prefix",
+        })?;
         if let Some(p) = cached.as_ref().filter(|p| p.text() == text) {
             return Ok(Arc::clone(p));
         }
@@ -325,7 +331,10 @@ mod tests {
     #[test]
     fn build_reports_what_is_missing() {
         let e = Engine::builder().build();
-        assert!(matches!(e, Err(Error::Input(m)) if m.contains("no model")));
+        assert!(
+            matches!(&e, Err(Error::InvalidOption { option, got, .. }) if option == "model" && got == "neither"),
+            "{e:?}"
+        );
         let e = Engine::builder()
             .model_dir("/nonexistent/steper-model")
             .index("/nonexistent/index")

@@ -100,6 +100,38 @@ pub enum Error {
         /// Tokens available for the prompt (context length minus the generation allowance).
         budget: usize,
     },
+    /// A sequence (or KV cache) handed to a generator or backend that did not make it.
+    #[error("the sequence belongs to another generator or backend")]
+    ForeignSequence,
+    /// A sequence would grow past the model's context.
+    #[error("a sequence of {tokens} tokens exceeds the context length {context_length}")]
+    SequenceTooLong {
+        /// Tokens the sequence would hold.
+        tokens: usize,
+        /// The model's context length.
+        context_length: usize,
+    },
+    /// An API call made out of order, or with arguments that do not fit together (a bug in the
+    /// caller, not bad data).
+    #[error("{call}: {problem}")]
+    Misuse {
+        /// The function or method.
+        call: &'static str,
+        /// What does not fit.
+        problem: String,
+    },
+    /// A lock was poisoned: another thread panicked while holding it.
+    #[error("{what}: a thread panicked while holding its lock")]
+    Poisoned {
+        /// What the lock guards.
+        what: &'static str,
+    },
+    /// A worker thread panicked.
+    #[error("{what} panicked")]
+    WorkerPanicked {
+        /// Which worker.
+        what: &'static str,
+    },
     /// The search index (tantivy) failed.
     #[error("index {path}: {message}")]
     Index {

@@ -289,8 +289,9 @@ pub fn evaluate_parallel(
                 })
                 .collect();
             for h in handles {
-                h.join()
-                    .map_err(|_| Error::Input("an evaluation worker panicked".into()))??;
+                h.join().map_err(|_| Error::WorkerPanicked {
+                    what: "an evaluation worker",
+                })??;
             }
             Ok(())
         })

@@ -70,14 +70,18 @@ impl LoopOptions {
     /// Checks the settings.
     pub fn validate(&self) -> Result<()> {
         if self.max_steps == 0 {
-            return Err(Error::Input(
-                "loop option max_steps must be at least 1".into(),
-            ));
+            return Err(Error::InvalidOption {
+                option: "max_steps".into(),
+                expected: "at least 1".into(),
+                got: "0".into(),
+            });
         }
         if self.max_sentence_tokens == 0 {
-            return Err(Error::Input(
-                "loop option max_sentence_tokens must be at least 1".into(),
-            ));
+            return Err(Error::InvalidOption {
+                option: "max_sentence_tokens".into(),
+                expected: "at least 1".into(),
+                got: "0".into(),
+            });
         }
         Ok(())
     }
@@ -402,9 +406,10 @@ impl LoopRun {
     /// to `model`'s budget. An error when a step is already prepared or the run is over.
     pub fn prepare(&mut self, retriever: &dyn Retriever, model: &dyn StepModel) -> Result<()> {
         if self.prepared.is_some() || self.step >= self.opts.max_steps {
-            return Err(Error::Input(
-                "LoopRun::prepare: a step is pending or the run is over".into(),
-            ));
+            return Err(Error::Misuse {
+                call: "LoopRun::prepare",
+                problem: "a step is pending or the run is over".into(),
+            });
         }
         self.step += 1;
         let (step, opts) = (self.step, &self.opts);
@@ -482,10 +487,10 @@ impl LoopRun {
 
     /// What the step model is asked at the prepared step.
     pub fn request(&self) -> Result<StepRequest<'_>> {
-        let p = self
-            .prepared
-            .as_ref()
-            .ok_or_else(|| Error::Input("LoopRun::request: no step prepared".into()))?;
+        let p = self.prepared.as_ref().ok_or_else(|| Error::Misuse {
+            call: "LoopRun::request",
+            problem: "no step prepared".into(),
+        })?;
         Ok(StepRequest {
             question: &self.question,
             step: self.step,
@@ -501,10 +506,10 @@ impl LoopRun {
     /// Ends the prepared step with the model's output: keeps its first sentence, and returns
     /// the result when it holds the answer (or the step was the forced one).
     pub fn finish_step(&mut self, out: StepOutput) -> Result<Option<Reasoning>> {
-        let p = self
-            .prepared
-            .take()
-            .ok_or_else(|| Error::Input("LoopRun::finish_step: no step prepared".into()))?;
+        let p = self.prepared.take().ok_or_else(|| Error::Misuse {
+            call: "LoopRun::finish_step",
+            problem: "no step prepared".into(),
+        })?;
         let (step, opts) = (self.step, &self.opts);
         let forced = p.forced;
         // 3. One sentence; the answer if it has one.
@@ -561,7 +566,10 @@ impl LoopRun {
         }
         if forced {
             // The last step is always forced and always yields an answer.
-            return Err(Error::Input("the loop ended without an answer".into()));
+            return Err(Error::Misuse {
+                call: "LoopRun::finish_step",
+                problem: "the last step was forced but the step model gave no answer".into(),
+            });
         }
         // 4. Next query.
         let cleaned = clean_query(&sentence);
@@ -660,10 +668,9 @@ impl PromptPrefix {
     /// differently from the prefix inside a prompt (a tokenizer merges across the seam), so
     /// only the common tokens are kept.
     fn fork_for(&self, generator: &dyn Generator, ids: &[u32]) -> Result<Sequence> {
-        let seq = self
-            .seq
-            .lock()
-            .map_err(|_| Error::Input("prompt prefix lock poisoned".into()))?;
+        let seq = self.seq.lock().map_err(|_| Error::Poisoned {
+            what: "the prompt prefix's sequence",
+        })?;
         let common = common_prefix(seq.tokens(), ids).min(ids.len().saturating_sub(1));
         generator.fork(&seq, common)
     }
@@ -768,7 +775,8 @@ impl<'a> GeneratorStepModel<'a> {
             }
         };
         let p = (f64::from(logits[id]) - stats.max).exp() / stats.z;
-        let id = u32::try_from(id).map_err(|_| Error::Input("vocabulary over u32".into()))?;
+        let id = u32::try_from(id)
+            .map_err(|_| Error::Tokenizer(format!("token id {id} does not fit u32")))?;
         Ok((id, p, stats.entropy))
     }
 }
@@ -853,7 +861,7 @@ impl GeneratorStepModel<'_> {
             None => self.encode(req.prompt)?,
         };
         if ids.is_empty() {
-            return Err(Error::Input("the prompt encodes to no token".into()));
+            return Err(Error::Tokenizer("the prompt encodes to no token".into()));
         }
         let context = self.generator.info().context_length;
         if ids.len() >= context {
@@ -1274,7 +1282,7 @@ pub(crate) mod tests {
             let cache = seq
                 .cache_mut()
                 .downcast_mut::<Vec<u32>>()
-                .ok_or_else(|| Error::Input("foreign sequence".into()))?;
+                .ok_or(Error::ForeignSequence)?;
             let vocab = self.info.vocab_size;
             let mut data = Vec::new();
             let rows = if mode == LogitsMode::All {
@@ -1302,7 +1310,7 @@ pub(crate) mod tests {
             let cache = seq
                 .cache_mut()
                 .downcast_mut::<Vec<u32>>()
-                .ok_or_else(|| Error::Input("foreign sequence".into()))?;
+                .ok_or(Error::ForeignSequence)?;
             cache.truncate(len);
             seq.truncate_tokens(len);
             Ok(())
@@ -1311,7 +1319,7 @@ pub(crate) mod tests {
             let cache = seq
                 .cache
                 .downcast_ref::<Vec<u32>>()
-                .ok_or_else(|| Error::Input("foreign sequence".into()))?;
+                .ok_or(Error::ForeignSequence)?;
             let len = len.min(cache.len());
             let mut out = Sequence::new(Box::new(cache[..len].to_vec()));
             out.push_tokens(&seq.tokens()[..len]);

@@ -257,7 +257,10 @@ fn batched_step_matches_single(backend: BackendKind) -> Result<()> {
     )?;
     assert!(matches!(
         dec.place_row(&mut cache, 0, single_cache(&mut long)?),
-        Err(Error::Input(_))
+        Err(Error::Misuse {
+            call: "BatchDecoder::place_row",
+            ..
+        })
     ));
     for step in 0..DECODE_STEPS {
         if step == DECODE_STEPS / 2 {

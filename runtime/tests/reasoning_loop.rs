@@ -81,7 +81,7 @@ impl HashLm {
 fn cache(seq: &mut Sequence) -> steper_runtime::Result<&mut Vec<u32>> {
     seq.cache_mut()
         .downcast_mut::<Vec<u32>>()
-        .ok_or_else(|| Error::Input("foreign sequence".into()))
+        .ok_or(Error::ForeignSequence)
 }
 
 impl Generator for HashLm {

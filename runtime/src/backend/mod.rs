@@ -175,9 +175,10 @@ impl BatchInput {
             || past_mask.len() != batch
             || next_pos.len() != batch
         {
-            return Err(Error::Input(
-                "rows, masks and positions must agree in batch and length".into(),
-            ));
+            return Err(Error::Misuse {
+                call: "BatchInput::new",
+                problem: "rows, masks and positions must agree in batch and length".into(),
+            });
         }
         let mut input_ids = Vec::with_capacity(batch * seq);
         let mut attention_mask = Vec::new();
@@ -211,23 +212,27 @@ impl BatchInput {
 
     pub(crate) fn check(&self, past: usize, batch: usize) -> Result<()> {
         if self.batch != batch {
-            return Err(Error::Input(format!(
-                "cache holds batch {batch}, input has batch {}",
-                self.batch
-            )));
+            return Err(Error::Misuse {
+                call: "BatchDecoder::decode",
+                problem: format!("cache holds batch {batch}, input has batch {}", self.batch),
+            });
         }
         let n = self.batch * self.seq;
         if self.input_ids.len() != n || self.position_ids.len() != n {
-            return Err(Error::Input(format!(
-                "input_ids / position_ids must hold batch*seq = {n} values"
-            )));
+            return Err(Error::Misuse {
+                call: "BatchDecoder::decode",
+                problem: format!("input_ids / position_ids must hold batch*seq = {n} values"),
+            });
         }
         if self.attention_mask.len() != self.batch * (past + self.seq) {
-            return Err(Error::Input(format!(
-                "attention_mask must hold batch*(past+seq) = {} values, got {}",
-                self.batch * (past + self.seq),
-                self.attention_mask.len()
-            )));
+            return Err(Error::Misuse {
+                call: "BatchDecoder::decode",
+                problem: format!(
+                    "attention_mask must hold batch*(past+seq) = {} values, got {}",
+                    self.batch * (past + self.seq),
+                    self.attention_mask.len()
+                ),
+            });
         }
         Ok(())
     }
@@ -289,10 +294,13 @@ pub trait BatchDecoder: Send + Sync {
 /// The checks shared by the backends' [`BatchDecoder::place_row`].
 pub(crate) fn check_place(dst: &BatchCache, row: usize, src: &BatchCache) -> Result<()> {
     if src.batch != 1 || row >= dst.batch || src.past > dst.past {
-        return Err(Error::Input(format!(
-            "place_row: a batch-1 cache of {} positions does not fit row {row} of a batch of {} rows × {} positions",
-            src.past, dst.batch, dst.past
-        )));
+        return Err(Error::Misuse {
+            call: "BatchDecoder::place_row",
+            problem: format!(
+                "a batch-1 cache of {} positions does not fit row {row} of a batch of {} rows × {} positions",
+                src.past, dst.batch, dst.past
+            ),
+        });
     }
     Ok(())
 }
@@ -306,19 +314,22 @@ pub(crate) fn append_single(
     mode: LogitsMode,
 ) -> Result<Logits> {
     if tokens.is_empty() {
-        return Err(Error::Input("append: no tokens".into()));
+        return Err(Error::Misuse {
+            call: "Generator::append",
+            problem: "no tokens".into(),
+        });
     }
     let past = seq.tokens.len();
     if past + tokens.len() > context_length {
-        return Err(Error::Input(format!(
-            "sequence of {} tokens exceeds the context length {context_length}",
-            past + tokens.len()
-        )));
+        return Err(Error::SequenceTooLong {
+            tokens: past + tokens.len(),
+            context_length,
+        });
     }
     let cache = seq
         .cache
         .downcast_mut::<BatchCache>()
-        .ok_or_else(|| Error::Input("sequence belongs to another generator".into()))?;
+        .ok_or(Error::ForeignSequence)?;
     let input = BatchInput {
         batch: 1,
         seq: tokens.len(),
@@ -343,7 +354,7 @@ pub(crate) fn truncate_single(
     let cache = seq
         .cache
         .downcast_mut::<BatchCache>()
-        .ok_or_else(|| Error::Input("sequence belongs to another generator".into()))?;
+        .ok_or(Error::ForeignSequence)?;
     dec.truncate_cache(cache, len)?;
     seq.truncate_tokens(len);
     Ok(())
@@ -355,7 +366,7 @@ pub(crate) fn fork_single(dec: &dyn BatchDecoder, seq: &Sequence, len: usize) ->
     let cache = seq
         .cache
         .downcast_ref::<BatchCache>()
-        .ok_or_else(|| Error::Input("sequence belongs to another generator".into()))?;
+        .ok_or(Error::ForeignSequence)?;
     let mut out = Sequence::new(Box::new(dec.copy_cache(cache, len)?));
     out.push_tokens(&seq.tokens[..len]);
     Ok(out)

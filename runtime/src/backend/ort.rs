@@ -1019,7 +1019,7 @@ impl OrtGenerator {
         let ip = cache
             .inner
             .downcast_mut::<InPlaceCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         if past + s > ip.capacity {
             self.grow_in_place(ip, past, past + s)?;
         }
@@ -1106,7 +1106,7 @@ impl BatchDecoder for OrtGenerator {
         let oc = cache
             .inner
             .downcast_mut::<OrtCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         let mut feed: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
             Vec::with_capacity(3 + oc.values.len());
         let t = |v: Vec<i64>, cols: usize| -> Result<SessionInputValue<'static>> {
@@ -1167,7 +1167,7 @@ impl BatchDecoder for OrtGenerator {
         let oc = cache
             .inner
             .downcast_mut::<OrtCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         oc.values = self.kept_values(oc, b, past, len)?;
         cache.past = len;
         Ok(())
@@ -1189,7 +1189,7 @@ impl BatchDecoder for OrtGenerator {
                 let oc = cache
                     .inner
                     .downcast_ref::<OrtCache>()
-                    .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+                    .ok_or(Error::ForeignSequence)?;
                 Box::new(OrtCache {
                     values: self.kept_values(oc, batch, cache.past, len)?,
                 })
@@ -1213,10 +1213,10 @@ impl BatchDecoder for OrtGenerator {
             return Ok(());
         }
         if n > cache.past {
-            return Err(Error::Input(format!(
-                "trim_front: {n} positions asked, the cache holds {}",
-                cache.past
-            )));
+            return Err(Error::Misuse {
+                call: "BatchDecoder::trim_front",
+                problem: format!("{n} positions asked, the cache holds {}", cache.past),
+            });
         }
         self.relayout(cache, n, 0)
     }

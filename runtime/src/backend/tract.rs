@@ -205,7 +205,7 @@ impl BatchDecoder for TractGenerator {
         let tc = cache
             .inner
             .downcast_mut::<TractCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         let t = |v: &[i64], cols: usize| -> Result<TValue> {
             Ok(Tensor::from_shape(&[b, cols], v)
                 .map_err(backend_err)?
@@ -264,7 +264,7 @@ impl BatchDecoder for TractGenerator {
         let tc = cache
             .inner
             .downcast_mut::<TractCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         let batch = cache.batch;
         for v in tc.values.iter_mut() {
             *v = self.kept(v, batch, len)?;
@@ -278,7 +278,7 @@ impl BatchDecoder for TractGenerator {
         let tc = cache
             .inner
             .downcast_ref::<TractCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         // Values are immutable once made (a call replaces them), so the full-length ones can
         // be shared.
         let values = tc
@@ -307,7 +307,7 @@ impl BatchDecoder for TractGenerator {
         let tc = cache
             .inner
             .downcast_mut::<TractCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         let zeros = Tensor::zero_dt(self.cache_dt, &[b, self.kv_heads, n, self.head_dim])
             .map_err(backend_err)?;
         for v in tc.values.iter_mut() {
@@ -324,16 +324,16 @@ impl BatchDecoder for TractGenerator {
             return Ok(());
         }
         if n > cache.past {
-            return Err(Error::Input(format!(
-                "trim_front: {n} positions asked, the cache holds {}",
-                cache.past
-            )));
+            return Err(Error::Misuse {
+                call: "BatchDecoder::trim_front",
+                problem: format!("{n} positions asked, the cache holds {}", cache.past),
+            });
         }
         let past = cache.past;
         let tc = cache
             .inner
             .downcast_mut::<TractCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         for v in tc.values.iter_mut() {
             *v = v.slice(2, n, past).map_err(backend_err)?.into_tvalue();
         }
@@ -347,11 +347,11 @@ impl BatchDecoder for TractGenerator {
         let sc = src
             .inner
             .downcast_ref::<TractCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         let dc = dst
             .inner
             .downcast_mut::<TractCache>()
-            .ok_or_else(|| Error::Input("cache belongs to another backend".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         for (dv, sv) in dc.values.iter_mut().zip(&sc.values) {
             let mut t = dv.clone().into_tensor();
             let shape = RowShape {

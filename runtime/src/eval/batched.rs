@@ -61,7 +61,7 @@ impl Batch<'_> {
         let src = seq
             .cache
             .downcast_ref::<BatchCache>()
-            .ok_or_else(|| Error::Input("sequence belongs to another generator".into()))?;
+            .ok_or(Error::ForeignSequence)?;
         if src.past > self.cache.past {
             let grow = src.past - self.cache.past + GROW_HEADROOM;
             self.dec.pad_front(&mut self.cache, grow)?;
@@ -322,7 +322,7 @@ mod tests {
             Ok(&mut cache
                 .inner
                 .downcast_mut::<Rows>()
-                .ok_or_else(|| Error::Input("foreign cache".into()))?
+                .ok_or(Error::ForeignSequence)?
                 .0)
         }
     }
@@ -400,7 +400,7 @@ mod tests {
             let rows = &cache
                 .inner
                 .downcast_ref::<Rows>()
-                .ok_or_else(|| Error::Input("foreign cache".into()))?
+                .ok_or(Error::ForeignSequence)?
                 .0;
             Ok(BatchCache {
                 batch: cache.batch,
@@ -433,7 +433,7 @@ mod tests {
             let from = src
                 .inner
                 .downcast_ref::<Rows>()
-                .ok_or_else(|| Error::Input("foreign cache".into()))?
+                .ok_or(Error::ForeignSequence)?
                 .0[0]
                 .clone();
             let dp = dst.past;

@@ -95,18 +95,28 @@ impl Default for ServeConfig {
 impl ServeConfig {
     /// Checks the settings.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Input(format!("serve config: {m}")));
+        let bad = |option: &str, expected: &str, got: String| {
+            Err(Error::InvalidOption {
+                option: option.into(),
+                expected: expected.into(),
+                got,
+            })
+        };
         if self.workers == 0 {
-            return bad("workers must be at least 1");
+            return bad("workers", "at least 1", "0".into());
         }
         if self.timeout.is_zero() {
-            return bad("timeout must be positive");
+            return bad(
+                "timeout",
+                "a positive duration",
+                format!("{:?}", self.timeout),
+            );
         }
         if self.max_body_bytes == 0 {
-            return bad("max_body_bytes must be positive");
+            return bad("max_body_bytes", "at least 1", "0".into());
         }
         if self.io_threads == 0 {
-            return bad("io_threads must be at least 1");
+            return bad("io_threads", "at least 1", "0".into());
         }
         Ok(())
     }
@@ -525,7 +535,10 @@ mod tests {
                 ..ServeConfig::default()
             },
         ] {
-            assert!(matches!(c.validate(), Err(Error::Input(_))), "{c:?}");
+            assert!(
+                matches!(c.validate(), Err(Error::InvalidOption { .. })),
+                "{c:?}"
+            );
         }
     }
 
