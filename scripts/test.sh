@@ -22,3 +22,10 @@ export STEPER_TEST_MODEL="$TINY/export"
 
 cargo test --workspace --all-targets --no-fail-fast "$@"
 cargo test --workspace --doc
+
+# Feature matrix of steper-runtime beyond the defaults (the CLI's): the library with no feature
+# (its unit tests run), and the embedder's `default-features = false, features = ["ort"]`, whose
+# example is built and run on the tiny export with its own retriever.
+cargo test -p steper-runtime --no-default-features --lib
+cargo build -p steper-runtime --no-default-features --features ort --example embed_ort
+target/debug/examples/embed_ort "$TINY/export" "$TINY/world/corpus.jsonl" "$TINY/world/dev.jsonl" 3 60000

@@ -30,7 +30,8 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::backend::{load_model, BackendKind, OrtOptions};
+#[cfg(any(feature = "ort", feature = "tract"))]
+use crate::backend::{load_model, BackendKind};
 use crate::control::{Cancel, LoopControl, StepObserver};
 use crate::error::{Error, Result};
 use crate::generator::{Generator, GeneratorInfo};
@@ -38,7 +39,9 @@ use crate::manifest::Manifest;
 use crate::reasoning::{
     reason_with, Decoding, GeneratorStepModel, LoopOptions, PromptPrefix, Reasoning,
 };
-use crate::retrieval::{Bm25Index, Retriever};
+#[cfg(feature = "bm25")]
+use crate::retrieval::Bm25Index;
+use crate::retrieval::Retriever;
 
 /// Per-call settings of [`Engine::reason`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,8 +82,11 @@ impl Default for ReasonOptions {
 /// Builds an [`Engine`]; everything is checked once, in [`EngineBuilder::build`].
 #[derive(Default)]
 pub struct EngineBuilder {
+    #[cfg(any(feature = "ort", feature = "tract"))]
     model_dir: Option<PathBuf>,
+    #[cfg(any(feature = "ort", feature = "tract"))]
     backend: Option<BackendKind>,
+    #[cfg(feature = "bm25")]
     index: Option<PathBuf>,
     generator: Option<(Arc<dyn Generator>, Tokenizer, Vec<u32>)>,
     retriever: Option<Arc<dyn Retriever>>,
@@ -88,19 +94,27 @@ pub struct EngineBuilder {
 }
 
 impl EngineBuilder {
-    /// The export directory (`steper.json`, `model.onnx`, `tokenizer.json`).
+    /// The export directory (`steper.json`, `model.onnx`, `tokenizer.json`), run on
+    /// [`EngineBuilder::backend`] (features `ort` / `tract`).
+    #[cfg(any(feature = "ort", feature = "tract"))]
+    #[must_use]
     pub fn model_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.model_dir = Some(dir.into());
         self
     }
 
-    /// The backend that runs the export (default: ONNX Runtime on CPU).
+    /// The backend that runs the export (default: [`BackendKind::default`], ONNX Runtime on
+    /// CPU where compiled in).
+    #[cfg(any(feature = "ort", feature = "tract"))]
+    #[must_use]
     pub fn backend(mut self, backend: BackendKind) -> Self {
         self.backend = Some(backend);
         self
     }
 
-    /// The BM25 index directory written by `steper-run index`.
+    /// The BM25 index directory written by `steper-run index` (feature `bm25`).
+    #[cfg(feature = "bm25")]
+    #[must_use]
     pub fn index(mut self, dir: impl Into<PathBuf>) -> Self {
         self.index = Some(dir.into());
         self
@@ -108,6 +122,7 @@ impl EngineBuilder {
 
     /// A generator made elsewhere instead of [`EngineBuilder::model_dir`] (tests, custom
     /// backends); `eos_token_ids` end a sentence.
+    #[must_use]
     pub fn generator(
         mut self,
         generator: Arc<dyn Generator>,
@@ -119,63 +134,72 @@ impl EngineBuilder {
     }
 
     /// A retriever made elsewhere instead of [`EngineBuilder::index`].
+    #[must_use]
     pub fn retriever(mut self, retriever: Arc<dyn Retriever>) -> Self {
         self.retriever = Some(retriever);
         self
     }
 
     /// Loop settings for [`Engine::default_options`] (default: the manifest's, else docs/DESIGN.md's).
+    #[must_use]
     pub fn loop_options(mut self, options: LoopOptions) -> Self {
         self.loop_options = Some(options);
         self
     }
 
-    /// Loads the model and opens the index.
-    pub fn build(self) -> Result<Engine> {
-        let (generator, tokenizer, eos, manifest, model_dir) =
-            match (self.generator, self.model_dir) {
-                (Some(_), Some(dir)) => {
-                    return Err(Error::InvalidOption {
-                        option: "model".into(),
-                        expected: "one of model_dir or generator".into(),
-                        got: format!("both (model_dir {})", dir.display()),
-                    })
-                }
-                (Some((g, t, eos)), None) => (g, t, eos, None, None),
-                (None, Some(dir)) => {
-                    let backend = self
-                        .backend
-                        .unwrap_or_else(|| BackendKind::Ort(OrtOptions::default()));
-                    let m = load_model(&dir, &backend)?;
-                    let eos = m.manifest.eos_token_ids.clone();
-                    (m.generator, m.tokenizer, eos, Some(m.manifest), Some(m.dir))
-                }
-                (None, None) => {
-                    return Err(Error::InvalidOption {
-                        option: "model".into(),
-                        expected: "one of model_dir or generator".into(),
-                        got: "neither".into(),
-                    })
-                }
-            };
-        let retriever: Arc<dyn Retriever> = match (self.retriever, self.index) {
-            (Some(r), None) => r,
-            (None, Some(dir)) => Arc::new(Bm25Index::open(&dir)?),
-            (Some(_), Some(_)) => {
-                return Err(Error::InvalidOption {
-                    option: "retriever".into(),
-                    expected: "one of index or retriever".into(),
-                    got: "both".into(),
-                })
-            }
-            (None, None) => {
-                return Err(Error::InvalidOption {
-                    option: "retriever".into(),
-                    expected: "one of index or retriever".into(),
-                    got: "neither".into(),
-                })
-            }
+    /// The generator: given, or loaded from the model directory.
+    #[allow(clippy::type_complexity)]
+    fn take_model(
+        &mut self,
+    ) -> Result<(
+        Arc<dyn Generator>,
+        Tokenizer,
+        Vec<u32>,
+        Option<Manifest>,
+        Option<PathBuf>,
+    )> {
+        let which = |got: String| Error::InvalidOption {
+            option: "model".into(),
+            expected: "one of model_dir or generator".into(),
+            got,
         };
+        #[cfg(any(feature = "ort", feature = "tract"))]
+        if let Some(dir) = self.model_dir.take() {
+            if self.generator.is_some() {
+                return Err(which(format!("both (model_dir {})", dir.display())));
+            }
+            let backend = self.backend.take().unwrap_or_default();
+            let m = load_model(&dir, &backend)?;
+            let eos = m.manifest.eos_token_ids.clone();
+            return Ok((m.generator, m.tokenizer, eos, Some(m.manifest), Some(m.dir)));
+        }
+        match self.generator.take() {
+            Some((g, t, eos)) => Ok((g, t, eos, None, None)),
+            None => Err(which("neither".into())),
+        }
+    }
+
+    /// The retriever: given, or the BM25 index opened.
+    fn take_retriever(&mut self) -> Result<Arc<dyn Retriever>> {
+        let which = |got: &str| Error::InvalidOption {
+            option: "retriever".into(),
+            expected: "one of index or retriever".into(),
+            got: got.into(),
+        };
+        #[cfg(feature = "bm25")]
+        if let Some(dir) = self.index.take() {
+            if self.retriever.is_some() {
+                return Err(which("both"));
+            }
+            return Ok(Arc::new(Bm25Index::open(&dir)?));
+        }
+        self.retriever.take().ok_or_else(|| which("neither"))
+    }
+
+    /// Loads the model and opens the index.
+    pub fn build(mut self) -> Result<Engine> {
+        let (generator, tokenizer, eos, manifest, model_dir) = self.take_model()?;
+        let retriever = self.take_retriever()?;
         let loop_options = self.loop_options.unwrap_or_else(|| {
             manifest
                 .as_ref()
@@ -323,6 +347,22 @@ mod tests {
 
     fn assert_send_sync<T: Send + Sync>() {}
 
+    /// A retriever that finds nothing.
+    #[cfg(any(feature = "ort", feature = "tract"))]
+    struct NoRetriever;
+
+    #[cfg(any(feature = "ort", feature = "tract"))]
+    impl Retriever for NoRetriever {
+        fn retrieve(
+            &self,
+            _query: &str,
+            _k: usize,
+            _exclude: &std::collections::HashSet<String>,
+        ) -> Result<Vec<crate::retrieval::Hit>> {
+            Ok(Vec::new())
+        }
+    }
+
     #[test]
     fn engine_is_send_and_sync() {
         assert_send_sync::<Engine>();
@@ -335,10 +375,13 @@ mod tests {
             matches!(&e, Err(Error::InvalidOption { option, got, .. }) if option == "model" && got == "neither"),
             "{e:?}"
         );
-        let e = Engine::builder()
-            .model_dir("/nonexistent/steper-model")
-            .index("/nonexistent/index")
-            .build();
-        assert!(matches!(e, Err(Error::Model { .. })), "{e:?}");
+        #[cfg(any(feature = "ort", feature = "tract"))]
+        {
+            let e = Engine::builder()
+                .model_dir("/nonexistent/steper-model")
+                .retriever(Arc::new(NoRetriever))
+                .build();
+            assert!(matches!(e, Err(Error::Model { .. })), "{e:?}");
+        }
     }
 }

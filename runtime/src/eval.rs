@@ -16,7 +16,7 @@ use crate::engine::{Engine, ReasonOptions};
 use crate::error::{Error, Result};
 use crate::metrics::Scores;
 use crate::reasoning::{Reasoning, StepTrace};
-use crate::retrieval::progress_bar;
+use crate::progress::Progress;
 
 /// One evaluated question (a line of `results.jsonl`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,7 +186,7 @@ pub fn evaluate_with(
 ) -> Result<(EvalSummary, Vec<EvalRecord>)> {
     let n = opts.limit.unwrap_or(examples.len()).min(examples.len());
     let mut writer = out.map(AtomicWriter::create).transpose()?;
-    let bar = progress_bar(opts.progress, n as u64, "evaluating");
+    let bar = Progress::new(opts.progress, n as u64, "evaluating");
     let start = Instant::now();
     let mut records = Vec::with_capacity(n);
     for q in &examples[..n] {
@@ -325,7 +325,7 @@ fn gather_in_order(
     let n = opts.limit.unwrap_or(examples.len()).min(examples.len());
     let examples = &examples[..n];
     let writer = out.map(AtomicWriter::create).transpose()?;
-    let bar = progress_bar(opts.progress, n as u64, "evaluating");
+    let bar = Progress::new(opts.progress, n as u64, "evaluating");
     let start = Instant::now();
     let slots: Mutex<Vec<Option<EvalRecord>>> = Mutex::new(vec![None; n]);
     let sink = |q: usize, result: Result<Reasoning>, seconds: f64| {

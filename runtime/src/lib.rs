@@ -1,6 +1,25 @@
-//! The STEPER edge runtime: data formats, the prompt template, metrics, BM25 retrieval and the
+//! The STEPER edge runtime: data formats, the prompt template, metrics, retrieval and the
 //! multi-step reasoning loop, run on ONNX Runtime (`ort`) or tract. No candle dependency, so the
 //! edge binary stays small.
+//!
+//! # Features
+//!
+//! The loop ([`reason`], [`Engine`]), the prompt, the data formats, the metrics, the manifest and
+//! the [`Generator`] / [`StepModel`] / [`Retriever`] traits build with no feature. Each feature
+//! adds one capability:
+//!
+//! | feature    | adds                                                                 |
+//! |------------|----------------------------------------------------------------------|
+//! | `ort`      | ONNX Runtime backend ([`OrtOptions`], CPU / CUDA / TensorRT providers) |
+//! | `tract`    | tract backend (pure Rust, CPU)                                        |
+//! | `bm25`     | BM25 retrieval over a tantivy index ([`Bm25Index`], `build_index`)    |
+//! | `progress` | indicatif progress bars for indexing, retrieval and evaluation        |
+//! | `server`   | the HTTP service (`serve`: router, worker pool, metrics)              |
+//! | `cli`      | the `steper-run` binary (all of the above); the default               |
+//!
+//! An edge service that runs the loop on ONNX Runtime with its own retriever depends on
+//! `steper-runtime = { default-features = false, features = ["ort"] }` (see
+//! `examples/embed_ort.rs`).
 #![warn(missing_docs)]
 
 pub mod answer;
@@ -14,20 +33,24 @@ pub mod fewshot;
 pub mod generator;
 pub mod manifest;
 pub mod metrics;
+mod progress;
 pub mod prompt;
 pub mod reasoning;
 pub mod retrieval;
 mod sampling;
+#[cfg(feature = "server")]
 pub mod serve;
 
-pub use backend::{
-    load_model, BackendKind, ExecutionProvider, KvCacheMode, LoadedModel, OptLevel, OrtOptions,
-    TensorRtOptions,
-};
+#[cfg(any(feature = "ort", feature = "tract"))]
+pub use backend::{load_model, BackendKind, LoadedModel};
+#[cfg(feature = "ort")]
+pub use backend::{ExecutionProvider, KvCacheMode, OptLevel, OrtOptions, TensorRtOptions};
 pub use control::{Cancel, LoopControl, StepObserver};
 pub use engine::{Engine, EngineBuilder, ReasonOptions};
 pub use error::{Error, Result};
 pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
 pub use manifest::{Manifest, TEMPLATE_VERSION};
 pub use reasoning::{reason, reason_with, GeneratorStepModel, LoopOptions, Reasoning, StepModel};
-pub use retrieval::{Bm25Index, Retriever};
+#[cfg(feature = "bm25")]
+pub use retrieval::Bm25Index;
+pub use retrieval::Retriever;

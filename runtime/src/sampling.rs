@@ -17,6 +17,7 @@ pub(crate) struct SoftmaxStats {
 
 impl SoftmaxStats {
     /// log Σ exp(l).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub fn log_sum_exp(&self) -> f64 {
         self.max + self.z.ln()
     }

@@ -1,41 +1,68 @@
-//! ONNX backends behind [`Generator`]: ONNX Runtime ([`ort`], loaded dynamically, CPU / CUDA /
-//! TensorRT execution providers) and tract ([`tract`], pure Rust).
+//! ONNX backends behind [`Generator`]: ONNX Runtime ([`ort`], feature `ort`: loaded
+//! dynamically, CPU / CUDA / TensorRT execution providers) and tract ([`tract`], feature
+//! `tract`: pure Rust). Built with neither, the crate runs the loop on a [`Generator`] the caller
+//! brings; the manifest and tokenizer checks here are always available.
 //!
 //! [`load_model`] opens an export directory (`steper.json`, `model.onnx`, `tokenizer.json`),
-//! checks it and returns a shared [`Generator`]. Both backends also implement
+//! checks it and returns a shared [`Generator`](crate::Generator). Both backends also implement
 //! [`BatchDecoder`], the raw batched step (left-padded batches, explicit masks and positions)
 //! that the single-sequence [`Generator`] is built on.
 
+#[cfg(feature = "ort")]
 pub mod ort;
+#[cfg(feature = "tract")]
 pub mod tract;
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
+#[cfg(any(feature = "ort", feature = "tract"))]
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::generator::{Generator, Logits, LogitsMode, Sequence};
+#[cfg(any(feature = "ort", feature = "tract"))]
+use crate::generator::Generator;
+use crate::generator::{Logits, LogitsMode, Sequence};
 use crate::manifest::{Manifest, MANIFEST_FILE};
 
+#[cfg(feature = "ort")]
 pub use self::ort::{
     ExecutionProvider, KvCacheMode, OptLevel, OrtGenerator, OrtOptions, TensorRtOptions,
 };
+#[cfg(feature = "tract")]
 pub use self::tract::TractGenerator;
 
-/// Which backend runs the graph.
+/// Which backend runs the graph (the variants the crate's features compiled in).
+#[cfg(any(feature = "ort", feature = "tract"))]
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum BackendKind {
-    /// ONNX Runtime with these session options.
+    /// ONNX Runtime with these session options (feature `ort`).
+    #[cfg(feature = "ort")]
     Ort(OrtOptions),
-    /// tract (pure Rust, CPU).
+    /// tract (pure Rust, CPU; feature `tract`).
+    #[cfg(feature = "tract")]
     Tract,
 }
 
+#[cfg(any(feature = "ort", feature = "tract"))]
+impl Default for BackendKind {
+    /// ONNX Runtime on CPU where it is compiled in, else tract.
+    fn default() -> Self {
+        #[cfg(feature = "ort")]
+        return BackendKind::Ort(OrtOptions::default());
+        #[cfg(not(feature = "ort"))]
+        BackendKind::Tract
+    }
+}
+
+#[cfg(any(feature = "ort", feature = "tract"))]
 impl BackendKind {
     /// `ort` or `tract`.
     pub fn name(&self) -> &'static str {
         match self {
+            #[cfg(feature = "ort")]
             BackendKind::Ort(_) => "ort",
+            #[cfg(feature = "tract")]
             BackendKind::Tract => "tract",
         }
     }
@@ -43,24 +70,33 @@ impl BackendKind {
     /// Sets the number of model calls that can run at once to `n` (one per worker thread):
     /// [`OrtOptions::sessions`] on ONNX Runtime; tract runs any number of calls at once on its
     /// one plan (each call has its own state), so it is unchanged.
+    #[must_use]
+    #[cfg_attr(not(feature = "ort"), allow(unused_variables))]
     pub fn with_concurrency(self, n: usize) -> Self {
         match self {
+            #[cfg(feature = "ort")]
             BackendKind::Ort(o) => BackendKind::Ort(o.with_sessions(n)),
+            #[cfg(feature = "tract")]
             BackendKind::Tract => BackendKind::Tract,
         }
     }
 
     /// Sets how ONNX Runtime keeps the KV cache ([`OrtOptions::kv_cache`]); tract is unchanged
     /// (its state holds the cache).
+    #[cfg(feature = "ort")]
+    #[must_use]
     pub fn with_kv_cache(self, mode: KvCacheMode) -> Self {
         match self {
             BackendKind::Ort(o) => BackendKind::Ort(o.with_kv_cache(mode)),
+            #[cfg(feature = "tract")]
             BackendKind::Tract => BackendKind::Tract,
         }
     }
 }
 
 /// An export directory opened by [`load_model`].
+#[cfg(any(feature = "ort", feature = "tract"))]
+#[non_exhaustive]
 pub struct LoadedModel {
     /// The model, shareable across threads.
     pub generator: Arc<dyn Generator>,
@@ -75,12 +111,15 @@ pub struct LoadedModel {
 /// Opens the export in `dir` on `backend`: reads and checks `steper.json`, loads the tokenizer
 /// (its vocabulary must fit the model's), and builds the backend session. Every missing or
 /// inconsistent file is an [`Error::Model`] naming it.
+#[cfg(any(feature = "ort", feature = "tract"))]
 pub fn load_model(dir: &Path, backend: &BackendKind) -> Result<LoadedModel> {
     let manifest = load_manifest(dir)?;
     let tokenizer = load_tokenizer(dir, &manifest)?;
     let model_path = model_path(dir, &manifest)?;
     let generator: Arc<dyn Generator> = match backend {
+        #[cfg(feature = "ort")]
         BackendKind::Ort(opts) => Arc::new(OrtGenerator::load(&model_path, &manifest, opts)?),
+        #[cfg(feature = "tract")]
         BackendKind::Tract => Arc::new(TractGenerator::load(&model_path, &manifest)?),
     };
     Ok(LoadedModel {
@@ -210,6 +249,7 @@ impl BatchInput {
         })
     }
 
+    #[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
     pub(crate) fn check(&self, past: usize, batch: usize) -> Result<()> {
         if self.batch != batch {
             return Err(Error::Misuse {
@@ -245,6 +285,7 @@ pub struct BatchCache {
     /// Cached positions.
     pub(crate) past: usize,
     /// Backend-specific per-layer keys and values.
+    #[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
     pub(crate) inner: Box<dyn Any + Send>,
 }
 
@@ -292,6 +333,7 @@ pub trait BatchDecoder: Send + Sync {
 }
 
 /// The checks shared by the backends' [`BatchDecoder::place_row`].
+#[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
 pub(crate) fn check_place(dst: &BatchCache, row: usize, src: &BatchCache) -> Result<()> {
     if src.batch != 1 || row >= dst.batch || src.past > dst.past {
         return Err(Error::Misuse {
@@ -306,6 +348,7 @@ pub(crate) fn check_place(dst: &BatchCache, row: usize, src: &BatchCache) -> Res
 }
 
 /// [`Generator::append`] for any [`BatchDecoder`]: batch 1, no padding.
+#[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
 pub(crate) fn append_single(
     dec: &dyn BatchDecoder,
     context_length: usize,
@@ -343,6 +386,7 @@ pub(crate) fn append_single(
 }
 
 /// [`Generator::truncate`] for any [`BatchDecoder`].
+#[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
 pub(crate) fn truncate_single(
     dec: &dyn BatchDecoder,
     seq: &mut Sequence,
@@ -361,6 +405,7 @@ pub(crate) fn truncate_single(
 }
 
 /// [`Generator::fork`] for any [`BatchDecoder`]: copies the cache, not recomputes it.
+#[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
 pub(crate) fn fork_single(dec: &dyn BatchDecoder, seq: &Sequence, len: usize) -> Result<Sequence> {
     let len = len.min(seq.tokens.len());
     let cache = seq
@@ -373,6 +418,7 @@ pub(crate) fn fork_single(dec: &dyn BatchDecoder, seq: &Sequence, len: usize) ->
 }
 
 /// Checks that the graph's inputs and outputs are the manifest's, in any order.
+#[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
 pub(crate) fn check_io(
     path: &Path,
     manifest: &Manifest,

@@ -290,6 +290,40 @@ impl OrtOptions {
     }
 }
 
+/// The part of the ONNX protobuf schema (onnx.proto3 field numbers) that
+/// [`shared_initializers`] reads; prost skips every other field.
+mod onnx_pb {
+    /// `ModelProto`: only the graph.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct ModelProto {
+        #[prost(message, optional, tag = "7")]
+        pub graph: Option<GraphProto>,
+    }
+
+    /// `GraphProto`: only the initializers.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct GraphProto {
+        #[prost(message, repeated, tag = "5")]
+        pub initializer: Vec<TensorProto>,
+    }
+
+    /// `TensorProto`: shape, element type, name, raw bytes and where the data lives.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct TensorProto {
+        #[prost(int64, repeated, tag = "1")]
+        pub dims: Vec<i64>,
+        #[prost(int32, tag = "2")]
+        pub data_type: i32,
+        #[prost(string, tag = "8")]
+        pub name: String,
+        #[prost(bytes = "vec", tag = "9")]
+        pub raw_data: Vec<u8>,
+        /// 0 default (inside the file), 1 external.
+        #[prost(int32, optional, tag = "14")]
+        pub data_location: Option<i32>,
+    }
+}
+
 /// Fewest sessions at which their weights are shared. A single session lets ONNX Runtime drop
 /// each weight once it is prepacked; shared weights are owned by the caller, so the shared
 /// unpacked copy stays besides the shared packed one. Measured on SmolLM2-135M fp32 (resident
@@ -306,13 +340,13 @@ pub const SHARED_INITIALIZER_MIN_BYTES: usize = 64 * 1024;
 /// [`SHARED_INITIALIZER_MIN_BYTES`] stored inside the file (external data stays with ONNX
 /// Runtime).
 fn shared_initializers(model: &Path) -> Result<Vec<(String, std::sync::Arc<DynValue>)>> {
-    use prost::Message;
+    use prost::Message as _;
     let bad = |message: String| Error::Model {
         path: model.to_path_buf(),
         message,
     };
     let bytes = std::fs::read(model).map_err(|e| Error::io(model, e))?;
-    let proto = tract_onnx::pb::ModelProto::decode(bytes.as_slice())
+    let proto = onnx_pb::ModelProto::decode(bytes.as_slice())
         .map_err(|e| bad(format!("not an ONNX model: {e}")))?;
     drop(bytes);
     let Some(graph) = proto.graph else {

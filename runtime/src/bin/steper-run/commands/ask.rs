@@ -129,7 +129,7 @@ impl ProviderArgs {
                 o.allow_fallback = self.allow_fallback;
                 Ok(BackendKind::Ort(o))
             }
-            BackendKind::Tract => anyhow::bail!("--provider needs --backend ort"),
+            _ => anyhow::bail!("--provider needs --backend ort"),
         }
     }
 }

@@ -75,7 +75,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         for (b, kind) in &runs {
             let kv_cache = match kind {
                 BackendKind::Ort(o) => Some(o.kv_cache.as_str()),
-                BackendKind::Tract => None,
+                _ => None,
             };
             let m = load_model(dir, kind).with_context(|| format!("loading {}", dir.display()))?;
             let g = m.generator;
