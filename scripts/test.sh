@@ -22,6 +22,8 @@ export STEPER_TEST_MODEL="$TINY/export"
 
 cargo test --workspace --all-targets --no-fail-fast "$@"
 cargo test --workspace --doc
+# the API documentation builds without a warning (broken or private links, missing docs)
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 # Feature matrix of steper-runtime beyond the defaults (the CLI's): the library with no feature
 # (its unit tests run), and the embedder's `default-features = false, features = ["ort"]`, whose

@@ -181,33 +181,37 @@ unsafe fn mm(
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    *dst.add(i * dst_strides.0 + j * dst_strides.1) = 0.0;
+                    // SAFETY: the caller's contract covers every (i, j) of the m × n block.
+                    unsafe { *dst.add(i * dst_strides.0 + j * dst_strides.1) = 0.0 };
                 }
             }
         }
         return;
     }
-    gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_strides.1 as isize,
-        dst_strides.0 as isize,
-        accumulate,
-        lhs,
-        lhs_strides.1 as isize,
-        lhs_strides.0 as isize,
-        rhs,
-        rhs_strides.1 as isize,
-        rhs_strides.0 as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    );
+    // SAFETY: the caller's contract: the pointers address every element the strides reach.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_strides.1 as isize,
+            dst_strides.0 as isize,
+            accumulate,
+            lhs,
+            lhs_strides.1 as isize,
+            lhs_strides.0 as isize,
+            rhs,
+            rhs_strides.1 as isize,
+            rhs_strides.0 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    };
 }
 
 /// The attention probabilities of queries `i0..i1` of row `bi`, head `h` into `p`
@@ -323,7 +327,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     e * f32::from_bits(two_n)
 }
 
-/// Relative error bound of [`exp_nonpositive`] on `[−87, 0]`.
+/// Relative error bound of `exp_nonpositive` on `[−87, 0]`.
 pub const EXP_RTOL: f64 = 5e-7;
 
 /// Lanes of the partial sums and maxima below (one AVX-512 register of f32), so that the

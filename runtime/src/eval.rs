@@ -15,8 +15,8 @@ use crate::data::{AtomicWriter, QaExample};
 use crate::engine::{Engine, ReasonOptions};
 use crate::error::{Error, Result};
 use crate::metrics::Scores;
-use crate::reasoning::{Reasoning, StepTrace};
 use crate::progress::Progress;
+use crate::reasoning::{Reasoning, StepTrace};
 
 /// One evaluated question (a line of `results.jsonl`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

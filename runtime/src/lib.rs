@@ -21,6 +21,7 @@
 //! `steper-runtime = { default-features = false, features = ["ort"] }` (see
 //! `examples/embed_ort.rs`).
 #![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod answer;
 pub mod backend;

@@ -4,7 +4,7 @@
 //! brings; the manifest and tokenizer checks here are always available.
 //!
 //! [`load_model`] opens an export directory (`steper.json`, `model.onnx`, `tokenizer.json`),
-//! checks it and returns a shared [`Generator`](crate::Generator). Both backends also implement
+//! checks it and returns a shared [`Generator`]. Both backends also implement
 //! [`BatchDecoder`], the raw batched step (left-padded batches, explicit masks and positions)
 //! that the single-sequence [`Generator`] is built on.
 

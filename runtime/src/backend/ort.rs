@@ -611,11 +611,12 @@ impl SessionPool {
 }
 
 impl CheckedOut<'_> {
-    fn session(&mut self) -> &mut Session {
-        // Only `Drop` takes the session out.
-        self.session
-            .as_mut()
-            .expect("checked-out session present until drop")
+    fn session(&mut self) -> Result<&mut Session> {
+        // Only `Drop` takes the session out, so this is always `Some`.
+        self.session.as_mut().ok_or(Error::Misuse {
+            call: "SessionPool::session",
+            problem: "the session was returned to the pool".into(),
+        })
     }
 }
 
@@ -1071,7 +1072,7 @@ impl OrtGenerator {
             _ => None,
         };
         let mut session = self.sessions.checkout()?;
-        let session = session.session();
+        let session = session.session()?;
         let mut bind = session.create_binding().map_err(backend_err)?;
         bind.bind_input("input_ids", &ids).map_err(backend_err)?;
         bind.bind_input("attention_mask", &mask)
@@ -1168,7 +1169,7 @@ impl BatchDecoder for OrtGenerator {
             _ => false,
         };
         let mut session = self.sessions.checkout()?;
-        let mut out = session.session().run(feed).map_err(backend_err)?;
+        let mut out = session.session()?.run(feed).map_err(backend_err)?;
         let logits = out
             .remove("logits")
             .ok_or_else(|| backend_err("no `logits` output"))?;

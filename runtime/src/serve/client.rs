@@ -118,16 +118,19 @@ impl Client {
     }
 
     fn connect(&mut self) -> Result<&mut BufReader<TcpStream>> {
-        if self.conn.is_none() {
-            let s = TcpStream::connect_timeout(&self.addr, self.timeout)
-                .map_err(|e| self.io("connect", e))?;
-            s.set_read_timeout(Some(self.timeout))
-                .and_then(|_| s.set_write_timeout(Some(self.timeout)))
-                .and_then(|_| s.set_nodelay(true))
-                .map_err(|e| self.io("socket options", e))?;
-            self.conn = Some(BufReader::new(s));
-        }
-        Ok(self.conn.as_mut().expect("connected above"))
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => {
+                let s = TcpStream::connect_timeout(&self.addr, self.timeout)
+                    .map_err(|e| self.io("connect", e))?;
+                s.set_read_timeout(Some(self.timeout))
+                    .and_then(|_| s.set_write_timeout(Some(self.timeout)))
+                    .and_then(|_| s.set_nodelay(true))
+                    .map_err(|e| self.io("socket options", e))?;
+                BufReader::new(s)
+            }
+        };
+        Ok(self.conn.insert(conn))
     }
 
     /// `GET path`.

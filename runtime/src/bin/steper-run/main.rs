@@ -1,5 +1,6 @@
 //! `steper-run`: the STEPER runtime command line. Thin: argument parsing and dispatch; the work
 //! is in `steper_runtime`.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod commands;
 
