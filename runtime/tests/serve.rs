@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use steper_loadgen::client::{send_raw_once, Client, Response};
+use steper_loadgen::load::{run_load, LoadEndpoint, LoadOptions};
 use steper_runtime::data::{read_corpus, read_qa, ReadOptions};
 use steper_runtime::retrieval::{build_index, IndexOptions};
 use steper_runtime::serve::api::CompletionRequest;
-use steper_runtime::serve::bench::{run_load, LoadEndpoint, LoadOptions};
-use steper_runtime::serve::client::{send_raw_once, Client, Response};
 use steper_runtime::serve::completion::complete;
 use steper_runtime::serve::metrics::{sample, Endpoint, ErrorKind};
 use steper_runtime::serve::{ServeConfig, Server, ServerHandle};

@@ -33,8 +33,6 @@
 //! ```
 
 pub mod api;
-pub mod bench;
-pub mod client;
 pub mod completion;
 mod http;
 pub mod metrics;
@@ -501,19 +499,6 @@ impl Drop for ServerHandle {
     }
 }
 
-/// Peak resident memory (`VmHWM`, bytes) of process `pid` (`None`: this process), from
-/// `/proc/<pid>/status`; `None` where that file does not exist (not Linux).
-pub fn peak_rss_bytes(pid: Option<u32>) -> Option<u64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/status"),
-        None => "/proc/self/status".to_string(),
-    };
-    let text = std::fs::read_to_string(path).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,15 +525,6 @@ mod tests {
                 "{c:?}"
             );
         }
-    }
-
-    #[test]
-    fn peak_rss_of_this_process_is_read() {
-        if std::path::Path::new("/proc/self/status").exists() {
-            let rss = peak_rss_bytes(None).expect("VmHWM");
-            assert!(rss > 0);
-        }
-        assert_eq!(peak_rss_bytes(Some(u32::MAX)), None);
     }
 
     #[test]

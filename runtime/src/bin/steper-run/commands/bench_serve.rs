@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use steper_loadgen::client::host_port;
+use steper_loadgen::load::{run_load, LoadEndpoint, LoadOptions, LoadReport};
 use steper_runtime::data::{read_qa, ReadOptions};
-use steper_runtime::serve::bench::{run_load, LoadEndpoint, LoadOptions, LoadReport};
-use steper_runtime::serve::client::host_port;
 use steper_runtime::serve::{ServeConfig, Server};
 use steper_runtime::{BackendKind, Engine};
 

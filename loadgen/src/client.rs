@@ -1,4 +1,4 @@
-//! A small blocking HTTP/1.1 client for the load test and the tests: keep-alive connections,
+//! A small blocking HTTP/1.1 client for the load test and the server's tests: keep-alive connections,
 //! `Content-Length` and chunked bodies, server-sent event parsing. Plain HTTP on loopback only;
 //! not a general client.
 
@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// Longest header block or chunk-size line accepted from the server.
 const MAX_LINE: usize = 64 * 1024;
@@ -34,12 +34,10 @@ impl Response {
 
     /// The body as JSON.
     pub fn json(&self) -> Result<serde_json::Value> {
-        serde_json::from_slice(&self.body).map_err(|e| {
-            Error::Input(format!(
-                "response body (status {}) is not JSON: {e}: {}",
-                self.status,
-                String::from_utf8_lossy(&self.body[..self.body.len().min(200)])
-            ))
+        serde_json::from_slice(&self.body).map_err(|e| Error::NotJson {
+            status: self.status,
+            message: e.to_string(),
+            start: String::from_utf8_lossy(&self.body[..self.body.len().min(200)]).into_owned(),
         })
     }
 
@@ -95,9 +93,15 @@ impl Client {
     pub fn new(addr: &str, timeout: Duration) -> Result<Self> {
         let addr = addr
             .to_socket_addrs()
-            .map_err(|e| Error::Input(format!("address {addr}: {e}")))?
+            .map_err(|e| Error::Address {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            })?
             .next()
-            .ok_or_else(|| Error::Input(format!("address {addr} resolves to nothing")))?;
+            .ok_or_else(|| Error::Address {
+                addr: addr.to_string(),
+                message: "resolves to nothing".into(),
+            })?;
         Ok(Client {
             addr,
             timeout,
@@ -112,7 +116,8 @@ impl Client {
 
     fn io(&self, what: &str, e: std::io::Error) -> Error {
         Error::Io {
-            path: format!("http://{} ({what})", self.addr).into(),
+            addr: self.addr,
+            op: what.to_string(),
             source: e,
         }
     }
@@ -181,7 +186,8 @@ impl Client {
             .write_all(raw)
             .and_then(|_| conn.get_mut().flush())
             .map_err(|e| Error::Io {
-                path: format!("http://{addr} (write)").into(),
+                addr,
+                op: "write".into(),
                 source: e,
             })
             .and_then(|_| read_response(conn, addr));
@@ -213,7 +219,8 @@ pub fn send_raw_once(
     timeout: Duration,
 ) -> Result<Option<Response>> {
     let io = |what: &str, e: std::io::Error| Error::Io {
-        path: format!("http://{addr} ({what})").into(),
+        addr,
+        op: what.to_string(),
         source: e,
     };
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| io("connect", e))?;
@@ -249,12 +256,14 @@ fn read_line(r: &mut impl BufRead, addr: SocketAddr) -> Result<String> {
         .take(MAX_LINE as u64)
         .read_until(b'\n', &mut buf)
         .map_err(|e| Error::Io {
-            path: format!("http://{addr} (read)").into(),
+            addr,
+            op: "read".into(),
             source: e,
         })?;
     if n == 0 {
         return Err(Error::Io {
-            path: format!("http://{addr} (read)").into(),
+            addr,
+            op: "read".into(),
             source: std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "the server closed the connection",
@@ -266,7 +275,7 @@ fn read_line(r: &mut impl BufRead, addr: SocketAddr) -> Result<String> {
 }
 
 fn bad(addr: SocketAddr, m: String) -> Error {
-    Error::Input(format!("http://{addr}: malformed response: {m}"))
+    Error::Malformed { addr, message: m }
 }
 
 fn read_response(r: &mut BufReader<TcpStream>, addr: SocketAddr) -> Result<Response> {
@@ -294,7 +303,8 @@ fn read_response(r: &mut BufReader<TcpStream>, addr: SocketAddr) -> Result<Respo
             .map(|(_, v)| v.clone())
     };
     let read_err = |e: std::io::Error| Error::Io {
-        path: format!("http://{addr} (read body)").into(),
+        addr,
+        op: "read body".into(),
         source: e,
     };
     let mut body = Vec::new();
@@ -332,14 +342,16 @@ fn read_response(r: &mut BufReader<TcpStream>, addr: SocketAddr) -> Result<Respo
 
 /// `host:port` of an `http://host:port[/…]` URL.
 pub fn host_port(url: &str) -> Result<String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| Error::Input(format!("url {url}: expected http://host:port")))?;
+    let rest = url.strip_prefix("http://").ok_or_else(|| Error::Url {
+        url: url.to_string(),
+        expected: "http://host:port",
+    })?;
     let hp = rest.split('/').next().unwrap_or("");
     if hp.is_empty() || !hp.contains(':') {
-        return Err(Error::Input(format!(
-            "url {url}: expected http://host:port (with a port)"
-        )));
+        return Err(Error::Url {
+            url: url.to_string(),
+            expected: "http://host:port (with a port)",
+        });
     }
     Ok(hp.to_string())
 }

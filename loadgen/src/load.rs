@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::client::Client;
-use crate::error::{Error, Result};
+use crate::client::Client;
+use crate::{Error, Result};
 
 /// Which route the load test calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -105,12 +105,34 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// Peak resident memory (`VmHWM`, bytes) of process `pid` (`None`: this process), from
+/// `/proc/<pid>/status`; `None` where that file does not exist (not Linux).
+pub fn peak_rss_bytes(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Runs one load level.
 pub fn run_load(opts: &LoadOptions) -> Result<LoadReport> {
     if opts.concurrency == 0 || opts.inputs.is_empty() || opts.max_requests == 0 {
-        return Err(Error::Input(
-            "load test: concurrency, inputs and max_requests must be non-empty".into(),
-        ));
+        let (option, got) = if opts.concurrency == 0 {
+            ("concurrency", "0".to_string())
+        } else if opts.inputs.is_empty() {
+            ("inputs", "none".to_string())
+        } else {
+            ("max_requests", "0".to_string())
+        };
+        return Err(Error::InvalidOption {
+            option,
+            expected: "at least 1",
+            got,
+        });
     }
     let next = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
@@ -181,8 +203,7 @@ pub fn run_load(opts: &LoadOptions) -> Result<LoadReport> {
         }));
     }
     for t in threads {
-        t.join()
-            .map_err(|_| Error::Input("a load-test client panicked".into()))??;
+        t.join().map_err(|_| Error::ClientPanicked)??;
     }
     let seconds = t0.elapsed().as_secs_f64();
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
@@ -234,7 +255,7 @@ pub fn run_load(opts: &LoadOptions) -> Result<LoadReport> {
         drift_ratio,
         tokens,
         tokens_per_sec_per_client: tokens as f64 / seconds / opts.concurrency as f64,
-        peak_rss_bytes: super::peak_rss_bytes(opts.server_pid),
+        peak_rss_bytes: peak_rss_bytes(opts.server_pid),
     })
 }
 
@@ -251,5 +272,35 @@ mod tests {
         assert_eq!(percentile(&v, 0.0), 1.0);
         assert_eq!(percentile(&[7.0], 0.99), 7.0);
         assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn peak_rss_of_this_process_is_read() {
+        if std::path::Path::new("/proc/self/status").exists() {
+            assert!(peak_rss_bytes(None).is_some_and(|rss| rss > 0));
+        }
+        assert_eq!(peak_rss_bytes(Some(u32::MAX)), None);
+    }
+
+    #[test]
+    fn empty_levels_name_the_option() {
+        let opts = LoadOptions {
+            addr: "127.0.0.1:1".into(),
+            endpoint: LoadEndpoint::Reason,
+            concurrency: 0,
+            duration: Duration::from_secs(1),
+            max_requests: 1,
+            inputs: vec!["q".into()],
+            max_tokens: 1,
+            request_timeout: Duration::from_secs(1),
+            server_pid: None,
+        };
+        assert!(matches!(
+            run_load(&opts),
+            Err(Error::InvalidOption {
+                option: "concurrency",
+                ..
+            })
+        ));
     }
 }
