@@ -191,7 +191,7 @@ impl Collector {
         bins: usize,
         threads: Option<usize>,
     ) -> Result<Self> {
-        let env = steper_runtime::backend::ort::environment(None)?;
+        let env = steper_runtime::backend::environment(None)?;
         let mut b = Session::builder(&env).map_err(ort_err)?;
         if let Some(n) = threads {
             b = b.with_intra_threads(n).map_err(ort_err)?;

@@ -88,7 +88,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    steper_runtime::backend::ort::set_library_env(None);
+    steper_runtime::backend::set_library_env(None);
     let data = DataSource::detect(&a.data, a.index.as_deref())?;
     let mut o = CalibrateOptions::new(a.model.clone(), data, a.out.clone());
     o.method = a.method;

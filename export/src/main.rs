@@ -68,7 +68,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    steper_runtime::backend::ort::set_library_env(None);
+    steper_runtime::backend::set_library_env(None);
     match run(args) {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::from(2),

@@ -119,7 +119,7 @@ impl PartialEq for StepObserver {
     }
 }
 
-/// The controls of one run of [`crate::reasoning::reason_with`].
+/// The controls of one run of [`crate::reason_with`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoopControl {
     /// Stops the run from outside or at a deadline.

@@ -23,24 +23,31 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+// Formats and helpers shared with the toolchain's other crates (trainer, exporter, calibrator):
+// public modules, each documented.
 pub mod answer;
-pub mod backend;
-pub mod control;
 pub mod data;
-pub mod engine;
-pub mod error;
 pub mod eval;
 pub mod fewshot;
-pub mod generator;
 pub mod manifest;
 pub mod metrics;
-mod progress;
 pub mod prompt;
-pub mod reasoning;
 pub mod retrieval;
-mod sampling;
+
+// Backends: the module holds what an embedder needs to load and configure a model; the ort and
+// tract internals stay inside it.
+pub mod backend;
 #[cfg(feature = "server")]
 pub mod serve;
+
+// The loop and its types: private modules, re-exported below.
+mod control;
+mod engine;
+mod error;
+mod generator;
+mod progress;
+mod reasoning;
+mod sampling;
 
 #[cfg(any(feature = "ort", feature = "tract"))]
 pub use backend::{load_model, BackendKind, LoadedModel};
@@ -49,9 +56,12 @@ pub use backend::{ExecutionProvider, KvCacheMode, OptLevel, OrtOptions, TensorRt
 pub use control::{Cancel, LoopControl, StepObserver};
 pub use engine::{Engine, EngineBuilder, ReasonOptions};
 pub use error::{Error, Result};
-pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
+pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, ProviderFallback, Sequence};
 pub use manifest::{Manifest, TEMPLATE_VERSION};
-pub use reasoning::{reason, reason_with, GeneratorStepModel, LoopOptions, Reasoning, StepModel};
+pub use reasoning::{
+    reason, reason_with, Decoding, GeneratorStepModel, HeldPassage, LoopOptions, LoopRun,
+    PassageRef, PromptPrefix, Reasoning, StepModel, StepOutput, StepRequest, StepTrace,
+};
 #[cfg(feature = "bm25")]
 pub use retrieval::Bm25Index;
 pub use retrieval::Retriever;

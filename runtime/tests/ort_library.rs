@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use steper_runtime::backend::ort::{environment, library_path, loaded_library, ORT_DYLIB_ENV};
+use steper_runtime::backend::{environment, library_path, loaded_library, ORT_DYLIB_ENV};
 use steper_runtime::Error;
 
 #[test]

@@ -17,10 +17,9 @@ use steper_loadgen::client::{send_raw_once, Client, Response};
 use steper_loadgen::load::{run_load, LoadEndpoint, LoadOptions};
 use steper_runtime::data::{read_corpus, read_qa, ReadOptions};
 use steper_runtime::retrieval::{build_index, IndexOptions};
-use steper_runtime::serve::api::CompletionRequest;
-use steper_runtime::serve::completion::complete;
-use steper_runtime::serve::metrics::{sample, Endpoint, ErrorKind};
-use steper_runtime::serve::{ServeConfig, Server, ServerHandle};
+use steper_runtime::serve::{
+    complete, sample, CompletionRequest, Endpoint, ErrorKind, ServeConfig, Server, ServerHandle,
+};
 use steper_runtime::{
     load_model, BackendKind, Engine, Generator, GeneratorInfo, Logits, LogitsMode, OrtOptions,
     Sequence,
@@ -454,8 +453,13 @@ fn metrics_counters_move() -> Result<()> {
         assert_eq!(r.status, 200);
         assert!(r
             .header("content-type")
-            .is_some_and(|t| t.starts_with("text/plain")));
-        Ok(String::from_utf8(r.body)?)
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")));
+        let text = String::from_utf8(r.body)?;
+        assert!(
+            text.ends_with("# EOF\n"),
+            "an OpenMetrics exposition ends with # EOF"
+        );
+        Ok(text)
     };
     let get = |text: &str, series: &str| sample(text, series).with_context(|| series.to_string());
     let before = read(&mut c)?;

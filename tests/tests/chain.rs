@@ -4,8 +4,8 @@
 use anyhow::Result;
 use steper_runtime::data::{read_corpus, read_qa, ReadOptions};
 use steper_runtime::eval::{evaluate, EvalOptions};
-use steper_runtime::reasoning::LoopOptions;
 use steper_runtime::retrieval::{build_index, Bm25Index, IndexOptions};
+use steper_runtime::LoopOptions;
 use steper_runtime::{BackendKind, Engine, OrtOptions};
 use steper_train::distill::{distill, DistillOptions, Filter};
 use steper_train::fit::records::{examples_from_records, read_records};

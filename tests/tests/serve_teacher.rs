@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use steper_runtime::data::{read_corpus, read_qa, ReadOptions, StepwiseRecord};
-use steper_runtime::reasoning::LoopOptions;
 use steper_runtime::retrieval::{build_index, Bm25Index, IndexOptions};
 use steper_runtime::serve::{ServeConfig, Server};
+use steper_runtime::LoopOptions;
 use steper_runtime::{BackendKind, Engine, OrtOptions};
 use steper_train::distill::{distill, distill_pool, DistillOptions, Filter, TraceLine};
 use steper_train::teacher::{OpenAiConfig, OpenAiTeacher};

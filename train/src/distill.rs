@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use steper_runtime::data::{QaExample, Stage, StepwiseRecord};
 use steper_runtime::metrics::{accuracy, exact_match};
-use steper_runtime::reasoning::{reason, LoopOptions, Reasoning, StepModel};
 use steper_runtime::retrieval::Retriever;
+use steper_runtime::{reason, LoopOptions, Reasoning, StepModel};
 
 use crate::error::{Error, Result};
 

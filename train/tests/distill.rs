@@ -4,8 +4,8 @@
 use anyhow::Result;
 use steper_runtime::data::{corpus_from_qa, read_qa, ReadOptions, Stage, StepwiseRecord};
 use steper_runtime::metrics::normalize_answer;
-use steper_runtime::reasoning::{LoopOptions, Reasoning, StepTrace};
 use steper_runtime::retrieval::{build_index, Bm25Index, IndexOptions};
+use steper_runtime::{LoopOptions, Reasoning, StepTrace};
 use steper_train::distill::{distill, vanilla_record, DistillOptions, Filter};
 use steper_train::synth::{generate_world, write_world, SynthConfig};
 use steper_train::teacher::GoldTeacher;
@@ -158,7 +158,7 @@ fn scripted(n_steps: usize) -> Reasoning {
         forced: false,
         steps,
         passages: (1..=n_steps)
-            .map(|i| steper_runtime::reasoning::HeldPassage {
+            .map(|i| steper_runtime::HeldPassage {
                 id: format!("d{i}"),
                 title: format!("T{i}"),
                 text: format!("text {i}"),

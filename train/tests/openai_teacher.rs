@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 use steper_runtime::data::{read_qa, PromptPassage, QaExample, ReadOptions};
-use steper_runtime::reasoning::{LoopOptions, StepModel, StepRequest};
 use steper_runtime::retrieval::{build_index, Bm25Index, IndexOptions};
+use steper_runtime::{LoopOptions, StepModel, StepRequest};
 use steper_train::distill::{distill, distill_pool, DistillOptions, Filter};
 use steper_train::synth::{generate_world, write_world, SynthConfig};
 use steper_train::teacher::{GoldTeacher, OpenAiConfig, OpenAiTeacher, TeacherPrompt};
@@ -143,7 +143,7 @@ fn config(url: &str) -> OpenAiConfig {
 
 const PROMPT: &str = "Wikipedia Title: Bodris\nBodris is a city located in Soulos.\n\nQ: In which country is Bodris?\nA:";
 
-fn ask(t: &mut OpenAiTeacher) -> steper_runtime::Result<steper_runtime::reasoning::StepOutput> {
+fn ask(t: &mut OpenAiTeacher) -> steper_runtime::Result<steper_runtime::StepOutput> {
     let passages = [PromptPassage {
         title: "Bodris".into(),
         text: "Bodris is a city located in Soulos.".into(),

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use steper_runtime::data::{corpus_from_qa, read_qa, ReadOptions, Stage, StepwiseRecord};
-use steper_runtime::reasoning::LoopOptions;
 use steper_runtime::retrieval::{build_index, Bm25Index, IndexOptions};
+use steper_runtime::LoopOptions;
 use steper_train::distill::{distill, passes, DistillOptions, Filter, TraceLine};
 use steper_train::teacher::CandleTeacher;
 

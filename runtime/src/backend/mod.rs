@@ -9,9 +9,9 @@
 //! that the single-sequence [`Generator`] is built on.
 
 #[cfg(feature = "ort")]
-pub mod ort;
+mod ort;
 #[cfg(feature = "tract")]
-pub mod tract;
+mod tract;
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,9 @@ use crate::manifest::{Manifest, MANIFEST_FILE};
 
 #[cfg(feature = "ort")]
 pub use self::ort::{
-    ExecutionProvider, KvCacheMode, OptLevel, OrtGenerator, OrtOptions, TensorRtOptions,
+    environment, library_path, loaded_library, set_library_env, ExecutionProvider, KvCacheMode,
+    OptLevel, OrtGenerator, OrtOptions, TensorRtOptions, IN_PLACE_GROWTH, ORT_DYLIB_ENV,
+    ORT_VERSION,
 };
 #[cfg(feature = "tract")]
 pub use self::tract::TractGenerator;

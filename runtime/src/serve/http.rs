@@ -205,9 +205,7 @@ async fn finish(rx: &mut UnboundedReceiver<WorkerEvent>, cancel: &Cancel) -> Wor
     let wait = async {
         loop {
             match rx.recv().await {
-                Some(
-                    WorkerEvent::Started { .. } | WorkerEvent::Step(_) | WorkerEvent::Piece(_),
-                ) => {}
+                Some(WorkerEvent::Started | WorkerEvent::Step(_) | WorkerEvent::Piece(_)) => {}
                 Some(last) => return last,
                 None => {
                     return WorkerEvent::Failed(ApiError::new(
@@ -388,7 +386,7 @@ fn reason_events(
                 return None;
             }
             let ev = match s.next_event().await {
-                WorkerEvent::Started { .. } | WorkerEvent::Piece(_) => continue,
+                WorkerEvent::Started | WorkerEvent::Piece(_) => continue,
                 WorkerEvent::Step(step) => json_event(Some("step"), &step),
                 WorkerEvent::ReasonDone(mut r) => {
                     r.id = s.id.clone();
@@ -453,7 +451,7 @@ async fn completions_inner(
     let mut rx = submit(st, Work::Complete(request, seed), cancel, t0)?;
     if !stream {
         return match finish(&mut rx, cancel).await {
-            WorkerEvent::CompletionDone(c, _) => {
+            WorkerEvent::CompletionDone(c) => {
                 let usage = CompletionUsage {
                     prompt_tokens: c.prompt_tokens,
                     completion_tokens: c.completion_tokens,
@@ -498,7 +496,7 @@ async fn completions_inner(
                         return None;
                     }
                     match s.next_event().await {
-                        WorkerEvent::Started { .. } | WorkerEvent::Step(_) => continue,
+                        WorkerEvent::Started | WorkerEvent::Step(_) => continue,
                         WorkerEvent::Piece(text) => {
                             let choice = CompletionChoice {
                                 text,
@@ -509,7 +507,7 @@ async fn completions_inner(
                             let c = chunk(&s.id, created, &model, Some(choice), None);
                             return Some((Ok(json_event(None, &c)), (s, pending, finished)));
                         }
-                        WorkerEvent::CompletionDone(c, _) => {
+                        WorkerEvent::CompletionDone(c) => {
                             s.end(Endpoint::Completions, 200, None);
                             finished = true;
                             // Popped from the back: push in reverse order.
@@ -616,7 +614,7 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            HeaderValue::from_static(super::metrics::CONTENT_TYPE),
         )],
         Body::from(text),
     )

@@ -1,9 +1,18 @@
-//! Counters, gauges and histograms of the service, rendered in the Prometheus text exposition
-//! format (version 0.0.4). Lock-free: every value is an atomic, so recording never blocks a
-//! request.
+//! Counters, gauges and histograms of the service, kept in a `prometheus-client` registry and
+//! rendered in the OpenMetrics text format (which Prometheus scrapes natively). Every series is
+//! created up front, so a scrape shows zeros instead of missing series before the first request.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds (seconds) of the request-latency buckets.
 pub const REQUEST_BUCKETS: [f64; 14] = [
@@ -47,10 +56,6 @@ impl Endpoint {
             Endpoint::Metrics => "metrics",
             Endpoint::Other => "other",
         }
-    }
-
-    fn index(self) -> usize {
-        self as usize
     }
 }
 
@@ -117,295 +122,256 @@ impl ErrorKind {
             ErrorKind::Internal => 500,
         }
     }
+}
 
-    fn index(self) -> usize {
-        self as usize
+/// HTTP status codes counted per endpoint; any other status is counted as `code="other"`.
+const STATUSES: [u16; 9] = [200, 400, 404, 405, 408, 413, 500, 503, 504];
+
+type Labels<const N: usize> = [(&'static str, &'static str); N];
+type HistogramFamily = Family<Labels<1>, Histogram, fn() -> Histogram>;
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        500 => "500",
+        503 => "503",
+        504 => "504",
+        _ => "other",
     }
 }
 
-/// A cumulative histogram with fixed bucket bounds.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// Per bucket (not cumulative), plus one for +Inf.
-    counts: Vec<AtomicU64>,
-    /// Sum in nanoseconds (values are durations).
-    sum_nanos: AtomicU64,
-}
-
-impl Histogram {
-    /// An empty histogram over `bounds` (ascending, seconds).
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one observation in seconds (negative or NaN values count as 0).
-    pub fn observe(&self, seconds: f64) {
-        let s = if seconds.is_finite() && seconds > 0.0 {
-            seconds
-        } else {
-            0.0
-        };
-        let i = self
-            .bounds
-            .iter()
-            .position(|&b| s <= b)
-            .unwrap_or(self.bounds.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos
-            .fetch_add((s * 1e9).round() as u64, Ordering::Relaxed);
-    }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0u64;
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (i, b) in self.bounds.iter().enumerate() {
-            cumulative += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
-        }
-        cumulative += self.counts[self.bounds.len()].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
-        );
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {sum}");
-        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+/// A duration in seconds as a histogram observes it: negative or NaN values count as 0.
+fn seconds(s: f64) -> f64 {
+    if s.is_finite() && s > 0.0 {
+        s
+    } else {
+        0.0
     }
 }
-
-/// HTTP status classes counted per endpoint.
-const STATUSES: [u16; 10] = [200, 400, 404, 405, 408, 413, 500, 503, 504, 0];
 
 /// Every metric of one server.
 #[derive(Debug)]
 pub struct Metrics {
-    /// `[endpoint][status slot]` request counts (the last slot: any other status).
-    requests: Vec<[AtomicU64; STATUSES.len()]>,
-    errors: [AtomicU64; ErrorKind::ALL.len()],
-    request_seconds: Vec<Histogram>,
-    /// Time of one reasoning step (prefill + decode).
-    pub step_seconds: Histogram,
-    /// Time a job waited in the queue.
-    pub queue_wait_seconds: Histogram,
-    queue_depth: AtomicU64,
-    busy_workers: AtomicU64,
-    generated_tokens: AtomicU64,
-    generation_nanos: AtomicU64,
-    /// Tokens per second of the last finished job, as f64 bits.
-    last_tokens_per_second: AtomicU64,
-    ready: AtomicU64,
-    workers: AtomicU64,
-    queue_capacity: AtomicU64,
+    registry: Registry,
+    requests: Family<Labels<2>, Counter>,
+    errors: Family<Labels<1>, Counter>,
+    request_seconds: HistogramFamily,
+    step_seconds: Histogram,
+    queue_wait_seconds: Histogram,
+    /// Unsigned so that a late decrement saturates at 0 instead of showing a negative depth.
+    queue_depth: Gauge<u64, AtomicU64>,
+    busy_workers: Gauge<u64, AtomicU64>,
+    ready: Gauge,
+    workers: Gauge,
+    queue_capacity: Gauge,
+    generated_tokens: Counter,
+    generation_seconds: Counter<f64, AtomicU64>,
+    tokens_per_second: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
-            requests: Endpoint::ALL
-                .iter()
-                .map(|_| std::array::from_fn(|_| AtomicU64::new(0)))
-                .collect(),
-            errors: std::array::from_fn(|_| AtomicU64::new(0)),
-            request_seconds: Endpoint::ALL
-                .iter()
-                .map(|_| Histogram::new(&REQUEST_BUCKETS))
-                .collect(),
-            step_seconds: Histogram::new(&STEP_BUCKETS),
-            queue_wait_seconds: Histogram::new(&STEP_BUCKETS),
-            queue_depth: AtomicU64::new(0),
-            busy_workers: AtomicU64::new(0),
-            generated_tokens: AtomicU64::new(0),
-            generation_nanos: AtomicU64::new(0),
-            last_tokens_per_second: AtomicU64::new(0f64.to_bits()),
-            ready: AtomicU64::new(0),
-            workers: AtomicU64::new(0),
-            queue_capacity: AtomicU64::new(0),
+        let requests = Family::<Labels<2>, Counter>::default();
+        let errors = Family::<Labels<1>, Counter>::default();
+        let request_seconds: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(REQUEST_BUCKETS));
+        for e in Endpoint::ALL {
+            for code in STATUSES.iter().map(|&s| status_label(s)).chain(["other"]) {
+                drop(requests.get_or_create(&[("endpoint", e.label()), ("code", code)]));
+            }
+            drop(request_seconds.get_or_create(&[("endpoint", e.label())]));
         }
+        for k in ErrorKind::ALL {
+            drop(errors.get_or_create(&[("kind", k.label())]));
+        }
+        let m = Metrics {
+            registry: Registry::default(),
+            requests,
+            errors,
+            request_seconds,
+            step_seconds: Histogram::new(STEP_BUCKETS),
+            queue_wait_seconds: Histogram::new(STEP_BUCKETS),
+            queue_depth: Gauge::default(),
+            busy_workers: Gauge::default(),
+            ready: Gauge::default(),
+            workers: Gauge::default(),
+            queue_capacity: Gauge::default(),
+            generated_tokens: Counter::default(),
+            generation_seconds: Counter::default(),
+            tokens_per_second: Gauge::default(),
+        };
+        m.registered()
     }
 }
 
 impl Metrics {
+    /// Registers every metric (the registry holds clones that share the values).
+    fn registered(mut self) -> Self {
+        let r = &mut self.registry;
+        r.register(
+            "steper_requests",
+            "HTTP requests by endpoint and status code",
+            self.requests.clone(),
+        );
+        r.register(
+            "steper_errors",
+            "Failed requests by kind",
+            self.errors.clone(),
+        );
+        r.register(
+            "steper_request_duration_seconds",
+            "Request latency (arrival to last byte queued)",
+            self.request_seconds.clone(),
+        );
+        r.register(
+            "steper_step_duration_seconds",
+            "Model time of one reasoning step",
+            self.step_seconds.clone(),
+        );
+        r.register(
+            "steper_queue_wait_seconds",
+            "Time a job waited for a worker",
+            self.queue_wait_seconds.clone(),
+        );
+        r.register(
+            "steper_queue_depth",
+            "Jobs waiting for a worker",
+            self.queue_depth.clone(),
+        );
+        r.register(
+            "steper_queue_capacity",
+            "Jobs the queue holds before 503",
+            self.queue_capacity.clone(),
+        );
+        r.register(
+            "steper_workers",
+            "Model worker threads",
+            self.workers.clone(),
+        );
+        r.register(
+            "steper_workers_busy",
+            "Workers running a job",
+            self.busy_workers.clone(),
+        );
+        r.register(
+            "steper_ready",
+            "1 once the model and index are loaded",
+            self.ready.clone(),
+        );
+        r.register(
+            "steper_generated_tokens",
+            "Tokens generated by the model",
+            self.generated_tokens.clone(),
+        );
+        r.register(
+            "steper_generation_seconds",
+            "Model time spent generating (prefill + decode)",
+            self.generation_seconds.clone(),
+        );
+        r.register(
+            "steper_tokens_per_second",
+            "Generated tokens per second of model time, last job",
+            self.tokens_per_second.clone(),
+        );
+        self
+    }
+
     /// Counts a finished request and its latency.
-    pub fn record_request(&self, endpoint: Endpoint, status: u16, seconds: f64) {
-        let slot = STATUSES
-            .iter()
-            .position(|&s| s == status)
-            .unwrap_or(STATUSES.len() - 1);
-        self.requests[endpoint.index()][slot].fetch_add(1, Ordering::Relaxed);
-        self.request_seconds[endpoint.index()].observe(seconds);
+    pub fn record_request(&self, endpoint: Endpoint, status: u16, seconds_taken: f64) {
+        self.requests
+            .get_or_create(&[
+                ("endpoint", endpoint.label()),
+                ("code", status_label(status)),
+            ])
+            .inc();
+        self.request_seconds
+            .get_or_create(&[("endpoint", endpoint.label())])
+            .observe(seconds(seconds_taken));
     }
 
     /// Counts an error of `kind`.
     pub fn record_error(&self, kind: ErrorKind) {
-        self.errors[kind.index()].fetch_add(1, Ordering::Relaxed);
+        self.errors.get_or_create(&[("kind", kind.label())]).inc();
     }
 
     /// Counts tokens generated by one job in `seconds` of model time.
-    pub fn record_tokens(&self, tokens: usize, seconds: f64) {
-        self.generated_tokens
-            .fetch_add(tokens as u64, Ordering::Relaxed);
-        self.generation_nanos
-            .fetch_add((seconds.max(0.0) * 1e9) as u64, Ordering::Relaxed);
-        if seconds > 0.0 {
-            self.last_tokens_per_second
-                .store((tokens as f64 / seconds).to_bits(), Ordering::Relaxed);
+    pub fn record_tokens(&self, tokens: usize, model_seconds: f64) {
+        self.generated_tokens.inc_by(tokens as u64);
+        self.generation_seconds.inc_by(seconds(model_seconds));
+        if model_seconds > 0.0 {
+            self.tokens_per_second.set(tokens as f64 / model_seconds);
         }
     }
 
-    /// Requests of `endpoint` answered with `status` so far.
+    /// Records the model time of one reasoning step.
+    pub fn observe_step(&self, step_seconds: f64) {
+        self.step_seconds.observe(seconds(step_seconds));
+    }
+
+    /// Records how long a job waited for a worker.
+    pub fn observe_queue_wait(&self, wait_seconds: f64) {
+        self.queue_wait_seconds.observe(seconds(wait_seconds));
+    }
+
+    /// Requests of `endpoint` answered with `status` so far (a status outside the counted set
+    /// reads as 0).
     pub fn requests(&self, endpoint: Endpoint, status: u16) -> u64 {
-        STATUSES
-            .iter()
-            .position(|&s| s == status)
-            .map(|slot| self.requests[endpoint.index()][slot].load(Ordering::Relaxed))
-            .unwrap_or(0)
+        match status_label(status) {
+            "other" => 0,
+            code => self
+                .requests
+                .get(&[("endpoint", endpoint.label()), ("code", code)])
+                .map_or(0, |c| c.get()),
+        }
     }
 
     /// Errors of `kind` so far.
     pub fn errors(&self, kind: ErrorKind) -> u64 {
-        self.errors[kind.index()].load(Ordering::Relaxed)
+        self.errors
+            .get(&[("kind", kind.label())])
+            .map_or(0, |c| c.get())
     }
 
     /// Jobs waiting in the queue.
     pub fn queue_depth(&self) -> u64 {
-        self.queue_depth.load(Ordering::Relaxed)
+        self.queue_depth.get()
     }
 
     /// Workers running a job.
     pub fn busy_workers(&self) -> u64 {
-        self.busy_workers.load(Ordering::Relaxed)
+        self.busy_workers.get()
     }
 
     pub(crate) fn queue_add(&self, delta: i64) {
-        add_signed(&self.queue_depth, delta);
+        add_signed(self.queue_depth.inner(), delta);
     }
 
     pub(crate) fn busy_add(&self, delta: i64) {
-        add_signed(&self.busy_workers, delta);
+        add_signed(self.busy_workers.inner(), delta);
     }
 
     pub(crate) fn set_ready(&self, ready: bool) {
-        self.ready.store(u64::from(ready), Ordering::Relaxed);
+        self.ready.set(i64::from(ready));
     }
 
     pub(crate) fn set_pool(&self, workers: usize, queue_capacity: usize) {
-        self.workers.store(workers as u64, Ordering::Relaxed);
-        self.queue_capacity
-            .store(queue_capacity as u64, Ordering::Relaxed);
+        self.workers.set(workers as i64);
+        self.queue_capacity.set(queue_capacity as i64);
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric (ends with `# EOF`); serve it with
+    /// [`CONTENT_TYPE`].
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(8192);
-        out.push_str("# HELP steper_requests_total HTTP requests by endpoint and status code.\n");
-        out.push_str("# TYPE steper_requests_total counter\n");
-        for e in Endpoint::ALL {
-            for (slot, status) in STATUSES.iter().enumerate() {
-                let n = self.requests[e.index()][slot].load(Ordering::Relaxed);
-                let code = if *status == 0 {
-                    "other".to_string()
-                } else {
-                    status.to_string()
-                };
-                let _ = writeln!(
-                    out,
-                    "steper_requests_total{{endpoint=\"{}\",code=\"{code}\"}} {n}",
-                    e.label()
-                );
-            }
+        let mut out = String::with_capacity(16384);
+        // Writing into a String cannot fail; an encoder error would be a bug in a label.
+        if encode(&mut out, &self.registry).is_err() {
+            out.push_str("# EOF\n");
         }
-        out.push_str("# HELP steper_errors_total Failed requests by kind.\n");
-        out.push_str("# TYPE steper_errors_total counter\n");
-        for k in ErrorKind::ALL {
-            let _ = writeln!(
-                out,
-                "steper_errors_total{{kind=\"{}\"}} {}",
-                k.label(),
-                self.errors[k.index()].load(Ordering::Relaxed)
-            );
-        }
-        out.push_str(
-            "# HELP steper_request_duration_seconds Request latency (arrival to last byte queued).\n",
-        );
-        out.push_str("# TYPE steper_request_duration_seconds histogram\n");
-        for e in Endpoint::ALL {
-            self.request_seconds[e.index()].render(
-                &mut out,
-                "steper_request_duration_seconds",
-                &format!("endpoint=\"{}\"", e.label()),
-            );
-        }
-        out.push_str("# HELP steper_step_duration_seconds Model time of one reasoning step.\n");
-        out.push_str("# TYPE steper_step_duration_seconds histogram\n");
-        self.step_seconds
-            .render(&mut out, "steper_step_duration_seconds", "");
-        out.push_str("# HELP steper_queue_wait_seconds Time a job waited for a worker.\n");
-        out.push_str("# TYPE steper_queue_wait_seconds histogram\n");
-        self.queue_wait_seconds
-            .render(&mut out, "steper_queue_wait_seconds", "");
-        let gauges: [(&str, &str, f64); 5] = [
-            (
-                "steper_queue_depth",
-                "Jobs waiting for a worker.",
-                self.queue_depth() as f64,
-            ),
-            (
-                "steper_queue_capacity",
-                "Jobs the queue holds before 503.",
-                self.queue_capacity.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "steper_workers",
-                "Model worker threads.",
-                self.workers.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "steper_workers_busy",
-                "Workers running a job.",
-                self.busy_workers() as f64,
-            ),
-            (
-                "steper_ready",
-                "1 once the model and index are loaded.",
-                self.ready.load(Ordering::Relaxed) as f64,
-            ),
-        ];
-        for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        }
-        let tokens = self.generated_tokens.load(Ordering::Relaxed);
-        let secs = self.generation_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(
-            out,
-            "# HELP steper_generated_tokens_total Tokens generated by the model.\n\
-             # TYPE steper_generated_tokens_total counter\nsteper_generated_tokens_total {tokens}"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP steper_generation_seconds_total Model time spent generating (prefill + decode).\n\
-             # TYPE steper_generation_seconds_total counter\nsteper_generation_seconds_total {secs}"
-        );
-        let last = f64::from_bits(self.last_tokens_per_second.load(Ordering::Relaxed));
-        let _ = writeln!(
-            out,
-            "# HELP steper_tokens_per_second Generated tokens per second of model time, last job.\n\
-             # TYPE steper_tokens_per_second gauge\nsteper_tokens_per_second {last}"
-        );
         out
     }
 }
@@ -422,7 +388,8 @@ fn add_signed(a: &AtomicU64, delta: i64) {
     }
 }
 
-/// Reads one sample (`name{labels} value` or `name value`) from a Prometheus text exposition.
+/// Reads one sample (`name{labels} value` or `name value`) from a Prometheus or OpenMetrics text
+/// exposition.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (key, value) = l.rsplit_once(' ')?;
@@ -434,20 +401,36 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 mod tests {
     use super::*;
 
+    /// Histogram sums are f64 additions of the observations.
+    const SUM_TOLERANCE: f64 = 1e-9;
+
     #[test]
     fn histogram_buckets_are_cumulative_and_end_at_the_count() {
-        let h = Histogram::new(&STEP_BUCKETS);
-        for s in [0.0005, 0.003, 0.003, 20.0, f64::NAN] {
-            h.observe(s);
+        let m = Metrics::default();
+        for s in [0.0005, 0.003, 0.003, 20.0, f64::NAN, -1.0] {
+            m.observe_step(s);
         }
-        let mut out = String::new();
-        h.render(&mut out, "x", "");
-        assert_eq!(sample(&out, "x_bucket{le=\"0.001\"}"), Some(2.0));
-        assert_eq!(sample(&out, "x_bucket{le=\"0.005\"}"), Some(4.0));
-        assert_eq!(sample(&out, "x_bucket{le=\"10\"}"), Some(4.0));
-        assert_eq!(sample(&out, "x_bucket{le=\"+Inf\"}"), Some(5.0));
-        assert_eq!(sample(&out, "x_count"), Some(5.0));
-        assert_eq!(h.count(), 5);
+        let out = m.render();
+        let get = |s: &str| sample(&out, s);
+        assert_eq!(
+            get("steper_step_duration_seconds_bucket{le=\"0.001\"}"),
+            Some(3.0)
+        );
+        assert_eq!(
+            get("steper_step_duration_seconds_bucket{le=\"0.005\"}"),
+            Some(5.0)
+        );
+        assert_eq!(
+            get("steper_step_duration_seconds_bucket{le=\"10.0\"}"),
+            Some(5.0)
+        );
+        assert_eq!(
+            get("steper_step_duration_seconds_bucket{le=\"+Inf\"}"),
+            Some(6.0)
+        );
+        assert_eq!(get("steper_step_duration_seconds_count"), Some(6.0));
+        let sum = get("steper_step_duration_seconds_sum").expect("a sum");
+        assert!((sum - 20.0065).abs() < SUM_TOLERANCE, "{sum}");
     }
 
     #[test]
@@ -460,17 +443,25 @@ mod tests {
         m.queue_add(3);
         m.queue_add(-5);
         m.record_tokens(10, 0.5);
+        m.set_pool(2, 8);
         let text = m.render();
-        for family in [
-            "steper_requests_total",
-            "steper_errors_total",
-            "steper_request_duration_seconds",
-            "steper_step_duration_seconds",
-            "steper_queue_depth",
-            "steper_tokens_per_second",
+        for (family, kind) in [
+            ("steper_requests", "counter"),
+            ("steper_errors", "counter"),
+            ("steper_request_duration_seconds", "histogram"),
+            ("steper_step_duration_seconds", "histogram"),
+            ("steper_queue_wait_seconds", "histogram"),
+            ("steper_queue_depth", "gauge"),
+            ("steper_workers", "gauge"),
+            ("steper_generated_tokens", "counter"),
+            ("steper_tokens_per_second", "gauge"),
         ] {
-            assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+            assert!(
+                text.contains(&format!("# TYPE {family} {kind}\n")),
+                "{family}"
+            );
         }
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
         let get = |s: &str| sample(&text, s);
         assert_eq!(
             get("steper_requests_total{endpoint=\"reason\",code=\"200\"}"),
@@ -482,6 +473,19 @@ mod tests {
         );
         assert_eq!(get("steper_errors_total{kind=\"queue_full\"}"), Some(1.0));
         assert_eq!(get("steper_queue_depth"), Some(0.0));
+        assert_eq!(get("steper_workers"), Some(2.0));
+        assert_eq!(get("steper_queue_capacity"), Some(8.0));
+        assert_eq!(get("steper_generated_tokens_total"), Some(10.0));
+        assert_eq!(get("steper_generation_seconds_total"), Some(0.5));
+        // Series exist before their first request.
+        assert_eq!(
+            get("steper_requests_total{endpoint=\"completions\",code=\"504\"}"),
+            Some(0.0)
+        );
+        assert_eq!(get("steper_errors_total{kind=\"timeout\"}"), Some(0.0));
+        assert_eq!(m.requests(Endpoint::Reason, 200), 1);
+        assert_eq!(m.requests(Endpoint::Reason, 418), 0);
+        assert_eq!(m.errors(ErrorKind::QueueFull), 1);
         assert_eq!(get("steper_tokens_per_second"), Some(20.0));
         assert_eq!(
             get("steper_request_duration_seconds_count{endpoint=\"reason\"}"),

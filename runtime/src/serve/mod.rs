@@ -6,7 +6,7 @@
 //! | `POST /v1/reason` | `{question, max_steps?, top_k?, include_trace?, stream?}` → answer, trace, timings; `stream: true` → server-sent events `step` (one per step as it finishes), then `answer` (or `error`) |
 //! | `POST /v1/completions` | OpenAI's completions request/response (`prompt`, `max_tokens`, `temperature`, `stop`, `stream`, `logprobs`, `seed`) |
 //! | `GET /healthz` | 503 `loading` until the model and index are loaded, then 200 `ready`; 503 while shutting down |
-//! | `GET /metrics` | Prometheus text: requests, errors by kind, queue depth, latency histograms per request and per step, tokens/s |
+//! | `GET /metrics` | OpenMetrics text (prometheus-client): requests, errors by kind, queue depth, latency histograms per request and per step, tokens/s |
 //!
 //! Requests run on a fixed pool of model worker threads ([`pool`]) behind one bounded queue:
 //! a full queue answers 503 with `Retry-After` at once, a request past its deadline 504, a body
@@ -32,11 +32,20 @@
 //! # }
 //! ```
 
-pub mod api;
-pub mod completion;
+mod api;
+mod completion;
 mod http;
-pub mod metrics;
-pub mod pool;
+mod metrics;
+mod pool;
+
+pub use api::{
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionUsage,
+    ReasonRequest, DEFAULT_MAX_TOKENS, MAX_LOGPROBS, MAX_QUESTION_CHARS, MAX_STEPS_LIMIT,
+    MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, TOP_K_LIMIT,
+};
+pub use completion::{complete, Completion, FinishReason, PromptProblem};
+pub use metrics::{sample, Endpoint, ErrorKind, Metrics, CONTENT_TYPE};
+pub use pool::{PassageInfo, ReasonResponse, ReasonUsage, StepEvent, Timings};
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -49,7 +58,6 @@ use tokio::sync::watch;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use http::AppState;
-use metrics::Metrics;
 use pool::Pool;
 
 /// Settings of the service, checked by [`Server::start`].

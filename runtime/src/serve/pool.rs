@@ -148,11 +148,8 @@ pub struct ReasonResponse {
 /// What a worker reports about a job.
 #[derive(Debug)]
 pub enum WorkerEvent {
-    /// A worker took the job after `queue_ms`.
-    Started {
-        /// Milliseconds in the queue.
-        queue_ms: f64,
-    },
+    /// A worker took the job (its queue wait goes to the metrics).
+    Started,
     /// A reasoning step finished.
     Step(StepEvent),
     /// Completion text that became final.
@@ -160,7 +157,7 @@ pub enum WorkerEvent {
     /// The reasoning job finished (the `id` is filled in by the HTTP side).
     ReasonDone(Box<ReasonResponse>),
     /// The completion job finished.
-    CompletionDone(Box<Completion>, Timings),
+    CompletionDone(Box<Completion>),
     /// The job failed.
     Failed(ApiError),
 }
@@ -267,14 +264,12 @@ fn worker_loop(rx: &Mutex<Receiver<Job>>, engine: &Engine, metrics: &Arc<Metrics
         };
         metrics.queue_add(-1);
         let queue_s = job.accepted.elapsed().as_secs_f64();
-        metrics.queue_wait_seconds.observe(queue_s);
+        metrics.observe_queue_wait(queue_s);
         if job.cancel.is_cancelled() || job.events.is_closed() {
             let _ = job.events.send(WorkerEvent::Failed(timeout_error()));
             continue;
         }
-        let _ = job.events.send(WorkerEvent::Started {
-            queue_ms: queue_s * 1e3,
-        });
+        let _ = job.events.send(WorkerEvent::Started);
         metrics.busy_add(1);
         let events = job.events.clone();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(engine, metrics, job)));
@@ -342,7 +337,7 @@ fn run_job(engine: &Engine, metrics: &Arc<Metrics>, job: Job) {
                 }
                 Ok(Ok(c)) => {
                     metrics.record_tokens(c.completion_tokens, c.model_seconds);
-                    WorkerEvent::CompletionDone(Box::new(c), timings(Instant::now()))
+                    WorkerEvent::CompletionDone(Box::new(c))
                 }
                 Ok(Err(PromptProblem::Empty)) => {
                     WorkerEvent::Failed(ApiError::field("prompt", "encodes to no token"))
@@ -380,9 +375,7 @@ fn run_reason(
     let (events, cancel_on_gone, metrics_of_steps) =
         (events.clone(), cancel.clone(), Arc::clone(metrics));
     opts.observer = Some(StepObserver::new(move |t, held| {
-        metrics_of_steps
-            .step_seconds
-            .observe((t.prefill_ms + t.decode_ms) / 1e3);
+        metrics_of_steps.observe_step((t.prefill_ms + t.decode_ms) / 1e3);
         let event = StepEvent {
             step: t.step,
             forced: t.forced,

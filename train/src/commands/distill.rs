@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use steper_runtime::data::{read_qa, ReadOptions};
-use steper_runtime::reasoning::LoopOptions;
 use steper_runtime::retrieval::Bm25Index;
+use steper_runtime::LoopOptions;
 use steper_train::distill::{distill, distill_pool, DistillOptions, Filter};
 use steper_train::teacher::{
     CandleTeacher, GoldTeacher, OpenAiConfig, OpenAiTeacher, TeacherPrompt,

@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use steper_models::generate::argmax;
 use steper_models::Llama;
 use steper_runtime::answer::first_sentence;
-use steper_runtime::reasoning::{StepModel, StepOutput, StepRequest};
+use steper_runtime::{StepModel, StepOutput, StepRequest};
 
 use super::TeacherPrompt;
 

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use steper_runtime::data::QaExample;
-use steper_runtime::reasoning::{StepModel, StepOutput, StepRequest};
+use steper_runtime::{StepModel, StepOutput, StepRequest};
 
 /// Words ignored when scoring sentence relevance.
 const STOP: &[&str] = &[

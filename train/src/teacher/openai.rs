@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::{json, Value};
-use steper_runtime::reasoning::{StepModel, StepOutput, StepRequest};
+use steper_runtime::{StepModel, StepOutput, StepRequest};
 
 use super::prompt::{ChatMessage, TeacherPrompt};
 use crate::error::{Error, Result};

@@ -43,7 +43,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Every ort session of this process is built from options that name no library, so they
     // read the variable; set once, before any thread starts.
-    steper_runtime::backend::ort::set_library_env(cli.ort_library);
+    steper_runtime::backend::set_library_env(cli.ort_library);
     let result = match cli.command {
         Command::Version(a) => commands::version::run(a),
         Command::Index(a) => commands::index::run(a),

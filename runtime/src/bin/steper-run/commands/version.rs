@@ -10,7 +10,7 @@ pub struct Args {
 
 /// Prints the version and `ORT_DYLIB_PATH`.
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let ort = std::env::var(steper_runtime::backend::ort::ORT_DYLIB_ENV).ok();
+    let ort = std::env::var(steper_runtime::backend::ORT_DYLIB_ENV).ok();
     if a.json {
         println!(
             "{}",
