@@ -258,6 +258,13 @@ pub struct CalibrationReport {
     pub seconds: f64,
 }
 
+/// ONNX Runtime's defaults, with `threads` intra-op threads when given.
+fn ort_options(threads: Option<usize>) -> OrtOptions {
+    let mut o = OrtOptions::default();
+    o.intra_threads = threads;
+    o
+}
+
 /// Writes `bytes` to `path` atomically (`steper_fsutil`).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(steper_fsutil::write_atomic(path, bytes)?)
@@ -288,10 +295,7 @@ fn load_records(
             let questions = read_qa(qa, ReadOptions::default())?.rows;
             let engine = steper_runtime::Engine::builder()
                 .model_dir(&opts.model)
-                .backend(BackendKind::Ort(OrtOptions {
-                    intra_threads: opts.threads,
-                    ..Default::default()
-                }))
+                .backend(BackendKind::Ort(ort_options(opts.threads)))
                 .index(index)
                 .build()?;
             let ro = engine.default_options();
@@ -654,10 +658,7 @@ pub fn calibrate(
     let written = staging.merge(&[steper_runtime::manifest::MANIFEST_FILE])?;
 
     // Report: int8 vs fp32 on ONNX Runtime CPU.
-    let backend = BackendKind::Ort(OrtOptions {
-        intra_threads: opts.threads,
-        ..Default::default()
-    });
+    let backend = BackendKind::Ort(ort_options(opts.threads));
     let mut report = CalibrationReport {
         out: opts.out.clone(),
         model: opts.model.clone(),

@@ -45,10 +45,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let kind = BackendKind::Ort(OrtOptions {
-        intra_threads: a.threads,
-        ..Default::default()
-    });
+    let kind = BackendKind::Ort(OrtOptions::default().with_intra_threads(a.threads));
     let r = load_model(&a.reference, &kind).with_context(|| a.reference.display().to_string())?;
     let c = load_model(&a.candidate, &kind).with_context(|| a.candidate.display().to_string())?;
     let qa = read_qa(&a.data, ReadOptions::default())?;

@@ -75,10 +75,7 @@ fn tokenizer_larger_than_vocab_is_rejected() -> Result<()> {
 #[test]
 fn unavailable_gpu_provider_is_an_error_unless_fallback() -> Result<()> {
     let f = fixture(ExportDtype::Fp32)?;
-    let opts = OrtOptions {
-        providers: vec![ExecutionProvider::Cuda { device_id: 0 }],
-        ..Default::default()
-    };
+    let opts = OrtOptions::default().with_providers(vec![ExecutionProvider::Cuda { device_id: 0 }]);
     match load_model(&f.out, &BackendKind::Ort(opts.clone())) {
         // A machine with a GPU build of ONNX Runtime and CUDA.
         Ok(m) => assert!(m
@@ -89,13 +86,7 @@ fn unavailable_gpu_provider_is_an_error_unless_fallback() -> Result<()> {
         Err(e) => {
             assert!(matches!(e, Error::ProviderUnavailable { .. }), "{e}");
             assert!(e.to_string().contains("CUDAExecutionProvider"), "{e}");
-            let m = load_model(
-                &f.out,
-                &BackendKind::Ort(OrtOptions {
-                    allow_fallback: true,
-                    ..opts
-                }),
-            )?;
+            let m = load_model(&f.out, &BackendKind::Ort(opts.with_allow_fallback(true)))?;
             assert_eq!(
                 m.generator.info().providers,
                 vec!["CPUExecutionProvider".to_string()]

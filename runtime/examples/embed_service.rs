@@ -50,11 +50,10 @@ fn main() -> Result<()> {
     let engine = Arc::new(
         Engine::builder()
             .model_dir(&model)
-            .backend(BackendKind::Ort(OrtOptions {
-                // Split the cores between the threads instead of oversubscribing them.
-                intra_threads: Some((cores / threads).max(1)),
-                ..OrtOptions::default()
-            }))
+            // Split the cores between the threads instead of oversubscribing them.
+            .backend(BackendKind::Ort(
+                OrtOptions::default().with_intra_threads((cores / threads).max(1)),
+            ))
             .index(&index)
             .build()
             .with_context(|| format!("loading {}", model.display()))?,

@@ -45,6 +45,7 @@ use crate::retrieval::Retriever;
 
 /// Per-call settings of [`Engine::reason`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ReasonOptions {
     /// Loop settings (top-k, caps, steps, stop phrase).
     pub loop_options: LoopOptions,
@@ -64,6 +65,50 @@ pub struct ReasonOptions {
     /// serialized.
     #[serde(skip)]
     pub observer: Option<StepObserver>,
+}
+
+impl ReasonOptions {
+    /// Sets `loop_options`.
+    #[must_use]
+    pub fn with_loop_options(mut self, loop_options: LoopOptions) -> Self {
+        self.loop_options = loop_options;
+        self
+    }
+
+    /// Sets `kv_reuse`.
+    #[must_use]
+    pub fn with_kv_reuse(mut self, kv_reuse: bool) -> Self {
+        self.kv_reuse = kv_reuse;
+        self
+    }
+
+    /// Sets `decoding`.
+    #[must_use]
+    pub fn with_decoding(mut self, decoding: Decoding) -> Self {
+        self.decoding = decoding;
+        self
+    }
+
+    /// Sets `prompt_prefix`.
+    #[must_use]
+    pub fn with_prompt_prefix(mut self, prompt_prefix: impl Into<String>) -> Self {
+        self.prompt_prefix = Some(prompt_prefix.into());
+        self
+    }
+
+    /// Sets `cancel`.
+    #[must_use]
+    pub fn with_cancel(mut self, cancel: Cancel) -> Self {
+        self.cancel = Some(cancel);
+        self
+    }
+
+    /// Sets `observer`.
+    #[must_use]
+    pub fn with_observer(mut self, observer: StepObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
 }
 
 impl Default for ReasonOptions {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 /// Everything the runtime can report. Variants carry the structured facts (file, line, field,
 /// what was expected); add a variant rather than formatting facts into a string elsewhere.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// Writing an output file or directory failed (its path, the operation, the I/O error).
     #[error(transparent)]

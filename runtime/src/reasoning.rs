@@ -32,6 +32,7 @@ use crate::sampling::{sample, softmax_stats};
 
 /// Settings of the loop. Defaults are docs/DESIGN.md's (and [`LoopDefaults`]'s).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct LoopOptions {
     /// Passages retrieved per step.
     pub top_k: usize,
@@ -45,6 +46,50 @@ pub struct LoopOptions {
     pub stop_phrase: String,
     /// Maximum new tokens per sentence.
     pub max_sentence_tokens: usize,
+}
+
+impl LoopOptions {
+    /// Sets `top_k`.
+    #[must_use]
+    pub fn with_top_k(mut self, top_k: usize) -> Self {
+        self.top_k = top_k;
+        self
+    }
+
+    /// Sets `max_passages`.
+    #[must_use]
+    pub fn with_max_passages(mut self, max_passages: usize) -> Self {
+        self.max_passages = max_passages;
+        self
+    }
+
+    /// Sets `max_steps`.
+    #[must_use]
+    pub fn with_max_steps(mut self, max_steps: usize) -> Self {
+        self.max_steps = max_steps;
+        self
+    }
+
+    /// Sets `passage_word_cap`.
+    #[must_use]
+    pub fn with_passage_word_cap(mut self, passage_word_cap: usize) -> Self {
+        self.passage_word_cap = passage_word_cap;
+        self
+    }
+
+    /// Sets `stop_phrase`.
+    #[must_use]
+    pub fn with_stop_phrase(mut self, stop_phrase: impl Into<String>) -> Self {
+        self.stop_phrase = stop_phrase.into();
+        self
+    }
+
+    /// Sets `max_sentence_tokens`.
+    #[must_use]
+    pub fn with_max_sentence_tokens(mut self, max_sentence_tokens: usize) -> Self {
+        self.max_sentence_tokens = max_sentence_tokens;
+        self
+    }
 }
 
 impl Default for LoopOptions {

@@ -12,9 +12,7 @@ use anyhow::{Context, Result};
 use steper_runtime::data::{corpus_from_qa, read_qa, ReadOptions};
 use steper_runtime::eval::{evaluate, EvalOptions, EvalRecord};
 use steper_runtime::retrieval::{build_index, Bm25Index, IndexOptions};
-use steper_runtime::{
-    Engine, Error, Generator, GeneratorInfo, Logits, LogitsMode, ReasonOptions, Sequence,
-};
+use steper_runtime::{Engine, Error, Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
 
 /// The bar: prefilled tokens with reuse ≤ 0.6 × without.
 const MAX_PREFILL_RATIO: f64 = 0.6;
@@ -156,14 +154,8 @@ fn compare_reuse(engine: &Engine, qa: &[steper_runtime::data::QaExample]) -> Res
         limit: Some(QUESTIONS),
         progress: false,
     };
-    let on = ReasonOptions {
-        kv_reuse: true,
-        ..engine.default_options()
-    };
-    let off = ReasonOptions {
-        kv_reuse: false,
-        ..engine.default_options()
-    };
+    let on = engine.default_options().with_kv_reuse(true);
+    let off = engine.default_options().with_kv_reuse(false);
     let (s_on, r_on) = evaluate(engine, qa, &on, &opts, None)?;
     let (s_off, r_off) = evaluate(engine, qa, &off, &opts, None)?;
     eprintln!("with reuse: {s_on:?}\nwithout: {s_off:?}");

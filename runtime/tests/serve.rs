@@ -73,10 +73,7 @@ fn fixture() -> Result<Fixture> {
 }
 
 fn ort() -> BackendKind {
-    BackendKind::Ort(OrtOptions {
-        intra_threads: Some(1),
-        ..OrtOptions::default()
-    })
+    BackendKind::Ort(OrtOptions::default().with_intra_threads(1))
 }
 
 fn engine(f: &Fixture) -> Result<Engine> {
@@ -88,14 +85,12 @@ fn engine(f: &Fixture) -> Result<Engine> {
 }
 
 fn config() -> ServeConfig {
-    ServeConfig {
-        addr: "127.0.0.1:0".parse().expect("address"),
-        workers: 2,
-        max_queue: 64,
-        timeout: Duration::from_secs(120),
-        max_body_bytes: 4096,
-        ..ServeConfig::default()
-    }
+    ServeConfig::default()
+        .with_addr("127.0.0.1:0".parse().expect("address"))
+        .with_workers(2)
+        .with_max_queue(64)
+        .with_timeout(Duration::from_secs(120))
+        .with_max_body_bytes(4096)
 }
 
 fn start(f: &Fixture, config: ServeConfig) -> Result<ServerHandle> {
@@ -611,11 +606,7 @@ fn health_is_503_until_the_model_is_loaded() -> Result<()> {
 fn a_full_queue_answers_503_with_retry_after_and_accepted_requests_finish() -> Result<()> {
     let f = fixture()?;
     let gate = Arc::new(Gate::default());
-    let cfg = ServeConfig {
-        workers: 1,
-        max_queue: 1,
-        ..config()
-    };
+    let cfg = config().with_workers(1).with_max_queue(1);
     let h = start_gated(&f, cfg, &gate)?;
     let addr = h.addr().to_string();
     let a = spawn_reason(addr.clone(), f.questions[0].clone());
@@ -647,11 +638,9 @@ fn a_full_queue_answers_503_with_retry_after_and_accepted_requests_finish() -> R
 fn a_request_past_its_deadline_gets_504_and_frees_the_worker() -> Result<()> {
     let f = fixture()?;
     let gate = Arc::new(Gate::default());
-    let cfg = ServeConfig {
-        workers: 1,
-        timeout: Duration::from_millis(300),
-        ..config()
-    };
+    let cfg = config()
+        .with_workers(1)
+        .with_timeout(Duration::from_millis(300));
     let h = start_gated(&f, cfg, &gate)?;
     let mut c = client(&h)?;
     // The gate stays shut: the model cannot finish before the deadline.
@@ -696,11 +685,7 @@ fn a_request_past_its_deadline_gets_504_and_frees_the_worker() -> Result<()> {
 fn graceful_shutdown_answers_every_accepted_request_and_refuses_new_ones() -> Result<()> {
     let f = fixture()?;
     let gate = Arc::new(Gate::default());
-    let cfg = ServeConfig {
-        workers: 1,
-        max_queue: 4,
-        ..config()
-    };
+    let cfg = config().with_workers(1).with_max_queue(4);
     let h = start_gated(&f, cfg, &gate)?;
     let addr = h.addr();
     let first = spawn_reason(addr.to_string(), f.questions[0].clone());

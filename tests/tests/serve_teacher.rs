@@ -67,20 +67,17 @@ fn distill_with_steper_run_serve_as_teacher() -> Result<()> {
 
     let (m, i) = (model.clone(), index_dir.clone());
     let server = Server::start(
-        ServeConfig {
-            addr: "127.0.0.1:0".parse()?,
-            workers: 2,
-            max_body_bytes: 1 << 20,
-            model_name: Some("tiny-student".into()),
-            ..ServeConfig::default()
-        },
+        ServeConfig::default()
+            .with_addr("127.0.0.1:0".parse()?)
+            .with_workers(2)
+            .with_max_body_bytes(1 << 20)
+            .with_model_name("tiny-student"),
         move || {
             Engine::builder()
                 .model_dir(m)
-                .backend(BackendKind::Ort(OrtOptions {
-                    intra_threads: Some(1),
-                    ..OrtOptions::default()
-                }))
+                .backend(BackendKind::Ort(
+                    OrtOptions::default().with_intra_threads(1),
+                ))
                 .index(i)
                 .build()
         },
@@ -103,10 +100,7 @@ fn distill_with_steper_run_serve_as_teacher() -> Result<()> {
 
     let index = Bm25Index::open(&index_dir)?;
     let opts = |stop_after| DistillOptions {
-        loop_opts: LoopOptions {
-            max_sentence_tokens: 24,
-            ..Default::default()
-        },
+        loop_opts: LoopOptions::default().with_max_sentence_tokens(24),
         filter: Filter::Acc,
         vanilla: false,
         stop_after,

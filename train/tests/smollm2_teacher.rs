@@ -55,14 +55,12 @@ fn smollm2_distils_20_hotpotqa_questions() -> Result<()> {
     let ck = steper_models::Checkpoint::load(&ckpt, DType::F32, &Device::Cpu)?;
     let mut teacher = CandleTeacher::new(ck.model()?, ck.tokenizer()?, "smollm2-135m");
     let opts = DistillOptions {
-        loop_opts: LoopOptions {
-            max_sentence_tokens: MAX_NEW_TOKENS,
-            top_k: TOP_K,
-            max_steps: MAX_STEPS,
-            max_passages: MAX_PASSAGES,
-            passage_word_cap: WORD_CAP,
-            ..Default::default()
-        },
+        loop_opts: LoopOptions::default()
+            .with_max_sentence_tokens(MAX_NEW_TOKENS)
+            .with_top_k(TOP_K)
+            .with_max_steps(MAX_STEPS)
+            .with_max_passages(MAX_PASSAGES)
+            .with_passage_word_cap(WORD_CAP),
         filter: Filter::Em,
         vanilla: true,
         stop_after: None,

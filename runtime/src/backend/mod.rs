@@ -1,5 +1,5 @@
-//! ONNX backends behind [`Generator`]: ONNX Runtime ([`ort`], feature `ort`: loaded
-//! dynamically, CPU / CUDA / TensorRT execution providers) and tract ([`tract`], feature
+//! ONNX backends behind [`Generator`]: ONNX Runtime ([`OrtGenerator`], feature `ort`: loaded
+//! dynamically, CPU / CUDA / TensorRT execution providers) and tract ([`TractGenerator`], feature
 //! `tract`: pure Rust). Built with neither, the crate runs the loop on a [`Generator`] the caller
 //! brings; the manifest and tokenizer checks here are always available.
 //!

@@ -8,7 +8,7 @@
 //! call on one session from many threads), so the generator holds a pool of
 //! [`OrtOptions::sessions`] sessions over the same graph. Each model call checks one out and
 //! returns it when done: N callers run N calls at once, further callers wait for a free session.
-//! With [`SHARE_WEIGHTS_FROM_SESSIONS`] sessions or more the weights exist once: the graph's
+//! With `SHARE_WEIGHTS_FROM_SESSIONS` sessions or more the weights exist once: the graph's
 //! initializers are decoded once and handed to every session (`AddInitializer`: ONNX Runtime
 //! then uses that buffer instead of its own copy), and the sessions share one prepacked-weights
 //! container (`CreateSessionWithPrepackedWeightsContainer`), which caches the packed forms of
@@ -45,6 +45,7 @@ pub const ORT_VERSION: &str = "1.31.1";
 
 /// Graph optimization level of the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum OptLevel {
     /// No graph rewrites.
     Disable,
@@ -59,6 +60,7 @@ pub enum OptLevel {
 
 /// TensorRT execution-provider options.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TensorRtOptions {
     /// CUDA device.
     pub device_id: i32,
@@ -82,6 +84,71 @@ pub struct TensorRtOptions {
     pub profile_opt_len: usize,
 }
 
+impl TensorRtOptions {
+    /// Sets `device_id`.
+    #[must_use]
+    pub fn with_device_id(mut self, device_id: i32) -> Self {
+        self.device_id = device_id;
+        self
+    }
+
+    /// Sets `fp16`.
+    #[must_use]
+    pub fn with_fp16(mut self, fp16: bool) -> Self {
+        self.fp16 = fp16;
+        self
+    }
+
+    /// Sets `int8`.
+    #[must_use]
+    pub fn with_int8(mut self, int8: bool) -> Self {
+        self.int8 = int8;
+        self
+    }
+
+    /// Sets `calibration_table`.
+    #[must_use]
+    pub fn with_calibration_table(mut self, calibration_table: Option<PathBuf>) -> Self {
+        self.calibration_table = calibration_table;
+        self
+    }
+
+    /// Sets `native_calibration_table`.
+    #[must_use]
+    pub fn with_native_calibration_table(mut self, native_calibration_table: bool) -> Self {
+        self.native_calibration_table = native_calibration_table;
+        self
+    }
+
+    /// Sets `engine_cache`.
+    #[must_use]
+    pub fn with_engine_cache(mut self, engine_cache: Option<PathBuf>) -> Self {
+        self.engine_cache = engine_cache;
+        self
+    }
+
+    /// Sets `max_workspace_bytes`.
+    #[must_use]
+    pub fn with_max_workspace_bytes(mut self, max_workspace_bytes: Option<usize>) -> Self {
+        self.max_workspace_bytes = max_workspace_bytes;
+        self
+    }
+
+    /// Sets `profile_max_batch`.
+    #[must_use]
+    pub fn with_profile_max_batch(mut self, profile_max_batch: usize) -> Self {
+        self.profile_max_batch = profile_max_batch;
+        self
+    }
+
+    /// Sets `profile_opt_len`.
+    #[must_use]
+    pub fn with_profile_opt_len(mut self, profile_opt_len: usize) -> Self {
+        self.profile_opt_len = profile_opt_len;
+        self
+    }
+}
+
 impl Default for TensorRtOptions {
     fn default() -> Self {
         TensorRtOptions {
@@ -100,6 +167,7 @@ impl Default for TensorRtOptions {
 
 /// An execution provider, in priority order in [`OrtOptions::providers`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExecutionProvider {
     /// ONNX Runtime's CPU provider (always present as the last resort).
     Cpu,
@@ -125,6 +193,7 @@ impl ExecutionProvider {
 
 /// How the KV cache is kept between calls on ONNX Runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum KvCacheMode {
     /// In place where the graph allows it (a `GroupQueryAttention` export, `steper-export
     /// --attention gqa`, on the CPU provider alone), concatenated otherwise.
@@ -192,15 +261,16 @@ pub fn grown_capacity(capacity: usize, needed: usize, context_length: usize) -> 
 /// assert_eq!((opts.sessions, opts.intra_threads), (2, Some(1)));
 /// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OrtOptions {
     /// Intra-op threads of each session (`None`: ONNX Runtime's default, one per core).
     pub intra_threads: Option<usize>,
     /// Sessions over the same graph, i.e. model calls that can run at once (at least 1; one per
     /// concurrent caller, e.g. `serve --workers N` uses N).
     pub sessions: usize,
-    /// With [`SHARE_WEIGHTS_FROM_SESSIONS`] sessions or more, share the weights between them
+    /// With `SHARE_WEIGHTS_FROM_SESSIONS` sessions or more, share the weights between them
     /// (the default): the graph's
-    /// float and 8-bit initializers of at least [`SHARED_INITIALIZER_MIN_BYTES`] are loaded once
+    /// float and 8-bit initializers of at least `SHARED_INITIALIZER_MIN_BYTES` are loaded once
     /// and given to every session, and their prepacked forms are shared; `false` gives each
     /// session its own copy (only useful to measure what sharing saves).
     pub share_prepacked_weights: bool,
@@ -219,6 +289,22 @@ pub struct OrtOptions {
     pub library: Option<PathBuf>,
 }
 
+impl OrtOptions {
+    /// Sets `providers`.
+    #[must_use]
+    pub fn with_providers(mut self, providers: Vec<ExecutionProvider>) -> Self {
+        self.providers = providers;
+        self
+    }
+
+    /// Sets `allow_fallback`.
+    #[must_use]
+    pub fn with_allow_fallback(mut self, allow_fallback: bool) -> Self {
+        self.allow_fallback = allow_fallback;
+        self
+    }
+}
+
 impl Default for OrtOptions {
     fn default() -> Self {
         OrtOptions {
@@ -235,9 +321,9 @@ impl Default for OrtOptions {
 }
 
 impl OrtOptions {
-    /// Intra-op threads of each session.
-    pub fn with_intra_threads(mut self, threads: usize) -> Self {
-        self.intra_threads = Some(threads);
+    /// Intra-op threads of each session (`None`: ONNX Runtime's default).
+    pub fn with_intra_threads(mut self, threads: impl Into<Option<usize>>) -> Self {
+        self.intra_threads = threads.into();
         self
     }
 
@@ -337,7 +423,7 @@ pub const SHARED_INITIALIZER_MIN_BYTES: usize = 64 * 1024;
 
 /// The graph's initializers worth sharing between sessions, decoded once from `model` as ONNX
 /// Runtime values: float, float16, int8 and uint8 tensors of at least
-/// [`SHARED_INITIALIZER_MIN_BYTES`] stored inside the file (external data stays with ONNX
+/// `SHARED_INITIALIZER_MIN_BYTES` stored inside the file (external data stays with ONNX
 /// Runtime).
 fn shared_initializers(model: &Path) -> Result<Vec<(String, std::sync::Arc<DynValue>)>> {
     use prost::Message as _;
@@ -480,7 +566,7 @@ pub fn installed_library() -> Option<PathBuf> {
 }
 
 /// For a binary's `main`, before it starts threads: sets [`ORT_DYLIB_ENV`] to `explicit` (a
-/// command-line flag) when given, else, when the variable is unset, to [`installed_library`]
+/// command-line flag) when given, else, when the variable is unset, to `installed_library`
 /// if there is one. Changing the environment is only sound while the process has one thread.
 pub fn set_library_env(explicit: Option<PathBuf>) {
     let unset = std::env::var_os(ORT_DYLIB_ENV).is_none_or(|v| v.is_empty());

@@ -25,6 +25,7 @@ pub const STEP_BUCKETS: [f64; 12] = [
 
 /// The endpoints that are counted separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Endpoint {
     /// `POST /v1/reason`.
     Reason,
@@ -61,6 +62,7 @@ impl Endpoint {
 
 /// Why a request failed; each kind has its own error counter and HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// Malformed JSON, a wrong type or value (400).
     BadRequest,

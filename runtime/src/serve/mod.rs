@@ -8,7 +8,7 @@
 //! | `GET /healthz` | 503 `loading` until the model and index are loaded, then 200 `ready`; 503 while shutting down |
 //! | `GET /metrics` | OpenMetrics text (prometheus-client): requests, errors by kind, queue depth, latency histograms per request and per step, tokens/s |
 //!
-//! Requests run on a fixed pool of model worker threads ([`pool`]) behind one bounded queue:
+//! Requests run on a fixed pool of model worker threads behind one bounded queue:
 //! a full queue answers 503 with `Retry-After` at once, a request past its deadline 504, a body
 //! over the limit 413, malformed JSON or a wrong type 400 naming the field (the body is
 //! OpenAI's error shape). On shutdown (SIGTERM, ctrl-c or [`ServerHandle::shutdown`]) the
@@ -21,7 +21,9 @@
 //! use steper_runtime::Engine;
 //!
 //! # fn main() -> steper_runtime::Result<()> {
-//! let config = ServeConfig { addr: "127.0.0.1:0".parse().unwrap(), ..ServeConfig::default() };
+//! let config = ServeConfig::default()
+//!     .with_addr(([127, 0, 0, 1], 0).into())
+//!     .with_workers(2);
 //! let server = Server::start(config, || {
 //!     Engine::builder().model_dir("exports/student").index("indexes/hotpotqa").build()
 //! })?;
@@ -62,6 +64,7 @@ use pool::Pool;
 
 /// Settings of the service, checked by [`Server::start`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct ServeConfig {
     /// Listening address (`127.0.0.1:0` picks a free port).
     pub addr: SocketAddr,
@@ -81,6 +84,64 @@ pub struct ServeConfig {
     pub handle_signals: bool,
     /// Name reported as `model` (default: the model directory's name).
     pub model_name: Option<String>,
+}
+
+impl ServeConfig {
+    /// Sets `addr`.
+    #[must_use]
+    pub fn with_addr(mut self, addr: SocketAddr) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// Sets `workers`.
+    #[must_use]
+    pub fn with_workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Sets `max_queue`.
+    #[must_use]
+    pub fn with_max_queue(mut self, max_queue: usize) -> Self {
+        self.max_queue = max_queue;
+        self
+    }
+
+    /// Sets `timeout`.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets `max_body_bytes`.
+    #[must_use]
+    pub fn with_max_body_bytes(mut self, max_body_bytes: usize) -> Self {
+        self.max_body_bytes = max_body_bytes;
+        self
+    }
+
+    /// Sets `io_threads`.
+    #[must_use]
+    pub fn with_io_threads(mut self, io_threads: usize) -> Self {
+        self.io_threads = io_threads;
+        self
+    }
+
+    /// Sets `handle_signals`.
+    #[must_use]
+    pub fn with_handle_signals(mut self, handle_signals: bool) -> Self {
+        self.handle_signals = handle_signals;
+        self
+    }
+
+    /// Sets `model_name`.
+    #[must_use]
+    pub fn with_model_name(mut self, model_name: impl Into<String>) -> Self {
+        self.model_name = Some(model_name.into());
+        self
+    }
 }
 
 impl Default for ServeConfig {

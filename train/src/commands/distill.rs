@@ -110,12 +110,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let index = Bm25Index::open(&a.index)?;
     let opts = DistillOptions {
-        loop_opts: LoopOptions {
-            top_k: a.top_k,
-            max_steps: a.max_steps,
-            max_sentence_tokens: a.max_new_tokens,
-            ..Default::default()
-        },
+        loop_opts: LoopOptions::default()
+            .with_top_k(a.top_k)
+            .with_max_steps(a.max_steps)
+            .with_max_sentence_tokens(a.max_new_tokens),
         filter: a.filter,
         vanilla: a.vanilla,
         stop_after: None,

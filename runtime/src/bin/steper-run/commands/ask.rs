@@ -21,10 +21,7 @@ impl Backend {
     /// The library's backend value.
     pub fn kind(self, threads: Option<usize>) -> BackendKind {
         match self {
-            Backend::Ort => BackendKind::Ort(OrtOptions {
-                intra_threads: threads,
-                ..OrtOptions::default()
-            }),
+            Backend::Ort => BackendKind::Ort(OrtOptions::default().with_intra_threads(threads)),
             Backend::Tract => BackendKind::Tract,
         }
     }
@@ -109,19 +106,19 @@ impl ProviderArgs {
             Provider::Cuda => ExecutionProvider::Cuda {
                 device_id: self.device_id,
             },
-            Provider::Tensorrt => ExecutionProvider::TensorRt(TensorRtOptions {
-                device_id: self.device_id,
-                fp16: self.trt_fp16,
-                int8: self.trt_int8,
-                calibration_table: self.trt_calibration_table.clone(),
-                native_calibration_table: self.trt_native_table,
-                engine_cache: self.trt_engine_cache.clone().or_else(|| {
-                    self.trt_calibration_table
-                        .as_ref()
-                        .map(|t| t.parent().map(Path::to_path_buf).unwrap_or_default())
-                }),
-                ..TensorRtOptions::default()
-            }),
+            Provider::Tensorrt => ExecutionProvider::TensorRt(
+                TensorRtOptions::default()
+                    .with_device_id(self.device_id)
+                    .with_fp16(self.trt_fp16)
+                    .with_int8(self.trt_int8)
+                    .with_calibration_table(self.trt_calibration_table.clone())
+                    .with_native_calibration_table(self.trt_native_table)
+                    .with_engine_cache(self.trt_engine_cache.clone().or_else(|| {
+                        self.trt_calibration_table
+                            .as_ref()
+                            .map(|t| t.parent().map(Path::to_path_buf).unwrap_or_default())
+                    })),
+            ),
         };
         match kind {
             BackendKind::Ort(mut o) => {

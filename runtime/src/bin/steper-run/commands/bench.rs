@@ -59,10 +59,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         match b.as_str() {
             "ort" => {
                 for &m in &kv_modes {
-                    let o = OrtOptions {
-                        intra_threads: a.threads,
-                        ..Default::default()
-                    };
+                    let o = OrtOptions::default().with_intra_threads(a.threads);
                     runs.push((b.clone(), BackendKind::Ort(o.with_kv_cache(m))));
                 }
             }

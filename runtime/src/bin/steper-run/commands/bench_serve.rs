@@ -117,13 +117,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 other => other,
             };
             let (model, index) = (model.clone(), index.clone());
-            let config = ServeConfig {
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                workers: a.workers,
-                max_queue: a.max_queue,
-                timeout: Duration::from_secs_f64(a.request_timeout),
-                ..ServeConfig::default()
-            };
+            let config = ServeConfig::default()
+                .with_addr(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .with_workers(a.workers)
+                .with_max_queue(a.max_queue)
+                .with_timeout(Duration::from_secs_f64(a.request_timeout));
             let server = Server::start(config, move || {
                 Engine::builder()
                     .model_dir(model)

@@ -71,16 +71,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--log-requests: {e}"))?;
     }
     let threads = super::threads_per_worker(a.threads, a.workers);
-    let config = ServeConfig {
-        addr: a.addr,
-        workers: a.workers,
-        max_queue: a.max_queue,
-        timeout: Duration::from_millis(a.timeout_ms),
-        max_body_bytes: a.max_body_bytes,
-        io_threads: a.io_threads,
-        handle_signals: true,
-        model_name: a.model_name.clone(),
-    };
+    let mut config = ServeConfig::default()
+        .with_addr(a.addr)
+        .with_workers(a.workers)
+        .with_max_queue(a.max_queue)
+        .with_timeout(Duration::from_millis(a.timeout_ms))
+        .with_max_body_bytes(a.max_body_bytes)
+        .with_io_threads(a.io_threads)
+        .with_handle_signals(true);
+    config.model_name.clone_from(&a.model_name);
     let (model, index, backend) = (
         a.model.clone(),
         a.index.clone(),
