@@ -77,7 +77,7 @@ pub fn render_prompt(
         tokenizer
             .encode(s, true)
             .map(|e| e.get_ids().len())
-            .map_err(|e| steper_runtime::Error::Input(format!("tokenizer: {e}")))
+            .map_err(|e| steper_runtime::Error::Tokenizer(e.to_string()))
     };
     let fitted = steper_runtime::prompt::fit(
         &record.question,

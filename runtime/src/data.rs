@@ -213,18 +213,17 @@ pub fn read_qa(path: &Path, opts: ReadOptions) -> Result<Loaded<QaExample>> {
     let mut ids = HashSet::new();
     for q in &loaded.rows {
         if q.question.trim().is_empty() {
-            return Err(Error::Input(format!(
-                "{}: question {:?}: field `question` is empty",
-                path.display(),
-                q.id
-            )));
+            return Err(Error::EmptyField {
+                path: path.to_path_buf(),
+                id: q.id.clone(),
+                field: "question",
+            });
         }
         if !ids.insert(q.id.as_str()) {
-            return Err(Error::Input(format!(
-                "{}: field `id`: {:?} appears twice",
-                path.display(),
-                q.id
-            )));
+            return Err(Error::DuplicateId {
+                path: path.to_path_buf(),
+                id: q.id.clone(),
+            });
         }
     }
     Ok(loaded)
@@ -236,11 +235,10 @@ pub fn read_corpus(path: &Path, opts: ReadOptions) -> Result<Loaded<Document>> {
     let mut ids = HashSet::new();
     for d in &loaded.rows {
         if !ids.insert(d.id.as_str()) {
-            return Err(Error::Input(format!(
-                "{}: field `id`: {:?} appears twice",
-                path.display(),
-                d.id
-            )));
+            return Err(Error::DuplicateId {
+                path: path.to_path_buf(),
+                id: d.id.clone(),
+            });
         }
     }
     Ok(loaded)
@@ -334,9 +332,9 @@ mod tests {
             Some(&serde_json::json!("s"))
         );
         let again: QaExample = serde_json::from_str(
-            &serde_json::to_string(&qa.rows[0]).map_err(|e| Error::Input(e.to_string()))?,
+            &serde_json::to_string(&qa.rows[0]).map_err(|e| Error::Internal(e.to_string()))?,
         )
-        .map_err(|e| Error::Input(e.to_string()))?;
+        .map_err(|e| Error::Internal(e.to_string()))?;
         assert_eq!(again, qa.rows[0]);
         Ok(())
     }
@@ -374,7 +372,8 @@ mod tests {
     #[test]
     fn supporting_facts_skip_out_of_range_indices() -> Result<()> {
         let line = r#"{"id":"q","question":"Q?","answers":["A"],"paragraphs":[{"title":"T","text":"One. Two. Three.","is_supporting":true,"sentences":["One."," Two.","Three."],"supporting_sentences":[2,1,7,1]},{"title":"U","text":"u","sentences":["u"]}],"evidences":[["T","r","A"]]}"#;
-        let ex: QaExample = serde_json::from_str(line).map_err(|e| Error::Input(e.to_string()))?;
+        let ex: QaExample =
+            serde_json::from_str(line).map_err(|e| Error::Internal(e.to_string()))?;
         let (facts, bad) = ex.paragraphs[0].supporting_facts();
         assert_eq!(facts, vec!["Two.".to_string(), "Three.".to_string()]);
         assert_eq!(bad, 1);
@@ -385,8 +384,10 @@ mod tests {
 
     #[test]
     fn corpus_from_qa_dedups_by_title_and_text() -> Result<()> {
-        let a: QaExample = serde_json::from_str(GOOD).map_err(|e| Error::Input(e.to_string()))?;
-        let b: QaExample = serde_json::from_str(GOOD2).map_err(|e| Error::Input(e.to_string()))?;
+        let a: QaExample =
+            serde_json::from_str(GOOD).map_err(|e| Error::Internal(e.to_string()))?;
+        let b: QaExample =
+            serde_json::from_str(GOOD2).map_err(|e| Error::Internal(e.to_string()))?;
         let docs = corpus_from_qa([&a, &b]);
         let pairs: Vec<_> = docs
             .iter()
@@ -415,10 +416,10 @@ mod tests {
             teacher: "gold".into(),
             answers: vec!["c".into()],
         };
-        let s = serde_json::to_string(&r).map_err(|e| Error::Input(e.to_string()))?;
+        let s = serde_json::to_string(&r).map_err(|e| Error::Internal(e.to_string()))?;
         assert!(s.contains(r#""stage":"aggregate""#));
         let back: StepwiseRecord =
-            serde_json::from_str(&s).map_err(|e| Error::Input(e.to_string()))?;
+            serde_json::from_str(&s).map_err(|e| Error::Internal(e.to_string()))?;
         assert_eq!(back, r);
         Ok(())
     }

@@ -74,9 +74,49 @@ pub enum Error {
         /// The value given.
         got: String,
     },
-    /// Invalid input given to an API call.
-    #[error("invalid input: {0}")]
-    Input(String),
+    /// A record of a data file has an empty field the loop needs.
+    #[error("{path}: record {id:?}: field `{field}` is empty")]
+    EmptyField {
+        /// The file.
+        path: PathBuf,
+        /// The record's id.
+        id: String,
+        /// The field.
+        field: &'static str,
+    },
+    /// Two records of a data file share an id.
+    #[error("{path}: field `id`: {id:?} appears twice")]
+    DuplicateId {
+        /// The file.
+        path: PathBuf,
+        /// The repeated id.
+        id: String,
+    },
+    /// More few-shot demonstrations were asked for than a prompt file holds.
+    #[error("{path}: {asked} demonstrations asked for, the file has {available}")]
+    TooFewDemonstrations {
+        /// The prompt file.
+        path: PathBuf,
+        /// Demonstrations asked for.
+        asked: usize,
+        /// Demonstrations in the file.
+        available: usize,
+    },
+    /// The model returned no finite logit (an empty vocabulary, or NaN everywhere).
+    #[error("the model returned no finite logit (empty vocabulary or NaN)")]
+    NonFiniteLogits,
+    /// A value could not be written as JSON.
+    #[error("{what}: cannot be written as JSON: {message}")]
+    Json {
+        /// What was being written.
+        what: &'static str,
+        /// serde's message.
+        message: String,
+    },
+    /// An invariant of the runtime does not hold: a bug in the runtime, reported instead of a
+    /// panic.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The question is empty (or only whitespace).
     #[error("the question is empty")]
     EmptyQuestion,

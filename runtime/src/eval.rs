@@ -342,7 +342,7 @@ fn gather_in_order(
         .into_iter()
         .enumerate()
         .map(|(q, r)| {
-            r.ok_or_else(|| Error::Input(format!("evaluation left question {q} unanswered")))
+            r.ok_or_else(|| Error::Internal(format!("evaluation left question {q} unanswered")))
         })
         .collect::<Result<Vec<_>>>()?;
     if let Some(mut w) = writer {

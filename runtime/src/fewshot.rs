@@ -67,11 +67,11 @@ pub fn load_ircot(path: &Path, n: Option<usize>) -> Result<Vec<String>> {
     let mut d = parse_ircot(&text, path)?;
     if let Some(n) = n {
         if n > d.len() {
-            return Err(Error::Input(format!(
-                "{}: {n} demonstrations asked for, the file has {}",
-                path.display(),
-                d.len()
-            )));
+            return Err(Error::TooFewDemonstrations {
+                path: path.to_path_buf(),
+                asked: n,
+                available: d.len(),
+            });
         }
         d.truncate(n);
     }

@@ -63,7 +63,10 @@
 //! #     fn append(&self, seq: &mut Sequence, tokens: &[u32], mode: LogitsMode)
 //! #         -> steper_runtime::Result<Logits> {
 //! #         if seq.len() + tokens.len() > self.0.context_length {
-//! #             return Err(Error::Input("past the context".into()));
+//! #             return Err(Error::SequenceTooLong {
+//! #                 tokens: seq.len() + tokens.len(),
+//! #                 context_length: self.0.context_length,
+//! #             });
 //! #         }
 //! #         let rows = if mode == LogitsMode::All { tokens.len() } else { 1 };
 //! #         let vocab = self.0.vocab_size;

@@ -239,7 +239,10 @@ impl Manifest {
 
     /// Writes the manifest (pretty JSON) atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Input(e.to_string()))?;
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Json {
+            what: "manifest",
+            message: e.to_string(),
+        })?;
         Ok(steper_fsutil::write_atomic(path, text.as_bytes())?)
     }
 

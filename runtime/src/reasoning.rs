@@ -1230,7 +1230,7 @@ pub(crate) mod tests {
         let calls = r
             .calls
             .lock()
-            .map_err(|_| Error::Input("poisoned".into()))?;
+            .map_err(|_| Error::Internal("poisoned".into()))?;
         assert_eq!(calls.len(), 4);
         for (i, (_, k, excl)) in calls.iter().enumerate() {
             assert_eq!(excl.len(), 4 * i);
@@ -1463,7 +1463,9 @@ pub(crate) mod tests {
         );
         assert!((a.prefilled_tokens() as f64) < 0.6 * b.prefilled_tokens() as f64);
         for s in &a.steps {
-            let p = s.mean_prob.ok_or_else(|| Error::Input("no prob".into()))?;
+            let p = s
+                .mean_prob
+                .ok_or_else(|| Error::Internal("no prob".into()))?;
             assert!(p > 0.0 && p <= 1.0);
             assert!(s.mean_entropy.is_some_and(|h| h >= 0.0));
         }
@@ -1640,7 +1642,7 @@ pub(crate) mod tests {
             let want = (e8 + e4) / (2.0 * (e8 + e4 + v - 2.0));
             let got = out
                 .mean_prob
-                .ok_or_else(|| Error::Input("no prob".into()))?;
+                .ok_or_else(|| Error::Internal("no prob".into()))?;
             assert!(
                 (got - want).abs() < PROB_EPS,
                 "{got} vs {want} ({decoding:?})"

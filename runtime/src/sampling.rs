@@ -37,9 +37,7 @@ pub(crate) fn softmax_stats(logits: &[f32]) -> Result<SoftmaxStats> {
                 }
             });
     if !max.is_finite() {
-        return Err(Error::Input(
-            "the model returned no finite logit (empty vocabulary or NaN)".into(),
-        ));
+        return Err(Error::NonFiniteLogits);
     }
     let max = f64::from(max);
     let mut z = 0.0;

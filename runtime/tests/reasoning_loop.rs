@@ -98,7 +98,10 @@ impl Generator for HashLm {
         let c = cache(seq)?;
         c.extend_from_slice(tokens);
         if c.len() > self.info.context_length {
-            return Err(Error::Input("past the context".into()));
+            return Err(Error::SequenceTooLong {
+                tokens: c.len(),
+                context_length: self.info.context_length,
+            });
         }
         let mut data = vec![0.0; self.info.vocab_size];
         data[self.next(c) as usize] = FAKE_MARGIN;

@@ -1026,10 +1026,12 @@ impl OrtGenerator {
 /// The error of a batched-cache operation (re-layout, placing a row) on a cache that is not a
 /// concatenated ONNX Runtime cache.
 fn not_a_concat_cache() -> Error {
-    Error::Input(
-        "cache belongs to another backend, or is an in-place cache (batch 1, kv_cache in-place), which is not re-laid or batched"
+    Error::Misuse {
+        call: "BatchDecoder",
+        problem: "the cache belongs to another backend, or is an in-place cache (batch 1, \
+                  kv_cache in-place), which is not re-laid or batched"
             .into(),
-    )
+    }
 }
 
 /// The logits a call returns in `mode`, copied out of the graph's `logits` output (`[b, s,

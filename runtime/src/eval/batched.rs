@@ -186,7 +186,7 @@ pub(crate) fn answer_batched(
                 }
                 let slot = entry
                     .as_mut()
-                    .ok_or_else(|| Error::Input("empty slot".into()))?;
+                    .ok_or_else(|| Error::Internal("empty slot".into()))?;
                 match start_step(engine, slot, &mut state, r) {
                     Ok(Started::Decoding) => {}
                     Ok(Started::Done(result)) => {
@@ -352,7 +352,7 @@ mod tests {
                 for (c, m) in mask[..past].iter().enumerate() {
                     if *m == 1 {
                         visible.push(row[c].ok_or_else(|| {
-                            Error::Input(format!("row {r}: position {c} is padding but visible"))
+                            Error::Internal(format!("row {r}: position {c} is padding but visible"))
                         })?);
                     }
                 }
@@ -362,7 +362,7 @@ mod tests {
                     if visible_new {
                         let pos = input.position_ids[r * s + j];
                         if pos != visible.len() as i64 {
-                            return Err(Error::Input(format!(
+                            return Err(Error::Internal(format!(
                                 "row {r}: position id {pos}, {} visible tokens before it",
                                 visible.len()
                             )));
@@ -419,7 +419,7 @@ mod tests {
 
         fn trim_front(&self, cache: &mut BatchCache, n: usize) -> Result<()> {
             if n > cache.past {
-                return Err(Error::Input("trim past the cache".into()));
+                return Err(Error::Internal("trim past the cache".into()));
             }
             for row in self.rows(cache)? {
                 row.drain(..n);

@@ -57,7 +57,7 @@ fn schema() -> (Schema, Fields) {
 
 fn analyzer() -> Result<TextAnalyzer> {
     let stop = StopWordFilter::new(Language::English)
-        .ok_or_else(|| Error::Input("tantivy has no English stop-word list".into()))?;
+        .ok_or_else(|| Error::Internal("tantivy has no English stop-word list".into()))?;
     Ok(TextAnalyzer::builder(SimpleTokenizer::default())
         .filter(RemoveLongFilter::limit(MAX_TOKEN_BYTES))
         .filter(LowerCaser)

@@ -602,7 +602,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             ..ServeConfig::default()
         };
-        let h = Server::start(config, || Err(Error::Input("no model here".into()))).unwrap();
+        let h = Server::start(config, || Err(Error::Internal("no model here".into()))).unwrap();
         let e = h.wait_ready(Duration::from_secs(10)).unwrap_err();
         assert!(e.to_string().contains("no model here"), "{e}");
         assert!(!h.is_ready());

@@ -366,7 +366,7 @@ mod tests {
     #[test]
     fn states_exactly_the_annotated_sentences() -> steper_runtime::Result<()> {
         let ex: QaExample = serde_json::from_str(&EX.replace('\n', ""))
-            .map_err(|e| steper_runtime::Error::Input(e.to_string()))?;
+            .map_err(|e| steper_runtime::Error::Internal(e.to_string()))?;
         let mut t = GoldTeacher::new();
         t.set_example(&ex);
         let ps: Vec<PromptPassage> = ex
@@ -421,7 +421,7 @@ mod tests {
     #[test]
     fn hidden_facts_are_not_stated() -> steper_runtime::Result<()> {
         let ex: QaExample = serde_json::from_str(&EX.replace('\n', ""))
-            .map_err(|e| steper_runtime::Error::Input(e.to_string()))?;
+            .map_err(|e| steper_runtime::Error::Internal(e.to_string()))?;
         let mut t = GoldTeacher::new();
         t.set_example(&ex);
         let ps = vec![PromptPassage {
@@ -440,8 +440,8 @@ mod tests {
     #[test]
     fn musique_decomposition_gives_the_sub_answer_sentences() -> steper_runtime::Result<()> {
         let line = r#"{"id":"m","question":"Who founded the label of X?","answers":["Bo"],"paragraphs":[{"title":"X","text":"X is an album. It was released by Zed Records.","is_supporting":true},{"title":"Zed Records","text":"Zed Records is a label. It was founded by Bo.","is_supporting":true}],"question_decomposition":[{"question":"label of X?","answer":"Zed Records","paragraph_support_idx":0},{"question":"founder of #1?","answer":"Bo","paragraph_support_idx":1}]}"#;
-        let ex: QaExample =
-            serde_json::from_str(line).map_err(|e| steper_runtime::Error::Input(e.to_string()))?;
+        let ex: QaExample = serde_json::from_str(line)
+            .map_err(|e| steper_runtime::Error::Internal(e.to_string()))?;
         let mut t = GoldTeacher::new();
         t.set_example(&ex);
         let ps: Vec<PromptPassage> = ex
