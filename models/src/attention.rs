@@ -303,7 +303,7 @@ fn block_probs(
 /// (Cephes' `expf`), within [`EXP_RTOL`] of the exact value. Below −87 (where `eˣ` is under
 /// 1.7e−38, negligible next to the softmax's largest term, 1) it returns `e⁻⁸⁷`.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5 · 2²³: adding and subtracting it rounds to the nearest integer.

@@ -37,7 +37,8 @@ impl Proj {
         let y = linear(x, &self.w)?;
         match &self.lora {
             None => Ok(y),
-            Some((a, b, scale)) => Ok((y + (linear(&linear(x, a)?, b)? * *scale)?)?),
+            // The scale on the `[.., r]` intermediate: r columns instead of `out`.
+            Some((a, b, scale)) => Ok((y + linear(&(linear(x, a)? * *scale)?, b)?)?),
         }
     }
 }
@@ -607,11 +608,14 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let Some((&inner, lead)) = dims.split_last() else {
         return Ok(x.broadcast_matmul(&w.t()?)?);
     };
-    if lead.len() <= 1 {
+    if lead.is_empty() {
         return Ok(x.matmul(&w.t()?)?);
     }
+    if lead.len() == 1 {
+        return Ok(crate::ops::linear_2d(x, w)?);
+    }
     let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let y = crate::ops::linear_2d(&x.reshape((rows, inner))?, w)?;
     let mut out = lead.to_vec();
     out.push(w.dim(0)?);
     Ok(y.reshape(out)?)
@@ -623,9 +627,9 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 fn mlp(m: &Mlp, x: &Tensor) -> Result<Tensor> {
-    let g = m.gate_proj.forward(x)?.silu()?;
+    let g = m.gate_proj.forward(x)?;
     let u = m.up_proj.forward(x)?;
-    m.down_proj.forward(&(g * u)?)
+    m.down_proj.forward(&crate::ops::swiglu(&g, &u)?)
 }
 
 /// HF's `rotate_half` layout (the fused kernel with its own backward, [`crate::ops::rope`]).

@@ -339,6 +339,168 @@ impl CustomOp3 for Rope {
     }
 }
 
+/// `silu(g) · u`, SwiGLU's gate (`silu(g) = g · σ(g)`), in one pass.
+struct SwiGlu;
+
+/// `σ(x)` from `e^{−|x|}` (never overflows; vectorises).
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    let e = crate::attention::exp_nonpositive(-x.abs());
+    let r = 1.0 / (1.0 + e);
+    if x >= 0.0 {
+        r
+    } else {
+        e * r
+    }
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "steper-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = contiguous(f32s(s1, self.name())?, l1, self.name())?;
+        let u = contiguous(f32s(s2, self.name())?, l2, self.name())?;
+        if l1.dims() != l2.dims() {
+            candle_core::bail!(
+                "{}: gate {:?} and up {:?} differ in shape",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(ELEMWISE_CHUNK)
+            .zip(g.par_chunks(ELEMWISE_CHUNK).zip(u.par_chunks(ELEMWISE_CHUNK)))
+            .for_each(|(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g * sigmoid(g) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // y = g·σ(g)·u: dy/du = silu(g); dy/dg = u·σ(g)·(1 + g·(1 − σ(g))).
+        let both = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SwiGluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// Elements per parallel task of the element-wise kernels.
+const ELEMWISE_CHUNK: usize = 1 << 14;
+
+/// Both gradients of [`SwiGlu`] in one pass, stacked `[2, ..]` (gate first).
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "steper-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = contiguous(f32s(s1, self.name())?, l1, self.name())?;
+        let u = contiguous(f32s(s2, self.name())?, l2, self.name())?;
+        let dy = contiguous(f32s(s3, self.name())?, l3, self.name())?;
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_chunks_mut(ELEMWISE_CHUNK)
+            .zip(du.par_chunks_mut(ELEMWISE_CHUNK))
+            .zip(g.par_chunks(ELEMWISE_CHUNK))
+            .zip(u.par_chunks(ELEMWISE_CHUNK).zip(dy.par_chunks(ELEMWISE_CHUNK)))
+            .for_each(|(((dg, du), g), (u, dy))| {
+                for i in 0..g.len() {
+                    let s = sigmoid(g[i]);
+                    du[i] = dy[i] * g[i] * s;
+                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// `x @ wᵀ` for `x` `[rows, in]` and a constant `w` `[out, in]`: the backward gives `x` its
+/// gradient and `w` none. (candle's matmul backward always computes the right-hand side's
+/// gradient, a full `[out, in]` GEMM plus a zero-filled accumulator, even for a weight nothing
+/// trains: the frozen projections under LoRA and the frozen tied `lm_head`.)
+struct FrozenLinear;
+
+impl CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "steper-frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, inner) = l1.shape().dims2()?;
+        let (out, w_inner) = l2.shape().dims2()?;
+        if inner != w_inner {
+            candle_core::bail!(
+                "{}: input [{rows}, {inner}] does not match weight [{out}, {w_inner}]",
+                self.name()
+            );
+        }
+        let y = s1.matmul(s2, (1, rows, out, inner), l1, &l2.transpose(0, 1)?)?;
+        Ok((y, Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(g.matmul(w)?), None))
+    }
+}
+
+/// `silu(g) · u` (SwiGLU), differentiable in both; one fused pass on the CPU in f32.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    if fused(g) && u.dtype() == DType::F32 {
+        return g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu);
+    }
+    g.silu()? * u
+}
+
+/// `x @ wᵀ` for `x` `[rows, in]` and `w` `[out, in]`. When `w` is a constant (it tracks no
+/// gradient) and `x` does, the backward computes `x`'s gradient only.
+pub fn linear_2d(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() && !w.track_op() && x.device().is_cpu() && x.dtype() == w.dtype() {
+        return x.apply_op2(w, FrozenLinear);
+    }
+    x.matmul(&w.t()?)
+}
+
 fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
@@ -556,6 +718,68 @@ pub(crate) mod tests {
             gs.get(x.as_tensor()).expect("composed grad"),
             GRAD_RTOL,
         );
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_form_forward_and_backward() -> candle_core::Result<()> {
+        // Gates over a wide range, including large magnitudes where σ saturates.
+        let g = Var::from_tensor(&(randn(&[3, 7, 40], 14)? * 6.0)?)?;
+        let u = Var::from_tensor(&randn(&[3, 7, 40], 15)?)?;
+        let fast = swiglu(g.as_tensor(), u.as_tensor())?;
+        let slow = (g.as_tensor().silu()? * u.as_tensor())?;
+        close("forward", &fast, &slow, FWD_ATOL);
+        let gf = project(&fast, 16)?.backward()?;
+        let gs = project(&slow, 16)?.backward()?;
+        for (n, v) in [("gate", &g), ("up", &u)] {
+            close(
+                n,
+                gf.get(v.as_tensor()).expect("fused grad"),
+                gs.get(v.as_tensor()).expect("composed grad"),
+                GRAD_RTOL,
+            );
+        }
+        let e = swiglu(&g.as_tensor().narrow(2, 0, 3)?, u.as_tensor()).unwrap_err();
+        assert!(e.to_string().contains("differ in shape"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_linear_gives_the_input_its_gradient_and_the_weight_none() -> candle_core::Result<()>
+    {
+        let x = Var::from_tensor(&randn(&[9, 12], 17)?)?;
+        let w = randn(&[5, 12], 18)?;
+        let y = linear_2d(x.as_tensor(), &w)?;
+        // The same matmul kernel as `x @ wᵀ`: bit-identical.
+        let reference = x.as_tensor().matmul(&w.t()?)?;
+        assert_eq!(
+            y.flatten_all()?.to_vec1::<f32>()?,
+            reference.flatten_all()?.to_vec1::<f32>()?
+        );
+        let gf = project(&y, 19)?.backward()?;
+        let gs = project(&reference, 19)?.backward()?;
+        close(
+            "x",
+            gf.get(x.as_tensor()).expect("fused grad"),
+            gs.get(x.as_tensor()).expect("composed grad"),
+            GRAD_RTOL,
+        );
+        // candle's matmul computes a gradient for the constant (`[12, 5]`, stored under its
+        // transpose's id); the frozen linear computes none.
+        let weight_shaped = |g: &candle_core::backprop::GradStore| {
+            g.get_ids()
+                .filter_map(|id| g.get_id(*id))
+                .filter(|t| t.dims() == [5, 12] || t.dims() == [12, 5])
+                .count()
+        };
+        assert_eq!(weight_shaped(&gs), 1, "the composed form's wasted weight gradient");
+        assert_eq!(weight_shaped(&gf), 0, "the frozen weight got a gradient");
+        // A trainable weight takes candle's matmul and gets its gradient.
+        let wv = Var::from_tensor(&w)?;
+        let g = project(&linear_2d(x.as_tensor(), wv.as_tensor())?, 19)?.backward()?;
+        assert!(g.get(wv.as_tensor()).is_some());
+        let e = linear_2d(x.as_tensor(), &randn(&[5, 11], 20)?).unwrap_err();
+        assert!(e.to_string().contains("does not match weight"), "{e}");
         Ok(())
     }
 
