@@ -202,10 +202,15 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
         files::write_tokenizer_config(checkpoint, out)?;
     }
     let mut manifest = files::manifest(cfg, opts.dtype);
+    // Every end id: config.json's and generation_config.json's (Llama-3.x lists several).
+    manifest.eos_token_ids = ck.eos_ids();
     manifest.quantization = quantization.clone();
     manifest.graph.attention = opts.attention;
     manifest.save(&out.join(steper_runtime::manifest::MANIFEST_FILE))?;
-    let genai = files::genai_config(cfg, opts.quantize.as_ref());
+    let mut genai = files::genai_config(cfg, opts.quantize.as_ref());
+    if manifest.eos_token_ids.len() > 1 {
+        genai["model"]["eos_token_id"] = serde_json::json!(manifest.eos_token_ids);
+    }
     steper_fsutil::write_atomic(
         &out.join(files::GENAI_CONFIG_FILE),
         serde_json::to_string_pretty(&genai)?.as_bytes(),

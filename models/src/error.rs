@@ -54,6 +54,22 @@ pub enum Error {
         /// What is wrong or unsupported.
         message: String,
     },
+    /// The device cannot compute the model in the dtype asked for.
+    #[error("dtype {dtype} cannot be computed on device {device} (use --dtype f32 or auto)")]
+    UnsupportedDType {
+        /// The dtype asked for (`bf16`, `f16`, ...).
+        dtype: String,
+        /// The device (`cpu`, `cuda:0`, ...).
+        device: String,
+    },
+    /// A sharded checkpoint's index names a shard file that is not there.
+    #[error("{index}: names shard {shard}, which does not exist")]
+    MissingShard {
+        /// The `model.safetensors.index.json`.
+        index: PathBuf,
+        /// The shard file it names.
+        shard: PathBuf,
+    },
     /// A tokenizer could not be built, loaded or saved.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -28,6 +28,7 @@ use gemm as _;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod dtype;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -37,7 +38,8 @@ pub mod ops;
 pub mod tokenizer;
 pub mod weights;
 
-pub use checkpoint::{load_tokenizer, Checkpoint};
+pub use checkpoint::{copy_companion_files, load_tokenizer, Checkpoint, GenerationConfig};
+pub use dtype::DTypeChoice;
 pub use config::{LlamaConfig, RopeScaling, TokenIds};
 pub use error::{Error, Result};
 pub use generate::{

@@ -19,6 +19,9 @@ pub const SAFETENSORS_INDEX_FILE: &str = "model.safetensors.index.json";
 pub const CONFIG_FILE: &str = "config.json";
 /// File name of the tokenizer.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Largest shard [`Weights::save_dir`] writes by default: transformers' `max_shard_size`
+/// default of `save_pretrained` (5 GB, decimal).
+pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 
 /// A set of named tensors with HF names.
 #[derive(Clone, Default)]
@@ -110,6 +113,15 @@ impl Weights {
     /// Loads `model.safetensors` or the shards listed in `model.safetensors.index.json` from a
     /// checkpoint directory, converted to `dtype`.
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_dir_with(dir, Some(dtype), device)
+    }
+
+    /// Like [`Weights::load_dir`], each tensor kept in the dtype the file stores it in.
+    pub fn load_dir_stored(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_dir_with(dir, None, device)
+    }
+
+    fn load_dir_with(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Self> {
         let files = safetensors_files(dir)?;
         let mut tensors = BTreeMap::new();
         for f in files {
@@ -119,8 +131,37 @@ impl Weights {
                     message: format!("cannot read safetensors: {e}"),
                 })?;
             for (k, t) in loaded {
-                tensors.insert(k, t.to_dtype(dtype)?);
+                let t = match dtype {
+                    Some(d) if t.dtype() != d => t.to_dtype(d)?,
+                    _ => t,
+                };
+                tensors.insert(k, t);
             }
+        }
+        Ok(Weights { tensors })
+    }
+
+    /// The dtype the weights are held in: that of the token embedding (HF checkpoints store
+    /// every floating tensor in one dtype), else of the first tensor, else `f32`.
+    pub fn dtype(&self) -> DType {
+        self.tensors
+            .get("model.embed_tokens.weight")
+            .or_else(|| self.tensors.values().next())
+            .map(|t| t.dtype())
+            .unwrap_or(DType::F32)
+    }
+
+    /// A copy with every floating tensor converted to `dtype` (tensors already in it are
+    /// shared, not copied).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Weights> {
+        let mut tensors = BTreeMap::new();
+        for (k, t) in &self.tensors {
+            let t = if t.dtype().is_float() && t.dtype() != dtype {
+                t.to_dtype(dtype)?
+            } else {
+                t.clone()
+            };
+            tensors.insert(k.clone(), t);
         }
         Ok(Weights { tensors })
     }
@@ -167,7 +208,7 @@ impl Weights {
             if idx.exists() {
                 std::fs::remove_file(&idx).map_err(|e| Error::io(&idx, e))?;
             }
-            return Ok(());
+            return remove_stale_shards(dir, &[]);
         }
         let mut shards: Vec<Vec<(&String, &Tensor)>> = vec![Vec::new()];
         let mut cur = 0usize;
@@ -201,7 +242,10 @@ impl Weights {
         if single.exists() {
             std::fs::remove_file(&single).map_err(|e| Error::io(&single, e))?;
         }
-        Ok(())
+        let names: Vec<String> = (1..=n)
+            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+            .collect();
+        remove_stale_shards(dir, &names)
     }
 
     /// Turns every tensor into a trainable [`Var`]; returns weights backed by the vars (so a
@@ -235,6 +279,23 @@ fn save_safetensors<'a>(
         message: format!("cannot serialize safetensors: {e}"),
     })?;
     Ok(steper_fsutil::write_atomic(path, &bytes)?)
+}
+
+/// Removes `model-XXXXX-of-YYYYY.safetensors` files of an earlier save that `keep` does not
+/// name, so a directory never holds shards its index does not list.
+fn remove_stale_shards(dir: &Path, keep: &[String]) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for e in entries {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let shard =
+            name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors");
+        if shard && !keep.contains(&name) {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The safetensors files of a checkpoint directory, in load order.
@@ -277,9 +338,9 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     for f in files {
         let p = dir.join(&f);
         if !p.is_file() {
-            return Err(Error::Checkpoint {
-                path: p,
-                message: format!("shard listed in {SAFETENSORS_INDEX_FILE} is missing"),
+            return Err(Error::MissingShard {
+                index: index.clone(),
+                shard: p,
             });
         }
         out.push(p);

@@ -37,6 +37,8 @@ pub struct BenchFitConfig {
     pub prefix_cache: bool,
     /// LoRA adapters instead of full weights.
     pub lora: Option<steper_models::LoraConfig>,
+    /// The dtype training computes in (see [`FitConfig::dtype`]).
+    pub dtype: steper_models::DTypeChoice,
 }
 
 impl Default for BenchFitConfig {
@@ -52,6 +54,7 @@ impl Default for BenchFitConfig {
             seed: 0,
             prefix_cache: false,
             lora: None,
+            dtype: steper_models::DTypeChoice::Auto,
         }
     }
 }
@@ -139,6 +142,7 @@ pub fn bench_fit(student_dir: &Path, cfg: &BenchFitConfig) -> Result<BenchFitRep
             top_layers: cfg.top_layers,
             lora: cfg.lora.clone(),
         },
+        dtype: cfg.dtype,
         ..FitConfig::default()
     };
     let tmp = scratch_dir()?;

@@ -48,6 +48,9 @@ pub struct Args {
     /// Projections that get adapters.
     #[arg(long, default_value = "q,k,v,o,gate,up,down")]
     lora_targets: String,
+    /// Dtype training computes in (see `fit --dtype`).
+    #[arg(long, default_value = "auto")]
+    dtype: steper_models::DTypeChoice,
 }
 
 /// Runs the benchmark and prints its JSON report.
@@ -63,6 +66,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
         prefix_cache: a.prefix_cache,
         lora: super::fit::lora_config(a.lora_rank, a.lora_alpha, &a.lora_targets)?,
+        dtype: a.dtype,
     };
     let report = bench_fit(&a.student, &cfg)?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use steper_runtime::data::{read_qa, ReadOptions};
 use steper_runtime::retrieval::Bm25Index;
 use steper_runtime::LoopOptions;
@@ -34,7 +34,7 @@ pub struct Args {
     /// Instruction header and few-shot demonstrations for the LLM teachers (OpenAI-compatible
     /// and checkpoint): a file (format in train/prompts/ircot-fewshot.txt), `default` (that
     /// file, built in), `ircot:PATH[:N]` (IRCoT's CoT demonstrations, e.g.
-    /// ../shared/data/ircot_prompts/hotpotqa.txt, the first N) or `none` (the plain student
+    /// data/ircot_prompts/hotpotqa.txt, the first N) or `none` (the plain student
     /// prompt). Step-wise records always keep the plain prompt.
     #[arg(long, default_value = "none")]
     teacher_prompt: String,
@@ -91,6 +91,10 @@ pub struct Args {
     /// Skip malformed question lines (counted).
     #[arg(long)]
     skip_bad: bool,
+    /// Dtype a `checkpoint:` teacher computes in: auto (the stored dtype where the device runs
+    /// it at full speed, else f32) | f32 | bf16 | f16.
+    #[arg(long, default_value = "auto")]
+    dtype: steper_models::DTypeChoice,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -155,8 +159,11 @@ pub fn run(a: Args) -> Result<()> {
         s
     } else if let Some(dir) = a.teacher.strip_prefix("checkpoint:") {
         let ck =
-            steper_models::Checkpoint::load(std::path::Path::new(dir), DType::F32, &Device::Cpu)
+            steper_models::Checkpoint::load_with(std::path::Path::new(dir), a.dtype, &Device::Cpu)
                 .with_context(|| format!("teacher checkpoint {dir}"))?;
+        if let Some(note) = ck.dtype_note() {
+            eprintln!("{note}");
+        }
         let mut t = CandleTeacher::new(ck.model()?, ck.tokenizer()?, format!("checkpoint:{dir}"));
         if let Some(p) = TeacherPrompt::from_spec(&a.teacher_prompt)
             .with_context(|| format!("--teacher-prompt {}", a.teacher_prompt))?

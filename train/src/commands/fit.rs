@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use steper_models::{load_tokenizer, LlamaConfig, LoraConfig, LoraTarget};
+use steper_models::{load_tokenizer, DTypeChoice, LlamaConfig, LoraConfig, LoraTarget};
 use steper_train::fit::optim::AdamWConfig;
 use steper_train::fit::records::{examples_from_records, read_records};
 use steper_train::fit::{fit, CacheDtype, FitConfig, LossMode, Trainable};
@@ -93,6 +93,14 @@ pub struct Args {
     /// Element type of the prefix cache.
     #[arg(long, value_enum, default_value_t = CacheDtype::F16)]
     prefix_cache_dtype: CacheDtype,
+    /// Dtype training computes in: auto | f32 (a half type is refused on the CPU). Checkpoints
+    /// keep the student's stored dtype (bf16 stays bf16) whatever this is.
+    #[arg(long, default_value = "auto")]
+    dtype: DTypeChoice,
+    /// Largest safetensors file written, in bytes; larger weights are sharded with
+    /// model.safetensors.index.json (transformers' max_shard_size, default 5 GB).
+    #[arg(long, default_value_t = steper_models::weights::DEFAULT_MAX_SHARD_BYTES)]
+    max_shard_size: usize,
     /// Words kept per passage in the prompt.
     #[arg(long, default_value_t = 100)]
     word_cap: usize,
@@ -191,6 +199,8 @@ pub fn run(a: Args) -> Result<()> {
         },
         prefix_cache: a.prefix_cache.clone(),
         prefix_cache_dtype: a.prefix_cache_dtype,
+        dtype: a.dtype,
+        max_shard_bytes: a.max_shard_size,
         ..Default::default()
     };
     let summary = fit(&a.student, &train, &eval, &cfg, &a.out, !a.json)?;

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use candle_core::{DType, Device};
-use steper_models::{generate_text, Checkpoint, GenerateOptions, Sampling};
+use candle_core::Device;
+use steper_models::{generate_text, Checkpoint, DTypeChoice, GenerateOptions, Sampling};
 
 /// Arguments of `generate`.
 #[derive(clap::Args)]
@@ -27,6 +27,10 @@ pub struct Args {
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Dtype the model computes in: auto (the stored dtype where the device runs it at full
+    /// speed, else f32) | f32 | bf16 | f16.
+    #[arg(long, default_value = "auto")]
+    dtype: DTypeChoice,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -34,7 +38,10 @@ pub struct Args {
 
 /// Loads the checkpoint and prints the continuation.
 pub fn run(a: Args) -> Result<()> {
-    let ck = Checkpoint::load(&a.checkpoint, DType::F32, &Device::Cpu)?;
+    let ck = Checkpoint::load_with(&a.checkpoint, a.dtype, &Device::Cpu)?;
+    if let Some(note) = ck.dtype_note() {
+        eprintln!("{note}");
+    }
     let model = ck.model()?;
     let tok = ck.tokenizer()?;
     let sampling = if a.temperature > 0.0 {

@@ -12,7 +12,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use steper_fsutil::{write_atomic, StagingDir};
 use steper_models::lora::{init_adapters, merge, LoraConfig};
-use steper_models::{Checkpoint, Llama, LlamaConfig, Weights};
+use steper_models::weights::DEFAULT_MAX_SHARD_BYTES;
+use steper_models::{Checkpoint, DTypeChoice, Llama, LlamaConfig, Weights};
 
 use super::forward::{batch_losses, make_batch, Prefix};
 use super::loss::combine;
@@ -75,6 +76,19 @@ pub struct FitConfig {
     /// Element type of the cached hidden states.
     #[serde(default = "default_cache_dtype")]
     pub prefix_cache_dtype: CacheDtype,
+    /// The dtype training computes in: `auto` and `f32` compute in f32; a half type is refused
+    /// on the CPU (the trainer's fused kernels are f32). Checkpoints are written in the
+    /// student's stored dtype whatever this is.
+    #[serde(default)]
+    pub dtype: DTypeChoice,
+    /// Largest safetensors file a checkpoint is written in; larger weights are sharded with
+    /// `model.safetensors.index.json` (transformers' `max_shard_size`).
+    #[serde(default = "default_max_shard_bytes")]
+    pub max_shard_bytes: usize,
+}
+
+fn default_max_shard_bytes() -> usize {
+    DEFAULT_MAX_SHARD_BYTES
 }
 
 fn default_cache_dtype() -> CacheDtype {
@@ -100,6 +114,8 @@ impl Default for FitConfig {
             stop_after: None,
             prefix_cache: None,
             prefix_cache_dtype: CacheDtype::F16,
+            dtype: DTypeChoice::Auto,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
         }
     }
 }
@@ -387,7 +403,17 @@ pub fn fit(
     } else {
         source.as_path()
     };
+    // Training computes in f32; the checkpoints go back to the student's stored dtype.
+    let (compute, _) = steper_models::dtype::resolve(cfg.dtype, DType::F32, &dev)?;
+    if compute != DType::F32 {
+        return Err(steper_models::Error::UnsupportedDType {
+            dtype: format!("{} (training)", compute.as_str()),
+            device: steper_models::dtype::device_name(&dev),
+        }
+        .into());
+    }
     let ck = Checkpoint::load(base_dir, DType::F32, &dev)?;
+    let stored_dtype = ck.stored_dtype;
     let mcfg = ck.config.clone();
     check_examples(train, &mcfg, "training")?;
     check_examples(eval, &mcfg, "held-out")?;
@@ -462,10 +488,11 @@ pub fn fit(
     };
     // What a checkpoint holds: the weights (LoRA merged in) and the adapters.
     let export = |all: &Weights| -> Result<Weights> {
-        Ok(match &adapters {
+        let merged = match &adapters {
             None => all.clone(),
             Some((a, scale)) => merge(all, a, *scale)?,
-        })
+        };
+        Ok(merged.to_dtype(stored_dtype)?)
     };
     let frozen_layers = frozen_prefix_layers(&mcfg, &cfg.trainable);
     let mut cache = match (&cfg.prefix_cache, frozen_layers) {
@@ -714,9 +741,8 @@ pub fn fit(
     };
     if finished {
         // The final model also lands at the top level of `out`.
-        export(&all)?.save_dir(out, None)?;
-        mcfg.save(&out.join(steper_models::weights::CONFIG_FILE))?;
-        copy_tokenizer(&tokenizer_from, out)?;
+        Checkpoint::save(out, &mcfg, &export(&all)?, Some(cfg.max_shard_bytes))?;
+        copy_companions(&tokenizer_from, out)?;
     }
     let seconds = run_start.elapsed().as_secs_f64();
     Ok(FitSummary {
@@ -734,15 +760,10 @@ pub fn fit(
     })
 }
 
-fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
-    let src = from.join(steper_models::weights::TOKENIZER_FILE);
-    if src.is_file() {
-        let bytes = std::fs::read(&src).map_err(|e| Error::Io {
-            path: src.clone(),
-            source: e,
-        })?;
-        write_atomic(&to.join(steper_models::weights::TOKENIZER_FILE), &bytes)?;
-    }
+/// The student's tokenizer, tokenizer config (chat template) and generation config travel
+/// unchanged with every checkpoint.
+fn copy_companions(from: &Path, to: &Path) -> Result<()> {
+    steper_models::copy_companion_files(from, to)?;
     Ok(())
 }
 
@@ -757,14 +778,19 @@ fn save_checkpoint(
 ) -> Result<()> {
     let dest = out.join(CKPT_DIR).join(format!("step-{:08}", state.step));
     let stage = StagingDir::new(&dest, steper_fsutil::Existing::Refuse)?;
-    Checkpoint::save(stage.path(), cfg, weights, None)?;
+    Checkpoint::save(
+        stage.path(),
+        cfg,
+        weights,
+        Some(state.config.max_shard_bytes),
+    )?;
     if let Some(a) = adapters {
         let named: Vec<(&String, &Tensor)> = a.tensors().iter().collect();
         let bytes = safetensors::serialize(named.iter().map(|(k, v)| (k.as_str(), *v)), None)
             .map_err(|e| Error::Input(format!("cannot serialize LoRA adapters: {e}")))?;
         write_atomic(&stage.path().join(LORA_FILE), &bytes)?;
     }
-    copy_tokenizer(tokenizer_from, stage.path())?;
+    copy_companions(tokenizer_from, stage.path())?;
     let opt_state: Vec<(String, Tensor)> = opt.state_tensors().into_iter().collect();
     let bytes = safetensors::serialize(opt_state.iter().map(|(k, v)| (k.as_str(), v)), None)
         .map_err(|e| Error::Input(format!("cannot serialize optimizer state: {e}")))?;
