@@ -25,6 +25,7 @@ pub fn manifest(cfg: &LlamaConfig, dtype: ExportDtype) -> Manifest {
         format: MANIFEST_FORMAT.into(),
         version: MANIFEST_VERSION,
         template_version: TEMPLATE_VERSION.into(),
+        prompt_format: Default::default(),
         model_file: MODEL_FILE.into(),
         tokenizer_file: TOKENIZER_FILE.into(),
         dtype: dtype.as_str().into(),

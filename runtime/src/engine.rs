@@ -36,6 +36,7 @@ use crate::control::{Cancel, LoopControl, StepObserver};
 use crate::error::{Error, Result};
 use crate::generator::{Generator, GeneratorInfo};
 use crate::manifest::Manifest;
+use crate::prompt::{ChatTemplate, PromptFormat, PromptLayout};
 use crate::reasoning::{
     reason_with, Decoding, GeneratorStepModel, LoopOptions, PromptPrefix, Reasoning,
 };
@@ -136,9 +137,18 @@ pub struct EngineBuilder {
     generator: Option<(Arc<dyn Generator>, Tokenizer, Vec<u32>)>,
     retriever: Option<Arc<dyn Retriever>>,
     loop_options: Option<LoopOptions>,
+    chat_template: Option<ChatTemplate>,
 }
 
 impl EngineBuilder {
+    /// The chat template of `/v1/chat/completions` and of the `chat` prompt format, instead of
+    /// the one in the model directory's `tokenizer_config.json`.
+    #[must_use]
+    pub fn chat_template(mut self, template: ChatTemplate) -> Self {
+        self.chat_template = Some(template);
+        self
+    }
+
     /// The export directory (`steper.json`, `model.onnx`, `tokenizer.json`), run on
     /// [`EngineBuilder::backend`] (features `ort` / `tract`).
     #[cfg(any(feature = "ort", feature = "tract"))]
@@ -245,14 +255,30 @@ impl EngineBuilder {
     pub fn build(mut self) -> Result<Engine> {
         let (generator, tokenizer, eos, manifest, model_dir) = self.take_model()?;
         let retriever = self.take_retriever()?;
-        let loop_options = self.loop_options.unwrap_or_else(|| {
+        let chat_template = match (self.chat_template.take(), &model_dir) {
+            (Some(t), _) => Some(t),
+            (None, Some(dir)) => ChatTemplate::from_model_dir(dir, None)?,
+            (None, None) => None,
+        };
+        let mut loop_options = self.loop_options.take().unwrap_or_else(|| {
             manifest
                 .as_ref()
                 .map(|m| LoopOptions::from(&m.loop_defaults))
                 .unwrap_or_default()
         });
+        // The manifest's prompt format, unless the caller chose a layout.
+        let format = manifest.as_ref().map(|m| m.prompt_format).unwrap_or_default();
+        if format == PromptFormat::Chat && loop_options.prompt.format() == PromptFormat::Plain {
+            let template = chat_template.clone().ok_or_else(|| Error::ChatTemplate {
+                path: model_dir.clone().unwrap_or_default(),
+                line: None,
+                message: "steper.json says `prompt_format: chat` but the model has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)".into(),
+            })?;
+            loop_options.prompt = PromptLayout::chat(template);
+        }
         loop_options.validate()?;
         Ok(Engine {
+            chat_template,
             generator,
             tokenizer,
             eos,
@@ -267,6 +293,7 @@ impl EngineBuilder {
 
 /// A loaded model and retriever, answering questions with the multi-step loop.
 pub struct Engine {
+    chat_template: Option<ChatTemplate>,
     generator: Arc<dyn Generator>,
     tokenizer: Tokenizer,
     eos: Vec<u32>,
@@ -383,6 +410,11 @@ impl Engine {
     /// Token ids that end a generation.
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos
+    }
+
+    /// The model's chat template (from its directory or [`EngineBuilder::chat_template`]).
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
     }
 }
 

@@ -199,6 +199,17 @@ pub enum Error {
         /// What failed.
         message: String,
     },
+    /// A chat template could not be read, compiled or rendered (the template's file, the Jinja
+    /// engine's message, with the template line when it knows one).
+    #[error("chat template {path}{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    ChatTemplate {
+        /// The file the template came from (`tokenizer_config.json`, a `.jinja` file).
+        path: PathBuf,
+        /// The template line, when the engine reports one.
+        line: Option<usize>,
+        /// The Jinja error (or the `raise_exception` message of the template).
+        message: String,
+    },
     /// A corpus to index holds no document.
     #[error("corpus {path}: no documents to index")]
     EmptyCorpus {

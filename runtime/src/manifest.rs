@@ -130,6 +130,10 @@ pub struct Manifest {
     pub version: u32,
     /// Prompt template version the model was trained with.
     pub template_version: String,
+    /// How step prompts are laid out (`plain`, the default, is left out of the file; `chat`
+    /// renders them with the model's chat template from `tokenizer_config.json`).
+    #[serde(default, skip_serializing_if = "crate::prompt::PromptFormat::is_plain")]
+    pub prompt_format: crate::prompt::PromptFormat,
     /// The ONNX file, relative to the manifest.
     pub model_file: String,
     /// The tokenizer file, relative to the manifest.

@@ -46,9 +46,20 @@ pub struct LoopOptions {
     pub stop_phrase: String,
     /// Maximum new tokens per sentence.
     pub max_sentence_tokens: usize,
+    /// How step prompts are laid out (plain, or the model's chat template). Not serialized: the
+    /// model's `steper.json` records the format and the template comes from its directory.
+    #[serde(skip)]
+    pub prompt: crate::prompt::PromptLayout,
 }
 
 impl LoopOptions {
+    /// Sets the prompt layout.
+    #[must_use]
+    pub fn with_prompt_layout(mut self, prompt: crate::prompt::PromptLayout) -> Self {
+        self.prompt = prompt;
+        self
+    }
+
     /// Sets `top_k`.
     #[must_use]
     pub fn with_top_k(mut self, top_k: usize) -> Self {
@@ -107,6 +118,7 @@ impl From<&LoopDefaults> for LoopOptions {
             passage_word_cap: d.passage_word_cap,
             stop_phrase: d.stop_phrase.clone(),
             max_sentence_tokens: d.max_sentence_tokens,
+            prompt: crate::prompt::PromptLayout::Plain,
         }
     }
 }
@@ -495,7 +507,7 @@ impl LoopRun {
         // 2. Prompt, fitted to the context.
         let suffix = forced.then_some(opts.stop_phrase.as_str());
         let fitted = match model.prompt_budget(opts.max_sentence_tokens) {
-            Some(budget) => prompt::fit(
+            Some(budget) => opts.prompt.fit(
                 question,
                 &self.prompt_passages,
                 &self.reasoning,
@@ -505,13 +517,13 @@ impl LoopRun {
                 |s| model.count_tokens(s),
             )?,
             None => {
-                let text = prompt::render_with_suffix(
+                let text = opts.prompt.render(
                     question,
                     &self.prompt_passages,
                     &self.reasoning,
                     opts.passage_word_cap,
                     suffix,
-                );
+                )?;
                 prompt::FittedPrompt {
                     tokens: model.count_tokens(&text)?,
                     text,

@@ -14,9 +14,207 @@
 //! single space, so the continuation a model learns and generates is `" " + sentence`. Rendering
 //! is a pure concatenation: adding passages (after earlier ones) or sentences keeps everything
 //! before the new text unchanged, which is what cross-step KV reuse relies on.
+//!
+//! Two formats ([`PromptFormat`], `--prompt-format`, recorded in `steper.json`), rendered by one
+//! function ([`PromptLayout::render`]) for the teachers, the trainer, calibration and the
+//! runtime alike:
+//!
+//! - `plain` (the default): the layout above as raw text;
+//! - `chat`: the model's own chat template ([`chat::ChatTemplate`]) rendered with one user
+//!   message holding the passages and `Q: {question}`, with `add_generation_prompt`, followed by
+//!   `A:` and the reasoning so far as the start of the assistant turn:
+//!
+//! ```text
+//! <template's opening>{passages}Q: {question}<end of user turn, assistant header>A: {r_1} ...
+//! ```
+//!
+//! The continuation is `" " + sentence` in both formats. Across steps the chat prompt changes
+//! where the plain one does (after the passages held before); what it re-prefills beyond that is
+//! the template's markup between the question and `A:` (a handful of tokens per step).
+
+pub mod chat;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 use crate::data::PromptPassage;
 use crate::error::{Error, Result};
+pub use chat::{ChatMessage, ChatTemplate};
+
+/// How step prompts are laid out: the switch `--prompt-format plain|chat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromptFormat {
+    /// The IRCoT layout as raw text.
+    #[default]
+    Plain,
+    /// The IRCoT layout inside the model's chat template.
+    Chat,
+}
+
+impl PromptFormat {
+    /// The name on the command line and in `steper.json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromptFormat::Plain => "plain",
+            PromptFormat::Chat => "chat",
+        }
+    }
+
+    /// Whether this is [`PromptFormat::Plain`] (`steper.json` leaves the default out).
+    pub fn is_plain(&self) -> bool {
+        *self == PromptFormat::Plain
+    }
+}
+
+impl std::fmt::Display for PromptFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PromptFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "plain" => Ok(PromptFormat::Plain),
+            "chat" => Ok(PromptFormat::Chat),
+            other => Err(Error::InvalidOption {
+                option: "prompt-format".into(),
+                expected: "plain or chat".into(),
+                got: other.into(),
+            }),
+        }
+    }
+}
+
+/// A [`PromptFormat`] with what it needs to render: for `chat`, the model's template.
+#[derive(Debug, Clone, Default)]
+pub enum PromptLayout {
+    /// [`PromptFormat::Plain`].
+    #[default]
+    Plain,
+    /// [`PromptFormat::Chat`] with the template.
+    Chat(Arc<ChatTemplate>),
+}
+
+impl PartialEq for PromptLayout {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (PromptLayout::Plain, PromptLayout::Plain) => true,
+            (PromptLayout::Chat(a), PromptLayout::Chat(b)) => {
+                a.source() == b.source() && a.special_tokens() == b.special_tokens()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl PromptLayout {
+    /// The chat layout over `template`.
+    pub fn chat(template: ChatTemplate) -> Self {
+        PromptLayout::Chat(Arc::new(template))
+    }
+
+    /// The layout of `format` for the model in `model_dir` (its `tokenizer_config.json` or
+    /// `chat_template.jinja` for `chat`; an error naming the directory when it has no template).
+    pub fn load(format: PromptFormat, model_dir: &Path) -> Result<Self> {
+        match format {
+            PromptFormat::Plain => Ok(PromptLayout::Plain),
+            PromptFormat::Chat => match ChatTemplate::from_model_dir(model_dir, None)? {
+                Some(t) => Ok(PromptLayout::chat(t)),
+                None => Err(Error::ChatTemplate {
+                    path: model_dir.to_path_buf(),
+                    line: None,
+                    message: format!(
+                        "--prompt-format chat needs the model's chat template: neither `chat_template` in {} nor {} was found",
+                        chat::TOKENIZER_CONFIG_FILE,
+                        chat::CHAT_TEMPLATE_FILE
+                    ),
+                }),
+            },
+        }
+    }
+
+    /// The format.
+    pub fn format(&self) -> PromptFormat {
+        match self {
+            PromptLayout::Plain => PromptFormat::Plain,
+            PromptLayout::Chat(_) => PromptFormat::Chat,
+        }
+    }
+
+    /// The chat template, for the chat layout.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        match self {
+            PromptLayout::Plain => None,
+            PromptLayout::Chat(t) => Some(t),
+        }
+    }
+
+    /// The step prompt for `question`, the passages held, the prior sentences and the forced
+    /// `suffix` (`So the answer is:`), each passage text capped at `word_cap` words.
+    pub fn render(
+        &self,
+        question: &str,
+        passages: &[PromptPassage],
+        reasoning: &[String],
+        word_cap: usize,
+        suffix: Option<&str>,
+    ) -> Result<String> {
+        let caps = vec![word_cap; passages.len()];
+        self.render_parts(question, passages, &caps, reasoning, suffix)
+    }
+
+    /// [`PromptLayout::render`] fitted to `budget` tokens by `count_tokens`, as [`fit`] does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fit(
+        &self,
+        question: &str,
+        passages: &[PromptPassage],
+        reasoning: &[String],
+        suffix: Option<&str>,
+        word_cap: usize,
+        budget: usize,
+        count_tokens: impl FnMut(&str) -> Result<usize>,
+    ) -> Result<FittedPrompt> {
+        fit_parts(
+            self,
+            question,
+            passages,
+            reasoning,
+            suffix,
+            word_cap,
+            budget,
+            count_tokens,
+        )
+    }
+
+    fn render_parts(
+        &self,
+        question: &str,
+        passages: &[PromptPassage],
+        caps: &[usize],
+        reasoning: &[String],
+        suffix: Option<&str>,
+    ) -> Result<String> {
+        match self {
+            PromptLayout::Plain => Ok(render_parts(question, passages, caps, reasoning, suffix)),
+            PromptLayout::Chat(t) => {
+                let mut user = String::new();
+                push_passages(&mut user, passages, caps);
+                user.push_str("Q: ");
+                user.push_str(question.trim());
+                let mut s = t.render(&[ChatMessage::new("user", user)], true)?;
+                s.push_str("A:");
+                push_reasoning(&mut s, reasoning, suffix);
+                Ok(s)
+            }
+        }
+    }
+}
 
 /// Template identifier, equal to [`crate::manifest::TEMPLATE_VERSION`].
 pub const TEMPLATE: &str = crate::manifest::TEMPLATE_VERSION;
@@ -62,7 +260,7 @@ pub fn target_continuation(target: &str) -> String {
     format!(" {}", target.trim())
 }
 
-/// Renders with a word cap per passage (`caps[i]` for `passages[i]`).
+/// Renders the plain layout with a word cap per passage (`caps[i]` for `passages[i]`).
 fn render_parts(
     question: &str,
     passages: &[PromptPassage],
@@ -71,6 +269,15 @@ fn render_parts(
     suffix: Option<&str>,
 ) -> String {
     let mut s = String::new();
+    push_passages(&mut s, passages, caps);
+    s.push_str("Q: ");
+    s.push_str(question.trim());
+    s.push_str("\nA:");
+    push_reasoning(&mut s, reasoning, suffix);
+    s
+}
+
+fn push_passages(s: &mut String, passages: &[PromptPassage], caps: &[usize]) {
     for (p, &cap) in passages.iter().zip(caps) {
         s.push_str("Wikipedia Title: ");
         s.push_str(p.title.trim());
@@ -78,9 +285,9 @@ fn render_parts(
         s.push_str(&cap_words(&p.text, cap));
         s.push_str("\n\n");
     }
-    s.push_str("Q: ");
-    s.push_str(question.trim());
-    s.push_str("\nA:");
+}
+
+fn push_reasoning(s: &mut String, reasoning: &[String], suffix: Option<&str>) {
     for r in reasoning {
         s.push(' ');
         s.push_str(r.trim());
@@ -89,7 +296,6 @@ fn render_parts(
         s.push(' ');
         s.push_str(suffix.trim());
     }
-    s
 }
 
 /// A prompt rendered to fit a token budget.
@@ -123,6 +329,29 @@ pub fn fit(
     suffix: Option<&str>,
     word_cap: usize,
     budget: usize,
+    count_tokens: impl FnMut(&str) -> Result<usize>,
+) -> Result<FittedPrompt> {
+    fit_parts(
+        &PromptLayout::Plain,
+        question,
+        passages,
+        reasoning,
+        suffix,
+        word_cap,
+        budget,
+        count_tokens,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fit_parts(
+    layout: &PromptLayout,
+    question: &str,
+    passages: &[PromptPassage],
+    reasoning: &[String],
+    suffix: Option<&str>,
+    word_cap: usize,
+    budget: usize,
     mut count_tokens: impl FnMut(&str) -> Result<usize>,
 ) -> Result<FittedPrompt> {
     let mut caps: Vec<usize> = passages
@@ -132,13 +361,13 @@ pub fn fit(
     let mut first = 0; // passages before `first` are dropped
     let mut words_dropped = 0;
     loop {
-        let text = render_parts(
+        let text = layout.render_parts(
             question,
             &passages[first..],
             &caps[first..],
             reasoning,
             suffix,
-        );
+        )?;
         let tokens = count_tokens(&text)?;
         if tokens <= budget {
             return Ok(FittedPrompt {
