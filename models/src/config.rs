@@ -1,4 +1,4 @@
-//! The Hugging Face `config.json` of a Llama-family model.
+//! The Hugging Face `config.json` of a Llama-shaped model (the families of [`crate::arch`]).
 
 use std::path::Path;
 
@@ -6,9 +6,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use steper_fsutil::write_atomic;
-
-/// Model types whose architecture is the one implemented here.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama"];
 
 /// `rope_scaling` of a Hugging Face config. Only the `llama3` type changes the frequencies here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,9 +60,9 @@ impl TokenIds {
 /// read and not written back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// Always `llama` for now.
+    /// The family: the `model_type` of one of [`crate::arch::FAMILIES`].
     pub model_type: String,
-    /// `["LlamaForCausalLM"]`.
+    /// `["LlamaForCausalLM"]`, `["Qwen2ForCausalLM"]`.
     #[serde(default = "default_architectures")]
     pub architectures: Vec<String>,
     /// Width of the residual stream.
@@ -109,6 +106,24 @@ pub struct LlamaConfig {
     /// Weight dtype name as HF writes it (`float32`, `bfloat16`, ...), informational.
     #[serde(default = "default_torch_dtype")]
     pub torch_dtype: String,
+    /// Llama: biases on q/k/v/o (HF's `attention_bias`). Qwen2 always has q/k/v biases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// Llama: biases on the MLP (refused when true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
+    /// MLP activation; only `silu` (SwiGLU) is implemented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    /// Qwen2: sliding-window attention switch (refused when it would apply to a layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// Qwen2: window size (read, kept, not used: sliding windows are refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Qwen2: layers below this index use full attention even with sliding windows on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
 }
 
 /// `x > 0` and not NaN.
@@ -148,7 +163,37 @@ impl LlamaConfig {
             eos_token_id: Some(TokenIds::One(2)),
             pad_token_id: None,
             torch_dtype: default_torch_dtype(),
+            attention_bias: None,
+            mlp_bias: None,
+            hidden_act: None,
+            use_sliding_window: None,
+            sliding_window: None,
+            max_window_layers: None,
         }
+    }
+
+    /// [`LlamaConfig::tiny`] of the Qwen2 family (q/k/v biases, RoPE base 1e6, tied
+    /// embeddings as Qwen2.5-0.5B).
+    pub fn tiny_qwen2(vocab_size: usize) -> Self {
+        let fam = &crate::arch::qwen2::QWEN2;
+        LlamaConfig {
+            model_type: fam.model_type.into(),
+            architectures: vec![fam.hf_architecture.into()],
+            rope_theta: 1_000_000.0,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: true,
+            use_sliding_window: Some(false),
+            sliding_window: Some(4096),
+            max_window_layers: Some(2),
+            hidden_act: Some("silu".into()),
+            ..Self::tiny(vocab_size)
+        }
+    }
+
+    /// The family of [`LlamaConfig::model_type`] (see [`crate::arch`]); Llama for a config that
+    /// was never validated and names an unknown type.
+    pub fn family(&self) -> &'static crate::arch::Family {
+        crate::arch::by_model_type(&self.model_type).unwrap_or(&crate::arch::llama::LLAMA)
     }
 
     /// Parses a config from JSON text; `path` only labels errors.
@@ -186,13 +231,26 @@ impl LlamaConfig {
             expected: expected.to_string(),
             got,
         };
-        if !SUPPORTED_MODEL_TYPES.contains(&self.model_type.as_str()) {
+        let Some(family) = crate::arch::by_model_type(&self.model_type) else {
             return Err(bad(
                 "model_type",
-                &format!("one of {SUPPORTED_MODEL_TYPES:?}"),
+                &format!(
+                    "one of the supported model types {:?}",
+                    crate::arch::supported_model_types()
+                ),
                 format!("{:?}", self.model_type),
             ));
+        };
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(bad(
+                    "hidden_act",
+                    "\"silu\" (the SwiGLU MLP)",
+                    format!("{act:?}"),
+                ));
+            }
         }
+        (family.check)(self, path)?;
         for (field, v) in [
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
@@ -317,14 +375,11 @@ impl LlamaConfig {
 
     /// Number of parameters of the model this config describes.
     pub fn num_parameters(&self) -> usize {
-        let h = self.hidden_size;
-        let d = self.head_size();
-        let attn = h * self.num_attention_heads * d * 2 + h * self.kv_heads() * d * 2;
-        let mlp = 3 * h * self.intermediate_size;
-        let per_layer = attn + mlp + 2 * h;
-        let emb = self.vocab_size * h;
-        let head = if self.tie_word_embeddings { 0 } else { emb };
-        emb + head + self.num_hidden_layers * per_layer + h
+        self.family()
+            .tensors(self)
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -369,6 +424,62 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model_type") && err.contains("gpt2"), "{err}");
+        assert!(err.contains("\"llama\"") && err.contains("\"qwen2\""), "{err}");
+    }
+
+    /// Qwen2.5-0.5B-Instruct's `config.json` as published.
+    const QWEN25_05B: &str = r#"{"architectures":["Qwen2ForCausalLM"],"attention_dropout":0.0,
+        "bos_token_id":151643,"eos_token_id":151645,"hidden_act":"silu","hidden_size":896,
+        "initializer_range":0.02,"intermediate_size":4864,"max_position_embeddings":32768,
+        "max_window_layers":21,"model_type":"qwen2","num_attention_heads":14,"num_hidden_layers":24,
+        "num_key_value_heads":2,"rms_norm_eps":1e-06,"rope_theta":1000000.0,"sliding_window":32768,
+        "tie_word_embeddings":true,"torch_dtype":"bfloat16","transformers_version":"4.43.1",
+        "use_cache":true,"use_sliding_window":false,"vocab_size":151936}"#;
+
+    #[test]
+    fn hf_qwen25_config_parses_with_qkv_biases() -> Result<()> {
+        let cfg = LlamaConfig::from_json_str(QWEN25_05B, Path::new("qwen"))?;
+        assert_eq!(cfg.family().model_type, "qwen2");
+        assert_eq!(cfg.head_size(), 64);
+        assert_eq!(cfg.rope_theta, 1e6);
+        assert!(cfg.tie_word_embeddings);
+        // 494M parameters (Qwen2.5-0.5B's model card), q/k/v biases included.
+        assert!((cfg.num_parameters() as f64 - 494.0e6).abs() < 0.5e6, "{}", cfg.num_parameters());
+        let names: Vec<String> = cfg.family().tensors(&cfg).into_iter().map(|(n, _)| n).collect();
+        for p in ["q_proj", "k_proj", "v_proj"] {
+            assert!(names.contains(&format!("model.layers.0.self_attn.{p}.bias")), "{p}");
+        }
+        assert!(!names.iter().any(|n| n.contains("o_proj.bias") || n.contains("mlp") && n.ends_with(".bias")));
+        // Read and written back.
+        let back = LlamaConfig::from_json_str(&cfg.to_json_string(), Path::new("mem"))?;
+        assert_eq!(cfg, back);
+        Ok(())
+    }
+
+    #[test]
+    fn enabled_sliding_window_is_refused_naming_the_field() {
+        let mut v: serde_json::Value = serde_json::from_str(QWEN25_05B).unwrap();
+        v["use_sliding_window"] = serde_json::Value::Bool(true);
+        let err = LlamaConfig::from_json_str(&v.to_string(), Path::new("q/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("use_sliding_window") && err.contains("q/config.json"), "{err}");
+        assert!(err.contains("max_window_layers 21"), "{err}");
+        // On, but from a layer past the last one: every layer keeps full attention.
+        v["max_window_layers"] = serde_json::json!(24);
+        assert!(LlamaConfig::from_json_str(&v.to_string(), Path::new("q")).is_ok());
+    }
+
+    #[test]
+    fn other_activations_and_mlp_biases_are_refused() {
+        let mut cfg = LlamaConfig::tiny(10);
+        cfg.hidden_act = Some("gelu".into());
+        let err = cfg.validate(Path::new("c")).unwrap_err().to_string();
+        assert!(err.contains("hidden_act") && err.contains("gelu"), "{err}");
+        let mut cfg = LlamaConfig::tiny(10);
+        cfg.mlp_bias = Some(true);
+        let err = cfg.validate(Path::new("c")).unwrap_err().to_string();
+        assert!(err.contains("mlp_bias"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Import of a llama.cpp GGUF file (architecture `llama`) into an HF-style checkpoint directory:
-//! every tensor dequantized to f32, Q/K rows un-permuted back to HF's RoPE layout, tensor names
-//! mapped to HF names, `config.json` from the metadata and `tokenizer.json` rebuilt from the
+//! Import of a llama.cpp GGUF file (`general.architecture` of a family in [`crate::arch`]:
+//! `llama`, `qwen2`) into an HF-style checkpoint directory: every tensor dequantized to f32, Q/K
+//! rows un-permuted back to HF's RoPE layout where the family's converter permuted them (Llama,
+//! not Qwen2), tensor names mapped to HF names (biases included), `config.json` from the metadata and `tokenizer.json` rebuilt from the
 //! `tokenizer.ggml.*` metadata.
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
+use crate::arch::{Family, Projection, LAYER_NORMS};
 use crate::config::{LlamaConfig, TokenIds};
 use crate::error::{Error, Result};
 use crate::weights::{Weights, CONFIG_FILE, TOKENIZER_FILE};
@@ -176,45 +178,60 @@ impl GgufFile {
             .ok_or_else(|| self.err("missing metadata key `general.architecture`"))
     }
 
-    /// The HF config implied by the `llama.*` metadata.
-    pub fn llama_config(&self) -> Result<LlamaConfig> {
+    /// The family of `general.architecture`; an unknown one is an error listing those known.
+    pub fn family(&self) -> Result<&'static Family> {
         let arch = self.architecture()?;
-        if arch != "llama" {
-            return Err(self.err(format!(
-                "architecture `{arch}` is not supported (only `llama`)"
-            )));
-        }
+        crate::arch::by_gguf_architecture(&arch).ok_or_else(|| {
+            let known: Vec<&str> = crate::arch::FAMILIES
+                .iter()
+                .map(|f| f.gguf_architecture)
+                .collect();
+            self.err(format!(
+                "general.architecture `{arch}` is not supported (supported: {known:?})"
+            ))
+        })
+    }
+
+    /// The HF config implied by the `{arch}.*` metadata.
+    pub fn llama_config(&self) -> Result<LlamaConfig> {
+        let fam = self.family()?;
+        let key = |k: &str| format!("{}.{k}", fam.gguf_architecture);
         if self.content.tensor_infos.contains_key("rope_freqs.weight") {
             return Err(self.err(
                 "tensor `rope_freqs.weight` (llama3 RoPE frequency factors) is not supported: the HF rope_scaling parameters cannot be recovered from it",
             ));
         }
-        let hidden = self.meta_u64("llama.embedding_length")? as usize;
-        let heads = self.meta_u64("llama.attention.head_count")? as usize;
+        let hidden = self.meta_u64(&key("embedding_length"))? as usize;
+        let heads = self.meta_u64(&key("attention.head_count"))? as usize;
         let kv = self
-            .meta_u64_opt("llama.attention.head_count_kv")?
+            .meta_u64_opt(&key("attention.head_count_kv"))?
             .map(|v| v as usize)
             .unwrap_or(heads);
         let head_dim = self
-            .meta_u64_opt("llama.attention.key_length")?
-            .or(self.meta_u64_opt("llama.rope.dimension_count")?)
+            .meta_u64_opt(&key("attention.key_length"))?
+            .or(self.meta_u64_opt(&key("rope.dimension_count"))?)
             .map(|v| v as usize)
             .unwrap_or(hidden / heads.max(1));
-        let vocab = match self.meta_u64_opt("llama.vocab_size")? {
+        let vocab = match self.meta_u64_opt(&key("vocab_size"))? {
             Some(v) => v as usize,
             None => self
                 .content
                 .tensor_infos
                 .get("token_embd.weight")
                 .map(|t| t.shape.dims()[0])
-                .ok_or_else(|| self.err("missing `llama.vocab_size` and `token_embd.weight`"))?,
+                .ok_or_else(|| {
+                    self.err(format!(
+                        "missing `{}` and `token_embd.weight`",
+                        key("vocab_size")
+                    ))
+                })?,
         };
         let cfg = LlamaConfig {
-            model_type: "llama".into(),
-            architectures: vec!["LlamaForCausalLM".into()],
+            model_type: fam.model_type.into(),
+            architectures: vec![fam.hf_architecture.into()],
             hidden_size: hidden,
-            intermediate_size: self.meta_u64("llama.feed_forward_length")? as usize,
-            num_hidden_layers: self.meta_u64("llama.block_count")? as usize,
+            intermediate_size: self.meta_u64(&key("feed_forward_length"))? as usize,
+            num_hidden_layers: self.meta_u64(&key("block_count"))? as usize,
             num_attention_heads: heads,
             num_key_value_heads: Some(kv),
             head_dim: if head_dim * heads == hidden {
@@ -223,11 +240,13 @@ impl GgufFile {
                 Some(head_dim)
             },
             rms_norm_eps: self
-                .meta_f64("llama.attention.layer_norm_rms_epsilon")?
+                .meta_f64(&key("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
-            rope_theta: self.meta_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
+            rope_theta: self
+                .meta_f64(&key("rope.freq_base"))?
+                .unwrap_or(fam.default_rope_theta),
             rope_scaling: None,
-            max_position_embeddings: self.meta_u64_opt("llama.context_length")?.unwrap_or(2048)
+            max_position_embeddings: self.meta_u64_opt(&key("context_length"))?.unwrap_or(2048)
                 as usize,
             vocab_size: vocab,
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
@@ -241,6 +260,12 @@ impl GgufFile {
                 .meta_u64_opt("tokenizer.ggml.padding_token_id")?
                 .map(|v| v as u32),
             torch_dtype: "float32".into(),
+            attention_bias: None,
+            mlp_bias: None,
+            hidden_act: None,
+            use_sliding_window: None,
+            sliding_window: None,
+            max_window_layers: None,
         };
         cfg.validate(&self.path)?;
         Ok(cfg)
@@ -282,6 +307,7 @@ impl GgufFile {
     /// All weights in HF layout and names, dequantized to f32.
     pub fn hf_weights(&mut self, cfg: &LlamaConfig) -> Result<Weights> {
         let mut w = Weights::default();
+        let fam = cfg.family();
         let heads = cfg.num_attention_heads;
         let kv = cfg.kv_heads();
         w.insert(
@@ -293,22 +319,32 @@ impl GgufFile {
             w.insert("lm_head.weight", self.dequantize("output.weight")?);
         }
         for l in 0..cfg.num_hidden_layers {
-            let g = |s: &str| format!("blk.{l}.{s}.weight");
-            let h = |s: &str| format!("model.layers.{l}.{s}.weight");
-            w.insert(h("input_layernorm"), self.dequantize(&g("attn_norm"))?);
-            w.insert(
-                h("post_attention_layernorm"),
-                self.dequantize(&g("ffn_norm"))?,
-            );
-            let q = self.dequantize(&g("attn_q"))?;
-            w.insert(h("self_attn.q_proj"), unpermute_rope_rows(&q, heads)?);
-            let k = self.dequantize(&g("attn_k"))?;
-            w.insert(h("self_attn.k_proj"), unpermute_rope_rows(&k, kv)?);
-            w.insert(h("self_attn.v_proj"), self.dequantize(&g("attn_v"))?);
-            w.insert(h("self_attn.o_proj"), self.dequantize(&g("attn_output"))?);
-            w.insert(h("mlp.gate_proj"), self.dequantize(&g("ffn_gate"))?);
-            w.insert(h("mlp.up_proj"), self.dequantize(&g("ffn_up"))?);
-            w.insert(h("mlp.down_proj"), self.dequantize(&g("ffn_down"))?);
+            for (hf, gg) in LAYER_NORMS {
+                let t = self.dequantize(&format!("blk.{l}.{gg}.weight"))?;
+                w.insert(format!("model.layers.{l}.{hf}.weight"), t);
+            }
+            for p in Projection::ALL {
+                // llama.cpp's `permute` for interleaved RoPE, undone for HF's half rotation.
+                let heads = match p {
+                    Projection::Q if fam.gguf_permutes_qk => Some(heads),
+                    Projection::K if fam.gguf_permutes_qk => Some(kv),
+                    _ => None,
+                };
+                let t = self.dequantize(&format!("blk.{l}.{}.weight", p.gguf()))?;
+                let t = match heads {
+                    Some(n) => unpermute_rope_rows(&t, n)?,
+                    None => t,
+                };
+                w.insert(p.weight_name(l), t);
+                if fam.has_bias(cfg, p) {
+                    let b = self.dequantize(&format!("blk.{l}.{}.bias", p.gguf()))?;
+                    let b = match heads {
+                        Some(n) => unpermute_rope_rows(&b.unsqueeze(1)?, n)?.squeeze(1)?,
+                        None => b,
+                    };
+                    w.insert(p.bias_name(l), b);
+                }
+            }
         }
         w.check(cfg, &self.path)?;
         Ok(w)
@@ -333,7 +369,12 @@ impl GgufFile {
         }
         let pre = self
             .meta_str("tokenizer.ggml.pre")?
-            .unwrap_or_else(|| "default".to_string());
+            .unwrap_or_else(|| {
+                self.family()
+                    .map(|f| f.gguf_default_pre)
+                    .unwrap_or("default")
+                    .to_string()
+            });
         let tokens = self.meta_str_array("tokenizer.ggml.tokens")?;
         let merges = self.meta_str_array("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {

@@ -1,6 +1,7 @@
 //! Llama-family models for the STEPER toolchain, in candle.
 //!
-//! - [`LlamaConfig`]: the Hugging Face `config.json`.
+//! - [`LlamaConfig`]: the Hugging Face `config.json`; [`arch`]: the model families (Llama,
+//!   Qwen2), each described once.
 //! - [`Llama`]: the decoder; [`Llama::forward`] gives differentiable full-sequence logits for
 //!   training, [`Llama::forward_cached`] extends a [`KvCache`] for generation.
 //! - [`Weights`] / [`Checkpoint`]: named tensors, random init, single or sharded safetensors.
@@ -25,6 +26,7 @@
 // every candle CPU matmul in the workspace (Cargo unifies features).
 use gemm as _;
 
+pub mod arch;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;

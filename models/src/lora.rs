@@ -61,17 +61,23 @@ impl LoraTarget {
         }
     }
 
+    /// The layer projection the adapter attaches to.
+    pub fn projection(self) -> crate::arch::Projection {
+        use crate::arch::Projection;
+        match self {
+            LoraTarget::Q => Projection::Q,
+            LoraTarget::K => Projection::K,
+            LoraTarget::V => Projection::V,
+            LoraTarget::O => Projection::O,
+            LoraTarget::Gate => Projection::Gate,
+            LoraTarget::Up => Projection::Up,
+            LoraTarget::Down => Projection::Down,
+        }
+    }
+
     /// The projection's name inside a layer.
     pub fn module(self) -> &'static str {
-        match self {
-            LoraTarget::Q => "self_attn.q_proj",
-            LoraTarget::K => "self_attn.k_proj",
-            LoraTarget::V => "self_attn.v_proj",
-            LoraTarget::O => "self_attn.o_proj",
-            LoraTarget::Gate => "mlp.gate_proj",
-            LoraTarget::Up => "mlp.up_proj",
-            LoraTarget::Down => "mlp.down_proj",
-        }
+        self.projection().module()
     }
 
     /// Parses a comma-separated list (`q,k,v,o,gate,up,down`; `q_proj` etc. accepted too).

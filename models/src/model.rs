@@ -1,5 +1,6 @@
-//! The Llama-family decoder in candle: RMSNorm, RoPE (HF half-rotation layout), grouped-query
-//! attention and a SwiGLU MLP, with HF tensor names.
+//! The Llama-shaped decoder in candle: RMSNorm, RoPE (HF half-rotation layout), grouped-query
+//! attention and a SwiGLU MLP, with HF tensor names; the projections that carry a bias (Qwen2's
+//! q/k/v) are those of the config's family ([`crate::arch`]).
 //!
 //! Every op used here has a backward pass, so [`Llama::forward`] is differentiable with respect
 //! to every weight: RMSNorm, softmax and RoPE are the fused kernels of [`crate::ops`], which carry
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::arch::Projection;
 use crate::attention::KeyMask;
 
 use crate::config::LlamaConfig;
@@ -22,19 +24,35 @@ use crate::weights::Weights;
 /// (a left-padding query) gives a uniform distribution instead of NaN.
 const MASKED: f32 = -1e9;
 
-/// A projection `x @ w^T`, optionally with a LoRA adapter: `+ scale · (x @ a^T) @ b^T`.
+/// A projection `x @ w^T (+ bias)`, optionally with a LoRA adapter: `+ scale · (x @ a^T) @ b^T`.
 struct Proj {
     w: Tensor,
+    bias: Option<Tensor>,
     lora: Option<(Tensor, Tensor, f64)>,
 }
 
 impl Proj {
-    fn new(w: Tensor) -> Self {
-        Proj { w, lora: None }
+    /// The weight of `p` in layer `l` (and its bias where the family has one), shape-checked.
+    fn load(cfg: &LlamaConfig, w: &Weights, l: usize, p: Projection) -> Result<Self> {
+        let (out, inp) = p.shape(cfg);
+        let bias = if cfg.family().has_bias(cfg, p) {
+            Some(w.get(&p.bias_name(l), &[out])?)
+        } else {
+            None
+        };
+        Ok(Proj {
+            w: w.get(&p.weight_name(l), &[out, inp])?,
+            bias,
+            lora: None,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = linear(x, &self.w)?;
+        let y = match &self.bias {
+            None => y,
+            Some(b) => y.broadcast_add(b)?,
+        };
         match &self.lora {
             None => Ok(y),
             // The scale on the `[.., r]` intermediate: r columns instead of `out`.
@@ -61,6 +79,21 @@ struct Layer {
     attn: Attention,
     post_attention_layernorm: Tensor,
     mlp: Mlp,
+}
+
+impl Layer {
+    /// Every projection with its [`Projection`] (the order of [`Projection::ALL`]).
+    fn projections_mut(&mut self) -> [(Projection, &mut Proj); 7] {
+        [
+            (Projection::Q, &mut self.attn.q_proj),
+            (Projection::K, &mut self.attn.k_proj),
+            (Projection::V, &mut self.attn.v_proj),
+            (Projection::O, &mut self.attn.o_proj),
+            (Projection::Gate, &mut self.mlp.gate_proj),
+            (Projection::Up, &mut self.mlp.up_proj),
+            (Projection::Down, &mut self.mlp.down_proj),
+        ]
+    }
 }
 
 /// Key/value cache for incremental decoding: per layer `[batch, kv_heads, past, head_dim]`, plus
@@ -126,7 +159,7 @@ impl SeqInputs {
     }
 }
 
-/// A Llama-family causal language model.
+/// A causal language model of any family in [`crate::arch`] (Llama, Qwen2).
 pub struct Llama {
     cfg: LlamaConfig,
     embed_tokens: Tensor,
@@ -144,10 +177,6 @@ impl Llama {
     /// that name the tensor. `lm_head.weight` may be absent when embeddings are tied.
     pub fn new(cfg: &LlamaConfig, w: &Weights) -> Result<Self> {
         let h = cfg.hidden_size;
-        let d = cfg.head_size();
-        let nh = cfg.num_attention_heads;
-        let kv = cfg.kv_heads();
-        let i = cfg.intermediate_size;
         let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         let device = embed_tokens.device().clone();
         let dtype = embed_tokens.dtype();
@@ -157,25 +186,17 @@ impl Llama {
             layers.push(Layer {
                 input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 attn: Attention {
-                    q_proj: Proj::new(
-                        w.get(&format!("{p}.self_attn.q_proj.weight"), &[nh * d, h])?,
-                    ),
-                    k_proj: Proj::new(
-                        w.get(&format!("{p}.self_attn.k_proj.weight"), &[kv * d, h])?,
-                    ),
-                    v_proj: Proj::new(
-                        w.get(&format!("{p}.self_attn.v_proj.weight"), &[kv * d, h])?,
-                    ),
-                    o_proj: Proj::new(
-                        w.get(&format!("{p}.self_attn.o_proj.weight"), &[h, nh * d])?,
-                    ),
+                    q_proj: Proj::load(cfg, w, l, Projection::Q)?,
+                    k_proj: Proj::load(cfg, w, l, Projection::K)?,
+                    v_proj: Proj::load(cfg, w, l, Projection::V)?,
+                    o_proj: Proj::load(cfg, w, l, Projection::O)?,
                 },
                 post_attention_layernorm: w
                     .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mlp: Mlp {
-                    gate_proj: Proj::new(w.get(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?),
-                    up_proj: Proj::new(w.get(&format!("{p}.mlp.up_proj.weight"), &[i, h])?),
-                    down_proj: Proj::new(w.get(&format!("{p}.mlp.down_proj.weight"), &[h, i])?),
+                    gate_proj: Proj::load(cfg, w, l, Projection::Gate)?,
+                    up_proj: Proj::load(cfg, w, l, Projection::Up)?,
+                    down_proj: Proj::load(cfg, w, l, Projection::Down)?,
                 },
             });
         }
@@ -207,16 +228,8 @@ impl Llama {
         let mut used = std::collections::HashSet::new();
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{l}");
-            let projs: [(&str, &mut Proj); 7] = [
-                ("self_attn.q_proj", &mut layer.attn.q_proj),
-                ("self_attn.k_proj", &mut layer.attn.k_proj),
-                ("self_attn.v_proj", &mut layer.attn.v_proj),
-                ("self_attn.o_proj", &mut layer.attn.o_proj),
-                ("mlp.gate_proj", &mut layer.mlp.gate_proj),
-                ("mlp.up_proj", &mut layer.mlp.up_proj),
-                ("mlp.down_proj", &mut layer.mlp.down_proj),
-            ];
-            for (name, proj) in projs {
+            for (kind, proj) in layer.projections_mut() {
+                let name = kind.module();
                 let an = format!("{p}.{name}.lora_a");
                 let bn = format!("{p}.{name}.lora_b");
                 let a = adapters.tensors().get(&an);

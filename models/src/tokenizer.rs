@@ -4,12 +4,14 @@ use std::collections::HashMap;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::template::TemplateProcessing;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// GGUF `token_type` of a control (special) token.
 pub const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -17,7 +19,27 @@ pub const TOKEN_TYPE_CONTROL: i64 = 3;
 pub const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// The pre-tokenizer names (`tokenizer.ggml.pre`) this rebuild knows.
-pub const SUPPORTED_PRE: &[&str] = &["smollm", "gpt2", "default"];
+pub const SUPPORTED_PRE: &[&str] = &["smollm", "gpt2", "default", "qwen2", "llama-bpe"];
+
+/// Qwen2's split pattern (transformers' `Qwen2Converter`, the `Split` of Qwen2.5's
+/// `tokenizer.json`): like Llama-3's but one digit per piece.
+pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Llama-3's split pattern (llama.cpp `llama-bpe`, the `Split` of Llama-3.x's `tokenizer.json`):
+/// digits in groups of up to three.
+pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A regex split (each match its own piece, as HF's `Split(behavior="isolated")`) followed by
+/// the byte-level mapping without its own GPT-2 regex.
+fn regex_then_byte_level(pattern: &str) -> Result<PreTokenizerWrapper, String> {
+    let split = Split::new(
+        SplitPattern::Regex(pattern.to_string()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| format!("cannot compile the split pattern: {e}"))?;
+    Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+}
 
 /// The pieces of a GGUF `gpt2` tokenizer.
 pub struct GgufTokenizerSpec {
@@ -43,6 +65,8 @@ pub fn build_byte_level_bpe(spec: &GgufTokenizerSpec) -> Result<Tokenizer, Strin
         ])
         .into(),
         "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
+        "qwen2" => regex_then_byte_level(QWEN2_PATTERN)?,
+        "llama-bpe" => regex_then_byte_level(LLAMA3_PATTERN)?,
         other => {
             return Err(format!(
                 "tokenizer.ggml.pre `{other}` is not supported (supported: {SUPPORTED_PRE:?})"
@@ -72,6 +96,11 @@ pub fn build_byte_level_bpe(spec: &GgufTokenizerSpec) -> Result<Tokenizer, Strin
         .map_err(|e| format!("cannot build BPE: {e}"))?;
     let mut tok = Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(pre));
+    if spec.pre == "qwen2" {
+        // Qwen2's tokenizer.json normalizes to NFC before splitting.
+        tok.with_normalizer(Some(NFC))
+            .map_err(|e| format!("cannot set the NFC normalizer: {e}"))?;
+    }
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     let mut specials = Vec::new();
     let mut user = Vec::new();

@@ -63,44 +63,21 @@ impl Weights {
         Ok(t.clone())
     }
 
-    /// Names and shapes of every tensor a model of `cfg` needs, in a stable order.
+    /// Names and shapes of every tensor a model of `cfg` needs, in a stable order (the
+    /// family's list, [`crate::arch::Family::tensors`]).
     pub fn expected(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-        let h = cfg.hidden_size;
-        let d = cfg.head_size();
-        let nh = cfg.num_attention_heads;
-        let kv = cfg.kv_heads();
-        let i = cfg.intermediate_size;
-        let mut v = vec![(
-            "model.embed_tokens.weight".to_string(),
-            vec![cfg.vocab_size, h],
-        )];
-        for l in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            v.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            v.push((format!("{p}.self_attn.q_proj.weight"), vec![nh * d, h]));
-            v.push((format!("{p}.self_attn.k_proj.weight"), vec![kv * d, h]));
-            v.push((format!("{p}.self_attn.v_proj.weight"), vec![kv * d, h]));
-            v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, nh * d]));
-            v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-            v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-            v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-        }
-        v.push(("model.norm.weight".to_string(), vec![h]));
-        if !cfg.tie_word_embeddings {
-            v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
-        }
-        v
+        cfg.family().tensors(cfg)
     }
 
     /// Random weights for `cfg`, reproducible from `seed`: normal(0, 0.02) for matrices (HF's
-    /// `initializer_range`), ones for norms.
+    /// `initializer_range`) and biases (HF starts them at zero; random values keep a test's
+    /// biases visible in the outputs), ones for norms.
     pub fn random(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut tensors = BTreeMap::new();
         for (name, shape) in Self::expected(cfg) {
             let n: usize = shape.iter().product();
-            let data = if shape.len() == 1 {
+            let data = if shape.len() == 1 && !name.ends_with(".bias") {
                 vec![1f32; n]
             } else {
                 normal_vec(&mut rng, n, 0.02)

@@ -61,7 +61,26 @@ pub fn write_tiny_gguf(
     dtype: GgmlDType,
     arch: &str,
 ) -> anyhow::Result<()> {
+    write_family_gguf(path, cfg, w, dtype, arch, "smollm")
+}
+
+/// Writes a GGUF of `cfg`'s family the way llama.cpp's converter does for it: metadata under the
+/// family's `general.architecture` prefix, Q/K rows (and their biases) permuted only where the
+/// family's converter permutes them (Llama; not Qwen2), biases as `blk.N.attn_q.bias` (F32),
+/// `pre` as `tokenizer.ggml.pre` (a bias absent from `w` is not written). `arch` overrides `general.architecture` (the keys keep the
+/// family's prefix).
+pub fn write_family_gguf(
+    path: &std::path::Path,
+    cfg: &LlamaConfig,
+    w: &Weights,
+    dtype: GgmlDType,
+    arch: &str,
+    pre: &str,
+) -> anyhow::Result<()> {
     use gguf_file::Value;
+    use steper_models::arch::{Projection, LAYER_NORMS};
+    let fam = cfg.family();
+    let prefix = fam.gguf_architecture;
     let (tokens, merges) = tiny_byte_vocab();
     assert_eq!(
         tokens.len(),
@@ -76,44 +95,47 @@ pub fn write_tiny_gguf(
         ("general.architecture".into(), Value::String(arch.into())),
         ("general.name".into(), Value::String("tiny".into())),
         (
-            "llama.block_count".into(),
+            format!("{prefix}.block_count"),
             Value::U32(cfg.num_hidden_layers as u32),
         ),
         (
-            "llama.context_length".into(),
+            format!("{prefix}.context_length"),
             Value::U32(cfg.max_position_embeddings as u32),
         ),
         (
-            "llama.embedding_length".into(),
+            format!("{prefix}.embedding_length"),
             Value::U32(cfg.hidden_size as u32),
         ),
         (
-            "llama.feed_forward_length".into(),
+            format!("{prefix}.feed_forward_length"),
             Value::U32(cfg.intermediate_size as u32),
         ),
         (
-            "llama.attention.head_count".into(),
+            format!("{prefix}.attention.head_count"),
             Value::U32(cfg.num_attention_heads as u32),
         ),
         (
-            "llama.attention.head_count_kv".into(),
+            format!("{prefix}.attention.head_count_kv"),
             Value::U32(cfg.kv_heads() as u32),
         ),
         (
-            "llama.rope.freq_base".into(),
+            format!("{prefix}.rope.freq_base"),
             Value::F32(cfg.rope_theta as f32),
         ),
         (
-            "llama.rope.dimension_count".into(),
+            format!("{prefix}.rope.dimension_count"),
             Value::U32(cfg.head_size() as u32),
         ),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            format!("{prefix}.attention.layer_norm_rms_epsilon"),
             Value::F32(cfg.rms_norm_eps as f32),
         ),
-        ("llama.vocab_size".into(), Value::U32(cfg.vocab_size as u32)),
+        (
+            format!("{prefix}.vocab_size"),
+            Value::U32(cfg.vocab_size as u32),
+        ),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
         (
             "tokenizer.ggml.tokens".into(),
             Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
@@ -147,29 +169,37 @@ pub fn write_tiny_gguf(
         qt.push(("output.weight".into(), q(&t("lm_head.weight"), false)?));
     }
     for l in 0..cfg.num_hidden_layers {
-        let h = |s: &str| format!("model.layers.{l}.{s}.weight");
-        let g = |s: &str| format!("blk.{l}.{s}.weight");
-        qt.push((g("attn_norm"), q(&t(&h("input_layernorm")), true)?));
-        qt.push((g("ffn_norm"), q(&t(&h("post_attention_layernorm")), true)?));
-        qt.push((
-            g("attn_q"),
-            q(
-                &permute_rope_rows(&t(&h("self_attn.q_proj")), cfg.num_attention_heads)?,
-                false,
-            )?,
-        ));
-        qt.push((
-            g("attn_k"),
-            q(
-                &permute_rope_rows(&t(&h("self_attn.k_proj")), cfg.kv_heads())?,
-                false,
-            )?,
-        ));
-        qt.push((g("attn_v"), q(&t(&h("self_attn.v_proj")), false)?));
-        qt.push((g("attn_output"), q(&t(&h("self_attn.o_proj")), false)?));
-        qt.push((g("ffn_gate"), q(&t(&h("mlp.gate_proj")), false)?));
-        qt.push((g("ffn_up"), q(&t(&h("mlp.up_proj")), false)?));
-        qt.push((g("ffn_down"), q(&t(&h("mlp.down_proj")), false)?));
+        for (hf, gg) in LAYER_NORMS {
+            qt.push((
+                format!("blk.{l}.{gg}.weight"),
+                q(&t(&format!("model.layers.{l}.{hf}.weight")), true)?,
+            ));
+        }
+        for p in Projection::ALL {
+            let heads = match p {
+                Projection::Q if fam.gguf_permutes_qk => Some(cfg.num_attention_heads),
+                Projection::K if fam.gguf_permutes_qk => Some(cfg.kv_heads()),
+                _ => None,
+            };
+            let wt = t(&p.weight_name(l));
+            let wt = match heads {
+                Some(n) => permute_rope_rows(&wt, n)?,
+                None => wt,
+            };
+            qt.push((format!("blk.{l}.{}.weight", p.gguf()), q(&wt, false)?));
+            if let Some(b) = w
+                .tensors()
+                .get(&p.bias_name(l))
+                .filter(|_| fam.has_bias(cfg, p))
+            {
+                let b = b.clone();
+                let b = match heads {
+                    Some(n) => permute_rope_rows(&b.unsqueeze(1)?, n)?.squeeze(1)?,
+                    None => b,
+                };
+                qt.push((format!("blk.{l}.{}.bias", p.gguf()), q(&b, true)?));
+            }
+        }
     }
     let mut f = std::fs::File::create(path)?;
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
