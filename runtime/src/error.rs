@@ -29,6 +29,51 @@ pub enum Error {
         /// What is wrong (serde names the field).
         message: String,
     },
+    /// A record of a data file (a JSONL line or an element of a JSON array) is not valid JSON or
+    /// does not have the shape of its format.
+    #[error("{path}: {at}: {message}")]
+    BadRecord {
+        /// The file.
+        path: PathBuf,
+        /// The record's line or index.
+        at: crate::data::RecordAt,
+        /// What is wrong (serde's message names the field where it can).
+        message: String,
+    },
+    /// A field of a record of a dataset file has a value its format does not allow.
+    #[error("{path}: {at}: field `{field}`: expected {expected}, got {got}")]
+    BadField {
+        /// The file.
+        path: PathBuf,
+        /// The record's line or index.
+        at: crate::data::RecordAt,
+        /// The field, with its position inside the record (`context[2][1]`).
+        field: String,
+        /// What the format allows there.
+        expected: &'static str,
+        /// What the record holds (shortened).
+        got: String,
+    },
+    /// The format of a QA file cannot be told from its first record.
+    #[error("{path}: {at}: not a QA format this runtime reads (keys: {keys}); expected the project's schema (`id`, `question`, `answers`), HotpotQA / 2WikiMultiHopQA (`_id`, `context`, `supporting_facts`), MuSiQue (`paragraphs` with `paragraph_text`), FlashRAG (`golden_answers`) or IRCoT (`question_text`, `answers_objects`)")]
+    UnknownFormat {
+        /// The file.
+        path: PathBuf,
+        /// The record looked at.
+        at: crate::data::RecordAt,
+        /// The record's keys (or its JSON type when it is not an object).
+        keys: String,
+    },
+    /// A compressed file could not be decompressed.
+    #[error("{path}: {format}: {message}")]
+    Decompress {
+        /// The file.
+        path: PathBuf,
+        /// `gzip` or `zstd`.
+        format: &'static str,
+        /// What failed.
+        message: String,
+    },
     /// A model directory is missing a file or holds an inconsistent one.
     #[error("model {path}: {message}")]
     Model {

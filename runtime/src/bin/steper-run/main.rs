@@ -37,6 +37,9 @@ enum Command {
     Serve(commands::serve::Args),
     /// Load-test a server: requests/s, p50/p95/p99 latency, drift and peak RSS per client count.
     BenchServe(commands::bench_serve::Args),
+    /// Dataset files: convert HotpotQA, 2WikiMultiHopQA, MuSiQue, FlashRAG and IRCoT files into
+    /// the project's QA schema.
+    Data(commands::data::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::BenchDecode(a) => commands::bench::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::BenchServe(a) => commands::bench_serve::run(a),
+        Command::Data(a) => commands::data::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

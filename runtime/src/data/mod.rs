@@ -1,10 +1,19 @@
 //! Files on disk (docs/DESIGN.md, "Files on disk"): QA datasets, corpora and step-wise records, all
-//! JSONL. Readers name the file and the 1-based line of anything malformed; with
-//! [`ReadOptions::skip_bad`] they skip such lines and count them instead.
+//! JSONL, plain or compressed (`.gz`, `.zst`: [`compress`]). QA files are also read in the
+//! formats users have them ([`QaFormat`]: HotpotQA, 2WikiMultiHopQA, MuSiQue, FlashRAG, IRCoT),
+//! told apart by content. Readers name the file and the 1-based line (or the record's index in
+//! a JSON array) of anything malformed, and the field where they can; with
+//! [`ReadOptions::skip_bad`] they skip such records and count them instead.
+
+pub mod compress;
+mod formats;
+mod qa;
+
+pub use formats::{join_sentences, QaFormat};
+pub use qa::{read_qa, read_qa_file, QaFile};
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -179,14 +188,42 @@ pub struct Loaded<T> {
     pub skipped: Vec<(usize, String)>,
 }
 
-/// Reads a JSONL file of `T`. Blank lines are ignored. A malformed line is an
-/// [`Error::BadLine`] naming the file and its 1-based line (serde's message names the field),
-/// unless `opts.skip_bad`.
+/// Where a record sits in a data file: its 1-based line (JSONL) or its 0-based index in a JSON
+/// array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordAt {
+    /// 1-based line of a JSONL file.
+    Line(usize),
+    /// 0-based index in a file holding one JSON array.
+    Index(usize),
+}
+
+impl RecordAt {
+    /// The line or the index.
+    pub fn number(self) -> usize {
+        match self {
+            RecordAt::Line(n) | RecordAt::Index(n) => n,
+        }
+    }
+}
+
+impl std::fmt::Display for RecordAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordAt::Line(n) => write!(f, "line {n}"),
+            RecordAt::Index(i) => write!(f, "record {i} (0-based)"),
+        }
+    }
+}
+
+/// Reads a JSONL file of `T`, plain or compressed ([`compress::open`]). Blank lines are ignored.
+/// A malformed line is an [`Error::BadLine`] naming the file and its 1-based line (serde's
+/// message names the field), unless `opts.skip_bad`.
 pub fn read_jsonl<T: DeserializeOwned>(path: &Path, opts: ReadOptions) -> Result<Loaded<T>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let input = compress::open(path)?;
     let mut rows = Vec::new();
     let mut skipped = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
+    for (i, line) in input.lines().enumerate() {
         let line = line.map_err(|e| Error::io(path, e))?;
         if line.trim().is_empty() {
             continue;
@@ -204,29 +241,6 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path, opts: ReadOptions) -> Result
         }
     }
     Ok(Loaded { rows, skipped })
-}
-
-/// Reads a QA dataset file and checks what the loop relies on (a non-empty question, unique
-/// ids).
-pub fn read_qa(path: &Path, opts: ReadOptions) -> Result<Loaded<QaExample>> {
-    let loaded: Loaded<QaExample> = read_jsonl(path, opts)?;
-    let mut ids = HashSet::new();
-    for q in &loaded.rows {
-        if q.question.trim().is_empty() {
-            return Err(Error::EmptyField {
-                path: path.to_path_buf(),
-                id: q.id.clone(),
-                field: "question",
-            });
-        }
-        if !ids.insert(q.id.as_str()) {
-            return Err(Error::DuplicateId {
-                path: path.to_path_buf(),
-                id: q.id.clone(),
-            });
-        }
-    }
-    Ok(loaded)
 }
 
 /// Reads a corpus file (`{"id","title","text"}` per line); ids must be unique.
