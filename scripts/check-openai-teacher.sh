@@ -17,7 +17,7 @@ CONCURRENCY="${CONCURRENCY:-2}"
 REQ="${LLAMA_CPP_PYTHON:-llama-cpp-python[server]==0.3.36}"
 VENV="$ROOT/.cache/llama-venv"
 WORK="$ROOT/.cache/openai-check"
-DATA="$ROOT/../shared/data/hotpotqa_dev500.jsonl"
+DATA="$ROOT/data/hotpotqa_dev500.jsonl.gz"
 
 if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
   python3 -m venv "$VENV"
@@ -34,7 +34,7 @@ cargo build --quiet -p steper-train --bin steper-train >&2
 cargo build --quiet -p steper-runtime --bin steper-run >&2
 rm -rf "$WORK"
 mkdir -p "$WORK"
-head -n "$N" "$DATA" > "$WORK/questions.jsonl"
+zcat "$DATA" | sed -n "1,${N}p" > "$WORK/questions.jsonl"
 target/debug/steper-run index --from-qa "$DATA" --out "$WORK/index" >&2
 
 "$VENV/bin/python" -m llama_cpp.server --model "$GGUF" --model_alias smollm2-135m-instruct \

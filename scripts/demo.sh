@@ -25,7 +25,7 @@ SEED="${DEMO_SEED:-0}"
 SIGMA_LR="${DEMO_SIGMA_LR:-1e-2}"
 FIT_ARGS="${DEMO_FIT_ARGS---freeze-embeddings --top-layers 2 --prefix-cache $OUT/prefix-cache --prefix-cache-dtype f16 --warmup 5}"
 EXPORT_ARGS="${DEMO_EXPORT_ARGS:-}"
-DATA="$ROOT/../shared/data"
+DATA="$ROOT/data"
 mkdir -p "$OUT"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
 cargo build --release -p steper-train -p steper-export -p steper-runtime
@@ -40,10 +40,10 @@ if [[ ! -f "$OUT/smollm2/config.json" ]]; then
 fi
 
 echo "== 2. gold-teacher records from $TRAIN_Q questions of hotpotqa_trainpool1192 ($(since))"
-head -n "$TRAIN_Q" "$DATA/hotpotqa_trainpool1192.jsonl" > "$OUT/train.jsonl"
+zcat "$DATA/hotpotqa_trainpool1192.jsonl.gz" | sed -n "1,${TRAIN_Q}p" > "$OUT/train.jsonl"
 rm -rf "$OUT/index-train" "$OUT/index-dev" "$OUT/distill"
 "$BIN/steper-run" index --from-qa "$OUT/train.jsonl" --out "$OUT/index-train"
-"$BIN/steper-run" index --from-qa "$DATA/hotpotqa_dev500.jsonl" --out "$OUT/index-dev"
+"$BIN/steper-run" index --from-qa "$DATA/hotpotqa_dev500.jsonl.gz" --out "$OUT/index-dev"
 "$BIN/steper-train" distill --teacher gold --data "$OUT/train.jsonl" --index "$OUT/index-train" \
   --out "$OUT/distill" --fit-student "$OUT/smollm2"
 
@@ -60,9 +60,9 @@ rm -rf "$OUT/base-onnx" "$OUT/student-onnx"
 "$BIN/steper-export" --checkpoint "$OUT/student" --out "$OUT/student-onnx" $EXPORT_ARGS
 for m in base student; do
   "$BIN/steper-run" eval --model "$OUT/$m-onnx" --index "$OUT/index-dev" \
-    --data "$DATA/hotpotqa_dev500.jsonl" --limit "$EVAL_N" --batch 4 --out "$OUT/eval-$m.jsonl"
+    --data "$DATA/hotpotqa_dev500.jsonl.gz" --limit "$EVAL_N" --batch 4 --out "$OUT/eval-$m.jsonl"
 done
-Q="$(head -n1 "$DATA/hotpotqa_dev500.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["question"])')"
+Q="$(python3 -c 'import gzip,json,sys; print(json.loads(gzip.open(sys.argv[1], "rt").readline())["question"])' "$DATA/hotpotqa_dev500.jsonl.gz")"
 "$BIN/steper-run" ask --model "$OUT/student-onnx" --index "$OUT/index-dev" "$Q"
 
 python3 - "$OUT" "$(( $(date +%s) - T0 ))" <<'PY'

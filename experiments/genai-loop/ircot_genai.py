@@ -12,6 +12,7 @@ generator has no cross-step prefix reuse through its Python API), as a user's sc
 usage: ircot_genai.py MODEL_DIR QA.jsonl LIMIT OUT.json [--steps 5] [--top-k 4]
 """
 import argparse
+import gzip
 import json
 import math
 import re
@@ -107,7 +108,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=4)
     a = ap.parse_args()
-    qs = [json.loads(l) for l in open(a.data) if l.strip()]
+    opener = gzip.open if a.data.endswith(".gz") else open
+    qs = [json.loads(l) for l in opener(a.data, "rt") if l.strip()]
     seen, docs = set(), []
     for q in qs:
         for p in q["paragraphs"]:

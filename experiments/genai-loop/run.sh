@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 MODEL="$(cd "$1" && pwd)"
 LIMIT="${2:-20}"
-QA="${3:-$ROOT/../shared/data/hotpotqa_dev500.jsonl}"
+QA="${3:-$ROOT/data/hotpotqa_dev500.jsonl.gz}"
 OUT="${OUT:-$ROOT/out/genai-loop}"
 BIN="${BIN_DIR:-$ROOT/target/release}"
 EVAL_ARGS="${EVAL_ARGS:-}"
@@ -22,7 +22,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check onnxruntime-genai >&2
 fi
-NAME="$(basename "$QA" .jsonl)"
+NAME="$(basename "$QA")"
+NAME="${NAME%.gz}"
+NAME="${NAME%.jsonl}"
 if [[ ! -f "$OUT/index-$NAME.done" ]]; then
   rm -rf "$OUT/index-$NAME"
   "$BIN/steper-run" index --from-qa "$QA" --out "$OUT/index-$NAME" >/dev/null

@@ -25,7 +25,7 @@ INDEX="${INDEX:-$ROOT/out/real-student/index/hotpotqa_dev500}"
 N="${N:-100}"
 BATCH="${BATCH:-4}"
 THREADS="${THREADS:-2}"
-DATA="$ROOT/../shared/data"
+DATA="$ROOT/data"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
 if [[ -n "${BIN_DIR:-}" ]]; then
   BIN="$BIN_DIR"
@@ -87,7 +87,7 @@ evaluate() {  # evaluate NAME MODEL BATCH
   [[ -f "$res.summary.json" ]] && return 0
   mkdir -p "$OUT/eval"
   log "eval $1"
-  "$BIN/steper-run" eval --model "$2" --index "$INDEX" --data "$DATA/hotpotqa_dev500.jsonl" \
+  "$BIN/steper-run" eval --model "$2" --index "$INDEX" --data "$DATA/hotpotqa_dev500.jsonl.gz" \
     --limit "$N" --batch "$3" --threads "$THREADS" --out "$res" > /dev/null
 }
 evaluate "fp32-batch$BATCH" "$OUT/student-fp32" "$BATCH"

@@ -55,7 +55,7 @@ EVAL_FRACTION="${EVAL_FRACTION:-0.01}"
 DEMOS="${DEMOS:-2}"
 FEWSHOT="${FEWSHOT:-1}"
 BASE_EVAL="${BASE_EVAL:-1}"
-DATA="$ROOT/../shared/data"
+DATA="$ROOT/data"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
 GGUF="$(bash scripts/fetch-smollm2.sh)"
 if [[ -n "${BIN_DIR:-}" ]]; then
@@ -95,7 +95,7 @@ index_of() {  # index_of NAME → $OUT/index/NAME
   local dir="$OUT/index/$1"
   if [[ ! -f "$dir.done" ]]; then
     rm -rf "$dir"
-    "$BIN/steper-run" index --from-qa "$DATA/$1.jsonl" --out "$dir" >/dev/null
+    "$BIN/steper-run" index --from-qa "$DATA/$1.jsonl.gz" --out "$dir" >/dev/null
     touch "$dir.done"
   fi
 }
@@ -108,7 +108,7 @@ for f in $TRAIN_FILES; do
   d="$OUT/distill/$f"
   if [[ ! -f "$d/summary.json" ]]; then
     log "gold teacher on $f"
-    timed "distill $f" "$BIN/steper-train" distill --teacher gold --data "$DATA/$f.jsonl" \
+    timed "distill $f" "$BIN/steper-train" distill --teacher gold --data "$DATA/$f.jsonl.gz" \
       --index "$OUT/index/$f" --out "$d" --vanilla --fit-student "$OUT/base" >/dev/null
   fi
 done
@@ -186,7 +186,7 @@ evaluate() {  # evaluate CONFIG MODEL_DIR [extra eval flags for DEV FILE: --demo
     fi
     log "eval $config on $f (${lim:-all})"
     timed "eval $config/$f" "$BIN/steper-run" eval --model "$model" --index "$OUT/index/$f" \
-      --data "$DATA/$f.jsonl" "${limit[@]}" "${extra[@]}" --out "$res" "${args[@]}" >/dev/null
+      --data "$DATA/$f.jsonl.gz" "${limit[@]}" "${extra[@]}" --out "$res" "${args[@]}" >/dev/null
   done
 }
 [[ "$BASE_EVAL" == 1 ]] && evaluate base "$OUT/base-onnx"

@@ -3,7 +3,7 @@
 # data (the same questions), the same optimizer steps, three losses, several seeds.
 #
 #   part 1: the synthetic world (seed WORLD_SEED), the whole held-out test split, 2/3/4-hop broken out;
-#   part 2 (SHARED=1, default): ../shared/data — gold-teacher records from hotpotqa_train100 +
+#   part 2 (SHARED=1, default): the repository's data/ — gold-teacher records from hotpotqa_train100 +
 #          musique_train100, evaluation on the first EVAL_LIMIT questions of hotpotqa_dev500 and
 #          musique_dev200 (none of them used for training).
 #
@@ -26,7 +26,7 @@ WORLD_SEED="${WORLD_SEED:-0}"
 LR="${LR:-2e-3}"
 # student shape (init-student flags); empty = init-student's defaults (the demo student)
 STUDENT_ARGS="${STUDENT_ARGS:-}"
-DATA="$ROOT/../shared/data"
+DATA="$ROOT/data"
 MODES="steper uniform vanilla"
 PARTS="${PARTS:-synth shared}"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
@@ -77,7 +77,7 @@ run_part() {
         touch "$run/done"
       fi
       for evalset in "$@"; do
-        local name; name="$(basename "$evalset" .jsonl)"
+        local name; name="$(basename "$evalset")"; name="${name%.gz}"; name="${name%.jsonl}"
         if [[ ! -f "$run/eval-$name.jsonl.summary.json" ]]; then
           local limit=()
           [[ "$part" == shared && "$EVAL_LIMIT" -gt 0 ]] && limit=(--limit "$EVAL_LIMIT")
@@ -97,20 +97,20 @@ if [[ " $PARTS " == *" synth "* ]]; then
   run_part synth "$STEPS" "$W/train.jsonl" "$W/corpus.jsonl" "$W/test.jsonl"
 fi
 
-if [[ " $PARTS " == *" shared "* && "$SHARED" == 1 && -f "$DATA/hotpotqa_train100.jsonl" ]]; then
+if [[ " $PARTS " == *" shared "* && "$SHARED" == 1 && -f "$DATA/hotpotqa_train100.jsonl.gz" ]]; then
   SD="$OUT/shared/data"
   mkdir -p "$SD"
-  cat "$DATA/hotpotqa_train100.jsonl" "$DATA/musique_train100.jsonl" > "$SD/train.jsonl"
+  zcat "$DATA/hotpotqa_train100.jsonl.gz" "$DATA/musique_train100.jsonl.gz" > "$SD/train.jsonl"
   if [[ ! -f "$SD/corpus.jsonl" ]]; then
     # one corpus from every file's paragraphs (training and evaluation questions alike, as a
     # retrieval corpus must hold the evaluation questions' evidence), deduplicated by title + text
     python3 - "$DATA" "$SD/corpus.jsonl" <<'PY'
-import json, sys, os
+import gzip, json, sys, os
 data, out = sys.argv[1], sys.argv[2]
 seen, n = set(), 0
 with open(out + ".tmp", "w") as f:
     for name in ["hotpotqa_train100", "musique_train100", "hotpotqa_dev500", "musique_dev200"]:
-        for line in open(f"{data}/{name}.jsonl"):
+        for line in gzip.open(f"{data}/{name}.jsonl.gz", "rt"):
             q = json.loads(line)
             for p in q["paragraphs"]:
                 key = (p["title"], p["text"])
@@ -123,7 +123,7 @@ os.replace(out + ".tmp", out)
 PY
   fi
   run_part shared "$SHARED_STEPS" "$SD/train.jsonl" "$SD/corpus.jsonl" \
-    "$DATA/hotpotqa_dev500.jsonl" "$DATA/musique_dev200.jsonl"
+    "$DATA/hotpotqa_dev500.jsonl.gz" "$DATA/musique_dev200.jsonl.gz"
 fi
 
 SECS=$(( $(date +%s) - T0 ))

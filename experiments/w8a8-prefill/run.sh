@@ -67,7 +67,7 @@ done
 echo "## next-token agreement with fp32 (8 HotpotQA prompts, 64 tokens)"
 for c in int8 w8a8-all w8a8-nodown; do
   "$BIN/examples/quant_agreement" --reference "$OUT/fp32" --candidate "$OUT/$c" \
-    --data "$ROOT/../shared/data/hotpotqa_dev500.jsonl" --prompts 8 --new-tokens 64 \
+    --data "$ROOT/data/hotpotqa_dev500.jsonl.gz" --prompts 8 --new-tokens 64 \
     --threads "$THREADS" 2>/dev/null > "$OUT/agree.$c.json"
   python3 - "$OUT/agree.$c.json" "$c" <<'PY'
 import json, sys

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --release -p steper-export --example quant_agreement -- \
 //!     --reference fp32-export --candidate int4-export \
-//!     --data ../shared/data/hotpotqa_dev500.jsonl --prompts 8 --new-tokens 256 --threads 2
+//!     --data data/hotpotqa_dev500.jsonl.gz --prompts 8 --new-tokens 256 --threads 2
 //! ```
 //!
 //! Prompt i renders question i of the file with its first `--passages` paragraphs through the

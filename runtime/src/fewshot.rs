@@ -178,10 +178,11 @@ mod tests {
         Ok(())
     }
 
-    /// The real IRCoT files in ../shared/data hold 29 / 20 / 20 demonstrations.
+    /// The real IRCoT files in the repository's data/ircot_prompts hold 29 / 20 / 20
+    /// demonstrations.
     #[test]
     fn real_ircot_files_parse() -> Result<()> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/ircot_prompts");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/ircot_prompts");
         for (name, n) in [("hotpotqa", 29), ("musique", 20), ("2wikimultihopqa", 20)] {
             let d = load_ircot(&dir.join(format!("{name}.txt")), None)?;
             assert_eq!(d.len(), n, "{name}");

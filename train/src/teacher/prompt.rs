@@ -254,7 +254,7 @@ mod tests {
     #[test]
     fn ircot_spec_takes_the_first_n_demonstrations() {
         let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/data/ircot_prompts/musique.txt");
+            .join("../data/ircot_prompts/musique.txt");
         let two = TeacherPrompt::from_spec(&format!("ircot:{}:2", file.display()))
             .unwrap()
             .unwrap();

@@ -162,7 +162,7 @@ pub struct EngineArgs {
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Few-shot demonstrations put before every step prompt: an IRCoT prompt file
-    /// (`../shared/data/ircot_prompts/hotpotqa.txt`), optionally `:N` for its first N.
+    /// (`data/ircot_prompts/hotpotqa.txt`), optionally `:N` for its first N.
     #[arg(long, value_name = "FILE[:N]")]
     pub demos: Option<String>,
 }
