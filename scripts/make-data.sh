@@ -7,11 +7,11 @@
 # Each QA file is read through the project's own reader (`steper-run data convert --from auto`),
 # which checks every record, and its output is written as data/NAME.jsonl.gz with `gzip -9 -n`
 # (no name, no time stamp: the same input gives the same bytes). The script refuses a result
-# over 15 MB. Set STEPER_RUN to use a built steper-run instead of `cargo run`.
+# over 15 MB. Set STEPER_RUN to use a built steper-run instead of building one (cargo build).
 set -euo pipefail
 
 if [[ $# -ne 1 || "$1" == -h || "$1" == --help ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
   [[ $# -eq 1 ]] && exit 0 || exit 2
 fi
 SRC="$1"
