@@ -1,4 +1,4 @@
-//! Calibration of the tiny real export (`STEPER_TEST_MODEL`, made by scripts/test.sh): the QDQ
+//! Calibration of the tiny real export (`steper-test-support`): the QDQ
 //! model loads and runs on ONNX Runtime CPU, agrees with fp32, validates; the tables read
 //! back; bad input fails cleanly with nothing written. Without the tiny export every test fails
 //! (it never passes without running).
@@ -20,21 +20,6 @@ const GREEDY_AGREEMENT_MIN: f64 = 0.8;
 const TOP1_AGREEMENT_MIN: f64 = 0.8;
 /// Relative tolerance between a flatbuffers amax text and calibration.json's value.
 const AMAX_REL_TOL: f32 = 1e-6;
-
-/// The tiny export and its world, or why they are missing.
-fn tiny() -> std::result::Result<(PathBuf, PathBuf), String> {
-    let dir = std::env::var_os("STEPER_TEST_MODEL")
-        .map(PathBuf::from)
-        .ok_or("STEPER_TEST_MODEL is not set (the tiny export of scripts/test.sh)")?;
-    let world = dir.join("../world");
-    if !world.join("train.jsonl").is_file() {
-        return Err(format!(
-            "no world/train.jsonl beside {} (scripts/test.sh makes one)",
-            dir.display()
-        ));
-    }
-    Ok((dir, world))
-}
 
 /// Step-wise records from the world's QA (gold-style: one passage per step).
 fn records(world: &Path, questions: usize) -> Result<Vec<StepwiseRecord>> {
@@ -315,9 +300,11 @@ fn bad_input_fails_clearly_and_writes_nothing() -> Result<()> {
 /// Largest |smoothed − original| fp32 logit over the largest |original logit|.
 const SMOOTHED_LOGITS_REL: f32 = 1e-4;
 
-/// The tiny export and its world; an error (not a pass) when scripts/test.sh has not made it.
+/// The tiny export and its world (`steper-test-support`); an error (not a pass) when they
+/// cannot be made.
 fn tiny_required() -> Result<(PathBuf, PathBuf)> {
-    tiny().map_err(|why| anyhow::anyhow!("needs the tiny export: {why}"))
+    let t = steper_test_support::tiny()?;
+    Ok((t.export.clone(), t.world.clone()))
 }
 
 fn calibration_json(out: &Path) -> Result<serde_json::Value> {

@@ -15,6 +15,7 @@
 //! `pass`.
 
 use std::path::Path;
+use steper_models::generate::argmax;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -202,16 +203,6 @@ pub struct VerifyReport {
 
 /// Default verification prompt.
 pub const DEFAULT_PROMPT: &str = "Wikipedia Title: Paris\nParis is the capital and largest city of France.\n\nQ: Which country is Paris the capital of?\nA:";
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 fn diff(a: &[f32], r: &[f32]) -> (f32, f32) {
     let mut m = 0f32;

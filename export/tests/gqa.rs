@@ -23,7 +23,7 @@ use tract_onnx::pb::ModelProto;
 /// as a fraction of the step's largest |logit|.
 const GQA_VS_CONCAT_REL: f32 = 1e-4;
 
-/// Decode steps compared (the "64 steps").
+/// Decode steps compared.
 const DECODE_STEPS: usize = 64;
 
 fn ort() -> BackendKind {

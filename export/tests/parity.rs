@@ -7,12 +7,13 @@ use candle_core::{DType, Device};
 use common::*;
 use steper_export::verify::{check_backend, reference, Tolerance};
 use steper_export::ExportDtype;
+use steper_models::generate::argmax;
 use steper_runtime::backend::{
     load_model, BackendKind, BatchDecoder, BatchInput, OrtGenerator, OrtOptions, TractGenerator,
 };
 use steper_runtime::{Generator, LogitsMode, Manifest};
 
-/// fp32 logits of the export vs candle, every step (the bound).
+/// fp32 logits of the export vs candle, every step.
 const FP32_ABS: f32 = 1e-4;
 /// Batch-of-two vs batch-of-one logits on the same backend.
 const BATCH_ABS: f32 = 1e-4;
@@ -77,16 +78,6 @@ fn greedy(g: &dyn Generator, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
         lg = g.append(&mut seq, &[t], LogitsMode::Last)?;
     }
     Ok(out)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {

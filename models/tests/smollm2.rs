@@ -7,41 +7,16 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use steper_models::{generate, Checkpoint, GenerateOptions, Sampling};
 
 /// quantized_llama quantizes activations to Q8 for its Q4_1 matmuls, so it is not bit-exact
-/// with the dequantized f32 model: the bar is next-token argmax agreement on ≥ 95% of
+/// with the dequantized f32 model: the bar is next-token argmax agreement on ≥ 95% of
 /// the positions of a 512-token text.
 const MIN_ARGMAX_AGREEMENT: f64 = 0.95;
 /// Greedy tokens that must match exactly.
 const GREEDY_TOKENS: usize = 16;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn shared_data() -> PathBuf {
-    root().join("../shared/data")
-}
-
-/// The GGUF path: `STEPER_SMOLLM2_GGUF`, or fetched through the project script.
-fn gguf() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("STEPER_SMOLLM2_GGUF") {
-        return Ok(PathBuf::from(p));
-    }
-    let out = std::process::Command::new("bash")
-        .arg(root().join("scripts/fetch-smollm2.sh"))
-        .output()
-        .context("running scripts/fetch-smollm2.sh")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "fetch-smollm2.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
-}
 
 /// Imports once per test binary into a temporary directory kept for the process.
 fn imported() -> Result<&'static (PathBuf, PathBuf)> {
@@ -51,7 +26,7 @@ fn imported() -> Result<&'static (PathBuf, PathBuf)> {
     if let Some(v) = CELL.get() {
         return Ok(v);
     }
-    let g = gguf()?;
+    let g = steper_test_support::smollm2_gguf()?;
     let dir = tempfile::tempdir()?.keep();
     let out = dir.join("smollm2");
     steper_models::gguf::import_gguf(&g, &out)?;
@@ -59,7 +34,7 @@ fn imported() -> Result<&'static (PathBuf, PathBuf)> {
 }
 
 fn hotpot_texts() -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(shared_data().join("hotpotqa_dev500.jsonl"))?;
+    let text = steper_test_support::data_text("hotpotqa_dev500.jsonl.gz")?;
     let mut out = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line)?;
@@ -73,14 +48,13 @@ fn hotpot_texts() -> Result<Vec<String>> {
 }
 
 #[test]
+#[ignore = "slow: the real SmolLM2-135M GGUF (import, 135M-parameter forward passes)"]
 fn rebuilt_tokenizer_matches_the_real_one_on_hotpotqa() -> Result<()> {
     let (_, ckpt) = imported()?;
     let ours = tokenizers::Tokenizer::from_file(ckpt.join("tokenizer.json"))
         .map_err(anyhow::Error::msg)?;
-    let real = tokenizers::Tokenizer::from_file(
-        shared_data().join("smollm2-135m-instruct.tokenizer.json"),
-    )
-    .map_err(anyhow::Error::msg)?;
+    let real = tokenizers::Tokenizer::from_file(steper_test_support::smollm2_tokenizer()?)
+        .map_err(anyhow::Error::msg)?;
     assert_eq!(ours.get_vocab_size(true), real.get_vocab_size(true));
     let texts = hotpot_texts()?;
     assert!(texts.len() > 5000, "{} texts", texts.len());
@@ -118,6 +92,7 @@ fn reference_model(g: &Path) -> Result<candle_transformers::models::quantized_ll
 }
 
 #[test]
+#[ignore = "slow: the real SmolLM2-135M GGUF (import, 135M-parameter forward passes)"]
 fn greedy_continuation_matches_quantized_llama() -> Result<()> {
     let (g, ckpt) = imported()?;
     let ck = Checkpoint::load(ckpt, DType::F32, &Device::Cpu)?;
@@ -159,6 +134,7 @@ fn greedy_continuation_matches_quantized_llama() -> Result<()> {
 }
 
 #[test]
+#[ignore = "slow: the real SmolLM2-135M GGUF (import, 135M-parameter forward passes)"]
 fn next_token_argmax_agrees_on_512_positions() -> Result<()> {
     let (g, ckpt) = imported()?;
     let ck = Checkpoint::load(ckpt, DType::F32, &Device::Cpu)?;

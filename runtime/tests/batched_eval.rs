@@ -1,20 +1,17 @@
-//! Batched evaluation on the tiny export of `STEPER_TEST_MODEL` (scripts/test.sh makes it, with
-//! its world beside it in `../world`): `evaluate_batched` with batch 3 gives the same answers and
-//! the same trace sentences as the one-question-at-a-time `evaluate`, on ONNX Runtime and tract;
+//! Batched evaluation on the tiny export of `steper-test-support` (with its world and index):
+//! `evaluate_batched` with batch 3 gives the same answers and the same trace sentences as the
+//! one-question-at-a-time `evaluate`, on ONNX Runtime and tract;
 //! and the batched decode step itself (rows of different lengths, left padding, rows placed,
 //! padded and trimmed) gives the tokens and logits of each sequence decoded alone. Without the
 //! fixture the tests fail and say so.
 
-use std::path::{Path, PathBuf};
-
 use anyhow::{Context, Result};
 use steper_runtime::backend::{BatchCache, BatchInput};
-use steper_runtime::data::{read_corpus, read_qa, ReadOptions};
 use steper_runtime::eval::{evaluate, evaluate_batched, evaluate_parallel, EvalOptions};
-use steper_runtime::retrieval::{build_index, IndexOptions};
 use steper_runtime::{load_model, BackendKind, Engine, Error, Generator, LogitsMode, OrtOptions};
+use steper_test_support::argmax;
 
-/// Questions compared (the issue asks for at least 8).
+/// Questions compared (at least 8).
 const QUESTIONS: usize = 12;
 /// Questions in flight in the batched run.
 const BATCH: usize = 3;
@@ -24,62 +21,25 @@ const LOGIT_TOLERANCE: f32 = 1e-3;
 /// Decode steps of the direct batched-step check.
 const DECODE_STEPS: usize = 16;
 
-fn model_dir() -> Result<PathBuf> {
-    let dir = std::env::var_os("STEPER_TEST_MODEL").map(PathBuf::from).context(
-        "STEPER_TEST_MODEL is not set: these tests need an export directory (scripts/test.sh makes a tiny one)",
-    )?;
-    anyhow::ensure!(
-        dir.join("steper.json").is_file(),
-        "STEPER_TEST_MODEL={} holds no steper.json",
-        dir.display()
-    );
-    Ok(dir)
-}
-
-fn world(model: &Path) -> Result<PathBuf> {
-    let w = model
-        .parent()
-        .map(|p| p.join("world"))
-        .filter(|w| {
-            ["corpus.jsonl", "dev.jsonl", "test.jsonl"]
-                .iter()
-                .all(|f| w.join(f).is_file())
-        })
-        .with_context(|| {
-            format!(
-                "no world/{{corpus,dev,test}}.jsonl beside {} (scripts/test.sh makes them)",
-                model.display()
-            )
-        })?;
-    Ok(w)
-}
-
-/// The tiny export on `backend` over an index of its world (in `dir`), and the world's dev + test
-/// questions (8 + 9 in scripts/test.sh's).
-fn engine_on_world(
-    backend: BackendKind,
-    dir: &Path,
-) -> Result<(Engine, Vec<steper_runtime::data::QaExample>)> {
-    let model = model_dir()?;
-    let world = world(&model)?;
-    let corpus = world.join("corpus.jsonl");
-    let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
-    let index = dir.join("index");
-    build_index(&docs, &index, &corpus, IndexOptions::default())?;
-    let mut qa = read_qa(&world.join("dev.jsonl"), ReadOptions::default())?.rows;
-    qa.extend(read_qa(&world.join("test.jsonl"), ReadOptions::default())?.rows);
+/// The tiny export on `backend` over the index of its world, and the world's dev + test
+/// questions.
+fn engine_on_world(backend: BackendKind) -> Result<(Engine, Vec<steper_runtime::data::QaExample>)> {
+    let tiny = steper_test_support::tiny()?;
+    let (model, index) = (&tiny.export, &tiny.index);
+    let mut qa = tiny.questions("dev")?;
+    qa.extend(tiny.questions("test")?);
     anyhow::ensure!(qa.len() >= QUESTIONS, "too few dev + test questions");
     let engine = Engine::builder()
-        .model_dir(&model)
+        .model_dir(model)
         .backend(backend)
-        .index(&index)
+        .index(index)
         .build()?;
     Ok((engine, qa))
 }
 
 fn compare_batched_with_sequential(backend: BackendKind) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (engine, qa) = engine_on_world(backend, dir.path())?;
+    let (engine, qa) = engine_on_world(backend)?;
     let options = engine.default_options();
     let opts = EvalOptions {
         limit: Some(QUESTIONS),
@@ -146,7 +106,7 @@ const WORKERS: usize = 2;
 fn ort_parallel_eval_answers_like_one_worker() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let backend = BackendKind::Ort(OrtOptions::default().with_intra_threads(1));
-    let (engine, qa) = engine_on_world(backend.with_concurrency(WORKERS), dir.path())?;
+    let (engine, qa) = engine_on_world(backend.with_concurrency(WORKERS))?;
     let options = engine.default_options();
     let opts = EvalOptions {
         limit: Some(QUESTIONS),
@@ -184,16 +144,6 @@ fn ort_parallel_eval_answers_like_one_worker() -> Result<()> {
     Ok(())
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn prompt(len: usize, seed: u64, vocab: usize) -> Vec<u32> {
     let mut x = seed;
     (0..len)
@@ -210,7 +160,7 @@ fn prompt(len: usize, seed: u64, vocab: usize) -> Vec<u32> {
 /// (grown with `pad_front` first, one row placed again after some steps, trimmed with
 /// `trim_front`), decoded together: every row follows its sequence decoded alone.
 fn batched_step_matches_single(backend: BackendKind) -> Result<()> {
-    let m = load_model(&model_dir()?, &backend)?;
+    let m = load_model(&steper_test_support::tiny_export()?, &backend)?;
     let g: &dyn Generator = m.generator.as_ref();
     let dec = g
         .batch_decoder()
@@ -323,8 +273,7 @@ fn tract_batched_step_matches_each_sequence_alone() -> Result<()> {
 
 #[test]
 fn batch_zero_is_an_error_naming_the_option() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (engine, qa) = engine_on_world(BackendKind::Tract, dir.path())?;
+    let (engine, qa) = engine_on_world(BackendKind::Tract)?;
     let res = evaluate_batched(
         &engine,
         &qa,

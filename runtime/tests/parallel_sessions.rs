@@ -1,13 +1,13 @@
 //! Parallel model calls on one loaded model: N threads decoding at once (ONNX Runtime with a pool
 //! of N sessions, tract with its one plan) produce exactly the tokens one thread produces, and a
 //! bad session count is an error naming the option. Runs on the tiny export of
-//! `STEPER_TEST_MODEL` (scripts/test.sh makes it); without it the tests fail and say so.
+//! `steper-test-support`.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use steper_runtime::{load_model, BackendKind, Error, Generator, LogitsMode, OrtOptions};
+use steper_test_support::argmax;
 
 /// Threads decoding at once (and ONNX Runtime sessions).
 const THREADS: usize = 3;
@@ -15,18 +15,6 @@ const THREADS: usize = 3;
 const PROMPTS: usize = 6;
 /// Greedy tokens per prompt.
 const NEW_TOKENS: usize = 24;
-
-fn model_dir() -> Result<PathBuf> {
-    let dir = std::env::var_os("STEPER_TEST_MODEL").map(PathBuf::from).context(
-        "STEPER_TEST_MODEL is not set: these tests need an export directory (scripts/test.sh makes a tiny one)",
-    )?;
-    anyhow::ensure!(
-        dir.join("steper.json").is_file(),
-        "STEPER_TEST_MODEL={} holds no steper.json",
-        dir.display()
-    );
-    Ok(dir)
-}
 
 /// Deterministic prompts of different lengths (token ids below `vocab`).
 fn prompts(vocab: usize) -> Vec<Vec<u32>> {
@@ -45,16 +33,6 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// Greedy decoding of `prompt`: prefill, then one model call per token.
 fn greedy(g: &dyn Generator, prompt: &[u32]) -> Result<Vec<u32>> {
     let mut seq = g.new_sequence()?;
@@ -71,7 +49,7 @@ fn greedy(g: &dyn Generator, prompt: &[u32]) -> Result<Vec<u32>> {
 /// Every prompt decoded on one thread, then all prompts spread over THREADS threads that start
 /// together; the tokens must be the same.
 fn check_concurrent(backend: BackendKind) -> Result<()> {
-    let m = load_model(&model_dir()?, &backend)?;
+    let m = load_model(&steper_test_support::tiny_export()?, &backend)?;
     let g = m.generator;
     let prompts = prompts(g.info().vocab_size);
     let serial = prompts
@@ -138,7 +116,7 @@ fn tract_plan_decodes_like_one_thread_from_many_threads() -> Result<()> {
 #[test]
 fn zero_sessions_is_an_error_naming_the_option() -> Result<()> {
     let res = load_model(
-        &model_dir()?,
+        &steper_test_support::tiny_export()?,
         &BackendKind::Ort(OrtOptions::default().with_sessions(0)),
     );
     match res {

@@ -14,7 +14,7 @@ use steper_runtime::eval::{evaluate, EvalOptions, EvalRecord};
 use steper_runtime::retrieval::{build_index, Bm25Index, IndexOptions};
 use steper_runtime::{Engine, Error, Generator, GeneratorInfo, Logits, LogitsMode, Sequence};
 
-/// The bar: prefilled tokens with reuse ≤ 0.6 × without.
+/// The bar: prefilled tokens with reuse ≤ 0.6 × without.
 const MAX_PREFILL_RATIO: f64 = 0.6;
 /// Questions of the reuse comparison.
 const QUESTIONS: usize = 20;
@@ -126,15 +126,14 @@ struct Fixture {
     tokenizer: tokenizers::Tokenizer,
 }
 
-fn fixture(data: &Path) -> Result<Fixture> {
-    let path = data.join("hotpotqa_dev500.jsonl");
+fn fixture() -> Result<Fixture> {
+    let path = common::data_file("hotpotqa_dev500.jsonl.gz")?;
     let qa = read_qa(&path, ReadOptions::default())?.rows;
     let dir = tempfile::tempdir()?;
     let index = dir.path().join("index");
     build_index(&corpus_from_qa(&qa), &index, &path, IndexOptions::default())?;
-    let tokenizer =
-        tokenizers::Tokenizer::from_file(data.join("smollm2-135m-instruct.tokenizer.json"))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tokenizer = tokenizers::Tokenizer::from_file(steper_test_support::smollm2_tokenizer()?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Fixture {
         _dir: dir,
         index,
@@ -192,8 +191,7 @@ fn compare_reuse(engine: &Engine, qa: &[steper_runtime::data::QaExample]) -> Res
 
 #[test]
 fn kv_reuse_gives_identical_answers_and_saves_prefill_on_20_questions() -> Result<()> {
-    let data = common::data_dir()?;
-    let f = fixture(&data)?;
+    let f = fixture()?;
     let engine = fake_engine(&f, 2048)?;
     compare_reuse(&engine, &f.qa)?;
     // Several threads share one engine.
@@ -216,8 +214,7 @@ fn kv_reuse_gives_identical_answers_and_saves_prefill_on_20_questions() -> Resul
 
 #[test]
 fn a_question_longer_than_the_context_is_a_clear_error() -> Result<()> {
-    let data = common::data_dir()?;
-    let f = fixture(&data)?;
+    let f = fixture()?;
     let engine = fake_engine(&f, 192)?;
     let long = format!("{} Who?", f.qa[0].question.repeat(12));
     match engine.reason(&long, &engine.default_options()) {
@@ -233,8 +230,8 @@ fn a_question_longer_than_the_context_is_a_clear_error() -> Result<()> {
 
 #[test]
 fn kv_reuse_with_a_real_exported_model() -> Result<()> {
-    let (data, model) = (common::data_dir()?, common::test_model()?);
-    let f = fixture(&data)?;
+    let model = common::test_model()?;
+    let f = fixture()?;
     for backend in [
         steper_runtime::BackendKind::Ort(steper_runtime::OrtOptions::default()),
         steper_runtime::BackendKind::Tract,
@@ -254,8 +251,8 @@ fn kv_reuse_with_a_real_exported_model() -> Result<()> {
 
 #[test]
 fn eval_cli_on_a_real_exported_model_writes_well_formed_records() -> Result<()> {
-    let (data, model) = (common::data_dir()?, common::test_model()?);
-    let f = fixture(&data)?;
+    let model = common::test_model()?;
+    let f = fixture()?;
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("results.jsonl");
     let o = Command::new(env!("CARGO_BIN_EXE_steper-run"))
@@ -264,7 +261,7 @@ fn eval_cli_on_a_real_exported_model_writes_well_formed_records() -> Result<()> 
         .arg("--index")
         .arg(&f.index)
         .arg("--data")
-        .arg(data.join("hotpotqa_dev500.jsonl"))
+        .arg(common::data_file("hotpotqa_dev500.jsonl.gz")?)
         .args(["--limit", "20", "--json", "--out"])
         .arg(&out)
         .output()?;

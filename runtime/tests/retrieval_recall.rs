@@ -1,4 +1,4 @@
-//! BM25 recall of gold titles over the HotpotQA dev500 paragraph pool (the issue's bar:
+//! BM25 recall of gold titles over the HotpotQA dev500 paragraph pool (the bar:
 //! recall@10 ≥ 0.85, recall@2 ≥ 0.50; a plain BM25 reaches .89 / .56).
 
 mod common;
@@ -9,14 +9,13 @@ use anyhow::Result;
 use steper_runtime::data::{corpus_from_qa, read_qa, ReadOptions};
 use steper_runtime::retrieval::{build_index, recall_at_k, Bm25Index, IndexOptions};
 
-/// Floors from the issue.
+/// Floors of the bar.
 const MIN_RECALL_AT_10: f64 = 0.85;
 const MIN_RECALL_AT_2: f64 = 0.50;
 
 #[test]
 fn hotpotqa_pool_recall_meets_the_bar() -> Result<()> {
-    let data = common::data_dir()?;
-    let path = data.join("hotpotqa_dev500.jsonl");
+    let path = common::data_file("hotpotqa_dev500.jsonl.gz")?;
     let qa = read_qa(&path, ReadOptions::default())?;
     assert_eq!(qa.rows.len(), 500);
     let docs = corpus_from_qa(&qa.rows);

@@ -1,5 +1,5 @@
-//! The HTTP service end to end on a loopback port with the tiny exported model
-//! (`STEPER_TEST_MODEL`) and an index the test builds from its world (`../world/corpus.jsonl`):
+//! The HTTP service end to end on a loopback port with the tiny exported model and the index of
+//! its world (`steper-test-support`):
 //! round trips checked against the engine called directly, streaming order, the 400/404/413/503/504
 //! paths, health before and after loading, metrics, graceful shutdown, a bounded load run and a
 //! bad-input barrage after which the server still answers correctly.
@@ -15,8 +15,6 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use steper_loadgen::client::{send_raw_once, Client, Response};
 use steper_loadgen::load::{run_load, LoadEndpoint, LoadOptions};
-use steper_runtime::data::{read_corpus, read_qa, ReadOptions};
-use steper_runtime::retrieval::{build_index, IndexOptions};
 use steper_runtime::serve::{
     complete, sample, CompletionRequest, Endpoint, ErrorKind, ServeConfig, Server, ServerHandle,
 };
@@ -32,42 +30,25 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL_LIMIT: Duration = Duration::from_secs(60);
 
 struct Fixture {
-    _dir: tempfile::TempDir,
     model: PathBuf,
     index: PathBuf,
     questions: Vec<String>,
 }
 
-/// The tiny export of `STEPER_TEST_MODEL` and an index of its world; missing either is an
-/// error (scripts/test.sh makes both).
+/// The tiny export of `steper-test-support`, the index of its world and 20 of its dev
+/// questions.
 fn fixture() -> Result<Fixture> {
-    let model = common::test_model()?;
-    let world = model
-        .parent()
-        .map(|p| p.join("world"))
-        .filter(|w| w.join("corpus.jsonl").is_file())
-        .with_context(|| {
-            format!(
-                "no world/corpus.jsonl beside {} (scripts/test.sh makes one)",
-                model.display()
-            )
-        })?;
-    let corpus = world.join("corpus.jsonl");
-    let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
-    let dir = tempfile::tempdir()?;
-    let index = dir.path().join("index");
-    build_index(&docs, &index, &corpus, IndexOptions::default())?;
-    let questions: Vec<String> = read_qa(&world.join("dev.jsonl"), ReadOptions::default())?
-        .rows
+    let tiny = steper_test_support::tiny()?;
+    let questions: Vec<String> = tiny
+        .questions("dev")?
         .into_iter()
         .map(|q| q.question)
         .take(20)
         .collect();
     anyhow::ensure!(questions.len() >= 4, "too few dev questions");
     Ok(Fixture {
-        _dir: dir,
-        model,
-        index,
+        model: tiny.export.clone(),
+        index: tiny.index.clone(),
         questions,
     })
 }

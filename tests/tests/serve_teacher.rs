@@ -1,18 +1,16 @@
 //! The two halves of the toolchain talking to each other: `steper-run serve`'s OpenAI-compatible
-//! `/v1/completions`, started in-process on the tiny export (`STEPER_TEST_MODEL`), is the teacher
+//! `/v1/completions`, started in-process on the tiny export (`steper-test-support`), is the teacher
 //! of `steper-train distill --teacher openai:URL` on a few questions of the export's world. The
 //! tiny student is no good teacher (its pass rate may be 0); the test checks that every question
 //! gets a trace through HTTP and that the records match the traces, and that a resumed run
 //! equals an uninterrupted one.
-//!
-//! Without STEPER_TEST_MODEL (scripts/test.sh builds it) the test fails and says why.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use steper_runtime::data::{read_corpus, read_qa, ReadOptions, StepwiseRecord};
-use steper_runtime::retrieval::{build_index, Bm25Index, IndexOptions};
+use steper_runtime::data::StepwiseRecord;
+use steper_runtime::retrieval::Bm25Index;
 use steper_runtime::serve::{ServeConfig, Server};
 use steper_runtime::LoopOptions;
 use steper_runtime::{BackendKind, Engine, OrtOptions};
@@ -25,19 +23,6 @@ const QUESTIONS: usize = 6;
 /// differ slightly from the teacher's count (special tokens).
 const CONTEXT_MARGIN: usize = 16;
 
-/// The tiny export of `STEPER_TEST_MODEL` (scripts/test.sh makes it); missing is an error.
-fn export() -> Result<PathBuf> {
-    let p = std::env::var_os("STEPER_TEST_MODEL")
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow::anyhow!("STEPER_TEST_MODEL is not set (scripts/test.sh sets it)"))?;
-    anyhow::ensure!(
-        p.join("steper.json").is_file(),
-        "STEPER_TEST_MODEL={} holds no steper.json",
-        p.display()
-    );
-    Ok(p)
-}
-
 fn lines(path: &Path) -> Result<Vec<serde_json::Value>> {
     std::fs::read_to_string(path)?
         .lines()
@@ -47,19 +32,12 @@ fn lines(path: &Path) -> Result<Vec<serde_json::Value>> {
 
 #[test]
 fn distill_with_steper_run_serve_as_teacher() -> Result<()> {
-    let model = export()?;
-    let world = model
-        .parent()
-        .map(|p| p.join("world"))
-        .filter(|w| w.join("corpus.jsonl").is_file())
-        .ok_or_else(|| anyhow::anyhow!("no world/corpus.jsonl beside {}", model.display()))?;
+    let tiny = steper_test_support::tiny()?;
+    let model = tiny.export.clone();
+    let index_dir = tiny.index.clone();
     let tmp = tempfile::tempdir()?;
-    let corpus = world.join("corpus.jsonl");
-    let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
-    let index_dir = tmp.path().join("index");
-    build_index(&docs, &index_dir, &corpus, IndexOptions::default())?;
-    let qs: Vec<_> = read_qa(&world.join("train.jsonl"), ReadOptions::default())?
-        .rows
+    let qs: Vec<_> = tiny
+        .questions("train")?
         .into_iter()
         .take(QUESTIONS)
         .collect();

@@ -68,6 +68,28 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
     Ok(tok)
 }
 
+/// The texts a from-scratch tokenizer is trained on: every passage of `corpus` as the prompt
+/// shows it (`Wikipedia Title: …` then the text), then every question of the `qa` files with
+/// its answer in the step format.
+pub fn corpus_texts(corpus: &Path, qa: &[std::path::PathBuf]) -> Result<Vec<String>> {
+    use steper_runtime::data::{read_corpus, read_qa, ReadOptions};
+    let mut texts: Vec<String> = read_corpus(corpus, ReadOptions::default())?
+        .rows
+        .into_iter()
+        .map(|d| format!("Wikipedia Title: {}\n{}", d.title, d.text))
+        .collect();
+    for q in qa {
+        for ex in read_qa(q, ReadOptions::default())?.rows {
+            texts.push(format!(
+                "Q: {}\nA: So the answer is: {}.",
+                ex.question,
+                ex.answers.join(", ")
+            ));
+        }
+    }
+    Ok(texts)
+}
+
 /// Writes a new student (config.json, model.safetensors, tokenizer.json) into `out`.
 pub fn init_student(texts: &[String], spec: &StudentSpec, out: &Path) -> Result<LlamaConfig> {
     if texts.is_empty() {

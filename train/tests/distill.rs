@@ -208,8 +208,7 @@ fn answer_filter() {
 
 #[test]
 fn gold_teacher_on_hotpotqa_train100_states_the_gold_answers() -> Result<()> {
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/hotpotqa_train100.jsonl");
+    let data = steper_test_support::data_file("hotpotqa_train100.jsonl.gz")?;
     let qs = read_qa(&data, ReadOptions::default())?.rows;
     let tmp = tempfile::tempdir()?;
     let corpus = corpus_from_qa(&qs);
@@ -262,12 +261,10 @@ const MIN_ANNOTATED_TARGET_SHARE: f64 = 0.75;
 #[test]
 fn gold_teacher_states_the_annotated_sentences_on_real_train_pools() -> Result<()> {
     for (file, n) in [
-        ("hotpotqa_trainpool1192.jsonl", 40),
-        ("2wikimultihopqa_trainpool960.jsonl", 40),
+        ("hotpotqa_trainpool1192.jsonl.gz", 40),
+        ("2wikimultihopqa_trainpool960.jsonl.gz", 40),
     ] {
-        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/data")
-            .join(file);
+        let data = steper_test_support::data_file(file)?;
         let mut qs = read_qa(&data, ReadOptions::default())?.rows;
         qs.truncate(n);
         let tmp = tempfile::tempdir()?;

@@ -1,12 +1,9 @@
 //! The candle teacher with the real SmolLM2-135M-Instruct (imported from the GGUF that
-//! scripts/fetch-smollm2.sh fetches; scripts/test.sh exports STEPER_SMOLLM2_GGUF) distils 20
+//! scripts/fetch-smollm2.sh fetches) distils 20
 //! HotpotQA dev questions end to end. Its pass rate is low (a 135M model); the test checks that
 //! the output is complete and consistent, not that the teacher is good.
-//!
-//! Without STEPER_SMOLLM2_GGUF the test fails and says why (scripts/test.sh fetches the GGUF).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -27,21 +24,16 @@ const MAX_STEPS: usize = 3;
 const MAX_PASSAGES: usize = 6;
 const WORD_CAP: usize = 50;
 
-fn shared_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data")
-}
-
 #[test]
+#[ignore = "slow: the real SmolLM2-135M as the candle teacher on 20 questions"]
 fn smollm2_distils_20_hotpotqa_questions() -> Result<()> {
-    let gguf = std::env::var_os("STEPER_SMOLLM2_GGUF").context(
-        "STEPER_SMOLLM2_GGUF is not set: this test needs the SmolLM2 GGUF (scripts/test.sh fetches it)",
-    )?;
+    let gguf = steper_test_support::smollm2_gguf()?;
     let tmp = tempfile::tempdir()?;
     let ckpt = tmp.path().join("smollm2");
-    steper_models::gguf::import_gguf(Path::new(&gguf), &ckpt)
-        .with_context(|| format!("importing {}", PathBuf::from(&gguf).display()))?;
+    steper_models::gguf::import_gguf(&gguf, &ckpt)
+        .with_context(|| format!("importing {}", gguf.display()))?;
 
-    let data = shared_data().join("hotpotqa_dev500.jsonl");
+    let data = steper_test_support::data_file("hotpotqa_dev500.jsonl.gz")?;
     let all = read_qa(&data, ReadOptions::default())?.rows;
     let corpus = corpus_from_qa(&all);
     build_index(

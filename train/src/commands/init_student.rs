@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use steper_runtime::data::{read_corpus, read_qa, ReadOptions};
-use steper_train::student::{init_student, StudentSpec};
+use steper_train::student::{corpus_texts, init_student, StudentSpec};
 
 /// Arguments of `init-student`.
 #[derive(clap::Args)]
@@ -46,20 +45,7 @@ pub struct Args {
 
 /// Trains the tokenizer and writes the random student.
 pub fn run(a: Args) -> Result<()> {
-    let mut texts: Vec<String> = read_corpus(&a.corpus, ReadOptions::default())?
-        .rows
-        .into_iter()
-        .map(|d| format!("Wikipedia Title: {}\n{}", d.title, d.text))
-        .collect();
-    for q in &a.qa {
-        for ex in read_qa(q, ReadOptions::default())?.rows {
-            texts.push(format!(
-                "Q: {}\nA: So the answer is: {}.",
-                ex.question,
-                ex.answers.join(", ")
-            ));
-        }
-    }
+    let texts = corpus_texts(&a.corpus, &a.qa)?;
     let spec = StudentSpec {
         vocab_size: a.vocab_size,
         layers: a.layers,
