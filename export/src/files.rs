@@ -101,7 +101,7 @@ pub fn genai_config(cfg: &LlamaConfig, quant: Option<&crate::QuantOptions>) -> V
             },
             "eos_token_id": eos_json,
             "pad_token_id": pad_id(cfg).unwrap_or(0),
-            "type": "llama",
+            "type": cfg.family().genai_type,
             "vocab_size": cfg.vocab_size
         },
         "search": {

@@ -1,7 +1,9 @@
-//! The Llama decoder as an ONNX graph of standard operators, with Optimum's I/O names.
+//! The decoder of any family in `steper_models::arch` (Llama, Qwen2) as an ONNX graph of
+//! standard operators, with Optimum's I/O names.
 //!
 //! Per layer the graph computes exactly what `steper_models::Llama::forward_cached` computes:
-//! RMSNorm (`x / sqrt(mean(x²) + eps) * w`), q/k/v projections, RoPE in HF's rotate-half layout
+//! RMSNorm (`x / sqrt(mean(x²) + eps) * w`), q/k/v projections (each followed by an `Add` of
+//! its bias where the family has one: Qwen2's q/k/v; biases stay float in every quantized form), RoPE in HF's rotate-half layout
 //! (`x·cos + rotate_half(x)·sin`, tables gathered by `position_ids`), the new keys/values
 //! concatenated after `past_key_values.{i}.*` into `present.{i}.*`, grouped-query attention with
 //! the cache kept at `kv_heads` (the query heads of a group are folded into the row axis, so the
@@ -31,6 +33,7 @@
 //! ~256) including its weight, the attention scores from the scale on (scale, mask, softmax: the
 //! −1e9 mask and the exponentials need f32 range), and the logits.
 
+use steper_models::arch::Projection;
 use steper_models::LlamaConfig;
 use tract_onnx::pb::{GraphProto, ModelProto, OperatorSetIdProto, StringStringEntryProto};
 
@@ -375,24 +378,37 @@ pub fn build_decoder(
         g.op("Add", hint, &[&a, &b], vec![])
     };
 
+    // `+ bias` after the projection `proj` of layer `l` where the family has one (the bias in
+    // the compute dtype, broadcast over batch and sequence).
+    let family = cfg.family();
+    let add_bias = |g: &mut GraphBuilder, hint: &str, y: &str, l: usize, proj: Projection| {
+        if !family.has_bias(cfg, proj) {
+            return Ok(y.to_string());
+        }
+        let name = proj.bias_name(l);
+        let (data, shape) = w.tensor(&name, false)?;
+        let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+        let b = g.init_float(&name, ft, &dims, &data);
+        Ok::<String, Error>(g.op("Add", hint, &[y, &b], vec![]))
+    };
+
     for l in 0..layers {
         let p = format!("model.layers.{l}");
         let hint = format!("layers.{l}");
         let ln1 = norm_w(&mut g, &format!("{p}.input_layernorm.weight"))?;
         let ln2 = norm_w(&mut g, &format!("{p}.post_attention_layernorm.weight"))?;
-        let wq = format!("{p}.self_attn.q_proj.weight");
-        let wk = format!("{p}.self_attn.k_proj.weight");
-        let wv = format!("{p}.self_attn.v_proj.weight");
-        let wo = format!("{p}.self_attn.o_proj.weight");
-        let wg = format!("{p}.mlp.gate_proj.weight");
-        let wu = format!("{p}.mlp.up_proj.weight");
-        let wd = format!("{p}.mlp.down_proj.weight");
+        let [wq, wk, wv, wo, wg, wu, wd] = Projection::ALL.map(|proj| proj.weight_name(l));
 
         let ha = format!("{hint}/attn");
         let hn = rms(&mut g, &format!("{hint}/input_norm"), &x, &ln1);
         let pk = format!("present.{l}.key");
         let pv = format!("present.{l}.value");
         let qkv = linears(&mut g, &ha, &hn, &[&wq, &wk, &wv])?;
+        let qkv = [Projection::Q, Projection::K, Projection::V]
+            .into_iter()
+            .zip(&qkv)
+            .map(|(proj, y)| add_bias(&mut g, &ha, y, l, proj))
+            .collect::<Result<Vec<_>>>()?;
         let y = if let Some((seqlens, total32)) = &gqa_lens {
             // q/k [B, S, heads, D] → RoPE → [B, S, heads·D]; the op appends k/v to the cache
             // (present = past ++ new, heads-first) and attends causally.
@@ -485,7 +501,8 @@ pub fn build_decoder(
             );
             g.op("Reshape", &ha, &[&y, &shape_merge], vec![])
         };
-        let mut o = linear(&mut g, &ha, &y, &wo)?;
+        let o = linear(&mut g, &ha, &y, &wo)?;
+        let mut o = add_bias(&mut g, &ha, &o, l, Projection::O)?;
         if ft != Elem::F32 {
             o = g.cast(&ha, &o, Elem::F32);
         }
@@ -493,6 +510,7 @@ pub fn build_decoder(
 
         let hm = format!("{hint}/mlp");
         let hn = rms(&mut g, &format!("{hint}/post_attention_norm"), &x1, &ln2);
+        // The MLP has no bias in any family (`mlp_bias` is refused by the config check).
         let gate_up = linears(&mut g, &hm, &hn, &[&wg, &wu])?;
         let (gt, up) = (&gate_up[0], &gate_up[1]);
         let sg = g.op("Sigmoid", &hm, &[gt], vec![]);
@@ -607,7 +625,7 @@ pub fn build_decoder(
         .collect();
     let graph = GraphProto {
         node: g.nodes,
-        name: "steper_llama_decoder".into(),
+        name: format!("steper_{}_decoder", family.model_type),
         initializer: initializers,
         input: inputs,
         output: outputs,

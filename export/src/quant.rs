@@ -236,25 +236,14 @@ impl QuantOptions {
 /// (test `int8_ort_cpu_matches_or_is_refused_naming_the_option` checks 8-bit).
 pub const ORT_CPU_BITS: &[QuantBits] = &[QuantBits::Int4, QuantBits::Int8];
 
-/// HF names of the per-layer linear weights, in graph order.
-pub const LAYER_LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
 /// The weight names (`….weight`) that `q` quantizes in a model of `cfg`: every layer's seven
-/// linear weights, then the vocabulary projection when asked (`lm_head.weight`, or
+/// linear weights (their biases stay float), then the vocabulary projection when asked (`lm_head.weight`, or
 /// `model.embed_tokens.weight` for tied embeddings).
 pub fn quantized_weights(cfg: &LlamaConfig, q: &QuantOptions) -> Vec<String> {
     let mut v = Vec::new();
     for l in 0..cfg.num_hidden_layers {
-        for name in LAYER_LINEARS {
-            v.push(format!("model.layers.{l}.{name}.weight"));
+        for p in steper_models::arch::Projection::ALL {
+            v.push(p.weight_name(l));
         }
     }
     if q.lm_head {

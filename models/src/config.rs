@@ -424,7 +424,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model_type") && err.contains("gpt2"), "{err}");
-        assert!(err.contains("\"llama\"") && err.contains("\"qwen2\""), "{err}");
+        assert!(
+            err.contains("\"llama\"") && err.contains("\"qwen2\""),
+            "{err}"
+        );
     }
 
     /// Qwen2.5-0.5B-Instruct's `config.json` as published.
@@ -444,12 +447,26 @@ mod tests {
         assert_eq!(cfg.rope_theta, 1e6);
         assert!(cfg.tie_word_embeddings);
         // 494M parameters (Qwen2.5-0.5B's model card), q/k/v biases included.
-        assert!((cfg.num_parameters() as f64 - 494.0e6).abs() < 0.5e6, "{}", cfg.num_parameters());
-        let names: Vec<String> = cfg.family().tensors(&cfg).into_iter().map(|(n, _)| n).collect();
+        assert!(
+            (cfg.num_parameters() as f64 - 494.0e6).abs() < 0.5e6,
+            "{}",
+            cfg.num_parameters()
+        );
+        let names: Vec<String> = cfg
+            .family()
+            .tensors(&cfg)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         for p in ["q_proj", "k_proj", "v_proj"] {
-            assert!(names.contains(&format!("model.layers.0.self_attn.{p}.bias")), "{p}");
+            assert!(
+                names.contains(&format!("model.layers.0.self_attn.{p}.bias")),
+                "{p}"
+            );
         }
-        assert!(!names.iter().any(|n| n.contains("o_proj.bias") || n.contains("mlp") && n.ends_with(".bias")));
+        assert!(!names
+            .iter()
+            .any(|n| n.contains("o_proj.bias") || n.contains("mlp") && n.ends_with(".bias")));
         // Read and written back.
         let back = LlamaConfig::from_json_str(&cfg.to_json_string(), Path::new("mem"))?;
         assert_eq!(cfg, back);
@@ -463,7 +480,10 @@ mod tests {
         let err = LlamaConfig::from_json_str(&v.to_string(), Path::new("q/config.json"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("use_sliding_window") && err.contains("q/config.json"), "{err}");
+        assert!(
+            err.contains("use_sliding_window") && err.contains("q/config.json"),
+            "{err}"
+        );
         assert!(err.contains("max_window_layers 21"), "{err}");
         // On, but from a layer past the last one: every layer keeps full attention.
         v["max_window_layers"] = serde_json::json!(24);

@@ -367,14 +367,12 @@ impl GgufFile {
                 "tokenizer.ggml.model `{model}` is not supported (only `gpt2`, byte-level BPE)"
             )));
         }
-        let pre = self
-            .meta_str("tokenizer.ggml.pre")?
-            .unwrap_or_else(|| {
-                self.family()
-                    .map(|f| f.gguf_default_pre)
-                    .unwrap_or("default")
-                    .to_string()
-            });
+        let pre = self.meta_str("tokenizer.ggml.pre")?.unwrap_or_else(|| {
+            self.family()
+                .map(|f| f.gguf_default_pre)
+                .unwrap_or("default")
+                .to_string()
+        });
         let tokens = self.meta_str_array("tokenizer.ggml.tokens")?;
         let merges = self.meta_str_array("tokenizer.ggml.merges")?;
         let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {

@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::unicode::NFC;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
@@ -38,7 +38,11 @@ fn regex_then_byte_level(pattern: &str) -> Result<PreTokenizerWrapper, String> {
         false,
     )
     .map_err(|e| format!("cannot compile the split pattern: {e}"))?;
-    Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+    Ok(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, false).into(),
+    ])
+    .into())
 }
 
 /// The pieces of a GGUF `gpt2` tokenizer.

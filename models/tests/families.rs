@@ -9,9 +9,7 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use common::{max_abs_diff, F32_LOGIT_ATOL};
 use steper_models::arch::Projection;
 use steper_models::lora::{init_adapters, merge};
-use steper_models::{
-    Checkpoint, Llama, LlamaConfig, LoraConfig, LoraTarget, RopeScaling, Weights,
-};
+use steper_models::{Checkpoint, Llama, LlamaConfig, LoraConfig, LoraTarget, RopeScaling, Weights};
 
 /// Decode steps compared after the prefill.
 const DECODE_STEPS: usize = 8;
@@ -124,7 +122,10 @@ fn check_qwen2(cfg: &LlamaConfig, seed: u64) -> Result<()> {
     let vb = var_builder(dir.path())?;
     let mut base = reference::Model::new(&rc, vb.clone())?;
     let head = if cfg.tie_word_embeddings {
-        vb.get((cfg.vocab_size, cfg.hidden_size), "model.embed_tokens.weight")?
+        vb.get(
+            (cfg.vocab_size, cfg.hidden_size),
+            "model.embed_tokens.weight",
+        )?
     } else {
         vb.get((cfg.vocab_size, cfg.hidden_size), "lm_head.weight")?
     };
@@ -157,7 +158,10 @@ fn check_qwen2(cfg: &LlamaConfig, seed: u64) -> Result<()> {
         &plain.flatten_all()?.to_vec1()?,
         &pre.flatten_all()?.to_vec1()?,
     );
-    assert!(d > 100.0 * F32_LOGIT_ATOL, "biases change the logits by only {d:e}");
+    assert!(
+        d > 100.0 * F32_LOGIT_ATOL,
+        "biases change the logits by only {d:e}"
+    );
     Ok(())
 }
 
@@ -227,7 +231,10 @@ fn every_qwen2_parameter_and_bias_receives_a_gradient() -> Result<()> {
                 .get(v.as_tensor())
                 .ok_or_else(|| anyhow::anyhow!("no gradient for {name} (tied={tied})"))?;
             let norm: f32 = g.sqr()?.sum_all()?.to_scalar()?;
-            assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{name}: gradient norm {norm}"
+            );
         }
     }
     Ok(())
@@ -341,7 +348,10 @@ fn a_qwen2_checkpoint_missing_a_bias_names_it() -> Result<()> {
     let mut map = w.tensors().clone();
     map.remove("model.layers.1.self_attn.k_proj.bias");
     w = Weights::from_map(map);
-    let e = Llama::new(&cfg, &w).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = Llama::new(&cfg, &w)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(e.contains("model.layers.1.self_attn.k_proj.bias"), "{e}");
     let dir = tempfile::tempdir()?;
     let mut path = dir.path().to_path_buf();
@@ -350,6 +360,9 @@ fn a_qwen2_checkpoint_missing_a_bias_names_it() -> Result<()> {
     v["model_type"] = serde_json::json!("gemma");
     std::fs::write(&path, v.to_string())?;
     let e = LlamaConfig::from_file(&path).unwrap_err().to_string();
-    assert!(e.contains("gemma") && e.contains("qwen2") && e.contains("llama"), "{e}");
+    assert!(
+        e.contains("gemma") && e.contains("qwen2") && e.contains("llama"),
+        "{e}"
+    );
     Ok(())
 }

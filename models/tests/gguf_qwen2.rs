@@ -49,7 +49,10 @@ fn f32_qwen2_gguf_imports_exactly_and_matches_quantized_qwen2() -> Result<()> {
         assert_eq!(report.pre_tokenizer, "qwen2");
         let ck = Checkpoint::load(&out, DType::F32, &Device::Cpu)?;
         assert_eq!(ck.config.model_type, "qwen2");
-        assert_eq!(ck.config.architectures, vec!["Qwen2ForCausalLM".to_string()]);
+        assert_eq!(
+            ck.config.architectures,
+            vec!["Qwen2ForCausalLM".to_string()]
+        );
         assert_eq!(ck.config.rope_theta, cfg.rope_theta);
         assert_eq!(ck.config.tie_word_embeddings, tied);
         // Every tensor, biases included, exactly as written: no Q/K permutation for Qwen2.
@@ -76,7 +79,10 @@ fn f32_qwen2_gguf_imports_exactly_and_matches_quantized_qwen2() -> Result<()> {
         let ours = ck.model()?.forward(&x, None)?;
         let theirs: Vec<f32> = reference.forward(&x, 0)?.flatten_all()?.to_vec1()?;
         let d = max_abs_diff(&ours.i((0, ids.len() - 1))?.to_vec1()?, &theirs);
-        assert!(d <= F32_LOGIT_ATOL, "tied={tied}: logit diff vs quantized_qwen2: {d}");
+        assert!(
+            d <= F32_LOGIT_ATOL,
+            "tied={tied}: logit diff vs quantized_qwen2: {d}"
+        );
     }
     Ok(())
 }
@@ -149,7 +155,10 @@ fn qwen2_tokenizer_metadata_rebuilds_qwens_pre_tokenizer_and_specials() -> Resul
     assert_eq!(enc.get_ids()[0], 1);
     assert_eq!(*enc.get_ids().last().unwrap_or(&0), 2);
     let toks: Vec<&str> = enc.get_tokens().iter().map(|s| s.as_str()).collect();
-    assert_eq!(toks, vec!["<|im_start|>", "the", "Ġthe", "m", "e", "<|im_end|>"]);
+    assert_eq!(
+        toks,
+        vec!["<|im_start|>", "the", "Ġthe", "m", "e", "<|im_end|>"]
+    );
     Ok(())
 }
 
@@ -161,13 +170,23 @@ fn a_qwen2_gguf_missing_a_bias_is_refused_naming_the_tensor() -> Result<()> {
     map.remove("model.layers.1.self_attn.k_proj.bias");
     let dir = tempfile::tempdir()?;
     let gguf = dir.path().join("nobias.gguf");
-    write_family_gguf(&gguf, &cfg, &Weights::from_map(map), GgmlDType::F32, "qwen2", "qwen2")?;
+    write_family_gguf(
+        &gguf,
+        &cfg,
+        &Weights::from_map(map),
+        GgmlDType::F32,
+        "qwen2",
+        "qwen2",
+    )?;
     let out = dir.path().join("out");
     let err = import_gguf(&gguf, &out)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-    assert!(err.contains("blk.1.attn_k.bias") && err.contains("nobias.gguf"), "{err}");
+    assert!(
+        err.contains("blk.1.attn_k.bias") && err.contains("nobias.gguf"),
+        "{err}"
+    );
     assert!(!out.exists());
     Ok(())
 }

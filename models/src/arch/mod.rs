@@ -129,7 +129,10 @@ pub const FAMILIES: &[&Family] = &[&llama::LLAMA, &qwen2::QWEN2];
 
 /// The family of an HF `model_type`.
 pub fn by_model_type(model_type: &str) -> Option<&'static Family> {
-    FAMILIES.iter().copied().find(|f| f.model_type == model_type)
+    FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.model_type == model_type)
 }
 
 /// The family of a GGUF `general.architecture`.
