@@ -104,7 +104,7 @@ pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(super) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -116,16 +116,16 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// Reads fields of one object, remembering which were read so unknown ones can be reported.
-struct Fields<'a> {
-    map: &'a Map<String, Value>,
+pub(super) struct Fields<'a> {
+    pub(super) map: &'a Map<String, Value>,
 }
 
 impl<'a> Fields<'a> {
-    fn get(&self, name: &str) -> Option<&'a Value> {
+    pub(super) fn get(&self, name: &str) -> Option<&'a Value> {
         self.map.get(name).filter(|v| !v.is_null())
     }
 
-    fn string(&self, name: &str) -> Result<Option<&'a str>, ApiError> {
+    pub(super) fn string(&self, name: &str) -> Result<Option<&'a str>, ApiError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -136,7 +136,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
+    pub(super) fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -148,7 +148,7 @@ impl<'a> Fields<'a> {
     }
 
     /// An integer in `min..=max`.
-    fn uint(&self, name: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+    pub(super) fn uint(&self, name: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Number(n)) => match n.as_u64() {
@@ -271,6 +271,13 @@ pub struct CompletionRequest {
     pub seed: Option<u64>,
     /// The model name echoed back (default: the served model's).
     pub model: Option<String>,
+    /// Nucleus sampling: draw from the smallest set of tokens whose probability reaches this
+    /// (default 1: the whole vocabulary).
+    pub top_p: f32,
+    /// Whether the tokenizer adds its special tokens (BOS) to the prompt: true for plain
+    /// completions, false for chat prompts, whose template writes them (as transformers
+    /// tokenizes the output of `apply_chat_template`).
+    pub add_special_tokens: bool,
 }
 
 /// Largest `max_tokens` a request may ask for.
@@ -282,7 +289,12 @@ impl CompletionRequest {
     /// Reads and checks a body.
     pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
         let map = parse_object(body)?;
-        let f = Fields { map: &map };
+        Self::from_object(&map)
+    }
+
+    /// Reads and checks a parsed body.
+    pub(super) fn from_object(map: &Map<String, Value>) -> Result<Self, ApiError> {
+        let f = Fields { map };
         let prompt = match f.get("prompt") {
             None => return Err(ApiError::field("prompt", "missing; expected a string")),
             Some(Value::String(s)) => s.clone(),
@@ -364,8 +376,8 @@ impl CompletionRequest {
         if f.string("suffix")?.is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::field("suffix", "suffix is not served"));
         }
+        let top_p = f.number("top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
         // Accepted and ignored; still type-checked.
-        f.number("top_p", 0.0, 1.0)?;
         f.number("presence_penalty", -2.0, 2.0)?;
         f.number("frequency_penalty", -2.0, 2.0)?;
         f.string("user")?;
@@ -403,6 +415,8 @@ impl CompletionRequest {
                 .map(|v| v as usize),
             seed: f.uint("seed", 0, u64::MAX)?,
             model: f.string("model")?.map(str::to_string),
+            top_p,
+            add_special_tokens: true,
         })
     }
 }

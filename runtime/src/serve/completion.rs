@@ -78,7 +78,7 @@ pub fn complete(
     on_piece: &mut dyn FnMut(&str) -> bool,
 ) -> Result<std::result::Result<Completion, PromptProblem>> {
     let ids = tokenizer
-        .encode(req.prompt.as_str(), true)
+        .encode(req.prompt.as_str(), req.add_special_tokens)
         .map_err(|e| Error::Tokenizer(e.to_string()))?
         .get_ids()
         .to_vec();
@@ -119,6 +119,8 @@ pub fn complete(
         let lse = stats.log_sum_exp();
         let id = if req.temperature <= GREEDY_TEMPERATURE {
             stats.argmax
+        } else if req.top_p < 1.0 {
+            sample_top_p(row, stats.max, req.temperature, req.top_p, &mut rng)
         } else {
             sample(row, stats.max, req.temperature, &mut rng)
         } as u32;
@@ -209,6 +211,47 @@ fn top_logprobs(
     Ok(map)
 }
 
+/// Draws from the smallest set of most probable tokens (at `temperature`) whose probability
+/// reaches `top_p`, renormalized (nucleus sampling); `max` is the row's largest logit.
+pub fn sample_top_p(
+    logits: &[f32],
+    max: f64,
+    temperature: f32,
+    top_p: f32,
+    rng: &mut u64,
+) -> usize {
+    let t = f64::from(temperature.max(f32::MIN_POSITIVE));
+    let mut weights: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i, ((f64::from(l) - max) / t).exp()))
+        .filter(|(_, w)| w.is_finite() && *w > 0.0)
+        .collect();
+    if weights.is_empty() {
+        return 0;
+    }
+    weights.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = weights.iter().map(|w| w.1).sum();
+    let want = f64::from(top_p) * total;
+    let mut kept = 0.0;
+    let mut n = 0;
+    for (_, w) in &weights {
+        kept += w;
+        n += 1;
+        if kept >= want {
+            break;
+        }
+    }
+    let mut u = crate::sampling::next_uniform(rng) * kept;
+    for (i, w) in &weights[..n] {
+        if u < *w {
+            return *i;
+        }
+        u -= w;
+    }
+    weights[n - 1].0
+}
+
 /// Byte offset of the earliest stop sequence in `text`.
 pub fn earliest_stop(text: &str, stop: &[String]) -> Option<usize> {
     stop.iter().filter_map(|s| text.find(s.as_str())).min()
@@ -249,5 +292,23 @@ mod tests {
         assert_eq!(stable_prefix_len("abc", &stop), 3);
         assert_eq!(stable_prefix_len("ab\u{FFFD}", &[]), 2);
         assert_eq!(stable_prefix_len("ünï", &["ïx".to_string()]), "ün".len());
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // Probabilities ≈ 0.665, 0.245, 0.090: top_p 0.5 keeps the first token only, 0.8 the
+        // first two.
+        let row = [2.0f32, 1.0, 0.0];
+        let mut rng = 11u64;
+        let mut seen = [0usize; 3];
+        for _ in 0..500 {
+            seen[sample_top_p(&row, 2.0, 1.0, 0.5, &mut rng)] += 1;
+        }
+        assert_eq!(seen, [500, 0, 0]);
+        let mut seen = [0usize; 3];
+        for _ in 0..500 {
+            seen[sample_top_p(&row, 2.0, 1.0, 0.8, &mut rng)] += 1;
+        }
+        assert!(seen[0] > 0 && seen[1] > 0 && seen[2] == 0, "{seen:?}");
     }
 }

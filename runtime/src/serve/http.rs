@@ -20,6 +20,7 @@ use super::api::{
     ApiError, CompletionChoice, CompletionRequest, CompletionResponse, CompletionUsage,
     ReasonRequest,
 };
+use super::chat::{models_body, ChatChoice, ChatDelta, ChatLogprobs, ChatRequest, ChatResponse};
 use super::metrics::{Endpoint, ErrorKind, Metrics};
 use super::pool::{Cancel, Job, Pool, Work, WorkerEvent, RETRY_AFTER};
 use super::ServeConfig;
@@ -34,6 +35,8 @@ pub(crate) struct AppState {
     pub load_error: Mutex<Option<String>>,
     pub model_name: OnceLock<String>,
     counter: AtomicU64,
+    /// Unix seconds when the service was made (`created` of `/v1/models`).
+    started: u64,
 }
 
 impl AppState {
@@ -47,6 +50,7 @@ impl AppState {
             load_error: Mutex::new(None),
             model_name: OnceLock::new(),
             counter: AtomicU64::new(0),
+            started: unix_seconds(),
         }
     }
 
@@ -93,6 +97,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/reason", post(reason))
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -555,6 +561,210 @@ async fn completions_inner(
     Ok(sse_response(s))
 }
 
+async fn chat_completions(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let t0 = Instant::now();
+    let cancel = Cancel::with_deadline(t0 + st.config.timeout);
+    let result = chat_inner(&st, req, &cancel, t0).await;
+    respond(&st, Endpoint::ChatCompletions, t0, result)
+}
+
+fn chat_chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    choice: Option<ChatChoice>,
+    usage: Option<CompletionUsage>,
+) -> ChatResponse {
+    ChatResponse {
+        id: id.to_string(),
+        object: "chat.completion.chunk",
+        created,
+        model: model.to_string(),
+        choices: choice.into_iter().collect(),
+        usage,
+    }
+}
+
+fn delta_choice(
+    delta: ChatDelta,
+    logprobs: Option<ChatLogprobs>,
+    finish: Option<&'static str>,
+) -> ChatChoice {
+    ChatChoice {
+        index: 0,
+        message: None,
+        delta: Some(delta),
+        logprobs,
+        finish_reason: finish,
+    }
+}
+
+async fn chat_inner(
+    st: &Arc<AppState>,
+    req: Request,
+    cancel: &Cancel,
+    t0: Instant,
+) -> Result<Response, ApiError> {
+    let body = read_body(req, st.config.max_body_bytes, cancel).await?;
+    let request = ChatRequest::parse(&body)?;
+    let id = st.next_id("chatcmpl");
+    let created = unix_seconds();
+    let model = request
+        .completion
+        .model
+        .clone()
+        .unwrap_or_else(|| st.model_name());
+    let stream = request.completion.stream;
+    let include_usage = request.completion.include_usage;
+    let want_logprobs = request.logprobs;
+    let seed = request
+        .completion
+        .seed
+        .unwrap_or_else(|| st.counter.load(Ordering::Relaxed) ^ t0.elapsed().as_nanos() as u64);
+    let mut rx = submit(st, Work::Chat(Box::new(request), seed), cancel, t0)?;
+    let usage_of = |c: &super::completion::Completion| CompletionUsage {
+        prompt_tokens: c.prompt_tokens,
+        completion_tokens: c.completion_tokens,
+        total_tokens: c.prompt_tokens + c.completion_tokens,
+    };
+    if !stream {
+        return match finish(&mut rx, cancel).await {
+            WorkerEvent::CompletionDone(c) => {
+                let usage = usage_of(&c);
+                let c = *c;
+                let choice = ChatChoice {
+                    index: 0,
+                    message: Some(ChatDelta {
+                        role: Some("assistant"),
+                        content: Some(c.text),
+                    }),
+                    delta: None,
+                    logprobs: c.logprobs.filter(|_| want_logprobs).map(ChatLogprobs::from),
+                    finish_reason: Some(c.finish_reason.as_str()),
+                };
+                let resp = ChatResponse {
+                    id,
+                    object: "chat.completion",
+                    created,
+                    model,
+                    choices: vec![choice],
+                    usage: Some(usage),
+                };
+                Ok(json_response(StatusCode::OK, &resp))
+            }
+            WorkerEvent::Failed(e) => Err(e),
+            other => Err(unexpected(&other)),
+        };
+    }
+    let state = StreamState {
+        st: Arc::clone(st),
+        rx,
+        cancel: cancel.clone(),
+        id,
+        t0,
+        done: false,
+    };
+    // OpenAI's chat stream: a first chunk with `delta.role`, `delta.content` per piece, a last
+    // chunk with an empty delta and the finish reason (then, with
+    // `stream_options.include_usage`, a chunk with `usage` and no choice), then `data: [DONE]`.
+    let first = json_event(
+        None,
+        &chat_chunk(
+            &state.id,
+            created,
+            &model,
+            Some(delta_choice(
+                ChatDelta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                },
+                None,
+                None,
+            )),
+            None,
+        ),
+    );
+    let pending: Vec<Event> = vec![first];
+    let s = stream::unfold(
+        (state, pending, false),
+        move |(mut s, mut pending, mut finished)| {
+            let model = model.clone();
+            async move {
+                loop {
+                    if let Some(ev) = pending.pop() {
+                        return Some((Ok(ev), (s, pending, finished)));
+                    }
+                    if finished {
+                        return None;
+                    }
+                    match s.next_event().await {
+                        WorkerEvent::Started | WorkerEvent::Step(_) => continue,
+                        WorkerEvent::Piece(text) => {
+                            let choice = delta_choice(
+                                ChatDelta {
+                                    role: None,
+                                    content: Some(text),
+                                },
+                                None,
+                                None,
+                            );
+                            let c = chat_chunk(&s.id, created, &model, Some(choice), None);
+                            return Some((Ok(json_event(None, &c)), (s, pending, finished)));
+                        }
+                        WorkerEvent::CompletionDone(c) => {
+                            s.end(Endpoint::ChatCompletions, 200, None);
+                            finished = true;
+                            // Popped from the back: push in reverse order.
+                            pending.push(Event::default().data("[DONE]"));
+                            if include_usage {
+                                pending.push(json_event(
+                                    None,
+                                    &chat_chunk(&s.id, created, &model, None, Some(usage_of(&c))),
+                                ));
+                            }
+                            let c = *c;
+                            let choice = delta_choice(
+                                ChatDelta {
+                                    role: None,
+                                    content: None,
+                                },
+                                c.logprobs.filter(|_| want_logprobs).map(ChatLogprobs::from),
+                                Some(c.finish_reason.as_str()),
+                            );
+                            pending.push(json_event(
+                                None,
+                                &chat_chunk(&s.id, created, &model, Some(choice), None),
+                            ));
+                        }
+                        WorkerEvent::Failed(e) => {
+                            s.end(Endpoint::ChatCompletions, e.kind.status(), Some(e.kind));
+                            finished = true;
+                            pending.push(Event::default().data("[DONE]"));
+                            pending.push(json_event(None, &e.body()));
+                        }
+                        other => {
+                            let e = unexpected(&other);
+                            s.end(Endpoint::ChatCompletions, 500, Some(e.kind));
+                            finished = true;
+                            pending.push(Event::default().data("[DONE]"));
+                            pending.push(json_event(None, &e.body()));
+                        }
+                    }
+                }
+            }
+        },
+    );
+    Ok(sse_response(s))
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Response {
+    let t0 = Instant::now();
+    let result = st
+        .admit()
+        .map(|()| json_response(StatusCode::OK, &models_body(&st.model_name(), st.started)));
+    respond(&st, Endpoint::Models, t0, result)
+}
+
 async fn healthz(State(st): State<Arc<AppState>>) -> Response {
     let t0 = Instant::now();
     let (status, body) = if st.shutting_down.load(Ordering::Relaxed) {
@@ -625,7 +835,7 @@ async fn not_found(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let e = ApiError::new(
         ErrorKind::NotFound,
         format!(
-            "no route {} {}; routes: POST /v1/reason, POST /v1/completions, GET /healthz, GET /metrics",
+            "no route {} {}; routes: POST /v1/reason, POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /healthz, GET /metrics",
             req.method(),
             req.uri().path()
         ),

@@ -31,6 +31,10 @@ pub enum Endpoint {
     Reason,
     /// `POST /v1/completions`.
     Completions,
+    /// `POST /v1/chat/completions`.
+    ChatCompletions,
+    /// `GET /v1/models`.
+    Models,
     /// `GET /healthz`.
     Health,
     /// `GET /metrics`.
@@ -40,9 +44,11 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    const ALL: [Endpoint; 5] = [
+    const ALL: [Endpoint; 7] = [
         Endpoint::Reason,
         Endpoint::Completions,
+        Endpoint::ChatCompletions,
+        Endpoint::Models,
         Endpoint::Health,
         Endpoint::Metrics,
         Endpoint::Other,
@@ -53,6 +59,8 @@ impl Endpoint {
         match self {
             Endpoint::Reason => "reason",
             Endpoint::Completions => "completions",
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Models => "models",
             Endpoint::Health => "healthz",
             Endpoint::Metrics => "metrics",
             Endpoint::Other => "other",

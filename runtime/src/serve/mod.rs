@@ -4,7 +4,9 @@
 //! | route | |
 //! |---|---|
 //! | `POST /v1/reason` | `{question, max_steps?, top_k?, include_trace?, stream?}` → answer, trace, timings; `stream: true` → server-sent events `step` (one per step as it finishes), then `answer` (or `error`) |
-//! | `POST /v1/completions` | OpenAI's completions request/response (`prompt`, `max_tokens`, `temperature`, `stop`, `stream`, `logprobs`, `seed`) |
+//! | `POST /v1/completions` | OpenAI's completions request/response (`prompt`, `max_tokens`, `temperature`, `top_p`, `stop`, `stream`, `logprobs`, `seed`) |
+//! | `POST /v1/chat/completions` | OpenAI's chat completions: `messages` rendered with the model's chat template (`tokenizer_config.json`), the same sampling fields (`max_tokens` / `max_completion_tokens`, `logprobs` + `top_logprobs`); `stream: true` → `chat.completion.chunk` events, then `data: [DONE]` |
+//! | `GET /v1/models` | OpenAI's model list: the served model |
 //! | `GET /healthz` | 503 `loading` until the model and index are loaded, then 200 `ready`; 503 while shutting down |
 //! | `GET /metrics` | OpenMetrics text (prometheus-client): requests, errors by kind, queue depth, latency histograms per request and per step, tokens/s |
 //!
@@ -35,6 +37,7 @@
 //! ```
 
 mod api;
+mod chat;
 mod completion;
 mod http;
 mod metrics;
@@ -45,7 +48,11 @@ pub use api::{
     ReasonRequest, DEFAULT_MAX_TOKENS, MAX_LOGPROBS, MAX_QUESTION_CHARS, MAX_STEPS_LIMIT,
     MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, TOP_K_LIMIT,
 };
-pub use completion::{complete, Completion, FinishReason, PromptProblem};
+pub use chat::{
+    ChatChoice, ChatDelta, ChatLogprobs, ChatRequest, ChatResponse, ChatTokenLogprob,
+    ChatTopLogprob, MAX_MESSAGES, MAX_TOP_LOGPROBS,
+};
+pub use completion::{complete, sample_top_p, Completion, FinishReason, PromptProblem};
 pub use metrics::{sample, Endpoint, ErrorKind, Metrics, CONTENT_TYPE};
 pub use pool::{PassageInfo, ReasonResponse, ReasonUsage, StepEvent, Timings};
 
@@ -242,7 +249,8 @@ impl Service {
         })
     }
 
-    /// The routes (`/v1/reason`, `/v1/completions`, `/healthz`, `/metrics`) over this service,
+    /// The routes (`/v1/reason`, `/v1/completions`, `/v1/chat/completions`, `/v1/models`,
+    /// `/healthz`, `/metrics`) over this service,
     /// with the body limit and request logging (tower-http's trace layer: a `tracing` span per
     /// request; nothing is printed unless a subscriber is installed).
     pub fn router(&self) -> axum::Router {

@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::{ApiError, CompletionRequest, ReasonRequest};
+use super::chat::ChatRequest;
 use super::completion::{complete, Completion, PromptProblem};
 use super::metrics::{ErrorKind, Metrics};
 use crate::control::StepObserver;
@@ -34,6 +35,8 @@ pub enum Work {
     Reason(ReasonRequest),
     /// A plain completion with its sampler seed.
     Complete(CompletionRequest, u64),
+    /// A chat completion (messages rendered with the model's template) with its sampler seed.
+    Chat(Box<ChatRequest>, u64),
 }
 
 /// A job in the queue.
@@ -319,7 +322,46 @@ fn run_job(engine: &Engine, metrics: &Arc<Metrics>, job: Job) {
             }
             Err(e) => WorkerEvent::Failed(e),
         },
-        Work::Complete(req, seed) => {
+        Work::Complete(req, seed) => run_completion(engine, metrics, &job, req, *seed, "prompt"),
+        Work::Chat(chat, seed) => match render_chat(engine, chat) {
+            Ok(req) => run_completion(engine, metrics, &job, &req, *seed, "messages"),
+            Err(e) => WorkerEvent::Failed(e),
+        },
+    };
+    let _ = job.events.send(event);
+}
+
+/// The completion request of a chat request: its messages rendered with the model's template
+/// and the opening of the assistant turn.
+fn render_chat(
+    engine: &Engine,
+    chat: &ChatRequest,
+) -> std::result::Result<CompletionRequest, ApiError> {
+    let template = engine.chat_template().ok_or_else(|| {
+        ApiError::field(
+            "messages",
+            "the served model has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja in its directory); use /v1/completions",
+        )
+    })?;
+    let prompt = template
+        .render(&chat.messages, true)
+        .map_err(|e| ApiError::field("messages", e.to_string()))?;
+    let mut req = chat.completion.clone();
+    req.prompt = prompt;
+    Ok(req)
+}
+
+/// Runs a completion job; a prompt the model cannot take is a 400 about `field`.
+fn run_completion(
+    engine: &Engine,
+    metrics: &Arc<Metrics>,
+    job: &Job,
+    req: &CompletionRequest,
+    seed: u64,
+    field: &str,
+) -> WorkerEvent {
+    {
+        {
             let events = &job.events;
             let mut on_piece = |s: &str| events.send(WorkerEvent::Piece(s.to_string())).is_ok();
             match complete(
@@ -328,7 +370,7 @@ fn run_job(engine: &Engine, metrics: &Arc<Metrics>, job: Job) {
                 engine.tokenizer(),
                 engine.eos_token_ids(),
                 req,
-                *seed,
+                seed,
                 &mut on_piece,
             ) {
                 Ok(Ok(c)) if job.cancel.is_cancelled() => {
@@ -340,11 +382,11 @@ fn run_job(engine: &Engine, metrics: &Arc<Metrics>, job: Job) {
                     WorkerEvent::CompletionDone(Box::new(c))
                 }
                 Ok(Err(PromptProblem::Empty)) => {
-                    WorkerEvent::Failed(ApiError::field("prompt", "encodes to no token"))
+                    WorkerEvent::Failed(ApiError::field(field, "encodes to no token"))
                 }
                 Ok(Err(PromptProblem::TooLong { tokens, context })) => {
                     WorkerEvent::Failed(ApiError::field(
-                        "prompt",
+                        field,
                         format!(
                             "{tokens} tokens; the model's context holds {context} (prompt and completion together)"
                         ),
@@ -353,8 +395,7 @@ fn run_job(engine: &Engine, metrics: &Arc<Metrics>, job: Job) {
                 Err(e) => WorkerEvent::Failed(job_error(e)),
             }
         }
-    };
-    let _ = job.events.send(event);
+    }
 }
 
 fn run_reason(
