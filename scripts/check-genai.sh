@@ -5,7 +5,10 @@
 #  2. load the fp32 export with onnxruntime-genai (pip, in a venv under .cache) through its
 #     genai_config.json and check it generates the same greedy tokens as our ort backend;
 #  3. time decode with onnxruntime-genai and with `steper-run bench-decode` (ort CPU, tract; fp32,
-#     fp16; 128-token prompt, 128 new tokens, warm-up, median of 3) and print the ratio.
+#     fp16; 128-token prompt, 128 new tokens, warm-up, median of 3) and print the ratio;
+#  4. a tiny random Qwen2 checkpoint (q/k/v biases; `--example tiny_family`), exported fp32 with
+#     `--verify`, loaded by onnxruntime-genai through our genai_config.json (`"type": "qwen2"`):
+#     its greedy tokens must be ours. `QWEN2_ONLY=1` runs this step alone (no SmolLM2 download).
 # Output: JSON lines on stdout; exit 1 on any mismatch.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,7 +20,52 @@ OUT32="$CACHE/smollm2-onnx-fp32"
 OUT16="$CACHE/smollm2-onnx-fp16"
 RUNS="${BENCH_RUNS:-3}"
 
+VENV="$CACHE/genai-venv"
+genai_venv() {
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check onnxruntime-genai >&2
+  fi
+}
+
+# Step 4: the Qwen2 family through onnxruntime-genai's own `qwen2` model type.
+check_qwen2() {
+  local ck="$CACHE/tiny-qwen2" out="$CACHE/tiny-qwen2-onnx"
+  rm -rf "$ck" "$out"
+  cargo run --release -q -p steper-export --example tiny_family -- --model-type qwen2 --out "$ck" >&2
+  target/release/steper-export --checkpoint "$ck" --out "$out" --dtype fp32 --verify --json > "$CACHE/verify-qwen2.json" || {
+    cat "$CACHE/verify-qwen2.json"; echo "qwen2 verify failed" >&2; return 1; }
+  genai_venv
+  "$VENV/bin/python" - "$out" "$CACHE/verify-qwen2.json" <<'PY'
+import json, sys
+import onnxruntime_genai as og
+out, verify = sys.argv[1], sys.argv[2]
+cfg = json.load(open(out + "/genai_config.json"))
+assert cfg["model"]["type"] == "qwen2", cfg["model"]["type"]
+v = json.load(open(verify))["verify"]
+prompt = v["prompt_tokens"]
+ours = next(b for b in v["backends"] if b["backend"] == "ort")["greedy_tokens"]
+model = og.Model(out)
+p = og.GeneratorParams(model)
+p.set_search_options(do_sample=False, max_length=len(prompt) + len(ours), min_length=len(prompt) + len(ours))
+g = og.Generator(model, p)
+g.append_tokens(prompt)
+toks = []
+while len(toks) < len(ours) and not g.is_done():
+    g.generate_next_token()
+    toks.append(int(g.get_next_tokens()[0]))
+same = toks == ours
+print(json.dumps({"qwen2_genai_greedy_identical": same, "verify_pass": v["pass"],
+                  "genai": toks, "steper_ort": ours}))
+sys.exit(0 if same and v["pass"] else 1)
+PY
+}
+
 cargo build --release -q -p steper-export -p steper-runtime -p steper-train >&2
+if [[ "${QWEN2_ONLY:-0}" == 1 ]]; then
+  check_qwen2
+  exit $?
+fi
 if [[ ! -s "$CKPT/config.json" ]]; then
   target/release/steper-train import --gguf "$(bash scripts/fetch-smollm2.sh)" --out "$CKPT" >&2
 fi
@@ -33,11 +81,7 @@ for p in sys.argv[1:]:
         "backends": [{k: b[k] for k in ("backend", "max_abs", "max_rel", "greedy_identical", "pass")} for b in v["backends"]]}))
 PY
 
-VENV="$CACHE/genai-venv"
-if [[ ! -x "$VENV/bin/python" ]]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check onnxruntime-genai >&2
-fi
+genai_venv
 
 "$VENV/bin/python" - "$OUT32" "$CACHE/verify-fp32.json" "$RUNS" <<'PY'
 import json, statistics, sys, time
@@ -80,3 +124,5 @@ sys.exit(0 if same else 1)
 PY
 
 target/release/steper-run bench-decode --model "$OUT32" --model "$OUT16" --runs "$RUNS" | tee "$CACHE/bench-decode.json"
+
+check_qwen2
