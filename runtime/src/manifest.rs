@@ -144,7 +144,9 @@ pub struct Manifest {
     pub context_length: usize,
     /// BOS id, if the model uses one.
     pub bos_token_id: Option<u32>,
-    /// Ids that end a generated sentence.
+    /// Ids that end a generated sentence (any of them; Llama-3.x lists several). A manifest
+    /// that wrote one id as `eos_token_id` (a number) is read as a list of one.
+    #[serde(alias = "eos_token_id", deserialize_with = "one_or_many_ids")]
     pub eos_token_ids: Vec<u32>,
     /// Padding id.
     pub pad_token_id: Option<u32>,
@@ -272,5 +274,56 @@ impl Manifest {
             v.push(format!("present.{i}.value"));
         }
         v
+    }
+}
+
+/// A token id list written either as one number or as a list of numbers.
+fn one_or_many_ids<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Ids {
+        One(u32),
+        Many(Vec<u32>),
+    }
+    Ok(match Ids::deserialize(d)? {
+        Ids::One(i) => vec![i],
+        Ids::Many(v) => v,
+    })
+}
+
+#[cfg(test)]
+mod eos_ids_tests {
+    use super::*;
+
+    /// `json` with its `eos_token_ids` entry replaced by `key: value`.
+    fn with_eos(key: &str, value: serde_json::Value) -> serde_json::Result<Manifest> {
+        let mut v = serde_json::json!({
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+            "template_version": crate::TEMPLATE_VERSION, "model_file": "model.onnx",
+            "tokenizer_file": "tokenizer.json", "dtype": "fp32", "context_length": 64,
+            "bos_token_id": 1, "pad_token_id": null,
+            "graph": {"num_layers": 1, "num_kv_heads": 1, "num_attention_heads": 1,
+                      "head_dim": 8, "hidden_size": 8, "vocab_size": 16,
+                      "inputs": Manifest::input_names(1), "outputs": Manifest::output_names(1)},
+        });
+        v["loop"] = serde_json::to_value(LoopDefaults::default())?;
+        v[key] = value;
+        serde_json::from_value(v)
+    }
+
+    #[test]
+    fn several_eos_ids_and_an_old_single_id_are_read() -> serde_json::Result<()> {
+        let m = with_eos("eos_token_ids", serde_json::json!([128001, 128008, 128009]))?;
+        assert_eq!(m.eos_token_ids, vec![128001, 128008, 128009]);
+        let m = with_eos("eos_token_ids", serde_json::json!(2))?;
+        assert_eq!(m.eos_token_ids, vec![2]);
+        let m = with_eos("eos_token_id", serde_json::json!(2))?;
+        assert_eq!(m.eos_token_ids, vec![2]);
+        // Written back as the list.
+        let text = serde_json::to_string(&m)?;
+        assert!(text.contains("\"eos_token_ids\":[2]"), "{text}");
+        Ok(())
     }
 }

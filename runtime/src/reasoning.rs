@@ -1608,6 +1608,63 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_sentence_ends_at_each_of_several_eos_ids() -> Result<()> {
+        let tok = word_tokenizer(&["Q", ":", "A", "doc", "?"])?;
+        let id = |w: &str| tok.token_to_id(w).ok_or_else(|| Error::Tokenizer(w.into()));
+        // A Llama-3.x-style manifest lists several end ids; the model ends with either one.
+        let eos_ids = [id("[EOS]")?, id("A")?];
+        for &end in &eos_ids {
+            let lm = EosFirstLm {
+                info: crate::generator::GeneratorInfo::new(
+                    "eos-first",
+                    tok.get_vocab_size(true),
+                    64,
+                )
+                .with_providers(["CPU"]),
+                eos: end,
+                word: id("doc")?,
+            };
+            let mut m = GeneratorStepModel::new(&lm, &tok, &eos_ids);
+            m.begin_question("doc ?")?;
+            let out = m.generate(&StepRequest {
+                question: "doc ?",
+                step: 1,
+                forced: false,
+                passages: &[],
+                reasoning: &[],
+                prompt: "Q : doc ? A :",
+                max_new_tokens: 8,
+                cancel: None,
+            })?;
+            assert_eq!(
+                (out.text.as_str(), out.new_tokens),
+                ("doc", 1),
+                "end id {end}"
+            );
+            // With only the other id listed, this one does not end the sentence.
+            let other: Vec<u32> = eos_ids.iter().copied().filter(|&e| e != end).collect();
+            let mut m = GeneratorStepModel::new(&lm, &tok, &other);
+            m.begin_question("doc ?")?;
+            let out = m.generate(&StepRequest {
+                question: "doc ?",
+                step: 1,
+                forced: false,
+                passages: &[],
+                reasoning: &[],
+                prompt: "Q : doc ? A :",
+                max_new_tokens: 8,
+                cancel: None,
+            })?;
+            assert!(
+                out.new_tokens > 1,
+                "end id {end} not listed: {} tokens",
+                out.new_tokens
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
     fn a_step_never_ends_before_its_first_token() -> Result<()> {
         /// Named tolerance: f32 logits through an f64 softmax.
         const PROB_EPS: f64 = 1e-6;
