@@ -129,7 +129,7 @@ fn fp32_tied_and_untied_match_candle_on_ort_and_tract() -> Result<()> {
                 assert!(
                     g.node
                         .iter()
-                        .any(|n| n.op_type == "Add" && n.input.iter().any(|i| *i == name)),
+                        .any(|n| n.op_type == "Add" && n.input.contains(&name)),
                     "no Add reads {name}"
                 );
             }
