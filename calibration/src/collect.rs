@@ -73,13 +73,30 @@ pub fn render_prompt(
     word_cap: usize,
     budget: usize,
 ) -> Result<Prompt> {
+    render_prompt_in(
+        &steper_runtime::prompt::PromptLayout::Plain,
+        record,
+        tokenizer,
+        word_cap,
+        budget,
+    )
+}
+
+/// [`render_prompt`] with the prompt laid out by `layout` (the model's `--prompt-format`).
+pub fn render_prompt_in(
+    layout: &steper_runtime::prompt::PromptLayout,
+    record: &StepwiseRecord,
+    tokenizer: &tokenizers::Tokenizer,
+    word_cap: usize,
+    budget: usize,
+) -> Result<Prompt> {
     let count = |s: &str| -> steper_runtime::Result<usize> {
         tokenizer
             .encode(s, true)
             .map(|e| e.get_ids().len())
             .map_err(|e| steper_runtime::Error::Tokenizer(e.to_string()))
     };
-    let fitted = steper_runtime::prompt::fit(
+    let fitted = layout.fit(
         &record.question,
         &record.passages,
         &record.reasoning,

@@ -138,5 +138,14 @@ pub fn write_tokenizer_config(checkpoint: &Path, out: &Path) -> Result<()> {
         }))?
     };
     steper_fsutil::write_atomic(&dst, &bytes)?;
+    // transformers ≥ 4.43 may keep the chat template in its own file.
+    let jinja = checkpoint.join(steper_runtime::prompt::chat::CHAT_TEMPLATE_FILE);
+    if jinja.is_file() {
+        let bytes = std::fs::read(&jinja).map_err(|e| Error::io(&jinja, e))?;
+        steper_fsutil::write_atomic(
+            &out.join(steper_runtime::prompt::chat::CHAT_TEMPLATE_FILE),
+            &bytes,
+        )?;
+    }
     Ok(())
 }

@@ -108,6 +108,10 @@ pub struct ExportOptions {
     /// Attention form: standard operators (every backend) or ONNX Runtime's
     /// `GroupQueryAttention` contrib operator (ONNX Runtime only, fp32 activations).
     pub attention: AttentionOp,
+    /// How the student's step prompts are laid out (recorded in `steper.json`); `chat` needs the
+    /// checkpoint's chat template (`tokenizer_config.json` or `chat_template.jinja`), which is
+    /// copied beside the model.
+    pub prompt_format: steper_runtime::prompt::PromptFormat,
 }
 
 impl Default for ExportOptions {
@@ -118,6 +122,7 @@ impl Default for ExportOptions {
             external_data: ExternalData::Auto,
             quantize: None,
             attention: AttentionOp::Standard,
+            prompt_format: Default::default(),
         }
     }
 }
@@ -206,6 +211,9 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
     manifest.eos_token_ids = ck.eos_ids();
     manifest.quantization = quantization.clone();
     manifest.graph.attention = opts.attention;
+    manifest.prompt_format = opts.prompt_format;
+    // A chat-format export must carry a template that renders.
+    steper_runtime::prompt::PromptLayout::load(opts.prompt_format, out)?;
     manifest.save(&out.join(steper_runtime::manifest::MANIFEST_FILE))?;
     let mut genai = files::genai_config(cfg, opts.quantize.as_ref());
     if manifest.eos_token_ids.len() > 1 {

@@ -46,6 +46,11 @@ struct Args {
     /// KV cache and attends; ONNX Runtime only, fp32 activations, batch-1 decoding).
     #[arg(long, default_value = "standard")]
     attention: String,
+    /// How the student's step prompts are laid out, as it was trained: plain (the IRCoT text)
+    /// or chat (inside the checkpoint's chat template, copied beside the model); recorded in
+    /// steper.json.
+    #[arg(long, default_value = "plain")]
+    prompt_format: String,
     /// Always write the weights to model.onnx.data (otherwise only above 2 GB).
     #[arg(long)]
     external_data: bool,
@@ -123,6 +128,10 @@ fn run(a: Args) -> anyhow::Result<bool> {
         attention: a
             .attention
             .parse::<steper_export::AttentionOp>()
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        prompt_format: a
+            .prompt_format
+            .parse::<steper_runtime::prompt::PromptFormat>()
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     };
     let report = export(&a.checkpoint, &a.out, &opts)

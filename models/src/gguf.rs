@@ -469,6 +469,29 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportReport> {
     let tok_path = stage.path().join(TOKENIZER_FILE);
     tok.save(&tok_path, false)
         .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+    // `tokenizer.chat_template` and the BOS/EOS texts as transformers keeps them, so the chat
+    // prompt format and the server's chat endpoint find the model's template.
+    let mut tok_config = serde_json::json!({});
+    if let Some(t) = f.meta_str("tokenizer.chat_template")? {
+        tok_config["chat_template"] = serde_json::Value::String(t);
+    }
+    for (field, key) in [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+    ] {
+        let text = f
+            .meta(key)
+            .and_then(value_u64)
+            .and_then(|id| u32::try_from(id).ok())
+            .and_then(|id| tok.id_to_token(id));
+        if let Some(text) = text {
+            tok_config[field] = serde_json::Value::String(text);
+        }
+    }
+    let tok_config_path = stage.path().join("tokenizer_config.json");
+    let bytes = serde_json::to_vec_pretty(&tok_config)
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_config_path.display())))?;
+    std::fs::write(&tok_config_path, bytes).map_err(|e| Error::io(&tok_config_path, e))?;
     let name = f.meta_str("general.name")?;
     stage.commit()?;
     Ok(ImportReport {

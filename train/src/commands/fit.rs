@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use steper_models::{load_tokenizer, DTypeChoice, LlamaConfig, LoraConfig, LoraTarget};
 use steper_train::fit::optim::AdamWConfig;
-use steper_train::fit::records::{examples_from_records, read_records};
+use steper_train::fit::records::{examples_from_records_in, read_records};
 use steper_train::fit::{fit, CacheDtype, FitConfig, LossMode, Trainable};
 
 /// Arguments of `fit`.
@@ -104,6 +104,10 @@ pub struct Args {
     /// Words kept per passage in the prompt.
     #[arg(long, default_value_t = 100)]
     word_cap: usize,
+    /// How step prompts are laid out: plain (the IRCoT text) or chat (inside the student's chat
+    /// template from its tokenizer_config.json); export with the same --prompt-format.
+    #[arg(long, default_value = "plain")]
+    prompt_format: String,
     /// Skip malformed record lines (counted) instead of failing.
     #[arg(long)]
     skip_bad: bool,
@@ -165,14 +169,27 @@ pub fn run(a: Args) -> Result<()> {
         questions_note = format!(", {} of {total} training questions", n.min(total));
         train_r = kept;
     }
-    let train = examples_from_records(
+    let format = a
+        .prompt_format
+        .parse::<steper_runtime::prompt::PromptFormat>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let layout = steper_runtime::prompt::PromptLayout::load(format, &a.student)?;
+    let train = examples_from_records_in(
+        &layout,
         &train_r,
         &tok,
         a.word_cap,
         eos,
         mcfg.max_position_embeddings,
     )?;
-    let eval = examples_from_records(&eval_r, &tok, a.word_cap, eos, mcfg.max_position_embeddings)?;
+    let eval = examples_from_records_in(
+        &layout,
+        &eval_r,
+        &tok,
+        a.word_cap,
+        eos,
+        mcfg.max_position_embeddings,
+    )?;
     let steps = match a.epochs {
         Some(e) => steps_for_epochs(e, train.len(), a.batch_size, a.grad_accum)?,
         None => a.steps,

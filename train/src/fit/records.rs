@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use steper_runtime::data::{read_jsonl, ReadOptions, StepwiseRecord};
-use steper_runtime::prompt::{fit as fit_prompt, target_continuation};
+use steper_runtime::prompt::{target_continuation, PromptLayout};
 
 use super::{Example, Stage};
 use crate::error::{Error, Result};
@@ -41,6 +41,26 @@ pub fn examples_from_records(
     eos: u32,
     max_len: usize,
 ) -> Result<Vec<Example>> {
+    examples_from_records_in(
+        &PromptLayout::Plain,
+        records,
+        tokenizer,
+        word_cap,
+        eos,
+        max_len,
+    )
+}
+
+/// [`examples_from_records`] with the prompts laid out by `layout` (`--prompt-format`): the
+/// runtime's renderer, so a student trained in the chat format is served with the same bytes.
+pub fn examples_from_records_in(
+    layout: &PromptLayout,
+    records: &[StepwiseRecord],
+    tokenizer: &tokenizers::Tokenizer,
+    word_cap: usize,
+    eos: u32,
+    max_len: usize,
+) -> Result<Vec<Example>> {
     let enc = |t: &str| -> Result<Vec<u32>> {
         Ok(tokenizer
             .encode(t, false)
@@ -55,29 +75,30 @@ pub fn examples_from_records(
         // The prompt is fitted to the context exactly as the runtime fits it at inference:
         // the oldest passages' tail words go first, never the question or the reasoning.
         let budget = max_len.saturating_sub(t.len());
-        let fitted = fit_prompt(
-            &r.question,
-            &r.passages,
-            &r.reasoning,
-            None,
-            word_cap,
-            budget,
-            |text| {
-                Ok(tokenizer
-                    .encode(text, false)
-                    .map(|e| e.len())
-                    .unwrap_or(usize::MAX))
-            },
-        )
-        .map_err(|e| {
-            Error::Input(format!(
-                "record {} (qid {}, stage {:?}, step {}): {e}",
-                i + 1,
-                r.qid,
-                r.stage,
-                r.step
-            ))
-        })?;
+        let fitted = layout
+            .fit(
+                &r.question,
+                &r.passages,
+                &r.reasoning,
+                None,
+                word_cap,
+                budget,
+                |text| {
+                    Ok(tokenizer
+                        .encode(text, false)
+                        .map(|e| e.len())
+                        .unwrap_or(usize::MAX))
+                },
+            )
+            .map_err(|e| {
+                Error::Input(format!(
+                    "record {} (qid {}, stage {:?}, step {}): {e}",
+                    i + 1,
+                    r.qid,
+                    r.stage,
+                    r.step
+                ))
+            })?;
         let p = enc(&fitted.text)?;
         if p.len() + t.len() > max_len {
             return Err(Error::Input(format!(
