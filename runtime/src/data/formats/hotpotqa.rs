@@ -202,7 +202,9 @@ mod tests {
     #[test]
     fn without_supporting_facts_nothing_is_marked() -> Result<()> {
         let mut v = record();
-        v.as_object_mut().map(|o| o.remove("supporting_facts"));
+        if let Some(o) = v.as_object_mut() {
+            o.remove("supporting_facts");
+        }
         let q = convert(&rec(), &v)?.example;
         assert_eq!(q.supporting_titles, None);
         assert!(q.paragraphs.iter().all(|p| p.is_supporting.is_none()));
@@ -228,7 +230,9 @@ mod tests {
         v["_id"] = json!(null);
         expect_bad_field(v, "_id");
         let mut v = record();
-        v.as_object_mut().map(|o| o.remove("answer"));
+        if let Some(o) = v.as_object_mut() {
+            o.remove("answer");
+        }
         expect_bad_field(v, "answer");
         let mut v = record();
         v["context"][1] = json!(["T2"]);

@@ -38,7 +38,10 @@ pub(super) fn convert(rec: &Rec<'_>, value: &Value) -> Result<Converted> {
     let kind = id
         .split_once("__")
         .map(|(hops, _)| hops)
-        .filter(|h| h.ends_with("hop") && h[..h.len() - 3].parse::<u32>().is_ok())
+        .filter(|h| {
+            h.strip_suffix("hop")
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
         .map(str::to_string);
     Ok(Converted {
         example: QaExample {
@@ -172,9 +175,12 @@ mod tests {
             }
         }
         let mut v = record();
-        v.pointer_mut("/paragraphs/1")
+        if let Some(p) = v
+            .pointer_mut("/paragraphs/1")
             .and_then(|p| p.as_object_mut())
-            .map(|p| p.remove("title"));
+        {
+            p.remove("title");
+        }
         match convert(&rec(), &v) {
             Err(Error::BadField { field, .. }) => assert_eq!(field, "paragraphs[1].title"),
             other => panic!("expected BadField, got {other:?}"),

@@ -54,7 +54,8 @@ pub struct Args {
     /// of sharing them (to measure what sharing saves in peak RSS).
     #[arg(long)]
     pub no_shared_weights: bool,
-    /// QA file (JSONL) whose questions are sent round-robin.
+    /// QA file whose questions are sent round-robin (any format `data convert` reads; plain,
+    /// .gz or .zst).
     #[arg(long)]
     pub questions: PathBuf,
     /// Use at most this many questions.

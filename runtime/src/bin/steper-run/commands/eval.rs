@@ -10,7 +10,8 @@ use steper_runtime::eval::{evaluate_parallel, EvalOptions};
 pub struct Args {
     #[command(flatten)]
     engine: super::ask::EngineArgs,
-    /// QA JSONL file.
+    /// QA file: the project's QA JSONL or any format `data convert` reads (HotpotQA, 2Wiki,
+    /// MuSiQue, FlashRAG, IRCoT); plain, .gz or .zst.
     #[arg(long)]
     data: PathBuf,
     /// Evaluate only the first N questions.

@@ -13,7 +13,8 @@ pub struct Args {
     /// Corpus JSONL (`{"id","title","text"}` per line).
     #[arg(long)]
     corpus: Option<PathBuf>,
-    /// QA JSONL files whose paragraphs (deduplicated by title + text) make the corpus.
+    /// QA files whose paragraphs (deduplicated by title + text) make the corpus (any format
+    /// `data convert` reads; plain, .gz or .zst).
     #[arg(long, num_args = 1..)]
     from_qa: Vec<PathBuf>,
     /// Output index directory (replaced if it holds a steper-run index).

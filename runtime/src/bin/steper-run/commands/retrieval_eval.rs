@@ -11,7 +11,8 @@ pub struct Args {
     /// Index directory.
     #[arg(long)]
     index: PathBuf,
-    /// QA JSONL file (gold titles: paragraphs marked `is_supporting`).
+    /// QA file, any format `data convert` reads (gold titles: paragraphs marked
+    /// `is_supporting`).
     #[arg(long)]
     data: PathBuf,
     /// Cut-offs, comma-separated.
