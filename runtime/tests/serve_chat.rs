@@ -182,6 +182,30 @@ fn chat_completions_and_models() -> Result<()> {
         expected.completion_tokens
     );
 
+    // The body `steper-train distill --teacher openai:URL --teacher-chat` sends (train/src/
+    // teacher/openai.rs `request_body`), and the fields it reads back.
+    let teacher = json!({
+        "model": "tiny-chat",
+        "messages": [{"role": "user", "content": "Q: Who wrote the book?\nA:"}],
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "stop": ["\n"],
+        "n": 1,
+        "stream": false
+    });
+    let r = c.post_json("/v1/chat/completions", &teacher)?;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json()?;
+    let content = v
+        .pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .context("choices[0].message.content")?;
+    assert!(!content.contains('\n'), "{content:?}");
+    assert!(v
+        .pointer("/usage/completion_tokens")
+        .and_then(Value::as_u64)
+        .is_some());
+
     // Bad bodies: 400 naming the field.
     for (bad, field) in [
         (json!({"messages": "hi"}), "messages"),
@@ -200,7 +224,7 @@ fn chat_completions_and_models() -> Result<()> {
         let e = r.json()?;
         assert_eq!(e["error"]["param"], field, "{bad}: {e}");
     }
-    assert_eq!(h.metrics().requests(Endpoint::ChatCompletions, 200), 2);
+    assert_eq!(h.metrics().requests(Endpoint::ChatCompletions, 200), 3);
     assert_eq!(h.metrics().requests(Endpoint::ChatCompletions, 400), 4);
     assert_eq!(h.metrics().requests(Endpoint::Models, 200), 1);
     h.shutdown()?;
