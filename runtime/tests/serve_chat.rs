@@ -1,4 +1,5 @@
-//! `/v1/chat/completions` and `/v1/models` on a loopback port with the tiny export, given a
+//! Chat end to end: the loop in `prompt_format: chat`, and `/v1/chat/completions` and
+//! `/v1/models` on a loopback port with the tiny export, given a
 //! ChatML chat template in a copy of its directory: the non-streamed answer equals the greedy
 //! completion of the template's rendering, the stream carries the same text in
 //! `chat.completion.chunk` events ending in `data: [DONE]`, bad bodies are 400s naming the
@@ -248,5 +249,92 @@ fn a_model_without_a_template_answers_400_naming_messages() -> Result<()> {
         .as_str()
         .is_some_and(|m| m.contains("chat template")));
     h.shutdown()?;
+    Ok(())
+}
+
+/// A copy of the tiny export whose steper.json says `prompt_format: chat`.
+fn chat_format_model(dir: &Path, template: Option<&str>) -> Result<PathBuf> {
+    let model = model_with_template(dir, template)?;
+    let path = model.join("steper.json");
+    let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    manifest["prompt_format"] = json!("chat");
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest)?)?;
+    Ok(model)
+}
+
+#[test]
+fn the_loop_follows_the_manifest_prompt_format() -> Result<()> {
+    let tiny = steper_test_support::tiny()?;
+    let question = tiny
+        .questions("dev")?
+        .into_iter()
+        .next()
+        .context("no dev question")?
+        .question;
+    let plain_dir = tempfile::tempdir()?;
+    let chat_dir = tempfile::tempdir()?;
+    let plain_model = model_with_template(plain_dir.path(), Some(CHATML))?;
+    let chat_model = chat_format_model(chat_dir.path(), Some(CHATML))?;
+    let run = |model: &Path| -> Result<steper_runtime::Reasoning> {
+        let engine = Engine::builder()
+            .model_dir(model)
+            .backend(ort())
+            .index(&tiny.index)
+            .build()?;
+        let mut opts = engine.default_options();
+        opts.loop_options.max_steps = 3;
+        Ok(engine.reason(&question, &opts)?)
+    };
+    let plain = run(&plain_model)?;
+    let chat = run(&chat_model)?;
+    let (p1, c1) = (&plain.steps[0], &chat.steps[0]);
+    assert_eq!(
+        p1.retrieved, c1.retrieved,
+        "the same passages in both formats"
+    );
+    // The chat prompt is the plain one inside the template's markup: longer, by the markup.
+    let template = ChatTemplate::from_model_dir(&chat_model, None)?.context("template")?;
+    let tok = tokenizers::Tokenizer::from_file(chat_model.join("tokenizer.json"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let count = |s: &str| -> Result<usize> {
+        Ok(tok
+            .encode(s, true)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .len())
+    };
+    let markup = template.render(&[ChatMessage::new("user", "")], true)?;
+    assert!(
+        c1.prompt_tokens > p1.prompt_tokens,
+        "{} vs {}",
+        c1.prompt_tokens,
+        p1.prompt_tokens
+    );
+    assert!(
+        c1.prompt_tokens <= p1.prompt_tokens + count(&markup)?,
+        "chat {} tokens, plain {}, markup {}",
+        c1.prompt_tokens,
+        p1.prompt_tokens,
+        count(&markup)?
+    );
+    // Cross-step KV reuse keeps working in the chat layout.
+    if let Some(c2) = chat.steps.get(1) {
+        assert!(c2.reused_tokens > 0, "{c2:?}");
+    }
+
+    // A chat-format manifest without a template is refused, naming the directory.
+    let none_dir = tempfile::tempdir()?;
+    let no_template = chat_format_model(none_dir.path(), None)?;
+    let e = Engine::builder()
+        .model_dir(&no_template)
+        .backend(ort())
+        .index(&tiny.index)
+        .build()
+        .err()
+        .context("a chat-format model without a template loaded")?
+        .to_string();
+    assert!(
+        e.contains("chat template") && e.contains("tiny-chat"),
+        "{e}"
+    );
     Ok(())
 }
