@@ -267,14 +267,23 @@ impl EngineBuilder {
                 .unwrap_or_default()
         });
         // The manifest's prompt format, unless the caller chose a layout.
-        let format = manifest.as_ref().map(|m| m.prompt_format).unwrap_or_default();
+        let format = manifest
+            .as_ref()
+            .map(|m| m.prompt_format)
+            .unwrap_or_default();
         if format == PromptFormat::Chat && loop_options.prompt.format() == PromptFormat::Plain {
             let template = chat_template.clone().ok_or_else(|| Error::ChatTemplate {
                 path: model_dir.clone().unwrap_or_default(),
                 line: None,
                 message: "steper.json says `prompt_format: chat` but the model has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)".into(),
             })?;
-            loop_options.prompt = PromptLayout::chat(template);
+            // The loop encodes prompts with the tokenizer's special tokens: when it adds a BOS
+            // itself, the template's own is left out (one BOS, as transformers' chat prompts).
+            let adds_bos = tokenizer
+                .encode("", true)
+                .map(|e| !e.get_ids().is_empty())
+                .unwrap_or(false);
+            loop_options.prompt = PromptLayout::chat(template.with_leading_bos_stripped(adds_bos));
         }
         loop_options.validate()?;
         Ok(Engine {

@@ -61,6 +61,7 @@ pub struct ChatTemplate {
     source: String,
     special_tokens: BTreeMap<String, String>,
     clock: Arc<AtomicI64>,
+    strip_leading_bos: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -89,7 +90,16 @@ impl ChatTemplate {
             source: source.to_string(),
             special_tokens,
             clock,
+            strip_leading_bos: false,
         })
+    }
+
+    /// Renders without the `bos_token` text the template writes first, for text that a
+    /// tokenizer adding its own BOS encodes (one BOS, not two).
+    #[must_use]
+    pub fn with_leading_bos_stripped(mut self, strip: bool) -> Self {
+        self.strip_leading_bos = strip;
+        self
     }
 
     /// The template of a model directory: `tokenizer_config.json`'s `chat_template` (a string,
@@ -245,7 +255,14 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| self.error(&e))?;
-        template.render(ctx).map_err(|e| self.error(&e))
+        let text = template.render(ctx).map_err(|e| self.error(&e))?;
+        match self.special_tokens.get("bos_token") {
+            Some(bos) if self.strip_leading_bos && !bos.is_empty() => Ok(text
+                .strip_prefix(bos.as_str())
+                .map(str::to_string)
+                .unwrap_or(text)),
+            _ => Ok(text),
+        }
     }
 
     fn error(&self, e: &minijinja::Error) -> Error {
@@ -664,6 +681,16 @@ mod tests {
             s,
             "{\"b\": [1, 2.5, \"é<&>\"], \"a\": null, \"c\": {}}|{\n  \"b\": [\n    1,\n    2.5,\n    \"é<&>\"\n  ],\n  \"a\": null,\n  \"c\": {}\n}|[1e-05, 1e+16, 3.0, true]"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn the_leading_bos_can_be_left_to_the_tokenizer() -> Result<()> {
+        let tokens = BTreeMap::from([("bos_token".to_string(), "<s>".to_string())]);
+        let t = ChatTemplate::new("{{ bos_token }}[{{ messages[0].content }}]", "t", tokens)?;
+        let m = [ChatMessage::new("user", "x")];
+        assert_eq!(t.render(&m, false)?, "<s>[x]");
+        assert_eq!(t.with_leading_bos_stripped(true).render(&m, false)?, "[x]");
         Ok(())
     }
 
