@@ -7,6 +7,7 @@
 
 use anyhow::{Context, Result};
 use steper_runtime::backend::{BatchCache, BatchInput};
+use steper_runtime::data::ReadOptions;
 use steper_runtime::eval::{evaluate, evaluate_batched, evaluate_parallel, EvalOptions};
 use steper_runtime::{load_model, BackendKind, Engine, Error, Generator, LogitsMode, OrtOptions};
 use steper_test_support::argmax;
