@@ -129,6 +129,7 @@ pub fn render_prompt_in(
 /// Calibration prompts (`n`, balanced) and held-out prompts (`holdout`, balanced, from other
 /// questions when there are enough) rendered from `records`.
 pub fn split_prompts(
+    layout: &steper_runtime::prompt::PromptLayout,
     records: &[StepwiseRecord],
     n: usize,
     holdout: usize,
@@ -149,7 +150,7 @@ pub fn split_prompts(
     }
     let render = |ix: &[usize]| -> Result<Vec<Prompt>> {
         ix.iter()
-            .map(|&i| render_prompt(&records[i], tokenizer, word_cap, budget))
+            .map(|&i| render_prompt_in(layout, &records[i], tokenizer, word_cap, budget))
             .filter(|p| !matches!(p, Ok(p) if p.ids.is_empty()))
             .collect()
     };

@@ -449,7 +449,21 @@ pub fn calibrate(
 
     let records = load_records(&opts.data, opts, progress)?;
     let budget = opts.max_tokens.min(manifest.context_length).max(1);
+    // The prompts in the layout the model was trained with (steper.json's `prompt_format`); the
+    // template's BOS is left to the tokenizer when it adds one, as the runtime does.
+    let mut layout =
+        steper_runtime::prompt::PromptLayout::load(manifest.prompt_format, &opts.model)?;
+    if let steper_runtime::prompt::PromptLayout::Chat(t) = &layout {
+        let adds_bos = tokenizer
+            .encode("", true)
+            .map(|e| !e.get_ids().is_empty())
+            .unwrap_or(false);
+        layout = steper_runtime::prompt::PromptLayout::chat(
+            (**t).clone().with_leading_bos_stripped(adds_bos),
+        );
+    }
     let (calib, held) = split_prompts(
+        &layout,
         &records,
         opts.samples,
         opts.holdout,
