@@ -378,7 +378,10 @@ impl CustomOp2 for SwiGlu {
         }
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(ELEMWISE_CHUNK)
-            .zip(g.par_chunks(ELEMWISE_CHUNK).zip(u.par_chunks(ELEMWISE_CHUNK)))
+            .zip(
+                g.par_chunks(ELEMWISE_CHUNK)
+                    .zip(u.par_chunks(ELEMWISE_CHUNK)),
+            )
             .for_each(|(o, (g, u))| {
                 for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
                     *o = g * sigmoid(g) * u;
@@ -429,7 +432,10 @@ impl CustomOp3 for SwiGluBwd {
         dg.par_chunks_mut(ELEMWISE_CHUNK)
             .zip(du.par_chunks_mut(ELEMWISE_CHUNK))
             .zip(g.par_chunks(ELEMWISE_CHUNK))
-            .zip(u.par_chunks(ELEMWISE_CHUNK).zip(dy.par_chunks(ELEMWISE_CHUNK)))
+            .zip(
+                u.par_chunks(ELEMWISE_CHUNK)
+                    .zip(dy.par_chunks(ELEMWISE_CHUNK)),
+            )
             .for_each(|(((dg, du), g), (u, dy))| {
                 for i in 0..g.len() {
                     let s = sigmoid(g[i]);
@@ -745,8 +751,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn frozen_linear_gives_the_input_its_gradient_and_the_weight_none() -> candle_core::Result<()>
-    {
+    fn frozen_linear_gives_the_input_its_gradient_and_the_weight_none() -> candle_core::Result<()> {
         let x = Var::from_tensor(&randn(&[9, 12], 17)?)?;
         let w = randn(&[5, 12], 18)?;
         let y = linear_2d(x.as_tensor(), &w)?;
@@ -772,7 +777,11 @@ pub(crate) mod tests {
                 .filter(|t| t.dims() == [5, 12] || t.dims() == [12, 5])
                 .count()
         };
-        assert_eq!(weight_shaped(&gs), 1, "the composed form's wasted weight gradient");
+        assert_eq!(
+            weight_shaped(&gs),
+            1,
+            "the composed form's wasted weight gradient"
+        );
         assert_eq!(weight_shaped(&gf), 0, "the frozen weight got a gradient");
         // A trainable weight takes candle's matmul and gets its gradient.
         let wv = Var::from_tensor(&w)?;
