@@ -41,8 +41,8 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use checkpoint::{copy_companion_files, load_tokenizer, Checkpoint, GenerationConfig};
-pub use dtype::DTypeChoice;
 pub use config::{LlamaConfig, RopeScaling, TokenIds};
+pub use dtype::DTypeChoice;
 pub use error::{Error, Result};
 pub use generate::{
     generate, generate_text, GenerateOptions, Generation, Sampling, TextGeneration,
