@@ -11,7 +11,7 @@ use steper_calibration::pipeline::{files, Progress};
 use steper_calibration::tables::{parse_trt_cache, read_ort_trt_table};
 use steper_calibration::{calibrate, CalibrateOptions, DataSource, Error, Method};
 use steper_runtime::backend::load_model;
-use steper_runtime::data::{read_qa, PromptPassage, ReadOptions, Stage, StepwiseRecord};
+use steper_runtime::data::StepwiseRecord;
 use steper_runtime::{BackendKind, OrtOptions};
 
 /// Least fraction of fp32-greedy tokens the int8 model must also pick.
@@ -20,53 +20,6 @@ const GREEDY_AGREEMENT_MIN: f64 = 0.8;
 const TOP1_AGREEMENT_MIN: f64 = 0.8;
 /// Relative tolerance between a flatbuffers amax text and calibration.json's value.
 const AMAX_REL_TOL: f32 = 1e-6;
-
-/// Step-wise records from the world's QA (gold-style: one passage per step).
-fn records(world: &Path, questions: usize) -> Result<Vec<StepwiseRecord>> {
-    let qa = read_qa(&world.join("train.jsonl"), ReadOptions::default())?.rows;
-    let mut out = Vec::new();
-    for q in qa.iter().take(questions) {
-        let ps: Vec<PromptPassage> = q
-            .paragraphs
-            .iter()
-            .map(|p| PromptPassage {
-                title: p.title.clone(),
-                text: p.text.clone(),
-            })
-            .collect();
-        let facts: Vec<String> = q
-            .paragraphs
-            .iter()
-            .map(|p| p.text.split(". ").next().unwrap_or("").to_string() + ".")
-            .collect();
-        let steps = ps.len().clamp(2, 3);
-        for s in 1..=steps {
-            let stage = if s == 1 {
-                Stage::Init
-            } else if s == steps {
-                Stage::Aggregate
-            } else {
-                Stage::Expand
-            };
-            out.push(StepwiseRecord {
-                qid: q.id.clone(),
-                stage,
-                step: s,
-                question: q.question.clone(),
-                passages: ps[..s.min(ps.len())].to_vec(),
-                reasoning: facts[..s - 1].to_vec(),
-                target: if stage == Stage::Aggregate {
-                    format!("So the answer is: {}.", q.answers[0])
-                } else {
-                    facts[s - 1].clone()
-                },
-                teacher: "gold".into(),
-                answers: q.answers.clone(),
-            });
-        }
-    }
-    Ok(out)
-}
 
 fn write_records(dir: &Path, rows: &[StepwiseRecord]) -> Result<PathBuf> {
     let p = dir.join("stepwise.jsonl");
@@ -98,7 +51,10 @@ fn options(model: &Path, data: &Path, out: &Path) -> CalibrateOptions {
 fn qdq_model_loads_runs_agrees_and_validates() -> Result<()> {
     let (model, world) = tiny_required()?;
     let tmp = tempfile::tempdir()?;
-    let data = write_records(tmp.path(), &records(&world, 12)?)?;
+    let data = write_records(
+        tmp.path(),
+        &steper_test_support::stepwise_records(&world, 12)?,
+    )?;
     let out = tmp.path().join("int8");
     let mut phases = Vec::new();
     let report = calibrate(&options(&model, &data, &out), &mut |p| {
@@ -188,7 +144,10 @@ fn qdq_model_loads_runs_agrees_and_validates() -> Result<()> {
 fn minmax_with_quantized_lm_head() -> Result<()> {
     let (model, world) = tiny_required()?;
     let tmp = tempfile::tempdir()?;
-    let data = write_records(tmp.path(), &records(&world, 6)?)?;
+    let data = write_records(
+        tmp.path(),
+        &steper_test_support::stepwise_records(&world, 6)?,
+    )?;
     let out = tmp.path().join("int8");
     let mut o = options(&model, &data, &out);
     o.method = Method::MinMax;
@@ -229,7 +188,10 @@ fn dir_is_empty(p: &Path) -> bool {
 fn bad_input_fails_clearly_and_writes_nothing() -> Result<()> {
     let (model, world) = tiny_required()?;
     let tmp = tempfile::tempdir()?;
-    let data = write_records(tmp.path(), &records(&world, 3)?)?;
+    let data = write_records(
+        tmp.path(),
+        &steper_test_support::stepwise_records(&world, 3)?,
+    )?;
 
     // Empty calibration set.
     let empty = tmp.path().join("empty.jsonl");
@@ -317,7 +279,10 @@ fn calibration_json(out: &Path) -> Result<serde_json::Value> {
 fn smoothing_keeps_the_fp32_function_and_flattens_the_channels() -> Result<()> {
     let (model, world) = tiny_required()?;
     let tmp = tempfile::tempdir()?;
-    let data = write_records(tmp.path(), &records(&world, 8)?)?;
+    let data = write_records(
+        tmp.path(),
+        &steper_test_support::stepwise_records(&world, 8)?,
+    )?;
     let out = tmp.path().join("int8-smooth");
     let mut o = options(&model, &data, &out);
     o.samples = 8;
@@ -427,7 +392,10 @@ fn smoothing_keeps_the_fp32_function_and_flattens_the_channels() -> Result<()> {
 fn keep_float_leaves_the_named_layers_in_float_and_rejects_unknown_names() -> Result<()> {
     let (model, world) = tiny_required()?;
     let tmp = tempfile::tempdir()?;
-    let data = write_records(tmp.path(), &records(&world, 6)?)?;
+    let data = write_records(
+        tmp.path(),
+        &steper_test_support::stepwise_records(&world, 6)?,
+    )?;
     let out = tmp.path().join("int8");
     let mut o = options(&model, &data, &out);
     o.samples = 6;

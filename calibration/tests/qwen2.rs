@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 use steper_calibration::pipeline::files;
 use steper_calibration::{calibrate, CalibrateOptions, DataSource};
 use steper_runtime::backend::load_model;
-use steper_runtime::data::{read_qa, PromptPassage, ReadOptions, Stage, StepwiseRecord};
 use steper_runtime::{BackendKind, LogitsMode, OrtOptions};
 
 /// Largest |smoothed − original| fp32 logit over the largest |original logit| (the same
@@ -79,53 +78,6 @@ fn qwen2_copy(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Step-wise records from the world's QA (gold-style: one passage per step).
-fn records(world: &Path, questions: usize) -> Result<Vec<StepwiseRecord>> {
-    let qa = read_qa(&world.join("train.jsonl"), ReadOptions::default())?.rows;
-    let mut out = Vec::new();
-    for q in qa.iter().take(questions) {
-        let ps: Vec<PromptPassage> = q
-            .paragraphs
-            .iter()
-            .map(|p| PromptPassage {
-                title: p.title.clone(),
-                text: p.text.clone(),
-            })
-            .collect();
-        let facts: Vec<String> = q
-            .paragraphs
-            .iter()
-            .map(|p| p.text.split(". ").next().unwrap_or("").to_string() + ".")
-            .collect();
-        let steps = ps.len().clamp(2, 3);
-        for s in 1..=steps {
-            let stage = if s == 1 {
-                Stage::Init
-            } else if s == steps {
-                Stage::Aggregate
-            } else {
-                Stage::Expand
-            };
-            out.push(StepwiseRecord {
-                qid: q.id.clone(),
-                stage,
-                step: s,
-                question: q.question.clone(),
-                passages: ps[..s.min(ps.len())].to_vec(),
-                reasoning: facts[..s - 1].to_vec(),
-                target: if stage == Stage::Aggregate {
-                    format!("So the answer is: {}.", q.answers[0])
-                } else {
-                    facts[s - 1].clone()
-                },
-                teacher: "gold".into(),
-                answers: q.answers.clone(),
-            });
-        }
-    }
-    Ok(out)
-}
-
 #[test]
 fn a_qwen2_export_calibrates_with_smoothing_and_keeps_its_fp32_function() -> Result<()> {
     let t = steper_test_support::tiny()?;
@@ -135,7 +87,7 @@ fn a_qwen2_export_calibrates_with_smoothing_and_keeps_its_fp32_function() -> Res
     let model = tmp.path().join("qwen2-onnx");
     steper_export::export(&ckpt, &model, &steper_export::ExportOptions::default())?;
 
-    let rows = records(&t.world, 8)?;
+    let rows = steper_test_support::stepwise_records(&t.world, 8)?;
     let text: Vec<String> = rows
         .iter()
         .map(serde_json::to_string)

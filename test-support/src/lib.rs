@@ -18,7 +18,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
-use steper_runtime::data::{read_corpus, read_qa, QaExample, ReadOptions};
+use steper_runtime::data::{
+    read_corpus, read_qa, PromptPassage, QaExample, ReadOptions, Stage, StepwiseRecord,
+};
 use steper_runtime::retrieval::{build_index, IndexOptions};
 use steper_train::student::{corpus_texts, init_student, StudentSpec};
 use steper_train::synth::{generate_world, write_world, SynthConfig};
@@ -208,6 +210,55 @@ fn build_tiny(dir: &Path) -> Result<()> {
     let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
     build_index(&docs, &dir.join("index"), &corpus, IndexOptions::default())?;
     Ok(())
+}
+
+/// Step-wise records of the first `questions` train questions of a synthetic world, gold-style:
+/// step s shows the first s paragraphs and states the first sentence of paragraph s; the last
+/// step (the 2nd or 3rd) states the answer.
+pub fn stepwise_records(world: &Path, questions: usize) -> Result<Vec<StepwiseRecord>> {
+    let qa = read_qa(&world.join("train.jsonl"), ReadOptions::default())?.rows;
+    let mut out = Vec::new();
+    for q in qa.iter().take(questions) {
+        let ps: Vec<PromptPassage> = q
+            .paragraphs
+            .iter()
+            .map(|p| PromptPassage {
+                title: p.title.clone(),
+                text: p.text.clone(),
+            })
+            .collect();
+        let facts: Vec<String> = q
+            .paragraphs
+            .iter()
+            .map(|p| p.text.split(". ").next().unwrap_or("").to_string() + ".")
+            .collect();
+        let steps = ps.len().clamp(2, 3);
+        for s in 1..=steps {
+            let stage = if s == 1 {
+                Stage::Init
+            } else if s == steps {
+                Stage::Aggregate
+            } else {
+                Stage::Expand
+            };
+            out.push(StepwiseRecord {
+                qid: q.id.clone(),
+                stage,
+                step: s,
+                question: q.question.clone(),
+                passages: ps[..s.min(ps.len())].to_vec(),
+                reasoning: facts[..s - 1].to_vec(),
+                target: if stage == Stage::Aggregate {
+                    format!("So the answer is: {}.", q.answers[0])
+                } else {
+                    facts[s - 1].clone()
+                },
+                teacher: "gold".into(),
+                answers: q.answers.clone(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Makes the fixture under `root` unless it is there, under an exclusive lock on
