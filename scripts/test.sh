@@ -21,9 +21,11 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 # Feature matrix of steper-runtime beyond the defaults (the CLI's): the library with no feature
 # builds (its unit tests run with the test fixtures' features above: the dev-dependencies turn
-# features on), and the embedder's `default-features = false, features = ["ort"]`, whose
-# example is built and run on the tiny export with its own retriever.
+# features on), and the embedder's `default-features = false, features = ["ort"]` (crate
+# steper-embed-ort, built alone so that it sees exactly that feature set) runs on the tiny
+# export with its own retriever.
 cargo build -p steper-runtime --no-default-features --lib
-cargo build -p steper-runtime --no-default-features --features ort --example embed_ort
+cargo build -p steper-embed-ort
 TINY="$(target/debug/steper-test-fixture)"
-target/debug/examples/embed_ort "$TINY/export" "$TINY/world/corpus.jsonl" "$TINY/world/dev.jsonl" 3 60000
+ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}" \
+  target/debug/steper-embed-ort "$TINY/export" "$TINY/world/corpus.jsonl" "$TINY/world/dev.jsonl" 3 60000

@@ -19,7 +19,7 @@
 //!
 //! An edge service that runs the loop on ONNX Runtime with its own retriever depends on
 //! `steper-runtime = { default-features = false, features = ["ort"] }` (see
-//! `examples/embed_ort.rs`).
+//! the `steper-embed-ort` crate of the workspace, `embed-ort/src/main.rs`).
 //!
 //! # The API
 //!

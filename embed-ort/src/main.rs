@@ -3,7 +3,7 @@
 //! in-memory term-overlap index over a JSONL corpus; no tantivy, no HTTP stack, no CLI crates).
 //!
 //! ```text
-//! cargo run -p steper-runtime --no-default-features --features ort --example embed_ort -- \
+//! cargo run -p steper-embed-ort -- \
 //!     MODEL_DIR CORPUS.jsonl QA.jsonl [LIMIT=3] [DEADLINE_MS=30000]
 //! ```
 //!
@@ -84,7 +84,9 @@ impl Retriever for OverlapIndex {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 3 {
-        bail!("usage: embed_ort MODEL_DIR CORPUS.jsonl QA.jsonl [LIMIT=3] [DEADLINE_MS=30000]");
+        bail!(
+            "usage: steper-embed-ort MODEL_DIR CORPUS.jsonl QA.jsonl [LIMIT=3] [DEADLINE_MS=30000]"
+        );
     }
     let (model, corpus, qa) = (
         PathBuf::from(&args[0]),
