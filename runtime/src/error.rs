@@ -261,10 +261,55 @@ pub enum Error {
         /// The corpus file (or the first QA file it was built from).
         path: PathBuf,
     },
+    /// A file of evaluation records holds none.
+    #[error("{path}: no evaluation records")]
+    NoRecords {
+        /// The record file.
+        path: PathBuf,
+    },
+    /// A record file to compare with a baseline does not hold the baseline's questions.
+    #[error("{path}: its question ids differ from those of {baseline}: {} of the baseline's missing{}, {} not in the baseline{}", .missing_count, id_list(.missing, *.missing_count), .extra_count, id_list(.extra, *.extra_count))]
+    QuestionSetsDiffer {
+        /// The record file compared.
+        path: PathBuf,
+        /// The baseline's record file.
+        baseline: PathBuf,
+        /// The first ids of the baseline that `path` lacks.
+        missing: Vec<String>,
+        /// How many ids of the baseline `path` lacks.
+        missing_count: usize,
+        /// The first ids of `path` that the baseline lacks.
+        extra: Vec<String>,
+        /// How many ids of `path` the baseline lacks.
+        extra_count: usize,
+    },
+    /// A record file to compare with a baseline asks another question under one of its ids.
+    #[error(
+        "{path}:{line}: field `question`: id {id:?} holds another question than in {baseline}"
+    )]
+    QuestionMismatch {
+        /// The record file compared.
+        path: PathBuf,
+        /// 1-based line of the record.
+        line: usize,
+        /// The record's id.
+        id: String,
+        /// The baseline's record file.
+        baseline: PathBuf,
+    },
 }
 
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// ` (a, b, c, …)` for the first ids of a list of `total`; nothing when it is empty.
+fn id_list(first: &[String], total: usize) -> String {
+    if first.is_empty() {
+        return String::new();
+    }
+    let more = if total > first.len() { ", …" } else { "" };
+    format!(" ({}{more})", first.join(", "))
+}
 
 impl Error {
     /// An I/O error on `path`.

@@ -1,8 +1,11 @@
 //! Evaluation over a QA file: the loop on every question, per-question records and a summary;
 //! [`evaluate_batched`] runs several questions at once with batched decoding ([`batched`]),
-//! [`evaluate_parallel`] several such streams on their own threads and model sessions.
+//! [`evaluate_parallel`] several such streams on their own threads and model sessions;
+//! [`compare`] sets the records of several runs on the same questions side by side (paired
+//! differences with bootstrap intervals and sign tests).
 
 pub mod batched;
+pub mod compare;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -31,6 +31,9 @@ enum Command {
     Ask(commands::ask::Args),
     /// Evaluate the loop over a QA file (records + summary).
     Eval(commands::eval::Args),
+    /// Compare evaluation runs on the same questions: paired differences with bootstrap
+    /// intervals and sign tests, per dataset and pooled.
+    Compare(commands::compare::Args),
     /// Prefill / decode tokens per second of exports on ort and tract.
     BenchDecode(commands::bench::Args),
     /// Serve /v1/reason, /v1/completions (OpenAI-compatible), /healthz and /metrics over HTTP.
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::RetrievalEval(a) => commands::retrieval_eval::run(a),
         Command::Ask(a) => commands::ask::run(a),
         Command::Eval(a) => commands::eval::run(a),
+        Command::Compare(a) => commands::compare::run(a),
         Command::BenchDecode(a) => commands::bench::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::BenchServe(a) => commands::bench_serve::run(a),
