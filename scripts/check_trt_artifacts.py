@@ -523,6 +523,18 @@ def main():
     ap.add_argument("--steper-run", help="steper-run binary")
     ap.add_argument("--fixture", help="the tiny fixture directory")
     a = ap.parse_args()
+    inputs = [Path(d) / f for d in a.calib
+              for f in ("calibration.json", "calibration.flatbuffers", "calibration.cache")]
+    inputs += [Path(spec.partition("=")[2]) for spec in a.model]
+    if a.ort_gpu_capi:
+        if not (a.cpu_ort_lib and a.steper_run and a.fixture):
+            ap.error("--ort-gpu-capi needs --cpu-ort-lib, --steper-run and --fixture")
+        inputs += [Path(a.ort_gpu_capi), Path(a.cpu_ort_lib), Path(a.steper_run),
+                   Path(a.fixture) / "export", Path(a.fixture) / "index"]
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        print(f"check_trt_artifacts.py: missing input(s): {', '.join(missing)}", file=sys.stderr)
+        return 2
     mismatches = []
     report = {"format": "steper-trt-artifacts-check", "version": 1,
               "peers": {"onnxruntime": ort.__version__, "onnx": onnx.__version__,
