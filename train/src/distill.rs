@@ -7,7 +7,7 @@
 //!   records, so it marks the question as done.
 //! - `stepwise.jsonl` — the step-wise records of the questions that passed.
 //! - `vanilla.jsonl` — with `vanilla`: one Vanilla-KD record per passing question.
-//! - `summary.json` — counts and speeds.
+//! - `summary.json` — counts, speeds and the prompt format.
 //!
 //! Resumable: on restart the questions already in `traces.jsonl` are skipped and records of an
 //! unfinished question (killed between its records and its trace line) are dropped first.
@@ -87,6 +87,10 @@ pub struct DistillSummary {
     pub new_questions: usize,
     /// Seconds of this process.
     pub seconds: f64,
+    /// How the teacher was prompted (`plain` or `chat`): the loop's layout, or for a teacher
+    /// that applies a chat template itself (an OpenAI-compatible server's
+    /// `/v1/chat/completions`), the format its caller records.
+    pub prompt_format: steper_runtime::prompt::PromptFormat,
 }
 
 const TRACES: &str = "traces.jsonl";
@@ -301,9 +305,16 @@ pub fn distill_pool<M: StepModel + Send>(
     s.new_questions = new_questions;
     s.seconds = seconds;
     s.teacher_tokens_per_sec = new_tokens as f64 / seconds.max(1e-9);
-    let text = serde_json::to_string_pretty(&s).map_err(|e| Error::Input(e.to_string()))?;
-    steper_fsutil::write_atomic(&out.join("summary.json"), text.as_bytes())?;
+    s.prompt_format = opts.loop_opts.prompt.format();
+    write_summary(out, &s)?;
     Ok(s)
+}
+
+/// Writes `summary.json` into the output directory `out`.
+pub fn write_summary(out: &Path, s: &DistillSummary) -> Result<()> {
+    let text = serde_json::to_string_pretty(s).map_err(|e| Error::Input(e.to_string()))?;
+    steper_fsutil::write_atomic(&out.join("summary.json"), text.as_bytes())?;
+    Ok(())
 }
 
 /// Workers take the next question index; the calling thread hands results to `record` in

@@ -6,9 +6,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use steper_runtime::data::{read_qa, ReadOptions};
+use steper_runtime::prompt::{PromptFormat, PromptLayout};
 use steper_runtime::retrieval::Bm25Index;
 use steper_runtime::LoopOptions;
-use steper_train::distill::{distill, distill_pool, DistillOptions, Filter};
+use steper_train::distill::{distill, distill_pool, write_summary, DistillOptions, Filter};
 use steper_train::teacher::{
     CandleTeacher, GoldTeacher, OpenAiConfig, OpenAiTeacher, TeacherPrompt,
 };
@@ -24,9 +25,19 @@ pub struct Args {
     #[arg(long, default_value = "teacher")]
     teacher_model: String,
     /// Use `/v1/chat/completions` (the server applies the model's chat template; the
-    /// instruction header becomes the system message) instead of `/v1/completions`.
+    /// instruction header becomes the system message) instead of `/v1/completions`. Same as
+    /// `--prompt-format chat` for `openai:` teachers.
     #[arg(long)]
     teacher_chat: bool,
+    /// How the LLM teachers are prompted: `plain` (the IRCoT text) or `chat`. With
+    /// `checkpoint:DIR`, `chat` renders every step prompt inside the checkpoint's own chat
+    /// template (DIR's tokenizer_config.json `chat_template` or chat_template.jinja), as
+    /// `fit`, export, calibration and the runtime do; with `openai:URL` it sends
+    /// `/v1/chat/completions` messages (as --teacher-chat; `plain` with --teacher-chat is
+    /// refused). Records are layout-free either way (`fit --prompt-format` renders them); the
+    /// gold teacher only records the value. Default: plain (chat with --teacher-chat).
+    #[arg(long)]
+    prompt_format: Option<String>,
     /// Environment variable holding the API key (sent as `Authorization: Bearer`); unset or
     /// empty: no key is sent.
     #[arg(long, default_value = "OPENAI_API_KEY")]
@@ -113,7 +124,7 @@ pub fn run(a: Args) -> Result<()> {
         qs.truncate(n);
     }
     let index = Bm25Index::open(&a.index)?;
-    let opts = DistillOptions {
+    let mut opts = DistillOptions {
         loop_opts: LoopOptions::default()
             .with_top_k(a.top_k)
             .with_max_steps(a.max_steps)
@@ -128,7 +139,11 @@ pub fn run(a: Args) -> Result<()> {
     if a.concurrency > 1 && !a.teacher.starts_with("openai:") {
         bail!("--concurrency > 1 needs --teacher openai:URL (local teachers run one question at a time)");
     }
-    let summary = if a.teacher == "gold" {
+    let format = prompt_format(a.prompt_format.as_deref(), a.teacher_chat)?;
+    if a.teacher_chat && !a.teacher.starts_with("openai:") {
+        bail!("--teacher-chat needs --teacher openai:URL (a checkpoint: teacher is put in its chat template by --prompt-format chat)");
+    }
+    let mut summary = if a.teacher == "gold" {
         let mut t = GoldTeacher::new();
         if let Some(s) = &a.fit_student {
             let cfg = steper_models::LlamaConfig::from_file(&s.join("config.json"))?;
@@ -158,6 +173,18 @@ pub fn run(a: Args) -> Result<()> {
         }
         s
     } else if let Some(dir) = a.teacher.strip_prefix("checkpoint:") {
+        let prompt = TeacherPrompt::from_spec(&a.teacher_prompt)
+            .with_context(|| format!("--teacher-prompt {}", a.teacher_prompt))?;
+        if prompt.is_some() && format == PromptFormat::Chat {
+            bail!(
+                "--teacher-prompt {} with --prompt-format chat and a checkpoint: teacher: the chat layout holds the student's prompt only (use --teacher-prompt none, or --prompt-format plain)",
+                a.teacher_prompt
+            );
+        }
+        // The teacher encodes prompts without adding special tokens, so the template's own
+        // BOS text stays in.
+        opts.loop_opts.prompt = PromptLayout::load(format, std::path::Path::new(dir))
+            .with_context(|| format!("teacher checkpoint {dir}"))?;
         let ck =
             steper_models::Checkpoint::load_with(std::path::Path::new(dir), a.dtype, &Device::Cpu)
                 .with_context(|| format!("teacher checkpoint {dir}"))?;
@@ -165,9 +192,7 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("{note}");
         }
         let mut t = CandleTeacher::new(ck.model()?, ck.tokenizer()?, format!("checkpoint:{dir}"));
-        if let Some(p) = TeacherPrompt::from_spec(&a.teacher_prompt)
-            .with_context(|| format!("--teacher-prompt {}", a.teacher_prompt))?
-        {
+        if let Some(p) = prompt {
             t = t.with_prompt(p)?;
         }
         distill(&qs, &index, &mut t, |_, _| {}, &opts, &a.out, !a.json)?
@@ -189,6 +214,12 @@ pub fn run(a: Args) -> Result<()> {
             a.teacher
         );
     };
+    if summary.prompt_format != format {
+        // The loop's layout stays plain for the gold and OpenAI teachers (the server renders
+        // the chat messages); the run's format is the one given.
+        summary.prompt_format = format;
+        write_summary(&a.out, &summary)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -203,7 +234,7 @@ pub fn run(a: Args) -> Result<()> {
 
 fn openai_teacher(a: &Args, url: &str) -> Result<OpenAiTeacher> {
     let mut cfg = OpenAiConfig::new(url, a.teacher_model.clone());
-    cfg.chat = a.teacher_chat;
+    cfg.chat = prompt_format(a.prompt_format.as_deref(), a.teacher_chat)? == PromptFormat::Chat;
     cfg.api_key = std::env::var(&a.teacher_api_key_env)
         .ok()
         .filter(|k| !k.trim().is_empty());
@@ -227,4 +258,23 @@ fn openai_teacher(a: &Args, url: &str) -> Result<OpenAiTeacher> {
         None => None,
     };
     Ok(OpenAiTeacher::new(cfg, tokenizer)?)
+}
+
+/// The run's prompt format: `--prompt-format` when given (`plain` contradicts
+/// `--teacher-chat`), else chat exactly with `--teacher-chat`.
+fn prompt_format(flag: Option<&str>, teacher_chat: bool) -> Result<PromptFormat> {
+    let Some(flag) = flag else {
+        return Ok(if teacher_chat {
+            PromptFormat::Chat
+        } else {
+            PromptFormat::Plain
+        });
+    };
+    let format = flag
+        .parse::<PromptFormat>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if teacher_chat && format == PromptFormat::Plain {
+        bail!("--prompt-format plain contradicts --teacher-chat (which sends /v1/chat/completions messages): drop one of them");
+    }
+    Ok(format)
 }
