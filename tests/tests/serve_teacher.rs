@@ -3,7 +3,12 @@
 //! of `steper-train distill --teacher openai:URL` on a few questions of the export's world. The
 //! tiny student is no good teacher (its pass rate may be 0); the test checks that every question
 //! gets a trace through HTTP and that the records match the traces, and that a resumed run
-//! equals an uninterrupted one.
+//! equals an uninterrupted one. The same through `/v1/chat/completions`
+//! (`--teacher-chat` / `--prompt-format chat`) on a copy of the export given a chat template.
+//!
+//! These live here rather than in train/tests: this crate already builds the runtime with its
+//! server and steper-train's library together; the teacher is configured as the binary's
+//! `--teacher-chat` configures it (train/tests/distill_prompt_format.rs checks that mapping).
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,7 +16,7 @@ use std::time::Duration;
 use anyhow::Result;
 use steper_runtime::data::StepwiseRecord;
 use steper_runtime::retrieval::Bm25Index;
-use steper_runtime::serve::{ServeConfig, Server};
+use steper_runtime::serve::{Endpoint, ServeConfig, Server};
 use steper_runtime::LoopOptions;
 use steper_runtime::{BackendKind, Engine, OrtOptions};
 use steper_train::distill::{distill, distill_pool, DistillOptions, Filter, TraceLine};
@@ -162,6 +167,133 @@ fn distill_with_steper_run_serve_as_teacher() -> Result<()> {
         Ok(v)
     };
     assert_eq!(strip(&full)?, strip(&part)?, "resumed run differs");
+    server.shutdown()?;
+    Ok(())
+}
+
+/// Questions distilled through `/v1/chat/completions`.
+const CHAT_QUESTIONS: usize = 3;
+
+/// Qwen2.5's ChatML layout without its tool branch.
+const CHATML: &str = "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+#[test]
+fn distill_with_teacher_chat_against_serve_chat_completions() -> Result<()> {
+    let tiny = steper_test_support::tiny()?;
+    let tmp = tempfile::tempdir()?;
+    // A copy of the tiny export whose tokenizer_config.json carries the template.
+    let model = tmp.path().join("tiny-chat");
+    std::fs::create_dir_all(&model)?;
+    for entry in std::fs::read_dir(&tiny.export)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), model.join(entry.file_name()))?;
+        }
+    }
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "</s>", "bos_token": null, "chat_template": CHATML})
+            .to_string(),
+    )?;
+    let qs: Vec<_> = tiny
+        .questions("train")?
+        .into_iter()
+        .take(CHAT_QUESTIONS)
+        .collect();
+    assert_eq!(qs.len(), CHAT_QUESTIONS);
+
+    let (m, i) = (model.clone(), tiny.index.clone());
+    let server = Server::start(
+        ServeConfig::default()
+            .with_addr("127.0.0.1:0".parse()?)
+            .with_workers(1)
+            .with_max_body_bytes(1 << 20)
+            .with_model_name("tiny-chat"),
+        move || {
+            Engine::builder()
+                .model_dir(m)
+                .backend(BackendKind::Ort(
+                    OrtOptions::default().with_intra_threads(1),
+                ))
+                .index(i)
+                .build()
+        },
+    )?;
+    server.wait_ready(Duration::from_secs(120))?;
+
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("steper.json"))?)?;
+    let context = manifest["context_length"]
+        .as_u64()
+        .or_else(|| manifest["context"].as_u64())
+        .unwrap_or(1024) as usize;
+    let tokenizer = tokenizers::Tokenizer::from_file(model.join("tokenizer.json"))
+        .map_err(anyhow::Error::msg)?;
+    // `--teacher openai:http://ADDR/v1 --teacher-model tiny-chat --teacher-chat`.
+    let mut cfg = OpenAiConfig::new(format!("http://{}/v1", server.addr()), "tiny-chat");
+    cfg.chat = true;
+    cfg.context = Some(context - CONTEXT_MARGIN);
+    cfg.timeout = Duration::from_secs(120);
+    cfg.max_retries = 2;
+    let teacher = OpenAiTeacher::new(cfg, Some(tokenizer))?;
+    assert!(teacher.endpoint().ends_with("/v1/chat/completions"));
+
+    let index = Bm25Index::open(&tiny.index)?;
+    let opts = DistillOptions {
+        loop_opts: LoopOptions::default()
+            .with_max_steps(3)
+            .with_max_sentence_tokens(16),
+        filter: Filter::None,
+        vanilla: false,
+        stop_after: None,
+    };
+    let out = tmp.path().join("chat");
+    let mut t = teacher.clone();
+    let s = distill(&qs, &index, &mut t, |_, _| {}, &opts, &out, false)?;
+    eprintln!(
+        "tiny student as chat teacher through steper-run serve: {}",
+        serde_json::to_string(&s)?
+    );
+    assert_eq!((s.questions, s.passed), (CHAT_QUESTIONS, CHAT_QUESTIONS));
+
+    let traces: Vec<TraceLine> = lines(&out.join("traces.jsonl"))?
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<std::result::Result<_, _>>()?;
+    let records: Vec<StepwiseRecord> = lines(&out.join("stepwise.jsonl"))?
+        .into_iter()
+        .map(serde_json::from_value)
+        .collect::<std::result::Result<_, _>>()?;
+    let mut steps = 0;
+    for tr in &traces {
+        let recs: Vec<&StepwiseRecord> = records.iter().filter(|r| r.qid == tr.qid).collect();
+        assert_eq!(recs.len(), tr.trace.steps.len(), "{}", tr.qid);
+        assert_eq!(
+            recs.first().map(|r| r.stage),
+            Some(steper_runtime::data::Stage::Init)
+        );
+        for (r, st) in recs.iter().zip(&tr.trace.steps) {
+            assert_eq!((r.stage, &r.target), (st.stage, &st.sentence), "{}", tr.qid);
+            assert_eq!(r.teacher, "openai:tiny-chat");
+            assert!(!r.target.contains("<|im_"), "{}: {:?}", tr.qid, r.target);
+        }
+        steps += tr.trace.steps.len();
+    }
+    assert_eq!(records.len(), steps);
+    // One chat request per step, and none on the completions endpoint.
+    let metrics = server.metrics();
+    assert_eq!(
+        metrics.requests(Endpoint::ChatCompletions, 200),
+        steps as u64
+    );
+    assert_eq!(metrics.requests(Endpoint::Completions, 200), 0);
+    assert_eq!(
+        teacher
+            .stats()
+            .ok
+            .load(std::sync::atomic::Ordering::Relaxed),
+        steps as u64
+    );
     server.shutdown()?;
     Ok(())
 }
