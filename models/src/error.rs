@@ -62,6 +62,25 @@ pub enum Error {
         /// The device (`cpu`, `cuda:0`, ...).
         device: String,
     },
+    /// A CUDA device was asked of a build compiled without the `cuda` feature.
+    #[error(
+        "--device {device}: this build lacks the `cuda` feature (candle's CUDA backend); rebuild with `{}`",
+        crate::device::CUDA_BUILD_COMMAND
+    )]
+    CudaNotCompiled {
+        /// The device asked for (`cuda:0`, ...).
+        device: String,
+    },
+    /// The build has CUDA but the GPU of that ordinal could not be opened (no GPU, no driver,
+    /// or fewer GPUs).
+    #[error("--device cuda:{ordinal}: no CUDA device {ordinal} was found: {source}")]
+    NoCudaDevice {
+        /// The GPU ordinal asked for.
+        ordinal: usize,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
     /// A sharded checkpoint's index names a shard file that is not there.
     #[error("{index}: names shard {shard}, which does not exist")]
     MissingShard {

@@ -30,6 +30,7 @@ pub mod arch;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod generate;
@@ -42,6 +43,7 @@ pub mod weights;
 
 pub use checkpoint::{copy_companion_files, load_tokenizer, Checkpoint, GenerationConfig};
 pub use config::{LlamaConfig, RopeScaling, TokenIds};
+pub use device::DeviceChoice;
 pub use dtype::DTypeChoice;
 pub use error::{Error, Result};
 pub use generate::{

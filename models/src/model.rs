@@ -18,6 +18,7 @@ use crate::attention::KeyMask;
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
+use crate::ops::Kernels;
 use crate::weights::Weights;
 
 /// Additive mask value for positions a query may not attend to. Finite so that a fully masked row
@@ -47,8 +48,8 @@ impl Proj {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = linear(x, &self.w)?;
+    fn forward(&self, x: &Tensor, k: Kernels) -> Result<Tensor> {
+        let y = linear(x, &self.w, k)?;
         let y = match &self.bias {
             None => y,
             Some(b) => y.broadcast_add(b)?,
@@ -56,7 +57,7 @@ impl Proj {
         match &self.lora {
             None => Ok(y),
             // The scale on the `[.., r]` intermediate: r columns instead of `out`.
-            Some((a, b, scale)) => Ok((y + linear(&(linear(x, a)? * *scale)?, b)?)?),
+            Some((a, b, scale)) => Ok((y + linear(&(linear(x, a, k)? * *scale)?, b, k)?)?),
         }
     }
 }
@@ -170,6 +171,7 @@ pub struct Llama {
     sin: Tensor,
     device: Device,
     dtype: DType,
+    kernels: Kernels,
 }
 
 impl Llama {
@@ -217,7 +219,22 @@ impl Llama {
             sin,
             device,
             dtype,
+            kernels: Kernels::Auto,
         })
+    }
+
+    /// The model with its element-wise chains and attention run by `kernels`:
+    /// [`Kernels::Auto`] (the default) runs the fused CPU kernels in f32 on the CPU and candle's
+    /// composed ops elsewhere (CUDA, half types); [`Kernels::Composed`] runs the composed ops
+    /// everywhere, which on the CPU reproduces what a GPU computes.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The kernels the model runs (see [`Llama::with_kernels`]).
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Attaches LoRA adapters (see [`crate::lora`]): every `{proj}.lora_a` `[rank, in]` /
@@ -415,8 +432,8 @@ impl Llama {
     /// The final norm and the vocabulary projection: logits `[.., vocab]` of hidden states
     /// `[.., hidden]` of any leading shape (e.g. only the rows of target positions).
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x = rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps)?;
-        linear(&x, &self.lm_head)
+        let x = rms_norm(hidden, &self.norm, self.cfg.rms_norm_eps, self.kernels)?;
+        linear(&x, &self.lm_head, self.kernels)
     }
 
     /// Checks ids, mask and length against the model and the cache; returns the ids, the
@@ -505,11 +522,12 @@ impl Llama {
     ) -> Result<AttnInputs> {
         let total = past + s;
         let need_mask = s > 1 || valid.iter().any(|r| r.iter().any(|&v| !v));
-        let keys = if self.device.is_cpu() && self.dtype == DType::F32 {
-            Some(Arc::new(KeyMask::causal(valid, s)?))
-        } else {
-            None
-        };
+        let keys =
+            if self.kernels == Kernels::Auto && self.device.is_cpu() && self.dtype == DType::F32 {
+                Some(Arc::new(KeyMask::causal(valid, s)?))
+            } else {
+                None
+            };
         let mask = if keys.is_some() {
             None
         } else if need_mask {
@@ -548,11 +566,17 @@ impl Llama {
         cache: &mut Option<(Tensor, Tensor)>,
         keep: bool,
     ) -> Result<Tensor> {
-        let hn = rms_norm(x, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
+        let k = self.kernels;
+        let hn = rms_norm(x, &layer.input_layernorm, self.cfg.rms_norm_eps, k)?;
         let a = self.attention(&layer.attn, &hn, ctx, cache, keep)?;
         let x1 = (x + a)?;
-        let hn = rms_norm(&x1, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
-        let m = mlp(&layer.mlp, &hn)?;
+        let hn = rms_norm(
+            &x1,
+            &layer.post_attention_layernorm,
+            self.cfg.rms_norm_eps,
+            k,
+        )?;
+        let m = mlp(&layer.mlp, &hn, k)?;
         Ok((x1 + m)?)
     }
 
@@ -564,30 +588,31 @@ impl Llama {
         cache: &mut Option<(Tensor, Tensor)>,
         keep: bool,
     ) -> Result<Tensor> {
+        let kern = self.kernels;
         let (b, s, _) = x.dims3()?;
         let nh = self.cfg.num_attention_heads;
         let kvh = self.cfg.kv_heads();
         let d = self.cfg.head_size();
         let q = a
             .q_proj
-            .forward(x)?
+            .forward(x, kern)?
             .reshape((b, s, nh, d))?
             .transpose(1, 2)?
             .contiguous()?;
         let k = a
             .k_proj
-            .forward(x)?
+            .forward(x, kern)?
             .reshape((b, s, kvh, d))?
             .transpose(1, 2)?
             .contiguous()?;
         let v = a
             .v_proj
-            .forward(x)?
+            .forward(x, kern)?
             .reshape((b, s, kvh, d))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let q = apply_rope(&q, &ctx.cos, &ctx.sin, kern)?;
+        let k = apply_rope(&k, &ctx.cos, &ctx.sin, kern)?;
         let (k, v) = match cache.as_ref() {
             Some((pk, pv)) => (
                 Tensor::cat(&[pk, &k], 2)?.contiguous()?,
@@ -601,22 +626,22 @@ impl Llama {
         let scale = 1.0 / (d as f64).sqrt();
         if let Some(keys) = &ctx.keys {
             let y = crate::attention::attention(&q, &k, &v, keys.clone(), scale)?;
-            return a.o_proj.forward(&y.reshape((b, s, nh * d))?);
+            return a.o_proj.forward(&y.reshape((b, s, nh * d))?, kern);
         }
         let k = repeat_kv(&k, nh / kvh)?;
         let v = repeat_kv(&v, nh / kvh)?;
         let att = q.matmul(&k.t()?.contiguous()?)?;
-        let att = crate::ops::attention_softmax(&att, ctx.mask.as_ref(), scale)?;
+        let att = crate::ops::attention_softmax_with(&att, ctx.mask.as_ref(), scale, kern)?;
         let y = att.matmul(&v)?;
         let y = y.transpose(1, 2)?.reshape((b, s, nh * d))?;
-        a.o_proj.forward(&y)
+        a.o_proj.forward(&y, kern)
     }
 }
 
 /// `x @ w^T` for `x` of any rank and `w` `[out, in]`: the leading dimensions are flattened so
 /// that forward and backward are each one large GEMM (a broadcast batched matmul would
 /// materialize a per-batch weight gradient and sum it).
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+fn linear(x: &Tensor, w: &Tensor, k: Kernels) -> Result<Tensor> {
     let dims = x.dims();
     let Some((&inner, lead)) = dims.split_last() else {
         return Ok(x.broadcast_matmul(&w.t()?)?);
@@ -625,29 +650,29 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return Ok(x.matmul(&w.t()?)?);
     }
     if lead.len() == 1 {
-        return Ok(crate::ops::linear_2d(x, w)?);
+        return Ok(crate::ops::linear_2d_with(x, w, k)?);
     }
     let rows: usize = lead.iter().product();
-    let y = crate::ops::linear_2d(&x.reshape((rows, inner))?, w)?;
+    let y = crate::ops::linear_2d_with(&x.reshape((rows, inner))?, w, k)?;
     let mut out = lead.to_vec();
     out.push(w.dim(0)?);
     Ok(y.reshape(out)?)
 }
 
 /// RMSNorm in f32 (the fused kernel with its own backward, [`crate::ops::rms_norm`]).
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(crate::ops::rms_norm(x, w, eps)?)
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, k: Kernels) -> Result<Tensor> {
+    Ok(crate::ops::rms_norm_with(x, w, eps, k)?)
 }
 
-fn mlp(m: &Mlp, x: &Tensor) -> Result<Tensor> {
-    let g = m.gate_proj.forward(x)?;
-    let u = m.up_proj.forward(x)?;
-    m.down_proj.forward(&crate::ops::swiglu(&g, &u)?)
+fn mlp(m: &Mlp, x: &Tensor, k: Kernels) -> Result<Tensor> {
+    let g = m.gate_proj.forward(x, k)?;
+    let u = m.up_proj.forward(x, k)?;
+    m.down_proj.forward(&crate::ops::swiglu_with(&g, &u, k)?, k)
 }
 
 /// HF's `rotate_half` layout (the fused kernel with its own backward, [`crate::ops::rope`]).
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(crate::ops::rope(x, cos, sin)?)
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, k: Kernels) -> Result<Tensor> {
+    Ok(crate::ops::rope_with(x, cos, sin, k)?)
 }
 
 fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {

@@ -5,8 +5,11 @@
 //! whose backward is written out (`bwd`), so a training forward records one node per op instead
 //! of the 6–10 nodes of the composed form (and the composed form's temporaries). candle-nn's own
 //! fused ops (`ops::rms_norm`, `softmax_last_dim`, `rotary_emb::rope`) have no backward, which is
-//! why these exist. The kernels are CPU-only; on another device [`rms_norm`], [`softmax_last_dim`]
-//! and [`rope`] fall back to the composed (differentiable) forms.
+//! why these exist. The kernels are CPU-only and f32-only: on another device (CUDA) or in another
+//! dtype, every public function here takes the composed form made of candle's own ops, whose
+//! autograd gives the backward; the choice is made per call from the tensor's device and dtype.
+//! [`Kernels::Composed`] (the `*_with` functions) forces the composed form on the CPU too, which
+//! is how the tests compare the two paths' forwards and gradients.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
@@ -490,9 +493,34 @@ impl CustomOp2 for FrozenLinear {
     }
 }
 
+/// Which implementation of the decoder's element-wise chains (and of attention, see
+/// [`crate::model::Llama::with_kernels`]) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The fused kernels where the tensor is f32 on the CPU, else the composed form: chosen by
+    /// each tensor's device and dtype (a CUDA tensor, or a half type, takes the composed form).
+    #[default]
+    Auto,
+    /// Always the composed form, candle's own differentiable ops (what a GPU runs), also on the
+    /// CPU: for comparing the two paths.
+    Composed,
+}
+
+impl Kernels {
+    /// Whether `x` takes the fused CPU kernel.
+    fn fused(self, x: &Tensor) -> bool {
+        self == Kernels::Auto && x.device().is_cpu() && x.dtype() == DType::F32
+    }
+}
+
 /// `silu(g) · u` (SwiGLU), differentiable in both; one fused pass on the CPU in f32.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
-    if fused(g) && u.dtype() == DType::F32 {
+    swiglu_with(g, u, Kernels::Auto)
+}
+
+/// [`swiglu`] with the implementation chosen by `k`.
+pub fn swiglu_with(g: &Tensor, u: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+    if k.fused(g) && u.dtype() == DType::F32 {
         return g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu);
     }
     g.silu()? * u
@@ -501,20 +529,32 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
 /// `x @ wᵀ` for `x` `[rows, in]` and `w` `[out, in]`. When `w` is a constant (it tracks no
 /// gradient) and `x` does, the backward computes `x`'s gradient only.
 pub fn linear_2d(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if x.track_op() && !w.track_op() && x.device().is_cpu() && x.dtype() == w.dtype() {
+    linear_2d_with(x, w, Kernels::Auto)
+}
+
+/// [`linear_2d`] with the implementation chosen by `k` (the composed form is candle's matmul,
+/// which also computes the constant weight's unused gradient).
+pub fn linear_2d_with(x: &Tensor, w: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+    if k == Kernels::Auto
+        && x.track_op()
+        && !w.track_op()
+        && x.device().is_cpu()
+        && x.dtype() == w.dtype()
+    {
         return x.apply_op2(w, FrozenLinear);
     }
     x.matmul(&w.t()?)
 }
 
-fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
-}
-
 /// RMSNorm over the last dimension, statistics in f32: `x / sqrt(mean(x²) + eps) · w`.
 /// Differentiable in `x` and `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if fused(x) && w.dtype() == DType::F32 {
+    rms_norm_with(x, w, eps, Kernels::Auto)
+}
+
+/// [`rms_norm`] with the implementation chosen by `k`.
+pub fn rms_norm_with(x: &Tensor, w: &Tensor, eps: f64, k: Kernels) -> candle_core::Result<Tensor> {
+    if k.fused(x) && w.dtype() == DType::F32 {
         return x
             .contiguous()?
             .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 });
@@ -533,7 +573,13 @@ pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Resul
 
 /// Softmax over the last dimension (differentiable).
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if fused(x) {
+    softmax_last_dim_with(x, Kernels::Auto)
+}
+
+/// [`softmax_last_dim`] with the implementation chosen by `k` (the composed form is
+/// `candle_nn::ops::softmax`).
+pub fn softmax_last_dim_with(x: &Tensor, k: Kernels) -> candle_core::Result<Tensor> {
+    if k.fused(x) {
         return x.contiguous()?.apply_op1(Softmax);
     }
     candle_nn::ops::softmax(x, D::Minus1)
@@ -546,22 +592,42 @@ pub fn attention_softmax(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    attention_softmax_with(x, mask, scale, Kernels::Auto)
+}
+
+/// [`attention_softmax`] with the implementation chosen by `k`.
+pub fn attention_softmax_with(
+    x: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    k: Kernels,
+) -> candle_core::Result<Tensor> {
     match mask {
-        Some(m) if fused(x) && m.dtype() == DType::F32 => x.contiguous()?.apply_op2(
+        Some(m) if k.fused(x) && m.dtype() == DType::F32 => x.contiguous()?.apply_op2(
             &m.contiguous()?,
             MaskedSoftmax {
                 scale: scale as f32,
             },
         ),
-        Some(m) => softmax_last_dim(&(x * scale)?.broadcast_add(m)?),
-        None => softmax_last_dim(&(x * scale)?),
+        Some(m) => softmax_last_dim_with(&(x * scale)?.broadcast_add(m)?, k),
+        None => softmax_last_dim_with(&(x * scale)?, k),
     }
 }
 
 /// RoPE in HF's `rotate_half` layout, `x · cos + cat(−x₂, x₁) · sin`, for `x` `[b, h, t, d]`
 /// and `cos` / `sin` `[b, t, d/2]` (one angle per pair). Differentiable in `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    if fused(x) && cos.dtype() == DType::F32 {
+    rope_with(x, cos, sin, Kernels::Auto)
+}
+
+/// [`rope`] with the implementation chosen by `k`.
+pub fn rope_with(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    k: Kernels,
+) -> candle_core::Result<Tensor> {
+    if k.fused(x) && cos.dtype() == DType::F32 {
         return x.contiguous()?.apply_op3(
             &cos.contiguous()?,
             &sin.contiguous()?,
@@ -639,7 +705,7 @@ pub(crate) mod tests {
         let x = Var::from_tensor(&randn(&[3, 5, 16], 1)?)?;
         let w = Var::from_tensor(&(randn(&[16], 2)? + 1.5)?)?;
         let fast = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?;
-        let slow = rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5)?;
+        let slow = rms_norm_with(x.as_tensor(), w.as_tensor(), 1e-5, Kernels::Composed)?;
         close("forward", &fast, &slow, FWD_ATOL);
         let gf = project(&fast, 3)?.backward()?;
         let gs = project(&slow, 3)?.backward()?;
@@ -658,7 +724,7 @@ pub(crate) mod tests {
     fn softmax_matches_the_composed_form_forward_and_backward() -> candle_core::Result<()> {
         let x = Var::from_tensor(&(randn(&[2, 3, 4, 9], 4)? * 3.0)?)?;
         let fast = softmax_last_dim(x.as_tensor())?;
-        let slow = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
+        let slow = softmax_last_dim_with(x.as_tensor(), Kernels::Composed)?;
         close("forward", &fast, &slow, FWD_ATOL);
         let gf = project(&fast, 5)?.backward()?;
         let gs = project(&slow, 5)?.backward()?;
@@ -693,8 +759,7 @@ pub(crate) mod tests {
         let mask = Tensor::from_vec(m, (b, 1, q, t), &Device::Cpu)?;
         let scale = 0.35;
         let fast = attention_softmax(x.as_tensor(), Some(&mask), scale)?;
-        let slow =
-            candle_nn::ops::softmax(&(x.as_tensor() * scale)?.broadcast_add(&mask)?, D::Minus1)?;
+        let slow = attention_softmax_with(x.as_tensor(), Some(&mask), scale, Kernels::Composed)?;
         close("forward", &fast, &slow, FWD_ATOL);
         let gf = project(&fast, 13)?.backward()?;
         let gs = project(&slow, 13)?.backward()?;
@@ -714,7 +779,7 @@ pub(crate) mod tests {
         let ang = randn(&[b, t, d / 2], 7)?;
         let (cos, sin) = (ang.cos()?, ang.sin()?);
         let fast = rope(x.as_tensor(), &cos, &sin)?;
-        let slow = rope_composed(x.as_tensor(), &cos, &sin)?;
+        let slow = rope_with(x.as_tensor(), &cos, &sin, Kernels::Composed)?;
         close("forward", &fast, &slow, FWD_ATOL);
         let gf = project(&fast, 8)?.backward()?;
         let gs = project(&slow, 8)?.backward()?;
@@ -733,7 +798,7 @@ pub(crate) mod tests {
         let g = Var::from_tensor(&(randn(&[3, 7, 40], 14)? * 6.0)?)?;
         let u = Var::from_tensor(&randn(&[3, 7, 40], 15)?)?;
         let fast = swiglu(g.as_tensor(), u.as_tensor())?;
-        let slow = (g.as_tensor().silu()? * u.as_tensor())?;
+        let slow = swiglu_with(g.as_tensor(), u.as_tensor(), Kernels::Composed)?;
         close("forward", &fast, &slow, FWD_ATOL);
         let gf = project(&fast, 16)?.backward()?;
         let gs = project(&slow, 16)?.backward()?;
@@ -756,7 +821,7 @@ pub(crate) mod tests {
         let w = randn(&[5, 12], 18)?;
         let y = linear_2d(x.as_tensor(), &w)?;
         // The same matmul kernel as `x @ wᵀ`: bit-identical.
-        let reference = x.as_tensor().matmul(&w.t()?)?;
+        let reference = linear_2d_with(x.as_tensor(), &w, Kernels::Composed)?;
         assert_eq!(
             y.flatten_all()?.to_vec1::<f32>()?,
             reference.flatten_all()?.to_vec1::<f32>()?
@@ -789,6 +854,43 @@ pub(crate) mod tests {
         assert!(g.get(wv.as_tensor()).is_some());
         let e = linear_2d(x.as_tensor(), &randn(&[5, 11], 20)?).unwrap_err();
         assert!(e.to_string().contains("does not match weight"), "{e}");
+        Ok(())
+    }
+
+    /// bf16 against f32 on the same values: bf16 keeps 8 significant bits (relative rounding
+    /// 2⁻⁸ per element, a few roundings per chain).
+    const BF16_RTOL: f64 = 3e-2;
+
+    #[test]
+    fn half_inputs_take_the_composed_form_with_its_gradient() -> candle_core::Result<()> {
+        // A bf16 tensor is not the fused kernels' (f32, CPU): every op takes the composed form,
+        // as a CUDA tensor does, and is differentiable.
+        let bf = |t: Tensor| t.to_dtype(DType::BF16);
+        let x32 = randn(&[2, 3, 4, 8], 21)?;
+        let x = Var::from_tensor(&bf(x32.clone())?)?;
+        let w = (randn(&[8], 22)? + 1.5)?;
+        let ang = randn(&[2, 4, 4], 23)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let y = rms_norm(x.as_tensor(), &bf(w.clone())?, 1e-5)?;
+        let y = rope(&y, &bf(cos.clone())?, &bf(sin.clone())?)?;
+        let y = softmax_last_dim(&swiglu(&y, x.as_tensor())?)?;
+        assert_eq!(y.dtype(), DType::BF16);
+        let r = rms_norm(&x32, &w, 1e-5)?;
+        let r = softmax_last_dim(&swiglu(&rope(&r, &cos, &sin)?, &x32)?)?;
+        close("bf16 forward", &y.to_dtype(DType::F32)?, &r, BF16_RTOL);
+        let g = project(&y.to_dtype(DType::F32)?, 24)?.backward()?;
+        let gx = g.get(x.as_tensor()).expect("bf16 grad");
+        assert_eq!(gx.dtype(), DType::BF16);
+        let x32v = Var::from_tensor(&x32)?;
+        let r = rms_norm(x32v.as_tensor(), &w, 1e-5)?;
+        let r = softmax_last_dim(&swiglu(&rope(&r, &cos, &sin)?, x32v.as_tensor())?)?;
+        let gr = project(&r, 24)?.backward()?;
+        close(
+            "bf16 gradient",
+            &gx.to_dtype(DType::F32)?,
+            gr.get(x32v.as_tensor()).expect("f32 grad"),
+            BF16_RTOL,
+        );
         Ok(())
     }
 

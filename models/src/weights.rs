@@ -225,6 +225,15 @@ impl Weights {
         remove_stale_shards(dir, &names)
     }
 
+    /// A copy with every tensor on `device` (tensors already there are shared, not copied).
+    pub fn to_device(&self, device: &Device) -> Result<Weights> {
+        let mut tensors = BTreeMap::new();
+        for (k, t) in &self.tensors {
+            tensors.insert(k.clone(), t.to_device(device)?);
+        }
+        Ok(Weights { tensors })
+    }
+
     /// Turns every tensor into a trainable [`Var`]; returns weights backed by the vars (so a
     /// model built from them records gradients) and the vars by name.
     pub fn into_vars(self) -> Result<(Weights, Vec<(String, Var)>)> {
