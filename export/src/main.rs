@@ -66,6 +66,10 @@ struct Args {
     /// Skip tract in --verify.
     #[arg(long)]
     no_tract: bool,
+    /// Device of --verify's candle reference: cpu | cuda | cuda:N (cuda needs a build with
+    /// `--features cuda`).
+    #[arg(long, visible_alias = "device", default_value = "cpu")]
+    verify_device: steper_models::DeviceChoice,
     /// Print the reports as JSON.
     #[arg(long)]
     json: bool,
@@ -171,6 +175,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
         steps: a.verify_steps,
         prompt: a.verify_prompt.clone(),
         tract: !a.no_tract && defaults.tract,
+        device: a.verify_device,
         ..defaults
     };
     let v = verify::verify(&a.checkpoint, &a.out, &vopts).context("verifying the export")?;

@@ -16,8 +16,9 @@
 
 use std::path::Path;
 use steper_models::generate::argmax;
+use steper_models::DeviceChoice;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 use steper_runtime::backend::{load_model, BackendKind, OrtOptions};
 use steper_runtime::LogitsMode;
@@ -83,6 +84,8 @@ pub struct VerifyOptions {
     pub ort: OrtOptions,
     /// The tolerance applied.
     pub tolerance: Tolerance,
+    /// The device the candle reference runs on (in f32).
+    pub device: DeviceChoice,
 }
 
 impl VerifyOptions {
@@ -97,6 +100,7 @@ impl VerifyOptions {
                 ExportDtype::Fp32 => FP32_CLOSE,
                 ExportDtype::Fp16 => FP16_APPROX,
             },
+            device: DeviceChoice::Cpu,
         }
     }
 
@@ -231,7 +235,7 @@ pub fn reference(model: &steper_models::Llama, prompt: &[u32], steps: usize) -> 
         message: e.to_string(),
     };
     let mut cache = model.new_cache(1);
-    let ids = Tensor::new(prompt, &Device::Cpu)
+    let ids = Tensor::new(prompt, model.device())
         .and_then(|t| t.unsqueeze(0))
         .map_err(terr)?;
     let lg = model.forward_cached(&ids, None, &mut cache)?;
@@ -245,7 +249,7 @@ pub fn reference(model: &steper_models::Llama, prompt: &[u32], steps: usize) -> 
     let mut logits = vec![lg];
     for _ in 0..steps {
         let last = *tokens.last().unwrap_or(&0);
-        let ids = Tensor::new(&[[last]], &Device::Cpu).map_err(terr)?;
+        let ids = Tensor::new(&[[last]], model.device()).map_err(terr)?;
         let lg = model.forward_cached(&ids, None, &mut cache)?;
         let lg: Vec<f32> = lg
             .to_dtype(DType::F32)
@@ -350,20 +354,23 @@ pub fn fp32_agreement(out: &Path, backend: &BackendKind, r: &Reference) -> Resul
 /// quantized export (its manifest's `quantization`) is compared with the candle model on the
 /// same dequantized weights, and its agreement with the float model is reported.
 pub fn verify(checkpoint: &Path, out: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
-    let ck = steper_models::Checkpoint::load(checkpoint, DType::F32, &Device::Cpu)?;
+    let ck = steper_models::Checkpoint::load(checkpoint, DType::F32, &candle_core::Device::Cpu)?;
     let manifest = steper_runtime::backend::load_manifest(out)?;
     let quant = manifest
         .quantization
         .as_ref()
         .map(QuantOptions::from_record)
         .transpose()?;
-    let float_model = ck.model()?;
+    // The checkpoint is read (and a quantized export's weights dequantized) on the CPU; the
+    // reference models run on the chosen device.
+    let device = opts.device.open()?;
+    let float_model = steper_models::Llama::new(&ck.config, &ck.weights.to_device(&device)?)?;
     let model = match &quant {
         Some(q) => {
             let (cfg, w) = crate::quant::dequantized_checkpoint(&ck.config, &ck.weights, q)?;
-            steper_models::Llama::new(&cfg, &w)?
+            steper_models::Llama::new(&cfg, &w.to_device(&device)?)?
         }
-        None => ck.model()?,
+        None => steper_models::Llama::new(&ck.config, &ck.weights.to_device(&device)?)?,
     };
     let vocab = ck.config.vocab_size;
     let text = opts

@@ -39,6 +39,8 @@ pub struct BenchFitConfig {
     pub lora: Option<steper_models::LoraConfig>,
     /// The dtype training computes in (see [`FitConfig::dtype`]).
     pub dtype: steper_models::DTypeChoice,
+    /// The device training runs on (see [`FitConfig::device`]).
+    pub device: steper_models::DeviceChoice,
 }
 
 impl Default for BenchFitConfig {
@@ -55,6 +57,7 @@ impl Default for BenchFitConfig {
             prefix_cache: false,
             lora: None,
             dtype: steper_models::DTypeChoice::Auto,
+            device: steper_models::DeviceChoice::Cpu,
         }
     }
 }
@@ -84,6 +87,10 @@ pub struct BenchFitReport {
     pub frozen_layers: usize,
     /// Unmeasured steps actually run.
     pub warmup_steps_run: u64,
+    /// The device trained on (`cpu`, `cuda:0`).
+    pub device: String,
+    /// The dtype the forward and backward computed in.
+    pub compute_dtype: String,
 }
 
 /// Trains the student at `student_dir` for `warmup_steps + steps` steps on random tokens
@@ -143,6 +150,7 @@ pub fn bench_fit(student_dir: &Path, cfg: &BenchFitConfig) -> Result<BenchFitRep
             lora: cfg.lora.clone(),
         },
         dtype: cfg.dtype,
+        device: cfg.device,
         ..FitConfig::default()
     };
     let tmp = scratch_dir()?;
@@ -187,6 +195,8 @@ pub fn bench_fit(student_dir: &Path, cfg: &BenchFitConfig) -> Result<BenchFitRep
         threads: candle_core::utils::get_num_threads(),
         frozen_layers: summary.frozen_layers,
         warmup_steps_run: warmup_steps,
+        device: summary.device.clone(),
+        compute_dtype: summary.compute_dtype.clone(),
     })
 }
 

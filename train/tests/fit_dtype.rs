@@ -85,22 +85,3 @@ fn fit_writes_the_students_dtype_sharded_with_its_companion_files() -> Result<()
     assert!(a.iter().zip(&b).any(|(x, y)| x != y), "{name} unchanged");
     Ok(())
 }
-
-#[test]
-fn fit_refuses_a_half_compute_dtype_on_the_cpu_naming_both() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let s = tmp.path().join("student");
-    bf16_student(&s)?;
-    let cfg = FitConfig {
-        steps: 1,
-        batch_size: 2,
-        dtype: DTypeChoice::BF16,
-        ..Default::default()
-    };
-    let err = fit(&s, &examples(), &[], &cfg, &tmp.path().join("run"), false)
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    assert!(err.contains("bf16") && err.contains("cpu"), "{err}");
-    Ok(())
-}

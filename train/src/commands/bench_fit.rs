@@ -51,6 +51,9 @@ pub struct Args {
     /// Dtype training computes in (see `fit --dtype`).
     #[arg(long, default_value = "auto")]
     dtype: steper_models::DTypeChoice,
+    /// Device to train on: cpu | cuda | cuda:N (see `fit --device`).
+    #[arg(long, default_value = "cpu")]
+    device: steper_models::DeviceChoice,
 }
 
 /// Runs the benchmark and prints its JSON report.
@@ -67,6 +70,7 @@ pub fn run(a: Args) -> Result<()> {
         prefix_cache: a.prefix_cache,
         lora: super::fit::lora_config(a.lora_rank, a.lora_alpha, &a.lora_targets)?,
         dtype: a.dtype,
+        device: a.device,
     };
     let report = bench_fit(&a.student, &cfg)?;
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use steper_runtime::data::{read_qa, ReadOptions};
 use steper_runtime::prompt::{PromptFormat, PromptLayout};
 use steper_runtime::retrieval::Bm25Index;
@@ -106,6 +105,10 @@ pub struct Args {
     /// it at full speed, else f32) | f32 | bf16 | f16.
     #[arg(long, default_value = "auto")]
     dtype: steper_models::DTypeChoice,
+    /// Device a `checkpoint:` teacher runs on: cpu | cuda | cuda:N (cuda needs a build with
+    /// `--features cuda`; the other teachers run no model here and take only cpu).
+    #[arg(long, default_value = "cpu")]
+    device: steper_models::DeviceChoice,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -113,6 +116,13 @@ pub struct Args {
 
 /// Runs the teacher over the questions.
 pub fn run(a: Args) -> Result<()> {
+    if !a.device.is_cpu() && !a.teacher.starts_with("checkpoint:") {
+        bail!(
+            "--device {} applies to a checkpoint: teacher only (--teacher {} runs no model here)",
+            a.device,
+            a.teacher
+        );
+    }
     let mut qs = read_qa(
         &a.data,
         ReadOptions {
@@ -185,9 +195,9 @@ pub fn run(a: Args) -> Result<()> {
         // BOS text stays in.
         opts.loop_opts.prompt = PromptLayout::load(format, std::path::Path::new(dir))
             .with_context(|| format!("teacher checkpoint {dir}"))?;
-        let ck =
-            steper_models::Checkpoint::load_with(std::path::Path::new(dir), a.dtype, &Device::Cpu)
-                .with_context(|| format!("teacher checkpoint {dir}"))?;
+        let device = a.device.open()?;
+        let ck = steper_models::Checkpoint::load_with(std::path::Path::new(dir), a.dtype, &device)
+            .with_context(|| format!("teacher checkpoint {dir}"))?;
         if let Some(note) = ck.dtype_note() {
             eprintln!("{note}");
         }

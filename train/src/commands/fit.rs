@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use steper_models::{load_tokenizer, DTypeChoice, LlamaConfig, LoraConfig, LoraTarget};
+use steper_models::{
+    load_tokenizer, DTypeChoice, DeviceChoice, LlamaConfig, LoraConfig, LoraTarget,
+};
 use steper_train::fit::optim::AdamWConfig;
 use steper_train::fit::records::{examples_from_records_in, read_records};
-use steper_train::fit::{fit, CacheDtype, FitConfig, LossMode, Trainable};
+use steper_train::fit::{fit, CacheDtype, FitConfig, LossMode, LossScaleConfig, Trainable};
 
 /// Arguments of `fit`.
 #[derive(clap::Args)]
@@ -93,10 +95,23 @@ pub struct Args {
     /// Element type of the prefix cache.
     #[arg(long, value_enum, default_value_t = CacheDtype::F16)]
     prefix_cache_dtype: CacheDtype,
-    /// Dtype training computes in: auto | f32 (a half type is refused on the CPU). Checkpoints
-    /// keep the student's stored dtype (bf16 stays bf16) whatever this is.
+    /// Dtype training computes in: auto | f32 (f32 throughout) | bf16 | f16 (mixed precision:
+    /// the forward and backward in the half type, f32 master weights, optimizer state and σ;
+    /// f16 with dynamic loss scaling). Checkpoints keep the student's stored dtype (bf16 stays
+    /// bf16) whatever this is.
     #[arg(long, default_value = "auto")]
     dtype: DTypeChoice,
+    /// Device to train on: cpu | cuda | cuda:N (cuda needs a build with `--features cuda`). A
+    /// resumed run may use another device than the run it resumes.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// f16 training: the first loss scale.
+    #[arg(long, default_value_t = LossScaleConfig::default().init)]
+    loss_scale_init: f64,
+    /// f16 training: finite steps in a row after which the loss scale doubles (a step with
+    /// non-finite gradients is skipped and halves it).
+    #[arg(long, default_value_t = LossScaleConfig::default().growth_interval)]
+    loss_scale_growth_interval: u64,
     /// Largest safetensors file written, in bytes; larger weights are sharded with
     /// model.safetensors.index.json (transformers' max_shard_size, default 5 GB).
     #[arg(long, default_value_t = steper_models::weights::DEFAULT_MAX_SHARD_BYTES)]
@@ -132,6 +147,18 @@ pub fn lora_config(
         alpha: alpha.unwrap_or(2.0 * rank as f64),
         targets,
     }))
+}
+
+/// The f16 loss-scaling settings of `--loss-scale-init/--loss-scale-growth-interval`.
+pub fn loss_scale_config(init: f64, growth_interval: u64) -> Result<LossScaleConfig> {
+    anyhow::ensure!(
+        init.is_finite() && init > 0.0,
+        "--loss-scale-init must be a positive finite number, got {init}"
+    );
+    Ok(LossScaleConfig {
+        init,
+        growth_interval,
+    })
 }
 
 /// Optimizer steps for `epochs` passes over `examples` in micro-batches of `batch` with
@@ -217,6 +244,8 @@ pub fn run(a: Args) -> Result<()> {
         prefix_cache: a.prefix_cache.clone(),
         prefix_cache_dtype: a.prefix_cache_dtype,
         dtype: a.dtype,
+        device: a.device,
+        loss_scale: loss_scale_config(a.loss_scale_init, a.loss_scale_growth_interval)?,
         max_shard_bytes: a.max_shard_size,
         ..Default::default()
     };

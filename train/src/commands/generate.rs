@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use candle_core::Device;
-use steper_models::{generate_text, Checkpoint, DTypeChoice, GenerateOptions, Sampling};
+use steper_models::{
+    generate_text, Checkpoint, DTypeChoice, DeviceChoice, GenerateOptions, Sampling,
+};
 
 /// Arguments of `generate`.
 #[derive(clap::Args)]
@@ -31,6 +32,10 @@ pub struct Args {
     /// speed, else f32) | f32 | bf16 | f16.
     #[arg(long, default_value = "auto")]
     dtype: DTypeChoice,
+    /// Device the model runs on: cpu | cuda | cuda:N (cuda needs a build with `--features
+    /// cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -38,7 +43,7 @@ pub struct Args {
 
 /// Loads the checkpoint and prints the continuation.
 pub fn run(a: Args) -> Result<()> {
-    let ck = Checkpoint::load_with(&a.checkpoint, a.dtype, &Device::Cpu)?;
+    let ck = Checkpoint::load_with(&a.checkpoint, a.dtype, &a.device.open()?)?;
     if let Some(note) = ck.dtype_note() {
         eprintln!("{note}");
     }

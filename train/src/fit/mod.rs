@@ -7,12 +7,18 @@
 mod forward;
 pub mod loss;
 pub mod optim;
+pub mod precision;
 pub mod prefix_cache;
 pub mod records;
+mod report;
+mod settings;
 mod trainer;
 
+pub use precision::{LossScaleConfig, LossScaler};
 pub use prefix_cache::{CacheDtype, CacheStats};
-pub use trainer::{fit, FitConfig, FitSummary, LogLine, Trainable};
+pub use report::{EvalLosses, FitSummary, LogLine};
+pub use settings::{FitConfig, Trainable};
+pub use trainer::fit;
 
 /// The three STEPER stages (docs/DESIGN.md, "The prompt").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

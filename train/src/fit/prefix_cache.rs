@@ -135,14 +135,18 @@ fn example_key(e: &Example) -> u64 {
     h.0
 }
 
-/// Key of what the rows depend on: the config, the frozen layer count, the dtype and the
-/// values of the embeddings and of the frozen layers' weights.
+/// Key of what the rows depend on: the config, the frozen layer count, the dtype, the model's
+/// compute dtype and the values of the embeddings and of the frozen layers' weights.
 fn model_key(model: &Llama, weights: &Weights, layers: usize, dtype: CacheDtype) -> Result<String> {
     let mut h = Fnv::new();
     let cfg = serde_json::to_string(model.config()).map_err(|e| Error::Input(e.to_string()))?;
     h.bytes(cfg.as_bytes());
     h.word(layers as u64);
     h.word(dtype.bytes() as u64);
+    // Rows computed in a half type differ from f32's (an f32 model keeps the key it always had).
+    if model.dtype() != DType::F32 {
+        h.bytes(model.dtype().as_str().as_bytes());
+    }
     for (name, t) in weights.tensors() {
         let frozen_layer = name
             .strip_prefix("model.layers.")

@@ -5,195 +5,24 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use steper_fsutil::{write_atomic, StagingDir};
-use steper_models::lora::{init_adapters, merge, LoraConfig};
-use steper_models::weights::DEFAULT_MAX_SHARD_BYTES;
-use steper_models::{Checkpoint, DTypeChoice, Llama, LlamaConfig, Weights};
+use steper_models::dtype::device_name;
+use steper_models::lora::{init_adapters, merge};
+use steper_models::{Checkpoint, Llama, LlamaConfig, Weights};
 
 use super::forward::{batch_losses, make_batch, Prefix};
 use super::loss::combine;
-use super::optim::{clip_global_norm, lr_at, AdamW, AdamWConfig};
-use super::prefix_cache::{CacheDtype, CacheStats, PrefixCache};
-use super::{Example, LossMode, Stage};
+use super::optim::{clip_global_norm, lr_at, AdamW};
+use super::precision::{training_dtype, HalfModel, LossScaler};
+use super::prefix_cache::PrefixCache;
+use super::report::EvalLosses;
+use super::{Example, FitConfig, FitSummary, LogLine, LossMode, Stage, Trainable};
 use crate::error::{Error, Result};
-
-/// Which weights are trained.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Trainable {
-    /// Keep `model.embed_tokens` (and a tied `lm_head`) frozen.
-    pub freeze_embeddings: bool,
-    /// Train only the top N decoder layers (plus the final norm and an untied head); `None` =
-    /// all layers. With `lora`: the layers that get adapters.
-    pub top_layers: Option<usize>,
-    /// Train LoRA adapters (and σ) only; every base weight stays frozen. Checkpoints hold the
-    /// merged weights (HF-style) plus the adapters (`lora.safetensors`, for resuming).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<LoraConfig>,
-}
-
-/// Settings of a training run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FitConfig {
-    /// Loss combination.
-    pub mode: LossMode,
-    /// Optimizer steps in total.
-    pub steps: u64,
-    /// Examples per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// AdamW settings (peak lr, betas, weight decay).
-    pub adamw: AdamWConfig,
-    /// Warmup steps.
-    pub warmup: u64,
-    /// Final lr as a fraction of the peak.
-    pub min_lr_ratio: f64,
-    /// Global gradient-norm cap.
-    pub max_grad_norm: f64,
-    /// Seed of the data order.
-    pub seed: u64,
-    /// Micro-batches per length bucket (examples are sorted by length inside a bucket).
-    pub bucket_batches: usize,
-    /// Evaluate on the held-out examples every N steps (0 = only at the end).
-    pub eval_every: u64,
-    /// Write a checkpoint every N steps (0 = only at the end).
-    pub save_every: u64,
-    /// Which weights train.
-    pub trainable: Trainable,
-    /// Stop this process after N steps of this run (the run resumes later); for tests and
-    /// time-boxed jobs.
-    pub stop_after: Option<u64>,
-    /// Directory of the frozen-prefix cache (used when the embeddings and the bottom layers are
-    /// frozen: `freeze_embeddings` with `top_layers`); `None` = the frozen bottom is recomputed
-    /// (without an autograd graph) at every step.
-    #[serde(default)]
-    pub prefix_cache: Option<PathBuf>,
-    /// Element type of the cached hidden states.
-    #[serde(default = "default_cache_dtype")]
-    pub prefix_cache_dtype: CacheDtype,
-    /// The dtype training computes in: `auto` and `f32` compute in f32; a half type is refused
-    /// on the CPU (the trainer's fused kernels are f32). Checkpoints are written in the
-    /// student's stored dtype whatever this is.
-    #[serde(default)]
-    pub dtype: DTypeChoice,
-    /// Largest safetensors file a checkpoint is written in; larger weights are sharded with
-    /// `model.safetensors.index.json` (transformers' `max_shard_size`).
-    #[serde(default = "default_max_shard_bytes")]
-    pub max_shard_bytes: usize,
-}
-
-fn default_max_shard_bytes() -> usize {
-    DEFAULT_MAX_SHARD_BYTES
-}
-
-fn default_cache_dtype() -> CacheDtype {
-    CacheDtype::F16
-}
-
-impl Default for FitConfig {
-    fn default() -> Self {
-        FitConfig {
-            mode: LossMode::Steper,
-            steps: 100,
-            batch_size: 4,
-            grad_accum: 1,
-            adamw: AdamWConfig::default(),
-            warmup: 10,
-            min_lr_ratio: 0.1,
-            max_grad_norm: 1.0,
-            seed: 0,
-            bucket_batches: 8,
-            eval_every: 0,
-            save_every: 0,
-            trainable: Trainable::default(),
-            stop_after: None,
-            prefix_cache: None,
-            prefix_cache_dtype: CacheDtype::F16,
-            dtype: DTypeChoice::Auto,
-            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
-        }
-    }
-}
-
-/// One line of `train_log.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LogLine {
-    /// Optimizer step (1-based).
-    pub step: u64,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Mean init-stage loss over the step's micro-batches (absent if no init example).
-    #[serde(rename = "L_init")]
-    pub l_init: Option<f64>,
-    /// Mean expand-stage loss.
-    #[serde(rename = "L_exp")]
-    pub l_exp: Option<f64>,
-    /// Mean aggregate-stage loss (the single term in vanilla mode).
-    #[serde(rename = "L_agg")]
-    pub l_agg: Option<f64>,
-    /// The objective.
-    pub total: f64,
-    /// σ_init = exp(s_init).
-    pub sigma_init: f64,
-    /// σ_exp.
-    pub sigma_exp: f64,
-    /// σ_agg.
-    pub sigma_agg: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Tokens (non-padding) processed per second.
-    pub tokens_per_sec: f64,
-    /// Held-out per-stage losses when evaluated at this step.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eval: Option<EvalLosses>,
-}
-
-/// Held-out losses.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EvalLosses {
-    /// Init-stage mean token loss.
-    #[serde(rename = "L_init")]
-    pub l_init: Option<f64>,
-    /// Expand-stage mean token loss.
-    #[serde(rename = "L_exp")]
-    pub l_exp: Option<f64>,
-    /// Aggregate-stage mean token loss.
-    #[serde(rename = "L_agg")]
-    pub l_agg: Option<f64>,
-}
-
-/// What a run did.
-#[derive(Debug, Clone, Serialize)]
-pub struct FitSummary {
-    /// Last step reached.
-    pub step: u64,
-    /// Whether `steps` was reached (false when stopped early by `stop_after`).
-    pub finished: bool,
-    /// Step the run resumed from (0 for a fresh run).
-    pub resumed_from: u64,
-    /// Last logged line.
-    pub last: Option<LogLine>,
-    /// Trainable / total parameters.
-    pub trainable_parameters: usize,
-    /// All parameters.
-    pub total_parameters: usize,
-    /// Mean tokens/s over the run.
-    pub tokens_per_sec: f64,
-    /// Wall seconds of this process's part of the run.
-    pub seconds: f64,
-    /// Final held-out losses.
-    pub eval: Option<EvalLosses>,
-    /// Bottom layers that ran frozen, without an autograd graph.
-    pub frozen_layers: usize,
-    /// What the frozen-prefix cache did (when one was used).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prefix_cache: Option<CacheStats>,
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TrainerState {
@@ -202,6 +31,15 @@ struct TrainerState {
     log_sigma: [f32; 3],
     config: FitConfig,
     num_examples: usize,
+    /// The device the run trained on up to this step (`cpu`, `cuda:0`).
+    #[serde(default)]
+    device: Option<String>,
+    /// The dtype its forward and backward computed in.
+    #[serde(default)]
+    compute_dtype: Option<String>,
+    /// `f16` training: the loss scaler, continued by a resumed run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scaler: Option<LossScaler>,
 }
 
 const STATE_FILE: &str = "trainer_state.json";
@@ -377,7 +215,7 @@ pub fn fit(
             "batch_size, grad_accum and steps must be positive".into(),
         ));
     }
-    let dev = Device::Cpu;
+    let dev = cfg.device.open()?;
     std::fs::create_dir_all(out).map_err(|e| Error::Io {
         path: out.to_path_buf(),
         source: e,
@@ -403,15 +241,9 @@ pub fn fit(
     } else {
         source.as_path()
     };
-    // Training computes in f32; the checkpoints go back to the student's stored dtype.
-    let (compute, _) = steper_models::dtype::resolve(cfg.dtype, DType::F32, &dev)?;
-    if compute != DType::F32 {
-        return Err(steper_models::Error::UnsupportedDType {
-            dtype: format!("{} (training)", compute.as_str()),
-            device: steper_models::dtype::device_name(&dev),
-        }
-        .into());
-    }
+    // Master weights are f32 (the forward and backward compute in `compute`); the checkpoints
+    // go back to the student's stored dtype.
+    let compute = training_dtype(cfg.dtype, &dev)?;
     let ck = Checkpoint::load(base_dir, DType::F32, &dev)?;
     let stored_dtype = ck.stored_dtype;
     let mcfg = ck.config.clone();
@@ -445,7 +277,8 @@ pub fn fit(
     };
 
     // Trainable weights become vars; the rest stay constant tensors (no gradient work).
-    let (all, model, vars, adapters) = match &cfg.trainable.lora {
+    let mixed = compute != DType::F32;
+    let (all, model, vars, adapters, half) = match &cfg.trainable.lora {
         None => {
             let mut frozen = BTreeMap::new();
             let mut to_train = BTreeMap::new();
@@ -461,12 +294,26 @@ pub fn fit(
                 }
             }
             let (trained, vars) = Weights::from_map(to_train).into_vars()?;
-            let mut all = Weights::from_map(frozen);
+            let frozen = Weights::from_map(frozen);
+            let mut all = frozen.clone();
             for (k, t) in trained.tensors() {
                 all.insert(k.clone(), t.clone());
             }
-            let model = Llama::new(&mcfg, &all)?;
-            (all, model, vars, None)
+            let half = mixed
+                .then(|| -> Result<HalfModel> {
+                    Ok(HalfModel {
+                        dtype: compute,
+                        base: frozen.to_dtype(compute)?,
+                        trained,
+                        lora_scale: None,
+                    })
+                })
+                .transpose()?;
+            let model = match &half {
+                Some(h) => h.build(&mcfg)?,
+                None => Llama::new(&mcfg, &all)?,
+            };
+            (all, model, vars, None, half)
         }
         Some(lc) => {
             let n = mcfg.num_hidden_layers;
@@ -482,8 +329,21 @@ pub fn fit(
             };
             let (adapters, vars) = adapters.into_vars()?;
             let all = ck.weights.clone();
-            let model = Llama::new(&mcfg, &all)?.with_lora(&adapters, lc.scale())?;
-            (all, model, vars, Some((adapters, lc.scale())))
+            let half = mixed
+                .then(|| -> Result<HalfModel> {
+                    Ok(HalfModel {
+                        dtype: compute,
+                        base: all.to_dtype(compute)?,
+                        trained: adapters.clone(),
+                        lora_scale: Some(lc.scale()),
+                    })
+                })
+                .transpose()?;
+            let model = match &half {
+                Some(h) => h.build(&mcfg)?,
+                None => Llama::new(&mcfg, &all)?.with_lora(&adapters, lc.scale())?,
+            };
+            (all, model, vars, Some((adapters, lc.scale())), half)
         }
     };
     // What a checkpoint holds: the weights (LoRA merged in) and the adapters.
@@ -541,6 +401,14 @@ pub fn fit(
         }
     }
     let start_step = state.as_ref().map(|s| s.step).unwrap_or(0);
+    // f16 scales the loss; a resumed run continues the saved scaler.
+    let mut scaler = (compute == DType::F16).then(|| {
+        state
+            .as_ref()
+            .and_then(|s| s.loss_scaler)
+            .unwrap_or_else(|| LossScaler::new(&cfg.loss_scale))
+    });
+    let mut skipped_steps = 0u64;
     if let (Some(s), Some(d)) = (&state, &resume_dir) {
         let p = d.join(OPTIM_FILE);
         let loaded = candle_core::safetensors::load(&p, &dev)
@@ -614,6 +482,10 @@ pub fn fit(
         let mut stage_n = [0usize; 3];
         let mut total_sum = 0f64;
         let mut tokens = 0usize;
+        // Mixed precision: this step's half-precision model of the current master weights.
+        let step_model = half.as_ref().map(|h| h.build(&mcfg)).transpose()?;
+        let model_now = step_model.as_ref().unwrap_or(&model);
+        let loss_scale = scaler.map(|s| s.scale);
         for micro in 0..cfg.grad_accum {
             let idx = stream.get(step * cfg.grad_accum as u64 + micro as u64);
             let refs: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
@@ -623,7 +495,7 @@ pub fn fit(
                 frozen_layers,
                 cache: cache.as_mut(),
             };
-            let sl = batch_losses(&model, &refs, &b, &mut prefix)?;
+            let sl = batch_losses(model_now, &refs, &b, &mut prefix)?;
             let Some(total) = combine(&sl, cfg.mode, &log_sigma)? else {
                 continue;
             };
@@ -634,7 +506,10 @@ pub fn fit(
                 }
             }
             total_sum += total.to_scalar::<f32>()? as f64;
-            let scaled = (total / cfg.grad_accum as f64)?;
+            let scaled = match loss_scale {
+                None => (total / cfg.grad_accum as f64)?,
+                Some(s) => (total * (s / cfg.grad_accum as f64))?,
+            };
             let grads = scaled.backward()?;
             for (a, p) in acc.iter_mut().zip(&opt.params) {
                 if let Some(g) = grads.get(p.var.as_tensor()) {
@@ -645,8 +520,22 @@ pub fn fit(
                 }
             }
         }
+        if let Some(s) = loss_scale {
+            for g in acc.iter_mut().flatten() {
+                *g = (&*g / s)?;
+            }
+        }
         let grad_norm = clip_global_norm(&mut acc, cfg.max_grad_norm)?;
-        opt.step(&acc, lr)?;
+        let apply = match scaler.as_mut() {
+            Some(sc) => sc.update(grad_norm.is_finite(), &cfg.loss_scale),
+            None => true,
+        };
+        if apply {
+            opt.step(&acc, lr)?;
+        } else {
+            skipped_steps += 1;
+        }
+        drop(step_model);
         step += 1;
         run_tokens += tokens;
         let secs = t0.elapsed().as_secs_f64();
@@ -669,12 +558,16 @@ pub fn fit(
             sigma_agg: sig[2],
             grad_norm,
             tokens_per_sec: tokens as f64 / secs.max(1e-9),
+            loss_scale,
+            skipped: !apply,
             eval: if eval_now {
                 let mut prefix = Prefix {
                     frozen_layers,
                     cache: cache.as_mut(),
                 };
-                Some(evaluate(&model, eval, cfg.batch_size, &mut prefix)?)
+                let updated = half.as_ref().map(|h| h.build(&mcfg)).transpose()?;
+                let m = updated.as_ref().unwrap_or(&model);
+                Some(evaluate(m, eval, cfg.batch_size, &mut prefix)?)
             } else {
                 None
             },
@@ -717,6 +610,9 @@ pub fn fit(
                 ],
                 config: cfg.clone(),
                 num_examples: train.len(),
+                device: Some(device_name(&dev)),
+                compute_dtype: Some(compute.as_str().into()),
+                loss_scaler: scaler,
             };
             save_checkpoint(
                 out,
@@ -757,6 +653,9 @@ pub fn fit(
         eval: final_eval,
         frozen_layers,
         prefix_cache: cache.map(|c| c.stats),
+        device: device_name(&dev),
+        compute_dtype: compute.as_str().into(),
+        skipped_steps,
     })
 }
 
