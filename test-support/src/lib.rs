@@ -13,6 +13,8 @@
 //!
 //! A missing fixture is an error naming what is missing; no test passes without its fixture.
 
+pub mod fake_http;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -322,5 +324,28 @@ mod tests {
     fn a_missing_data_file_is_an_error_naming_it() {
         let e = data_file("no-such-file.jsonl").unwrap_err().to_string();
         assert!(e.contains("no-such-file.jsonl"), "{e}");
+    }
+}
+
+/// A copy of the files of the checkpoint or export directory `src` in `dst`, whose
+/// `tokenizer_config.json` carries `template` as its `chat_template` (or no template; the copy
+/// has no `chat_template.jinja` either way), end token `</s>`.
+pub fn copy_with_chat_template(src: &Path, dst: &Path, template: Option<&str>) -> Result<PathBuf> {
+    std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+    for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), dst.join(entry.file_name()))
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    let mut config = serde_json::json!({"eos_token": "</s>", "bos_token": null});
+    if let Some(t) = template {
+        config["chat_template"] = serde_json::json!(t);
+    }
+    std::fs::write(dst.join("tokenizer_config.json"), config.to_string())?;
+    match std::fs::remove_file(dst.join("chat_template.jinja")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e)?,
+        _ => Ok(dst.to_path_buf()),
     }
 }

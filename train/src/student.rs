@@ -90,15 +90,88 @@ pub fn corpus_texts(corpus: &Path, qa: &[std::path::PathBuf]) -> Result<Vec<Stri
     Ok(texts)
 }
 
-/// Writes a new student (config.json, model.safetensors, tokenizer.json) into `out`.
+/// Writes a new student (config.json, model.safetensors, tokenizer.json) into `out`: a Llama
+/// with a tokenizer trained on `texts`.
 pub fn init_student(texts: &[String], spec: &StudentSpec, out: &Path) -> Result<LlamaConfig> {
+    init_student_of(texts, spec, "llama", out)
+}
+
+/// [`init_student`] of the family named by `model_type` (`llama`, `qwen2`: see
+/// [`steper_models::arch`]).
+pub fn init_student_of(
+    texts: &[String],
+    spec: &StudentSpec,
+    model_type: &str,
+    out: &Path,
+) -> Result<LlamaConfig> {
     if texts.is_empty() {
         return Err(Error::Input("no texts to train the tokenizer on".into()));
     }
     let tok = train_tokenizer(texts, spec.vocab_size)?;
+    let vocab = tok.get_vocab_size(true);
+    write_student(&tok, spec, model_type, vocab, EOS_TOKEN, out)
+}
+
+/// A random student of `model_type`'s family that uses an existing tokenizer (`tokenizer.json`,
+/// plain or compressed): a model shaped like a released one (its vocabulary included) for
+/// benchmarks and device checks, without its weights. `spec.vocab_size` is the embedding's size
+/// (0: the tokenizer's; larger pads it, as released models do); `eos_token` ends generation.
+pub fn init_student_with_tokenizer(
+    tokenizer: &Path,
+    spec: &StudentSpec,
+    model_type: &str,
+    eos_token: &str,
+    out: &Path,
+) -> Result<LlamaConfig> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut steper_runtime::data::compress::open(tokenizer)?,
+        &mut text,
+    )
+    .map_err(|e| Error::Input(format!("{}: {e}", tokenizer.display())))?;
+    let tok: Tokenizer = text.parse().map_err(|e| {
+        Error::Input(format!(
+            "{}: not a tokenizer.json: {e}",
+            tokenizer.display()
+        ))
+    })?;
+    let have = tok.get_vocab_size(true);
+    let vocab = match spec.vocab_size {
+        0 => have,
+        n if n >= have => n,
+        n => {
+            return Err(Error::Input(format!(
+                "--vocab-size {n} is smaller than the {have} tokens of {}",
+                tokenizer.display()
+            )))
+        }
+    };
+    write_student(&tok, spec, model_type, vocab, eos_token, out)
+}
+
+fn write_student(
+    tok: &Tokenizer,
+    spec: &StudentSpec,
+    model_type: &str,
+    vocab_size: usize,
+    eos_token: &str,
+    out: &Path,
+) -> Result<LlamaConfig> {
     let eos = tok
-        .token_to_id(EOS_TOKEN)
-        .ok_or_else(|| Error::Input("trained tokenizer lacks its EOS token".into()))?;
+        .token_to_id(eos_token)
+        .ok_or_else(|| Error::Input(format!("the tokenizer has no end token {eos_token:?}")))?;
+    let base = match model_type {
+        "llama" => LlamaConfig::tiny(0),
+        "qwen2" => LlamaConfig {
+            max_window_layers: Some(spec.layers),
+            ..LlamaConfig::tiny_qwen2(0)
+        },
+        other => {
+            return Err(Error::Input(format!(
+                "model type {other:?} is not one a student can be made of (llama, qwen2)"
+            )))
+        }
+    };
     let cfg = LlamaConfig {
         hidden_size: spec.hidden,
         intermediate_size: spec.intermediate,
@@ -106,12 +179,12 @@ pub fn init_student(texts: &[String], spec: &StudentSpec, out: &Path) -> Result<
         num_attention_heads: spec.heads,
         num_key_value_heads: Some(spec.kv_heads),
         max_position_embeddings: spec.context,
-        vocab_size: tok.get_vocab_size(true),
+        vocab_size,
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_id: Some(TokenIds::One(eos)),
         pad_token_id: Some(eos),
-        ..LlamaConfig::tiny(0)
+        ..base
     };
     cfg.validate(out)?;
     let w = Weights::random(&cfg, spec.seed, &Device::Cpu)?;

@@ -5,17 +5,15 @@
 //! `--teacher-chat`), contradicting flags are refused, the gold teacher's records do not depend on
 //! the format, and summary.json records the format of every run.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use steper_runtime::data::PromptPassage;
 use steper_runtime::prompt::{ChatTemplate, PromptLayout, DEFAULT_WORD_CAP};
 use steper_runtime::Reasoning;
+use steper_test_support::fake_http::{FakeServer, Reply};
 
 /// Qwen2.5's ChatML layout without its tool branch.
 const CHATML: &str = "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
@@ -47,22 +45,12 @@ fn stderr(out: &Output) -> String {
 
 /// A copy of the tiny student whose `tokenizer_config.json` carries `template` (or none).
 fn student_copy(dir: &Path, template: Option<&str>) -> Result<PathBuf> {
-    let src = &steper_test_support::tiny()?.student;
     let dst = dir.join(if template.is_some() { "chat" } else { "plain" });
-    std::fs::create_dir_all(&dst)?;
-    for entry in std::fs::read_dir(src)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), dst.join(entry.file_name()))?;
-        }
-    }
-    let mut config = json!({"eos_token": "</s>", "bos_token": null});
-    if let Some(t) = template {
-        config["chat_template"] = json!(t);
-    }
-    std::fs::write(dst.join("tokenizer_config.json"), config.to_string())?;
-    let _ = std::fs::remove_file(dst.join("chat_template.jinja"));
-    Ok(dst)
+    steper_test_support::copy_with_chat_template(
+        &steper_test_support::tiny()?.student,
+        &dst,
+        template,
+    )
 }
 
 /// The arguments every run shares: the tiny world's train questions and index.
@@ -277,75 +265,22 @@ fn gold_records_do_not_depend_on_the_format_which_is_recorded() -> Result<()> {
     Ok(())
 }
 
-/// A minimal OpenAI-compatible server: records each request's path and answers with the
-/// answer sentence in the shape of the endpoint asked.
-struct FakeServer {
-    url: String,
-    paths: Arc<Mutex<Vec<String>>>,
+/// A minimal OpenAI-compatible server: answers with the answer sentence in the shape of the
+/// endpoint asked.
+fn fake_openai() -> Result<FakeServer> {
+    FakeServer::start(|_, req| {
+        let sentence = " So the answer is: Paris.";
+        let body = if req.path.ends_with("/chat/completions") {
+            json!({"choices": [{"message": {"role": "assistant", "content": sentence}, "finish_reason": "stop"}], "usage": {"completion_tokens": 6}})
+        } else {
+            json!({"choices": [{"text": sentence, "finish_reason": "stop"}], "usage": {"completion_tokens": 6}})
+        };
+        Reply::Json(200, Vec::new(), body.to_string())
+    })
 }
 
-impl FakeServer {
-    fn start() -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let url = format!("http://{}/v1", listener.local_addr()?);
-        let paths = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::clone(&paths);
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                // A broken connection only loses that request; the client reports it.
-                let _ = answer(stream, &seen);
-            }
-        });
-        Ok(FakeServer { url, paths })
-    }
-
-    fn paths(&self) -> Vec<String> {
-        self.paths.lock().map(|p| p.clone()).unwrap_or_default()
-    }
-}
-
-fn answer(stream: TcpStream, seen: &Mutex<Vec<String>>) -> Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let path = line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    let mut length = 0usize;
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h)?;
-        if h.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse()?;
-            }
-        }
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body)?;
-    let sentence = " So the answer is: Paris.";
-    let reply = if path.ends_with("/chat/completions") {
-        json!({"choices": [{"message": {"role": "assistant", "content": sentence}, "finish_reason": "stop"}], "usage": {"completion_tokens": 6}})
-    } else {
-        json!({"choices": [{"text": sentence, "finish_reason": "stop"}], "usage": {"completion_tokens": 6}})
-    }
-    .to_string();
-    if let Ok(mut p) = seen.lock() {
-        p.push(path);
-    }
-    let mut s = stream;
-    write!(
-        s,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
-        reply.len()
-    )?;
-    s.flush()?;
-    Ok(())
+fn paths(server: &FakeServer) -> Vec<String> {
+    server.seen().into_iter().map(|r| r.path).collect()
 }
 
 #[test]
@@ -368,13 +303,13 @@ fn openai_teacher_under_chat_calls_chat_completions() -> Result<()> {
     .into_iter()
     .enumerate()
     {
-        let server = FakeServer::start()?;
+        let server = fake_openai()?;
         let out = tmp.path().join(format!("run{i}"));
-        let teacher = format!("openai:{}", server.url);
+        let teacher = format!("openai:{}/v1", server.url);
         let mut args = vec!["--teacher", teacher.as_str(), "--max-retries", "0"];
         args.extend_from_slice(flags);
         ok(&run_distill(&out, &args)?)?;
-        let paths = server.paths();
+        let paths = paths(&server);
         assert_eq!(paths.len(), QUESTIONS, "{flags:?}: {paths:?}");
         assert!(paths.iter().all(|p| p == endpoint), "{flags:?}: {paths:?}");
         assert_eq!(summary_format(&out)?, format, "{flags:?}");

@@ -4,128 +4,20 @@
 //! resumable, concurrent distillation through a server whose answers follow the gold chain.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::Mutex;
+use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 use steper_runtime::data::{read_qa, PromptPassage, QaExample, ReadOptions};
 use steper_runtime::retrieval::{build_index, Bm25Index, IndexOptions};
 use steper_runtime::{LoopOptions, StepModel, StepRequest};
+use steper_test_support::fake_http::{FakeServer, Reply};
 use steper_train::distill::{distill, distill_pool, DistillOptions, Filter};
 use steper_train::synth::{generate_world, write_world, SynthConfig};
 use steper_train::teacher::{GoldTeacher, OpenAiConfig, OpenAiTeacher, TeacherPrompt};
-
-/// A request as the fake server saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    headers: HashMap<String, String>,
-    body: Value,
-    at: Instant,
-}
-
-/// What the fake server answers.
-enum Reply {
-    Json(u16, Vec<(&'static str, String)>, String),
-    /// Wait, then answer (longer than the client's timeout: the client gives up first).
-    Slow(Duration, String),
-}
-
-type Script = dyn Fn(usize, &Seen) -> Reply + Send + Sync;
-
-/// A loopback HTTP/1.1 server answering each request with `script(request number, request)`;
-/// one thread per connection, `Connection: close` after each answer.
-struct FakeServer {
-    url: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl FakeServer {
-    fn start(script: impl Fn(usize, &Seen) -> Reply + Send + Sync + 'static) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let script: Arc<Script> = Arc::new(script);
-        let s2 = seen.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { break };
-                let (seen, script) = (s2.clone(), script.clone());
-                std::thread::spawn(move || {
-                    let _ = serve_one(stream, &seen, &*script);
-                });
-            }
-        });
-        Ok(FakeServer { url, seen })
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-fn serve_one(stream: TcpStream, seen: &Mutex<Vec<Seen>>, script: &Script) -> Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let path = line
-        .split_whitespace()
-        .nth(1)
-        .ok_or_else(|| anyhow!("bad request line {line:?}"))?
-        .to_string();
-    let mut headers = HashMap::new();
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h)?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let len: usize = headers
-        .get("content-length")
-        .ok_or_else(|| anyhow!("no content-length"))?
-        .parse()?;
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body)?;
-    let req = Seen {
-        path,
-        headers,
-        body: serde_json::from_slice(&body)?,
-        at: Instant::now(),
-    };
-    let n = {
-        let mut s = seen.lock().unwrap();
-        s.push(req.clone());
-        s.len() - 1
-    };
-    let (status, extra, text) = match script(n, &req) {
-        Reply::Json(status, extra, text) => (status, extra, text),
-        Reply::Slow(d, text) => {
-            std::thread::sleep(d);
-            (200, Vec::new(), text)
-        }
-    };
-    let mut out = stream;
-    let mut head = format!(
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-        text.len()
-    );
-    for (k, v) in extra {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    out.write_all(head.as_bytes())?;
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
-    Ok(())
-}
 
 fn completion(text: &str) -> String {
     json!({"choices": [{"text": text, "index": 0}], "usage": {"completion_tokens": 3}}).to_string()

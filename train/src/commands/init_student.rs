@@ -3,23 +3,36 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use steper_train::student::{corpus_texts, init_student, StudentSpec};
+use steper_train::student::{
+    corpus_texts, init_student_of, init_student_with_tokenizer, StudentSpec, EOS_TOKEN,
+};
 
 /// Arguments of `init-student`.
 #[derive(clap::Args)]
 pub struct Args {
     /// Corpus (JSONL) whose passages train the tokenizer.
-    #[arg(long)]
-    corpus: PathBuf,
+    #[arg(long, required_unless_present = "tokenizer")]
+    corpus: Option<PathBuf>,
+    /// Use this tokenizer.json (plain, .gz or .zst) instead of training one: a random model
+    /// shaped like a released one, e.g. SmolLM2's or Qwen2.5's shape for benchmarks.
+    #[arg(long, conflicts_with_all = ["corpus", "qa"])]
+    tokenizer: Option<PathBuf>,
+    /// The end token (with --tokenizer; a trained tokenizer's is <|endoftext|>).
+    #[arg(long, default_value = EOS_TOKEN, requires = "tokenizer")]
+    eos_token: String,
+    /// Architecture family: llama or qwen2 (q/k/v biases, RoPE base 1e6).
+    #[arg(long, default_value = "llama")]
+    model_type: String,
     /// QA files whose questions and answers also train the tokenizer.
     #[arg(long)]
     qa: Vec<PathBuf>,
     /// Output checkpoint directory.
     #[arg(long)]
     out: PathBuf,
-    /// Tokenizer vocabulary size.
-    #[arg(long, default_value_t = 2048)]
-    vocab_size: usize,
+    /// Tokenizer vocabulary size; with --tokenizer, the embedding's rows (default: the
+    /// tokenizer's size; larger pads, as released models do).
+    #[arg(long)]
+    vocab_size: Option<usize>,
     /// Layers.
     #[arg(long, default_value_t = 4)]
     layers: usize,
@@ -45,9 +58,10 @@ pub struct Args {
 
 /// Trains the tokenizer and writes the random student.
 pub fn run(a: Args) -> Result<()> {
-    let texts = corpus_texts(&a.corpus, &a.qa)?;
     let spec = StudentSpec {
-        vocab_size: a.vocab_size,
+        vocab_size: a
+            .vocab_size
+            .unwrap_or(if a.tokenizer.is_some() { 0 } else { 2048 }),
         layers: a.layers,
         hidden: a.hidden,
         heads: a.heads,
@@ -56,9 +70,14 @@ pub fn run(a: Args) -> Result<()> {
         context: a.context,
         seed: a.seed,
     };
-    let cfg = init_student(&texts, &spec, &a.out)?;
+    let cfg = match (&a.tokenizer, &a.corpus) {
+        (Some(t), _) => init_student_with_tokenizer(t, &spec, &a.model_type, &a.eos_token, &a.out)?,
+        (None, Some(c)) => init_student_of(&corpus_texts(c, &a.qa)?, &spec, &a.model_type, &a.out)?,
+        (None, None) => anyhow::bail!("init-student needs --corpus or --tokenizer"),
+    };
     println!(
-        "student → {}: vocab {}, {} layers, hidden {}, {:.2}M parameters",
+        "{} student → {}: vocab {}, {} layers, hidden {}, {:.2}M parameters",
+        cfg.model_type,
         a.out.display(),
         cfg.vocab_size,
         cfg.num_hidden_layers,
