@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod collect;
+pub mod genai;
 pub mod graph;
 pub mod hist;
 pub mod pipeline;

@@ -656,13 +656,7 @@ pub fn calibrate(
     let genai = opts.model.join("genai_config.json");
     if genai.is_file() {
         let text = std::fs::read_to_string(&genai).map_err(|e| Error::io(&genai, e))?;
-        let mut v: serde_json::Value = serde_json::from_str(&text)?;
-        if let Some(d) = v.pointer_mut("/model/decoder") {
-            d["filename"] = json!(files::INT8_MODEL);
-        }
-        if let Some(m) = v.get_mut("model") {
-            m["steper_dtype"] = json!("int8");
-        }
+        let v = crate::genai::int8_genai_config(&text, &genai, files::INT8_MODEL)?;
         write_atomic(
             &stage("genai_config.json"),
             serde_json::to_string_pretty(&v)?.as_bytes(),
