@@ -213,7 +213,15 @@ pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<tokenizers::Toke
             path.display()
         )));
     }
-    let tok = tokenizers::Tokenizer::from_file(path)
+    // tokenizers 0.23 panics (instead of returning its error) on a syntax error inside the
+    // `decoder` object: caught here and reported as the file's error.
+    let tok = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path))
+        .map_err(|_| {
+            Error::Tokenizer(format!(
+                "{}: not a readable tokenizer.json (malformed `decoder`)",
+                path.display()
+            ))
+        })?
         .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
     let n = tok.get_vocab_size(true);
     if n > vocab_size {
@@ -223,4 +231,26 @@ pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<tokenizers::Toke
         )));
     }
     Ok(tok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing: a syntax error inside the `decoder` object made the tokenizers crate
+    /// panic ("Helper") instead of returning its error.
+    #[test]
+    fn a_tokenizer_json_with_a_syntax_error_in_its_decoder_is_an_error_naming_the_file(
+    ) -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(
+            &path,
+            r#"{"version":"1.0","decoder":{"type":"ByteLevel","add_prefix_space":true "trim_offsets":true},"model":{"type":"BPE","vocab":{},"merges":[]}}"#,
+        )?;
+        let e = load_tokenizer(&path, 100).err().map(|e| e.to_string());
+        let e = e.unwrap_or_default();
+        assert!(e.contains("tokenizer.json") && e.contains("decoder"), "{e}");
+        Ok(())
+    }
 }

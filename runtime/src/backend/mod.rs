@@ -169,10 +169,17 @@ pub fn load_tokenizer(dir: &Path, manifest: &Manifest) -> Result<tokenizers::Tok
             message: "tokenizer file not found".into(),
         });
     }
-    let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Model {
-        path: path.clone(),
-        message: format!("tokenizer does not load: {e}"),
-    })?;
+    // tokenizers 0.23 panics (instead of returning its error) on a syntax error inside the
+    // `decoder` object: caught here and reported as the file's error.
+    let tok = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(&path))
+        .map_err(|_| Error::Model {
+            path: path.clone(),
+            message: "tokenizer does not load: malformed `decoder`".into(),
+        })?
+        .map_err(|e| Error::Model {
+            path: path.clone(),
+            message: format!("tokenizer does not load: {e}"),
+        })?;
     let n = tok.get_vocab_size(true);
     if n > manifest.graph.vocab_size {
         return Err(Error::Model {
