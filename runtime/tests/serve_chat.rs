@@ -29,22 +29,11 @@ fn ort() -> BackendKind {
 
 /// A copy of the tiny export whose `tokenizer_config.json` carries `template` (or none).
 fn model_with_template(dir: &Path, template: Option<&str>) -> Result<PathBuf> {
-    let src = common::test_model()?;
-    let dst = dir.join("tiny-chat");
-    std::fs::create_dir_all(&dst)?;
-    for entry in std::fs::read_dir(&src)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), dst.join(entry.file_name()))?;
-        }
-    }
-    let mut config = json!({"eos_token": "</s>", "bos_token": null});
-    if let Some(t) = template {
-        config["chat_template"] = json!(t);
-    }
-    std::fs::write(dst.join("tokenizer_config.json"), config.to_string())?;
-    let _ = std::fs::remove_file(dst.join("chat_template.jinja"));
-    Ok(dst)
+    steper_test_support::copy_with_chat_template(
+        &common::test_model()?,
+        &dir.join("tiny-chat"),
+        template,
+    )
 }
 
 fn start(model: &Path) -> Result<ServerHandle> {

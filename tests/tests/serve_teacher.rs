@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Result;
 use steper_runtime::data::StepwiseRecord;
 use steper_runtime::retrieval::Bm25Index;
-use steper_runtime::serve::{Endpoint, ServeConfig, Server};
+use steper_runtime::serve::{Endpoint, ServeConfig, Server, ServerHandle};
 use steper_runtime::LoopOptions;
 use steper_runtime::{BackendKind, Engine, OrtOptions};
 use steper_train::distill::{distill, distill_pool, DistillOptions, Filter, TraceLine};
@@ -35,6 +35,48 @@ fn lines(path: &Path) -> Result<Vec<serde_json::Value>> {
         .collect()
 }
 
+/// `steper-run serve` on `model` (ORT, one intra-op thread per worker) under `name`, and an
+/// OpenAI teacher configuration for it whose prompts fit the export's context.
+fn serve_and_teacher_config(
+    model: &Path,
+    index: &Path,
+    name: &str,
+    workers: usize,
+    base_path: &str,
+) -> Result<(ServerHandle, OpenAiConfig, tokenizers::Tokenizer)> {
+    let (m, i) = (model.to_path_buf(), index.to_path_buf());
+    let server = Server::start(
+        ServeConfig::default()
+            .with_addr("127.0.0.1:0".parse()?)
+            .with_workers(workers)
+            .with_max_body_bytes(1 << 20)
+            .with_model_name(name),
+        move || {
+            Engine::builder()
+                .model_dir(m)
+                .backend(BackendKind::Ort(
+                    OrtOptions::default().with_intra_threads(1),
+                ))
+                .index(i)
+                .build()
+        },
+    )?;
+    server.wait_ready(Duration::from_secs(120))?;
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("steper.json"))?)?;
+    let context = manifest["context_length"]
+        .as_u64()
+        .or_else(|| manifest["context"].as_u64())
+        .unwrap_or(1024) as usize;
+    let tokenizer = tokenizers::Tokenizer::from_file(model.join("tokenizer.json"))
+        .map_err(anyhow::Error::msg)?;
+    let mut cfg = OpenAiConfig::new(format!("http://{}{base_path}", server.addr()), name);
+    cfg.context = Some(context - CONTEXT_MARGIN);
+    cfg.timeout = Duration::from_secs(120);
+    cfg.max_retries = 2;
+    Ok((server, cfg, tokenizer))
+}
+
 #[test]
 fn distill_with_steper_run_serve_as_teacher() -> Result<()> {
     let tiny = steper_test_support::tiny()?;
@@ -48,37 +90,8 @@ fn distill_with_steper_run_serve_as_teacher() -> Result<()> {
         .collect();
     assert_eq!(qs.len(), QUESTIONS);
 
-    let (m, i) = (model.clone(), index_dir.clone());
-    let server = Server::start(
-        ServeConfig::default()
-            .with_addr("127.0.0.1:0".parse()?)
-            .with_workers(2)
-            .with_max_body_bytes(1 << 20)
-            .with_model_name("tiny-student"),
-        move || {
-            Engine::builder()
-                .model_dir(m)
-                .backend(BackendKind::Ort(
-                    OrtOptions::default().with_intra_threads(1),
-                ))
-                .index(i)
-                .build()
-        },
-    )?;
-    server.wait_ready(Duration::from_secs(120))?;
-
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("steper.json"))?)?;
-    let context = manifest["context_length"]
-        .as_u64()
-        .or_else(|| manifest["context"].as_u64())
-        .unwrap_or(1024) as usize;
-    let tokenizer = tokenizers::Tokenizer::from_file(model.join("tokenizer.json"))
-        .map_err(anyhow::Error::msg)?;
-    let mut cfg = OpenAiConfig::new(format!("http://{}", server.addr()), "tiny-student");
-    cfg.context = Some(context - CONTEXT_MARGIN);
-    cfg.timeout = Duration::from_secs(120);
-    cfg.max_retries = 2;
+    let (server, cfg, tokenizer) =
+        serve_and_teacher_config(&model, &index_dir, "tiny-student", 2, "")?;
     let teacher = OpenAiTeacher::new(cfg, Some(tokenizer))?;
 
     let index = Bm25Index::open(&index_dir)?;
@@ -182,18 +195,10 @@ fn distill_with_teacher_chat_against_serve_chat_completions() -> Result<()> {
     let tiny = steper_test_support::tiny()?;
     let tmp = tempfile::tempdir()?;
     // A copy of the tiny export whose tokenizer_config.json carries the template.
-    let model = tmp.path().join("tiny-chat");
-    std::fs::create_dir_all(&model)?;
-    for entry in std::fs::read_dir(&tiny.export)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), model.join(entry.file_name()))?;
-        }
-    }
-    std::fs::write(
-        model.join("tokenizer_config.json"),
-        serde_json::json!({"eos_token": "</s>", "bos_token": null, "chat_template": CHATML})
-            .to_string(),
+    let model = steper_test_support::copy_with_chat_template(
+        &tiny.export,
+        &tmp.path().join("tiny-chat"),
+        Some(CHATML),
     )?;
     let qs: Vec<_> = tiny
         .questions("train")?
@@ -202,39 +207,10 @@ fn distill_with_teacher_chat_against_serve_chat_completions() -> Result<()> {
         .collect();
     assert_eq!(qs.len(), CHAT_QUESTIONS);
 
-    let (m, i) = (model.clone(), tiny.index.clone());
-    let server = Server::start(
-        ServeConfig::default()
-            .with_addr("127.0.0.1:0".parse()?)
-            .with_workers(1)
-            .with_max_body_bytes(1 << 20)
-            .with_model_name("tiny-chat"),
-        move || {
-            Engine::builder()
-                .model_dir(m)
-                .backend(BackendKind::Ort(
-                    OrtOptions::default().with_intra_threads(1),
-                ))
-                .index(i)
-                .build()
-        },
-    )?;
-    server.wait_ready(Duration::from_secs(120))?;
-
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("steper.json"))?)?;
-    let context = manifest["context_length"]
-        .as_u64()
-        .or_else(|| manifest["context"].as_u64())
-        .unwrap_or(1024) as usize;
-    let tokenizer = tokenizers::Tokenizer::from_file(model.join("tokenizer.json"))
-        .map_err(anyhow::Error::msg)?;
     // `--teacher openai:http://ADDR/v1 --teacher-model tiny-chat --teacher-chat`.
-    let mut cfg = OpenAiConfig::new(format!("http://{}/v1", server.addr()), "tiny-chat");
+    let (server, mut cfg, tokenizer) =
+        serve_and_teacher_config(&model, &tiny.index, "tiny-chat", 1, "/v1")?;
     cfg.chat = true;
-    cfg.context = Some(context - CONTEXT_MARGIN);
-    cfg.timeout = Duration::from_secs(120);
-    cfg.max_retries = 2;
     let teacher = OpenAiTeacher::new(cfg, Some(tokenizer))?;
     assert!(teacher.endpoint().ends_with("/v1/chat/completions"));
 
