@@ -53,7 +53,10 @@ impl DeviceChoice {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal).map_err(|source| Error::NoCudaDevice { ordinal, source })
+    Device::new_cuda(ordinal).map_err(|source| Error::NoCudaDevice {
+        ordinal,
+        source: Box::new(source),
+    })
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -79,7 +79,7 @@ pub enum Error {
         ordinal: usize,
         /// candle's error.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// A sharded checkpoint's index names a shard file that is not there.
     #[error("{index}: names shard {shard}, which does not exist")]

@@ -316,17 +316,6 @@ pub fn tiny_export() -> Result<PathBuf> {
     Ok(tiny()?.export.clone())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_missing_data_file_is_an_error_naming_it() {
-        let e = data_file("no-such-file.jsonl").unwrap_err().to_string();
-        assert!(e.contains("no-such-file.jsonl"), "{e}");
-    }
-}
-
 /// A copy of the files of the checkpoint or export directory `src` in `dst`, whose
 /// `tokenizer_config.json` carries `template` as its `chat_template` (or no template; the copy
 /// has no `chat_template.jinja` either way), end token `</s>`.
@@ -347,5 +336,16 @@ pub fn copy_with_chat_template(src: &Path, dst: &Path, template: Option<&str>) -
     match std::fs::remove_file(dst.join("chat_template.jinja")) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e)?,
         _ => Ok(dst.to_path_buf()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_data_file_is_an_error_naming_it() {
+        let e = data_file("no-such-file.jsonl").unwrap_err().to_string();
+        assert!(e.contains("no-such-file.jsonl"), "{e}");
     }
 }
