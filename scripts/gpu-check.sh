@@ -25,7 +25,11 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PREP="$ROOT/.gpu-check"
+PREP="${GPU_CHECK_PREP:-$ROOT/.gpu-check}"
+# Rehearsal on a machine without a GPU: GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 runs every command
+# of `run` with the CPU in place of the GPU and tiny shapes (flags, files and report checked).
+DEV="${GPU_CHECK_DEVICE:-cuda}"
+SMALL="${GPU_CHECK_SMALL:-0}"
 # Losses of the same f32 steps on two devices differ by reduction order only.
 FIT_LOSS_TOL="${FIT_LOSS_TOL:-1e-3}"
 
@@ -90,7 +94,7 @@ run() {
   python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' \
     "$PREP/steper-train.xz" "$w/steper-train"
   chmod +x "$w/steper-train"
-  export LD_LIBRARY_PATH="$(find_cuda_libs)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export LD_LIBRARY_PATH="${GPU_CHECK_LIBS:-$(find_cuda_libs)}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   local T="$w/steper-train" log="$out/gpu-check.log"
   : > "$log"
   step() { echo "== $* ($(( $(date +%s) - T0 )) s)" | tee -a "$log" >&2; }
@@ -98,27 +102,34 @@ run() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$w/gpu.txt" 2>&1 || true
   local tok="$ROOT/data/tokenizers/smollm2-135m-instruct.tokenizer.json.gz"
 
+  local smol=(--layers 30 --hidden 576 --heads 9 --kv-heads 3 --intermediate 1536)
+  local qwen=(--vocab-size 151936 --layers 24 --hidden 896 --heads 14 --kv-heads 2 --intermediate 4864)
+  local fit_steps=20 bench_steps=10
+  if [[ "$SMALL" == 1 ]]; then
+    smol=(--layers 2 --hidden 64 --heads 4 --kv-heads 2 --intermediate 128)
+    qwen=(--vocab-size 49216 --layers 2 --hidden 64 --heads 4 --kv-heads 2 --intermediate 128)
+    fit_steps=3 bench_steps=2
+  fi
   step "students: SmolLM2-135M shape, Qwen2.5-0.5B shape (random weights)"
   "$T" init-student --tokenizer "$tok" --eos-token "<|im_end|>" --out "$w/smollm2" \
-    --layers 30 --hidden 576 --heads 9 --kv-heads 3 --intermediate 1536 --context 2048 >> "$log" 2>&1
+    "${smol[@]}" --context 2048 >> "$log" 2>&1
   "$T" init-student --tokenizer "$tok" --eos-token "<|im_end|>" --model-type qwen2 --out "$w/qwen05" \
-    --vocab-size 151936 --layers 24 --hidden 896 --heads 14 --kv-heads 2 --intermediate 4864 \
-    --context 2048 >> "$log" 2>&1
+    "${qwen[@]}" --context 2048 >> "$log" 2>&1
 
   fit_run() { # name device dtype
-    "$T" fit --student "$w/smollm2" --data "$PREP/stepwise.jsonl" --out "$w/fit-$1" --steps 20 \
+    "$T" fit --student "$w/smollm2" --data "$PREP/stepwise.jsonl" --out "$w/fit-$1" --steps "$fit_steps" \
       --batch-size 2 --lr 1e-4 --warmup 2 --seed 0 --eval-fraction 0 --eval-every 0 --save-every 0 \
       --device "$2" --dtype "$3" >> "$log" 2>&1
   }
-  step "fit: 20 steps, cuda f32"; fit_run cuda-f32 cuda f32
-  step "fit: 20 steps, cpu f32"; fit_run cpu-f32 cpu f32
-  step "fit: 20 steps, cuda bf16"; fit_run cuda-bf16 cuda bf16
+  step "fit: $fit_steps steps, $DEV f32"; fit_run cuda-f32 "$DEV" f32
+  step "fit: $fit_steps steps, cpu f32"; fit_run cpu-f32 cpu f32
+  step "fit: $fit_steps steps, $DEV bf16"; fit_run cuda-bf16 "$DEV" bf16
 
   bench() { # name model dtype
     local mem="$w/mem-$1.txt"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" 2>/dev/null &
     local smi=$!
-    "$T" bench-fit --student "$w/$2" --batch-size 8 --seq-len 512 --steps 10 --warmup-steps 2 --device cuda \
+    "$T" bench-fit --student "$w/$2" --batch-size 8 --seq-len 512 --steps "$bench_steps" --warmup-steps 1 --device "$DEV" \
       --dtype "$3" > "$w/bench-$1.json" 2>> "$log"
     kill "$smi" 2>/dev/null || true; wait "$smi" 2>/dev/null || true
   }
@@ -128,13 +139,13 @@ run() {
     for dt in f32 bf16; do step "bench-fit $m $dt"; bench "$m-$dt" "$m" "$dt"; done
   done
 
-  teacher() { # device
+  teacher() { # device label
     "$T" distill --teacher "checkpoint:$w/smollm2" --data "$PREP/dev10.jsonl" --index "$PREP/index-dev10" \
-      --out "$w/teacher-$1" --max-new-tokens 24 --max-steps 3 --filter none --device "$1" --dtype f32 \
+      --out "$w/teacher-$2" --max-new-tokens 24 --max-steps 3 --filter none --device "$1" --dtype f32 \
       >> "$log" 2>&1
   }
-  step "candle teacher, 10 questions, cuda f32"; teacher cuda
-  step "candle teacher, 10 questions, cpu f32"; teacher cpu
+  step "candle teacher, 10 questions, $DEV f32"; teacher "$DEV" gpu
+  step "candle teacher, 10 questions, cpu f32"; teacher cpu cpu
   step "report"
 
   python3 - "$w" "$out/gpu-check.json" "$FIT_LOSS_TOL" "$base_mem" "$(( $(date +%s) - T0 ))" "$PREP" <<'PY'
@@ -143,7 +154,8 @@ w, dst, tol, base_mem, secs, prep = sys.argv[1], sys.argv[2], float(sys.argv[3])
 def losses(run):
     rows = [json.loads(l) for l in open(f"{w}/fit-{run}/train_log.jsonl") if l.strip()]
     return [r["total"] for r in rows if r.get("total") is not None and not r.get("skipped")]
-rep = {"gpu": open(f"{w}/gpu.txt").read().strip(), "seconds": secs,
+rep = {"gpu": open(f"{w}/gpu.txt").read().strip(), "seconds": secs, "device": os.environ.get("GPU_CHECK_DEVICE", "cuda"),
+       "small": os.environ.get("GPU_CHECK_SMALL", "0") == "1",
        "commit": open(f"{prep}/commit").read().strip(),
        "cuda_build": json.load(open(f"{prep}/cuda-build.json"))}
 cu, cp, bf = losses("cuda-f32"), losses("cpu-f32"), losses("cuda-bf16")
@@ -163,9 +175,16 @@ for name in sorted(os.listdir(w)):
         mem = [int(x) for x in open(f"{w}/mem-{key}.txt").read().split() if x.strip().isdigit()]
         b["peak_gpu_mib_sampled"] = (max(mem) - int(base_mem or 0)) if mem else None
         rep["bench_fit"][key] = b
+def untimed(v):
+    # Timings (`*_ms`, `seconds`) differ from run to run; the greedy trace is the rest.
+    if isinstance(v, dict):
+        return {k: untimed(x) for k, x in v.items() if not k.endswith("_ms") and k != "seconds"}
+    if isinstance(v, list):
+        return [untimed(x) for x in v]
+    return v
 def traces(dev):
-    return [json.loads(l) for l in open(f"{w}/teacher-{dev}/traces.jsonl") if l.strip()]
-tc, tp = traces("cuda"), traces("cpu")
+    return [untimed(json.loads(l)) for l in open(f"{w}/teacher-{dev}/traces.jsonl") if l.strip()]
+tc, tp = traces("gpu"), traces("cpu")
 same = sum(1 for a, b in zip(tc, tp) if a == b)
 rep["teacher"] = {"questions": len(tp), "identical_traces": same,
                   "all_identical": len(tc) == len(tp) and same == len(tp),
