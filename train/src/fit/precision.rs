@@ -1,7 +1,7 @@
 //! Mixed-precision training: the forward and backward in `bf16` or `f16`, the weights the
 //! optimizer updates (master weights), its moments and σ in `f32`.
 //!
-//! The trained weights stay f32 [`Var`]s. Each step builds the model from their half-precision
+//! The trained weights stay f32 [`Var`](candle_core::Var)s. Each step builds the model from their half-precision
 //! copies (`to_dtype`, a differentiable op: its backward converts the gradient back to f32, so
 //! the gradients arrive on the master weights in f32) and from the frozen weights, converted
 //! once. The loss is computed in f32 from the half-precision logits.
