@@ -86,6 +86,7 @@ pub struct Client {
     addr: SocketAddr,
     timeout: Duration,
     conn: Option<BufReader<TcpStream>>,
+    bearer: Option<String>,
 }
 
 impl Client {
@@ -106,7 +107,15 @@ impl Client {
             addr,
             timeout,
             conn: None,
+            bearer: None,
         })
+    }
+
+    /// Sends `Authorization: Bearer <key>` with every request of [`Client::request`].
+    #[must_use]
+    pub fn with_bearer(mut self, key: impl Into<String>) -> Self {
+        self.bearer = Some(key.into());
+        self
     }
 
     /// The server address.
@@ -155,6 +164,9 @@ impl Client {
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nAccept: */*\r\n",
             self.addr
         );
+        if let Some(key) = &self.bearer {
+            head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+        }
         if let Some(b) = body {
             head.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -249,7 +261,7 @@ pub fn send_raw_once(
     }
 }
 
-fn read_line(r: &mut impl BufRead, addr: SocketAddr) -> Result<String> {
+pub(crate) fn read_line(r: &mut impl BufRead, addr: SocketAddr) -> Result<String> {
     let mut buf = Vec::new();
     let n = r
         .by_ref()
@@ -278,7 +290,11 @@ fn bad(addr: SocketAddr, m: String) -> Error {
     Error::Malformed { addr, message: m }
 }
 
-fn read_response(r: &mut BufReader<TcpStream>, addr: SocketAddr) -> Result<Response> {
+/// The status and the headers (names lower-cased) of a response.
+pub(crate) fn read_head(
+    r: &mut impl BufRead,
+    addr: SocketAddr,
+) -> Result<(u16, Vec<(String, String)>)> {
     let status_line = read_line(r, addr)?;
     let status: u16 = status_line
         .split_whitespace()
@@ -296,6 +312,11 @@ fn read_response(r: &mut BufReader<TcpStream>, addr: SocketAddr) -> Result<Respo
             .ok_or_else(|| bad(addr, format!("header line {line:?}")))?;
         headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
+    Ok((status, headers))
+}
+
+pub(crate) fn read_response(r: &mut BufReader<TcpStream>, addr: SocketAddr) -> Result<Response> {
+    let (status, headers) = read_head(r, addr)?;
     let get = |name: &str| {
         headers
             .iter()

@@ -1,6 +1,7 @@
 //! The load generator of `steper-run bench-serve` and the blocking HTTP/1.1 client the
 //! server's tests use: N keep-alive clients for T seconds or a request budget, with latency
-//! percentiles, status counts, drift and the server's peak RSS ([`load`]); keep-alive
+//! percentiles, status counts, drift and the server's peak RSS ([`load`]); a soak of valid and
+//! hostile requests with the server's memory and descriptors sampled ([`soak`]); keep-alive
 //! requests, raw (possibly malformed) requests and server-sent events ([`client`]).
 //!
 //! It lives outside `steper-runtime` so that an embedder of the runtime builds neither; plain
@@ -10,6 +11,7 @@
 
 pub mod client;
 pub mod load;
+pub mod soak;
 
 use std::net::SocketAddr;
 

@@ -43,6 +43,8 @@ pub struct LoadOptions {
     pub request_timeout: Duration,
     /// The server's process id for its peak RSS (`None`: this process, for an in-process server).
     pub server_pid: Option<u32>,
+    /// Sent as `Authorization: Bearer <key>` when the server requires one.
+    pub api_key: Option<String>,
 }
 
 /// What one load level measured.
@@ -145,6 +147,9 @@ pub fn run_load(opts: &LoadOptions) -> Result<LoadReport> {
         let opts = opts.clone();
         threads.push(std::thread::spawn(move || -> Result<()> {
             let mut client = Client::new(&opts.addr, opts.request_timeout)?;
+            if let Some(key) = &opts.api_key {
+                client = client.with_bearer(key.clone());
+            }
             let mut local = Vec::new();
             loop {
                 if Instant::now() >= stop_at {
@@ -294,6 +299,7 @@ mod tests {
             max_tokens: 1,
             request_timeout: Duration::from_secs(1),
             server_pid: None,
+            api_key: None,
         };
         assert!(matches!(
             run_load(&opts),

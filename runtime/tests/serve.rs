@@ -725,6 +725,7 @@ fn bounded_load_then_bad_input_barrage_then_still_correct() -> Result<()> {
         max_tokens: 8,
         request_timeout: CLIENT_TIMEOUT,
         server_pid: None,
+        api_key: None,
     })?;
     assert_eq!(report.requests, 24);
     assert_eq!(report.ok, 24, "{report:?}");

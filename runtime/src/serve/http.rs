@@ -103,10 +103,14 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            super::auth::require_key,
+        ))
         .with_state(state)
 }
 
-fn error_response(st: &AppState, e: &ApiError) -> Response {
+pub(crate) fn error_response(st: &AppState, e: &ApiError) -> Response {
     st.metrics.record_error(e.kind);
     let status = StatusCode::from_u16(e.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = json_response(status, &e.body());

@@ -90,10 +90,12 @@ pub enum ErrorKind {
     BodyTimeout,
     /// The model failed (500).
     Internal,
+    /// A `/v1/*` request without the server's API key (401 with `WWW-Authenticate: Bearer`).
+    Unauthorized,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 9] = [
+    const ALL: [ErrorKind; 10] = [
         ErrorKind::BadRequest,
         ErrorKind::NotFound,
         ErrorKind::PayloadTooLarge,
@@ -103,6 +105,7 @@ impl ErrorKind {
         ErrorKind::Timeout,
         ErrorKind::BodyTimeout,
         ErrorKind::Internal,
+        ErrorKind::Unauthorized,
     ];
 
     /// The label value (also the `type` of the JSON error body).
@@ -117,6 +120,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::BodyTimeout => "request_timeout",
             ErrorKind::Internal => "internal_error",
+            ErrorKind::Unauthorized => "authentication_error",
         }
     }
 
@@ -130,12 +134,13 @@ impl ErrorKind {
             ErrorKind::Timeout => 504,
             ErrorKind::BodyTimeout => 408,
             ErrorKind::Internal => 500,
+            ErrorKind::Unauthorized => 401,
         }
     }
 }
 
 /// HTTP status codes counted per endpoint; any other status is counted as `code="other"`.
-const STATUSES: [u16; 9] = [200, 400, 404, 405, 408, 413, 500, 503, 504];
+const STATUSES: [u16; 10] = [200, 400, 401, 404, 405, 408, 413, 500, 503, 504];
 
 type Labels<const N: usize> = [(&'static str, &'static str); N];
 type HistogramFamily = Family<Labels<1>, Histogram, fn() -> Histogram>;
@@ -144,6 +149,7 @@ fn status_label(status: u16) -> &'static str {
     match status {
         200 => "200",
         400 => "400",
+        401 => "401",
         404 => "404",
         405 => "405",
         408 => "408",

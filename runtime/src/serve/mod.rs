@@ -10,6 +10,11 @@
 //! | `GET /healthz` | 503 `loading` until the model and index are loaded, then 200 `ready`; 503 while shutting down |
 //! | `GET /metrics` | OpenMetrics text (prometheus-client): requests, errors by kind, queue depth, latency histograms per request and per step, tokens/s |
 //!
+//! With [`ServeConfig::api_key`] set, every `/v1/*` request must carry `Authorization: Bearer
+//! <key>` (401 with `WWW-Authenticate: Bearer` otherwise, counted as
+//! `steper_errors_total{kind="authentication_error"}`); `/healthz` and `/metrics` stay open.
+//! The default address is loopback (`127.0.0.1:8080`).
+//!
 //! Requests run on a fixed pool of model worker threads behind one bounded queue:
 //! a full queue answers 503 with `Retry-After` at once, a request past its deadline 504, a body
 //! over the limit 413, malformed JSON or a wrong type 400 naming the field (the body is
@@ -37,6 +42,7 @@
 //! ```
 
 mod api;
+mod auth;
 mod chat;
 mod completion;
 mod http;
@@ -48,6 +54,7 @@ pub use api::{
     ReasonRequest, DEFAULT_MAX_TOKENS, MAX_LOGPROBS, MAX_QUESTION_CHARS, MAX_STEPS_LIMIT,
     MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, TOP_K_LIMIT,
 };
+pub use auth::ApiKey;
 pub use chat::{
     ChatChoice, ChatDelta, ChatLogprobs, ChatRequest, ChatResponse, ChatTokenLogprob,
     ChatTopLogprob, MAX_MESSAGES, MAX_TOP_LOGPROBS,
@@ -73,7 +80,8 @@ use pool::Pool;
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct ServeConfig {
-    /// Listening address (`127.0.0.1:0` picks a free port).
+    /// Listening address (default `127.0.0.1:8080`, loopback only; `127.0.0.1:0` picks a free
+    /// port).
     pub addr: SocketAddr,
     /// Model worker threads. For them to run model calls at the same time the engine's backend
     /// must allow as many ([`crate::BackendKind::with_concurrency`]: one ONNX Runtime session
@@ -91,6 +99,9 @@ pub struct ServeConfig {
     pub handle_signals: bool,
     /// Name reported as `model` (default: the model directory's name).
     pub model_name: Option<String>,
+    /// When set, `/v1/*` requests need `Authorization: Bearer <key>` (401 otherwise);
+    /// `/healthz` and `/metrics` stay open.
+    pub api_key: Option<ApiKey>,
 }
 
 impl ServeConfig {
@@ -149,6 +160,13 @@ impl ServeConfig {
         self.model_name = Some(model_name.into());
         self
     }
+
+    /// Sets `api_key`.
+    #[must_use]
+    pub fn with_api_key(mut self, api_key: ApiKey) -> Self {
+        self.api_key = Some(api_key);
+        self
+    }
 }
 
 impl Default for ServeConfig {
@@ -162,6 +180,7 @@ impl Default for ServeConfig {
             io_threads: 2,
             handle_signals: false,
             model_name: None,
+            api_key: None,
         }
     }
 }

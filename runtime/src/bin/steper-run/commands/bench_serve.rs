@@ -1,5 +1,6 @@
 //! `steper-run bench-serve`: the load test of the HTTP service, against a running server
-//! (`--url`) or one started in this process (`--model` + `--index`).
+//! (`--url`) or one started in this process (`--model` + `--index`); with `--soak SECONDS`
+//! the soak test instead of the levels (see `bench_soak`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -82,6 +83,32 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Soak instead of levels: --clients clients for this many seconds send a mix of valid,
+    /// streaming-then-disconnecting, slow, oversized, truncated, non-UTF-8 and wrong-typed
+    /// requests; every answer is checked, and the server's RSS and open descriptors are sampled
+    /// (a --url server needs --server-pid for those). Fails unless the verdict passes.
+    #[arg(long, value_name = "SECONDS")]
+    pub soak: Option<f64>,
+    /// Soak: concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Soak: seconds between samples of the server's RSS, descriptors and /healthz.
+    #[arg(long, default_value_t = 10.0)]
+    pub sample_every: f64,
+    /// Soak: seconds a slow sender takes to send its body.
+    #[arg(long, default_value_t = 3.0)]
+    pub slow_body_seconds: f64,
+    /// Soak: the server's body limit (its --max-body-bytes; the in-process server gets it too);
+    /// oversized bodies exceed it.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub body_limit: usize,
+    /// Soak: max_steps of /v1/reason requests (default: the server's).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Send `Authorization: Bearer <key>` with the key of this environment variable (the
+    /// in-process server then requires it too).
+    #[arg(long, value_name = "NAME")]
+    pub api_key_env: Option<String>,
 }
 
 /// Runs every level and prints the report.
@@ -104,9 +131,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Route::Completions => LoadEndpoint::Completions,
     };
     let inputs = match endpoint {
-        LoadEndpoint::Reason => questions,
+        LoadEndpoint::Reason => questions.clone(),
         LoadEndpoint::Completions => questions.iter().map(|q| format!("Q: {q}\nA:")).collect(),
     };
+    let api_key = a
+        .api_key_env
+        .as_deref()
+        .map(super::serve::api_key_from_env)
+        .transpose()?;
     let (addr, server, server_pid) = match (&a.url, &a.model, &a.index) {
         (Some(url), _, _) => (host_port(url)?, None, a.server_pid),
         (None, Some(model), Some(index)) => {
@@ -118,11 +150,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 other => other,
             };
             let (model, index) = (model.clone(), index.clone());
-            let config = ServeConfig::default()
+            let mut config = ServeConfig::default()
                 .with_addr(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .with_workers(a.workers)
                 .with_max_queue(a.max_queue)
+                .with_max_body_bytes(a.body_limit)
                 .with_timeout(Duration::from_secs_f64(a.request_timeout));
+            config.api_key.clone_from(&api_key);
             let server = Server::start(config, move || {
                 Engine::builder()
                     .model_dir(model)
@@ -137,6 +171,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("give --url, or --model and --index"),
     };
+    let key_text = match &a.api_key_env {
+        Some(name) => Some(std::env::var(name).with_context(|| format!("--api-key-env {name}"))?),
+        None => None,
+    };
+    if let Some(seconds) = a.soak {
+        let outcome = super::bench_soak::run(&a, seconds, &addr, server_pid, questions, key_text);
+        if let Some(s) = server {
+            s.shutdown()?;
+        }
+        return outcome;
+    }
     let mut reports: Vec<LoadReport> = Vec::new();
     for &c in &a.concurrency {
         let pb = indicatif::ProgressBar::new_spinner();
@@ -152,6 +197,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             max_tokens: a.max_tokens,
             request_timeout: Duration::from_secs_f64(a.request_timeout),
             server_pid,
+            api_key: key_text.clone(),
         })?;
         pb.finish_and_clear();
         if !a.json {

@@ -2,6 +2,7 @@
 pub mod ask;
 pub mod bench;
 pub mod bench_serve;
+pub mod bench_soak;
 pub mod compare;
 pub mod data;
 pub mod eval;

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use steper_runtime::serve::{ServeConfig, Server};
+use anyhow::Context;
+use steper_runtime::serve::{ApiKey, ServeConfig, Server};
 use steper_runtime::Engine;
 
 use super::ask::Backend;
@@ -18,9 +19,15 @@ pub struct Args {
     /// Index directory written by `steper-run index`.
     #[arg(long)]
     pub index: PathBuf,
-    /// Listening address.
+    /// Listening address. The default listens on loopback (127.0.0.1) only; to serve other
+    /// machines give e.g. 0.0.0.0:8080, and then also --api-key-env.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
+    /// Require `Authorization: Bearer <key>` on /v1/* (401 otherwise), the key read from this
+    /// environment variable (never from the command line, where `ps` shows it). /healthz and
+    /// /metrics stay open.
+    #[arg(long, value_name = "NAME")]
+    pub api_key_env: Option<String>,
     /// Model worker threads (each runs one request at a time on its own OS thread, with its own
     /// ONNX Runtime session: N workers run N model calls at once).
     #[arg(long, default_value_t = 1)]
@@ -70,6 +77,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .try_init()
             .map_err(|e| anyhow::anyhow!("--log-requests: {e}"))?;
     }
+    let api_key = a.api_key_env.as_deref().map(api_key_from_env).transpose()?;
     let threads = super::threads_per_worker(a.threads, a.workers);
     let mut config = ServeConfig::default()
         .with_addr(a.addr)
@@ -80,6 +88,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_io_threads(a.io_threads)
         .with_handle_signals(true);
     config.model_name.clone_from(&a.model_name);
+    config.api_key = api_key;
     let (model, index, backend) = (
         a.model.clone(),
         a.index.clone(),
@@ -107,17 +116,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             serde_json::json!({
                 "event": "ready", "addr": addr.to_string(), "load_seconds": t.elapsed().as_secs_f64(),
                 "workers": a.workers, "max_queue": a.max_queue, "threads_per_worker": threads,
-                "pid": std::process::id(),
+                "pid": std::process::id(), "api_key_env": a.api_key_env,
             })
         );
     } else {
         eprintln!(
-            "ready in {:.1} s: {} worker(s) × {threads} thread(s), queue {}, timeout {} ms, body ≤ {} bytes",
+            "ready in {:.1} s: {} worker(s) × {threads} thread(s), queue {}, timeout {} ms, body ≤ {} bytes, {}, pid {}",
             t.elapsed().as_secs_f64(),
             a.workers,
             a.max_queue,
             a.timeout_ms,
-            a.max_body_bytes
+            a.max_body_bytes,
+            match &a.api_key_env {
+                Some(name) => format!("/v1/* needs the bearer key of ${name}"),
+                None => "no API key".to_string(),
+            },
+            std::process::id()
         );
     }
     server.wait()?;
@@ -127,4 +141,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eprintln!("stopped: every accepted request was answered");
     }
     Ok(())
+}
+
+/// The API key of `--api-key-env NAME`: the variable must be set, Unicode and non-empty.
+pub fn api_key_from_env(name: &str) -> anyhow::Result<ApiKey> {
+    let value = match std::env::var(name) {
+        Ok(v) => v,
+        Err(std::env::VarError::NotPresent) => {
+            anyhow::bail!("--api-key-env {name}: the environment variable {name} is not set")
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("--api-key-env {name}: the environment variable {name} is not Unicode")
+        }
+    };
+    anyhow::ensure!(
+        !value.is_empty(),
+        "--api-key-env {name}: the environment variable {name} is empty"
+    );
+    ApiKey::new(value).with_context(|| format!("--api-key-env {name}"))
 }
