@@ -484,6 +484,9 @@ impl LoopRun {
         let retrieval_ms = t.elapsed().as_secs_f64() * 1e3;
         let mut retrieved = Vec::with_capacity(hits.len());
         for h in hits {
+            if retrieved.len() == k {
+                break; // a retriever that returned more than k: the caps hold anyway
+            }
             if !self.held_ids.insert(h.id.clone()) {
                 continue; // a retriever that ignored `exclude`
             }
