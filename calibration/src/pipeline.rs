@@ -662,8 +662,8 @@ pub fn calibrate(
             serde_json::to_string_pretty(&v)?.as_bytes(),
         )?;
     }
-    // Everything is complete: move it into place (the manifest last).
-    let written = staging.merge(&[steper_runtime::manifest::MANIFEST_FILE])?;
+    // Everything is complete: swap it into place whole (other files of --out are kept).
+    let written = staging.merge(&[])?;
 
     // Report: int8 vs fp32 on ONNX Runtime CPU.
     let backend = BackendKind::Ort(ort_options(opts.threads));

@@ -194,17 +194,21 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
     let quantization = opts
         .quantize
         .map(|q| q.record(quant::quantized_weights(cfg, &q).len()));
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // Everything is written into a staging directory beside `out` and swapped in whole, so a
+    // run killed half-way leaves the previous export intact (files of `out` the export does not
+    // write, e.g. engine caches, are carried over; a stale external-data file is not).
+    let stage = steper_fsutil::StagingDir::new(out, steper_fsutil::Existing::Merge)?;
+    let dir = stage.path().to_path_buf();
     let nodes = model.graph.as_ref().map(|g| g.node.len()).unwrap_or(0);
     let (model_bytes, weight_bytes, external) =
-        write_model(model, &out.join(MODEL_FILE), opts.external_data)?;
+        write_model(model, &dir.join(MODEL_FILE), opts.external_data)?;
 
     let tok_src = checkpoint.join(steper_models::weights::TOKENIZER_FILE);
     let tokenizer = tok_src.is_file();
     if tokenizer {
         let bytes = std::fs::read(&tok_src).map_err(|e| Error::io(&tok_src, e))?;
-        steper_fsutil::write_atomic(&out.join(files::TOKENIZER_FILE), &bytes)?;
-        files::write_tokenizer_config(checkpoint, out)?;
+        steper_fsutil::write_atomic(&dir.join(files::TOKENIZER_FILE), &bytes)?;
+        files::write_tokenizer_config(checkpoint, &dir)?;
     }
     let mut manifest = files::manifest(cfg, opts.dtype);
     // Every end id: config.json's and generation_config.json's (Llama-3.x lists several).
@@ -213,16 +217,23 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
     manifest.graph.attention = opts.attention;
     manifest.prompt_format = opts.prompt_format;
     // A chat-format export must carry a template that renders.
-    steper_runtime::prompt::PromptLayout::load(opts.prompt_format, out)?;
-    manifest.save(&out.join(steper_runtime::manifest::MANIFEST_FILE))?;
+    steper_runtime::prompt::PromptLayout::load(opts.prompt_format, &dir)?;
+    manifest.save(&dir.join(steper_runtime::manifest::MANIFEST_FILE))?;
     let mut genai = files::genai_config(cfg, opts.quantize.as_ref());
     if manifest.eos_token_ids.len() > 1 {
         genai["model"]["eos_token_id"] = serde_json::json!(manifest.eos_token_ids);
     }
     steper_fsutil::write_atomic(
-        &out.join(files::GENAI_CONFIG_FILE),
+        &dir.join(files::GENAI_CONFIG_FILE),
         serde_json::to_string_pretty(&genai)?.as_bytes(),
     )?;
+    let drop: &[&str] = if external.is_some() {
+        &[]
+    } else {
+        &[EXTERNAL_DATA_FILE]
+    };
+    stage.merge(drop)?;
+    let external = external.map(|_| out.join(EXTERNAL_DATA_FILE));
     Ok(ExportReport {
         out: out.to_path_buf(),
         model_file: out.join(MODEL_FILE),

@@ -10,12 +10,16 @@
 //! - [`write_atomic`] / [`write_atomic_with`]: a whole file from bytes or from a writer callback;
 //! - [`AtomicFile`]: a file written incrementally (e.g. JSONL rows) and committed at the end;
 //!   dropped without [`AtomicFile::commit`], it is removed;
-//! - [`StagingDir`]: a directory of files built beside its final place and renamed into it.
+//! - [`StagingDir`]: a directory of files built beside its final place and swapped into it whole
+//!   (an atomic exchange on Linux, so the destination is never mixed or missing).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+mod staging;
+pub use staging::{Existing, StagingDir};
 
 /// A file-system operation that failed, with the path it was about.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +36,7 @@ pub struct FsError {
 }
 
 impl FsError {
-    fn new(path: &Path, op: &'static str, source: std::io::Error) -> Self {
+    pub(crate) fn new(path: &Path, op: &'static str, source: std::io::Error) -> Self {
         FsError {
             path: path.to_path_buf(),
             op,
@@ -66,8 +70,71 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
+/// Removes the temporaries of `path` that a killed writer left (`.NAME.tmp-PID-N` whose process
+/// no longer runs), so that kill-and-resume cycles do not pile them up. Best effort: a name
+/// that cannot be removed stays. On other systems than Linux nothing is removed.
+pub fn remove_stale_temporaries(path: &Path) {
+    if let Some(name) = path.file_name() {
+        sweep_temporaries(parent_of(path), Some(&name.to_string_lossy()));
+    }
+}
+
+/// Removes every temporary in `dir` (any `.NAME.tmp-PID-N`) whose writer no longer runs: for
+/// folders whose entries come and go under changing names (checkpoints), where
+/// [`remove_stale_temporaries`] of one name would miss them. Best effort, as that function.
+pub fn remove_stale_temporaries_in(dir: &Path) {
+    sweep_temporaries(dir, None);
+}
+
+/// Removes `.BASE.tmp-PID-N` entries of `dir` whose process is gone (BASE = `name` when given).
+fn sweep_temporaries(dir: &Path, name: Option<&str>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some((base, tail)) = n.strip_prefix('.').and_then(|r| r.rsplit_once(".tmp-")) else {
+            continue;
+        };
+        if name.is_some_and(|want| want != base) {
+            continue;
+        }
+        let Some(pid) = tail.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            let p = e.path();
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+        }
+    }
+}
+
+/// Removes the directory `path` so that it is never seen half-removed under its name: it is
+/// renamed to a temporary sibling first (one atomic step), then deleted. A process killed
+/// during the deletion leaves only the temporary, which [`remove_stale_temporaries_in`] of the
+/// parent removes later.
+pub fn remove_dir_atomically(path: &Path) -> Result<()> {
+    let aside = temp_path(path);
+    std::fs::rename(path, &aside).map_err(|e| FsError::new(path, "move aside to remove", e))?;
+    sync_dir(parent_of(path))?;
+    std::fs::remove_dir_all(&aside).map_err(|e| FsError::new(path, "remove", e))
+}
+
+/// Whether a process `pid` exists (a PID that cannot be checked counts as alive).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        Path::new("/proc").join(pid.to_string()).exists() || !Path::new("/proc/self").exists()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 /// The directory `path` lives in (`.` for a bare file name).
-fn parent_of(path: &Path) -> &Path {
+pub(crate) fn parent_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -81,7 +148,7 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| FsError::new(dir, "sync directory", e))
 }
 
-fn create_parent(path: &Path) -> Result<()> {
+pub(crate) fn create_parent(path: &Path) -> Result<()> {
     let parent = parent_of(path);
     std::fs::create_dir_all(parent).map_err(|e| FsError::new(parent, "create directory", e))
 }
@@ -121,6 +188,7 @@ impl AtomicFile {
     /// Starts writing `path` (parent directories are created).
     pub fn create(path: &Path) -> Result<Self> {
         create_parent(path)?;
+        remove_stale_temporaries(path);
         let tmp = temp_path(path);
         let file = File::create(&tmp).map_err(|e| FsError::new(path, "create", e))?;
         Ok(AtomicFile {
@@ -169,141 +237,6 @@ impl Drop for AtomicFile {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// A directory being built under a temporary name beside its final place.
-/// [`StagingDir::commit`] syncs it and renames it into place; dropped without commit, it is
-/// removed. The files written into it should themselves be synced (they are, when written with
-/// this crate's functions).
-pub struct StagingDir {
-    tmp: PathBuf,
-    dest: PathBuf,
-    replace: bool,
-    committed: bool,
-}
-
-/// What [`StagingDir`] may do with an existing destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Existing {
-    /// The destination must not exist or be an empty directory ([`FsError`] with
-    /// `std::io::ErrorKind::AlreadyExists` otherwise, checked when staging starts).
-    Refuse,
-    /// A previous destination is replaced at commit (it stays whole until then).
-    Replace,
-    /// The destination may exist and hold other files: [`StagingDir::merge`] moves the staged
-    /// entries into it one by one, replacing same-named ones, and keeps the rest.
-    Merge,
-}
-
-impl StagingDir {
-    /// Starts building `dest`.
-    pub fn new(dest: &Path, existing: Existing) -> Result<Self> {
-        if existing == Existing::Refuse && dest.exists() {
-            let empty = std::fs::read_dir(dest)
-                .map_err(|e| FsError::new(dest, "read directory", e))?
-                .next()
-                .is_none();
-            if !empty {
-                return Err(FsError::new(
-                    dest,
-                    "stage directory",
-                    std::io::Error::new(
-                        std::io::ErrorKind::AlreadyExists,
-                        "the output directory exists and is not empty",
-                    ),
-                ));
-            }
-        }
-        create_parent(dest)?;
-        let tmp = temp_path(dest);
-        std::fs::create_dir(&tmp).map_err(|e| FsError::new(dest, "create staging directory", e))?;
-        Ok(StagingDir {
-            tmp,
-            dest: dest.to_path_buf(),
-            replace: existing == Existing::Replace,
-            committed: false,
-        })
-    }
-
-    /// Where files go while building.
-    pub fn path(&self) -> &Path {
-        &self.tmp
-    }
-
-    /// The final path.
-    pub fn dest(&self) -> &Path {
-        &self.dest
-    }
-
-    /// Syncs the staged directory and moves it into place (replacing a previous one when
-    /// staged with [`Existing::Replace`]; the previous one is moved aside first and removed
-    /// only after the new one is in place).
-    pub fn commit(mut self) -> Result<PathBuf> {
-        sync_dir(&self.tmp)?;
-        let mut old = None;
-        if self.dest.exists() {
-            if self.replace {
-                let aside = temp_path(&self.dest);
-                std::fs::rename(&self.dest, &aside)
-                    .map_err(|e| FsError::new(&self.dest, "move previous aside", e))?;
-                old = Some(aside);
-            } else {
-                // An empty directory (checked at the start); anything else is an error here.
-                std::fs::remove_dir(&self.dest)
-                    .map_err(|e| FsError::new(&self.dest, "remove empty destination", e))?;
-            }
-        }
-        rename_into_place(&self.tmp, &self.dest)?;
-        self.committed = true;
-        if let Some(old) = old {
-            std::fs::remove_dir_all(&old)
-                .or_else(|_| std::fs::remove_file(&old))
-                .map_err(|e| FsError::new(&old, "remove previous", e))?;
-        }
-        Ok(self.dest.clone())
-    }
-}
-
-impl StagingDir {
-    /// Moves every staged entry into the destination (created if missing), replacing entries
-    /// of the same name, entries named in `last` after all others and in that order (a
-    /// manifest that names the other files goes last, so it never points at a missing one).
-    /// Syncs the destination and returns the paths written. For [`Existing::Merge`] stagings.
-    pub fn merge(mut self, last: &[&str]) -> Result<Vec<PathBuf>> {
-        sync_dir(&self.tmp)?;
-        std::fs::create_dir_all(&self.dest)
-            .map_err(|e| FsError::new(&self.dest, "create directory", e))?;
-        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&self.tmp)
-            .map_err(|e| FsError::new(&self.dest, "read staging directory", e))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<std::io::Result<_>>()
-            .map_err(|e| FsError::new(&self.dest, "read staging directory", e))?;
-        let rank = |n: &std::ffi::OsString| last.iter().position(|l| n == l);
-        names.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
-        let mut written = Vec::with_capacity(names.len());
-        for name in names {
-            let src = self.tmp.join(&name);
-            let dst = self.dest.join(&name);
-            if src.is_dir() && dst.is_dir() {
-                std::fs::remove_dir_all(&dst)
-                    .map_err(|e| FsError::new(&dst, "remove previous", e))?;
-            }
-            std::fs::rename(&src, &dst).map_err(|e| FsError::new(&dst, "rename into place", e))?;
-            written.push(dst);
-        }
-        sync_dir(&self.dest)?;
-        self.committed = true;
-        let _ = std::fs::remove_dir(&self.tmp);
-        Ok(written)
-    }
-}
-
-impl Drop for StagingDir {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
 }
@@ -375,74 +308,27 @@ mod tests {
     }
 
     #[test]
-    fn a_staged_directory_refuses_a_non_empty_destination_or_replaces_it_whole() {
+    fn a_directory_removed_atomically_is_gone_or_whole_and_dead_leftovers_are_swept() {
         let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("export");
-        let s = StagingDir::new(&dest, Existing::Refuse).unwrap();
-        write_atomic(&s.path().join("a"), b"1").unwrap();
-        assert!(!dest.exists());
-        s.commit().unwrap();
-        assert_eq!(names(&dest), vec!["a"]);
-
-        let err = StagingDir::new(&dest, Existing::Refuse).err().unwrap();
-        assert_eq!(err.source.kind(), std::io::ErrorKind::AlreadyExists);
-
-        let s = StagingDir::new(&dest, Existing::Replace).unwrap();
-        write_atomic(&s.path().join("b"), b"2").unwrap();
-        assert_eq!(
-            names(&dest),
-            vec!["a"],
-            "the previous stays whole until commit"
-        );
-        s.commit().unwrap();
-        assert_eq!(names(&dest), vec!["b"]);
-        assert_eq!(names(dir.path()), vec!["export"]);
-
-        // dropped without commit: nothing is left behind and the destination is untouched
-        let s = StagingDir::new(&dest, Existing::Replace).unwrap();
-        write_atomic(&s.path().join("c"), b"3").unwrap();
-        drop(s);
-        assert_eq!(names(&dest), vec!["b"]);
-        assert_eq!(names(dir.path()), vec!["export"]);
-    }
-
-    #[test]
-    fn a_merge_keeps_other_files_replaces_same_names_and_moves_the_manifest_last() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("out");
-        std::fs::create_dir(&dest).unwrap();
-        write_atomic(&dest.join("keep.txt"), b"k").unwrap();
-        write_atomic(&dest.join("model.onnx"), b"old").unwrap();
-        let s = StagingDir::new(&dest, Existing::Merge).unwrap();
-        for n in ["steper.json", "model.onnx", "a.cache"] {
-            write_atomic(&s.path().join(n), n.as_bytes()).unwrap();
-        }
-        let written = s.merge(&["steper.json"]).unwrap();
-        let order: Vec<_> = written
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(order, vec!["a.cache", "model.onnx", "steper.json"]);
-        assert_eq!(
-            names(&dest),
-            vec!["a.cache", "keep.txt", "model.onnx", "steper.json"]
-        );
-        assert_eq!(
-            std::fs::read(dest.join("model.onnx")).unwrap(),
-            b"model.onnx"
-        );
-        assert_eq!(names(dir.path()), vec!["out"]);
-    }
-
-    #[test]
-    fn an_empty_destination_directory_is_taken_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("out");
-        std::fs::create_dir(&dest).unwrap();
-        let s = StagingDir::new(&dest, Existing::Refuse).unwrap();
-        write_atomic(&s.path().join("x"), b"1").unwrap();
-        s.commit().unwrap();
-        assert_eq!(names(&dest), vec!["x"]);
+        let d = dir.path().join("step-00000012");
+        std::fs::create_dir(&d).unwrap();
+        write_atomic(&d.join("model.safetensors"), b"w").unwrap();
+        remove_dir_atomically(&d).unwrap();
+        assert!(names(dir.path()).is_empty());
+        // what a writer killed while removing leaves, and one of a live process
+        let dead = dir
+            .path()
+            .join(format!(".step-00000009.tmp-{}-3", u32::MAX));
+        let live = dir
+            .path()
+            .join(format!(".step-00000010.tmp-{}-0", std::process::id()));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::create_dir(&live).unwrap();
+        write_atomic(&dir.path().join("keep.json"), b"{}").unwrap();
+        remove_stale_temporaries_in(dir.path());
+        assert!(!dead.exists());
+        assert!(live.exists());
+        assert!(dir.path().join("keep.json").exists());
     }
 
     #[test]

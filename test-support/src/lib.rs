@@ -14,6 +14,7 @@
 //! A missing fixture is an error naming what is missing; no test passes without its fixture.
 
 pub mod fake_http;
+pub mod kill;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

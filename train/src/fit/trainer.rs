@@ -636,9 +636,18 @@ pub fn fit(
         None
     };
     if finished {
-        // The final model also lands at the top level of `out`.
-        Checkpoint::save(out, &mcfg, &export(&all)?, Some(cfg.max_shard_bytes))?;
-        copy_companions(&tokenizer_from, out)?;
+        // The final model also lands at the top level of `out`, swapped in whole (the
+        // checkpoints and the log are carried over), so a run killed while saving leaves no
+        // mix of old and new shards there.
+        let stage = StagingDir::new(out, steper_fsutil::Existing::Merge)?;
+        Checkpoint::save(
+            stage.path(),
+            &mcfg,
+            &export(&all)?,
+            Some(cfg.max_shard_bytes),
+        )?;
+        copy_companions(&tokenizer_from, stage.path())?;
+        stage.merge(&[])?;
     }
     let seconds = run_start.elapsed().as_secs_f64();
     Ok(FitSummary {
@@ -716,9 +725,12 @@ fn save_checkpoint(
         })
         .collect();
     steps.sort();
+    // An old checkpoint is renamed aside before it is deleted, so a run killed meanwhile never
+    // leaves a half-deleted one under its name; leftovers of killed runs are swept here.
     while steps.len() > 2 {
         let (_, p) = steps.remove(0);
-        let _ = std::fs::remove_dir_all(p);
+        steper_fsutil::remove_dir_atomically(&p)?;
     }
+    steper_fsutil::remove_stale_temporaries_in(&dir);
     Ok(())
 }
