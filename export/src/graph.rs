@@ -720,10 +720,17 @@ fn quantized_linear(
                 &[nb, n],
                 &bq.transposed_scales(),
             );
+            let zp = bq
+                .transposed_zero_points()
+                .map(|raw| g.init_raw(&format!("{name}.T.zero_points"), elem, &[nb, n], raw));
+            let mut inputs: Vec<&str> = vec![&wq, &s];
+            if let Some(z) = &zp {
+                inputs.push(z);
+            }
             let wd = g.op(
                 "DequantizeLinear",
                 hint,
-                &[&wq, &s],
+                &inputs,
                 vec![attr_i("axis", 0), attr_i("block_size", bs)],
             );
             g.op("MatMul", hint, &[x, &wd], vec![])
@@ -768,6 +775,12 @@ fn fused_matmulnbits(
             .iter()
             .flat_map(|p| p.scales.iter().copied())
             .collect(),
+        zero_points: q.zero_points.then(|| {
+            parts
+                .iter()
+                .flat_map(|p| p.zero_points.iter().flatten().copied())
+                .collect()
+        }),
     };
     // Named after the first weight with the `+` of the others, e.g. `…q_proj+k_proj+v_proj`.
     let tail: Vec<&str> = names[1..]
@@ -799,7 +812,7 @@ fn fused_matmulnbits(
 }
 
 /// `x · Wᵀ` as `com.microsoft.MatMulNBits` over the block-quantized `bq`, its initializers named
-/// after `name` (`{name}.MatMulNBits.B`, `.scales`).
+/// after `name` (`{name}.MatMulNBits.B`, `.scales`, and `.zero_points` for asymmetric blocks).
 fn matmul_nbits(
     g: &mut GraphBuilder,
     bq: &quant::BlockQuantized,
@@ -824,11 +837,24 @@ fn matmul_nbits(
         &[n * nb],
         &bq.scales,
     );
+    let zp = bq.matmul_nbits_zero_points().map(|raw| {
+        let len = raw.len() as i64;
+        g.init_raw(
+            &format!("{name}.MatMulNBits.zero_points"),
+            Elem::U8,
+            &[len],
+            raw,
+        )
+    });
+    let mut inputs: Vec<&str> = vec![x, &b, &s];
+    if let Some(z) = &zp {
+        inputs.push(z);
+    }
     g.op_in(
         MS_DOMAIN,
         "MatMulNBits",
         hint,
-        &[x, &b, &s],
+        &inputs,
         vec![
             attr_i("K", k),
             attr_i("N", n),

@@ -41,6 +41,11 @@ struct Args {
     /// embedding lookup stays float). Needs --quantize.
     #[arg(long)]
     quantize_lm_head: Option<bool>,
+    /// Asymmetric blocks: a zero point per block beside its scale (MatMulNBits `zero_points`,
+    /// DequantizeLinear `x_zero_point`), so a block's codes span its own [min, max] rather than
+    /// ±max. Needs --quantize.
+    #[arg(long)]
+    zero_points: bool,
     /// Attention form: standard (standard ONNX operators; every backend, left-padded batches)
     /// or gqa (ONNX Runtime's com.microsoft GroupQueryAttention: one fused kernel appends the
     /// KV cache and attends; ONNX Runtime only, fp32 activations, batch-1 decoding).
@@ -100,6 +105,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
                     None => d.target,
                 },
                 lm_head: a.quantize_lm_head.unwrap_or(d.lm_head),
+                zero_points: a.zero_points,
             })
         }
         None => {
@@ -107,6 +113,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
                 (a.block_size.is_some(), "--block-size"),
                 (a.target.is_some(), "--target"),
                 (a.quantize_lm_head.is_some(), "--quantize-lm-head"),
+                (a.zero_points, "--zero-points"),
             ] {
                 if set {
                     anyhow::bail!("option `{name}` needs --quantize int4|int8");

@@ -338,6 +338,7 @@ fn int4_gqa_export_matches_candle_on_dequantized_weights() -> Result<()> {
         block_size: 32,
         target: QuantTarget::OrtCpu,
         lm_head: true,
+        zero_points: false,
     };
     let x = export_both(&ExportOptions::quantized(q))?;
     let ck = steper_models::Checkpoint::load(&x.ckpt, DType::F32, &Device::Cpu)?;
@@ -463,6 +464,7 @@ fn gqa_is_refused_where_it_cannot_run_with_errors_naming_the_option() -> Result<
             block_size: 32,
             target: QuantTarget::Portable,
             lm_head: true,
+            zero_points: false,
         })
     };
     let fp16 = ExportOptions {

@@ -22,7 +22,17 @@ fn opts(bits: QuantBits, target: QuantTarget, block_size: usize, lm_head: bool) 
         block_size,
         target,
         lm_head,
+        zero_points: false,
     })
+}
+
+/// [`opts`] with per-block zero points (asymmetric blocks).
+fn zopts(bits: QuantBits, target: QuantTarget, block_size: usize, lm_head: bool) -> ExportOptions {
+    let mut o = opts(bits, target, block_size, lm_head);
+    if let Some(q) = o.quantize.as_mut() {
+        q.zero_points = true;
+    }
+    o
 }
 
 struct Quantized {
@@ -103,6 +113,57 @@ fn int4_portable_matches_candle_on_dequantized_weights() -> Result<()> {
         &opts(QuantBits::Int4, QuantTarget::Portable, 32, true),
         &[ort()],
     )
+}
+
+#[test]
+fn int4_with_zero_points_on_ort_cpu_matches_candle_on_dequantized_weights() -> Result<()> {
+    check(
+        &zopts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true),
+        &[ort()],
+    )?;
+    check(
+        &zopts(QuantBits::Int4, QuantTarget::OrtCpu, 64, false),
+        &[ort()],
+    )
+}
+
+#[test]
+fn int4_and_int8_with_zero_points_portable_match_candle_on_dequantized_weights() -> Result<()> {
+    check(
+        &zopts(QuantBits::Int4, QuantTarget::Portable, 32, true),
+        &[ort()],
+    )?;
+    check(
+        &zopts(QuantBits::Int8, QuantTarget::Portable, 16, true),
+        &[ort()],
+    )
+}
+
+#[test]
+fn zero_points_are_in_the_graph_and_the_manifest() -> Result<()> {
+    let x = export_quantized(&zopts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true))?;
+    let m = graph(&x.out)?;
+    let g = m.graph.as_ref().context("graph")?;
+    let nbits: Vec<_> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "MatMulNBits")
+        .collect();
+    assert!(!nbits.is_empty());
+    for n in &nbits {
+        assert_eq!(n.input.len(), 4, "{}: zero_points input", n.name);
+        assert!(n.input[3].ends_with(".zero_points"), "{}", n.input[3]);
+    }
+    let manifest = steper_runtime::Manifest::load(&x.out.join("steper.json"))?;
+    let q = manifest.quantization.context("quantization record")?;
+    assert!(q.zero_points);
+    let back = QuantOptions::from_record(&q)?;
+    assert!(back.zero_points);
+    // Symmetric exports write no zero points and no field.
+    let s = export_quantized(&opts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true))?;
+    let text = std::fs::read_to_string(s.out.join("steper.json"))?;
+    assert!(!text.contains("zero_points"), "{text}");
+    Ok(())
 }
 
 #[test]

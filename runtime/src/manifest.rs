@@ -168,7 +168,8 @@ pub struct Manifest {
 pub struct WeightQuantization {
     /// Bits per weight: 4 or 8.
     pub bits: u32,
-    /// Weights per block along the input dimension, one scale per block (symmetric, zero point 0).
+    /// Weights per block along the input dimension, one scale (and with `zero_points` one zero
+    /// point) per block.
     pub block_size: usize,
     /// `ort-cpu` (`com.microsoft.MatMulNBits`) or `portable` (ONNX `DequantizeLinear` + `MatMul`).
     pub target: String,
@@ -179,6 +180,9 @@ pub struct WeightQuantization {
     pub accuracy_level: Option<u32>,
     /// Whether the vocabulary projection (lm_head / tied embedding) is quantized too.
     pub lm_head: bool,
+    /// Per-block zero points (asymmetric blocks); absent or false: symmetric, zero point 0.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zero_points: bool,
     /// Number of linear layers quantized.
     pub layers: usize,
 }

@@ -1,4 +1,5 @@
-//! Symmetric block-wise round-to-nearest weight quantization (`steper-export --quantize`).
+//! Block-wise round-to-nearest weight quantization (`steper-export --quantize`), symmetric or
+//! with per-block zero points (`--zero-points`).
 //!
 //! This module is the one place where weights are quantized and dequantized: the graph builder
 //! packs [`BlockQuantized`] into the target's initializers, and `--verify` runs the candle model
@@ -18,6 +19,20 @@
 //! The zero point is 0 (stored as the format's implicit `2^(bits-1)` for `MatMulNBits`' unsigned
 //! codes). Scales are rounded to values that f16 represents exactly, so a backend that keeps
 //! scales in f16 (tract's Q4_0 packing, an fp16 export) dequantizes to exactly the same ŵ.
+//!
+//! With zero points (asymmetric, as llama.cpp's Q4_1 and ONNX Runtime's own 4-bit quantizer),
+//! a block's range `[lo, hi]` (widened to hold 0, so that 0 stays exact) maps onto all `2^bits`
+//! codes, which spends no code on the side of 0 a block does not use:
+//!
+//! ```text
+//! scale = f16_round((hi - lo) / (2^bits - 1))
+//! z     = clamp(round(-lo / scale), 0, 2^bits - 1) - 2^(bits-1)      (signed zero point)
+//! q     = clamp(round(w / scale) + z, q_min, 2^(bits-1) - 1)
+//! ŵ     = (q - z) · scale
+//! ```
+//!
+//! Codes and zero points are kept signed here; `MatMulNBits` stores both as unsigned (`+
+//! 2^(bits-1)`), ONNX `DequantizeLinear` as signed INT4/INT8, and the two give the same ŵ.
 
 use std::collections::BTreeMap;
 
@@ -145,6 +160,8 @@ pub struct QuantOptions {
     /// Quantize the vocabulary projection (lm_head, or the tied embedding's use as lm_head; the
     /// embedding lookup always keeps float weights).
     pub lm_head: bool,
+    /// Per-block zero points (asymmetric blocks) instead of symmetric ones.
+    pub zero_points: bool,
 }
 
 impl QuantOptions {
@@ -155,6 +172,7 @@ impl QuantOptions {
             block_size: 32,
             target: QuantTarget::OrtCpu,
             lm_head: true,
+            zero_points: false,
         }
     }
 
@@ -215,6 +233,7 @@ impl QuantOptions {
                 got: r.target.clone(),
             })?,
             lm_head: r.lm_head,
+            zero_points: r.zero_points,
         })
     }
 
@@ -227,6 +246,7 @@ impl QuantOptions {
             op: self.target.op().into(),
             accuracy_level: (self.target == QuantTarget::OrtCpu).then_some(ACCURACY_LEVEL as u32),
             lm_head: self.lm_head,
+            zero_points: self.zero_points,
             layers,
         }
     }
@@ -277,10 +297,13 @@ pub struct BlockQuantized {
     pub codes: Vec<i8>,
     /// One scale per block, row-major `[rows, cols / block_size]`.
     pub scales: Vec<f32>,
+    /// Signed zero points, one per block like `scales` (`None`: symmetric, all 0).
+    pub zero_points: Option<Vec<i8>>,
 }
 
 /// Quantizes the row-major `[rows, cols]` weight `w` of layer `layer` (see the module doc for
-/// the formula). `cols` must be a multiple of `block_size`, else [`Error::BlockSize`].
+/// the formulas; `zero_points` picks the asymmetric form). `cols` must be a multiple of
+/// `block_size`, else [`Error::BlockSize`].
 pub fn quantize(
     layer: &str,
     w: &[f32],
@@ -288,6 +311,7 @@ pub fn quantize(
     cols: usize,
     bits: QuantBits,
     block_size: usize,
+    zero_points: bool,
 ) -> Result<BlockQuantized> {
     if block_size == 0 || !cols.is_multiple_of(block_size) {
         return Err(Error::BlockSize {
@@ -305,18 +329,32 @@ pub fn quantize(
     let (q_min, q_max) = (bits.q_min() as f32, bits.q_max() as f32);
     let mut codes = Vec::with_capacity(w.len());
     let mut scales = Vec::with_capacity(w.len() / block_size);
+    let mut zps = Vec::with_capacity(if zero_points { w.len() / block_size } else { 0 });
     for block in w.chunks_exact(block_size) {
-        let m = block
-            .iter()
-            .copied()
-            .fold(0f32, |a, x| if x.abs() > a.abs() { x } else { a });
-        let scale = half::f16::from_f32(m / q_min).to_f32();
+        let (scale, z) = if zero_points {
+            let lo = block.iter().copied().fold(0f32, f32::min);
+            let hi = block.iter().copied().fold(0f32, f32::max);
+            let scale = half::f16::from_f32((hi - lo) / (q_max - q_min)).to_f32();
+            let z = if scale == 0.0 || !scale.is_finite() {
+                0.0
+            } else {
+                (-lo / scale).round().clamp(0.0, q_max - q_min) + q_min
+            };
+            zps.push(z as i8);
+            (scale, z)
+        } else {
+            let m = block
+                .iter()
+                .copied()
+                .fold(0f32, |a, x| if x.abs() > a.abs() { x } else { a });
+            (half::f16::from_f32(m / q_min).to_f32(), 0.0)
+        };
         scales.push(scale);
         for &x in block {
             let q = if scale == 0.0 || !scale.is_finite() {
-                0.0
+                z
             } else {
-                (x / scale).round().clamp(q_min, q_max)
+                ((x / scale).round() + z).clamp(q_min, q_max)
             };
             codes.push(q as i8);
         }
@@ -328,6 +366,7 @@ pub fn quantize(
         bits,
         codes,
         scales,
+        zero_points: zero_points.then_some(zps),
     })
 }
 
@@ -337,13 +376,61 @@ impl BlockQuantized {
         self.cols / self.block_size
     }
 
-    /// The dequantized weight `ŵ = q · scale`, row-major `[rows, cols]`.
+    /// The zero point of block `i` (row-major over `[rows, blocks]`; 0 when symmetric).
+    fn zero_point(&self, i: usize) -> i8 {
+        self.zero_points.as_ref().map(|z| z[i]).unwrap_or(0)
+    }
+
+    /// The dequantized weight `ŵ = (q - z) · scale`, row-major `[rows, cols]`.
     pub fn dequantize(&self) -> Vec<f32> {
         self.codes
             .chunks_exact(self.block_size)
             .zip(&self.scales)
-            .flat_map(|(b, &s)| b.iter().map(move |&q| q as f32 * s))
+            .enumerate()
+            .flat_map(|(i, (b, &s))| {
+                let z = self.zero_point(i) as f32;
+                b.iter().map(move |&q| (q as f32 - z) * s)
+            })
             .collect()
+    }
+
+    /// `MatMulNBits` input `zero_points` (present only with zero points): uint8, unsigned
+    /// `z + 2^(bits-1)`; for 4 bits two per byte (first in the low nibble), each row's blocks
+    /// packed on their own (`[rows, ⌈blocks/2⌉]`), for 8 bits `[rows, blocks]`.
+    pub fn matmul_nbits_zero_points(&self) -> Option<Vec<u8>> {
+        let z = self.zero_points.as_ref()?;
+        let offset = 1i32 << (self.bits.bits() - 1);
+        let nb = self.blocks_per_row();
+        let unsigned = |v: i8| (v as i32 + offset) as u8;
+        Some(match self.bits {
+            QuantBits::Int8 => z.iter().map(|&v| unsigned(v)).collect(),
+            QuantBits::Int4 => z
+                .chunks_exact(nb)
+                .flat_map(|row| {
+                    row.chunks(2).map(|p| {
+                        (unsigned(p[0]) & 0x0F) | (p.get(1).map(|&v| unsigned(v)).unwrap_or(0) << 4)
+                    })
+                })
+                .collect(),
+        })
+    }
+
+    /// The zero points transposed to `[blocks, rows]` as the raw data of an ONNX `INT4` (packed
+    /// pairwise over the flat tensor) or `INT8` tensor: `DequantizeLinear`'s zero point beside
+    /// [`Self::transposed_scales`]. `None` when symmetric.
+    pub fn transposed_zero_points(&self) -> Option<Vec<u8>> {
+        let z = self.zero_points.as_ref()?;
+        let nb = self.blocks_per_row();
+        let t = (0..nb).flat_map(|b| (0..self.rows).map(move |n| z[n * nb + b]));
+        Some(match self.bits {
+            QuantBits::Int8 => t.map(|v| v as u8).collect(),
+            QuantBits::Int4 => {
+                let v: Vec<u8> = t.map(|q| (q as u8) & 0x0F).collect();
+                v.chunks(2)
+                    .map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4))
+                    .collect()
+            }
+        })
     }
 
     /// `MatMulNBits` input B: uint8 `[rows, blocks, block_size · bits / 8]`, unsigned codes
@@ -405,7 +492,7 @@ pub fn quantize_weight(
             message: format!("expected a 2-D weight, got shape {shape:?}"),
         });
     };
-    quantize(name, &data, rows, cols, q.bits, q.block_size)
+    quantize(name, &data, rows, cols, q.bits, q.block_size, q.zero_points)
 }
 
 /// The reference of a quantized export: the checkpoint's config and weights with every weight
@@ -442,126 +529,4 @@ pub fn dequantized_checkpoint(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ramp(n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 17.0)
-            .collect()
-    }
-
-    #[test]
-    fn int4_codes_stay_in_range_and_the_extreme_is_exact() -> Result<()> {
-        let w = ramp(4 * 64);
-        let q = quantize("w", &w, 4, 64, QuantBits::Int4, 32)?;
-        assert!(q.codes.iter().all(|&c| (-8..=7).contains(&c)));
-        assert_eq!(q.scales.len(), 8);
-        let d = q.dequantize();
-        for (b, block) in w.chunks(32).enumerate() {
-            // The first element of largest magnitude is the one the scale is taken from.
-            let mut i = 0;
-            for j in 1..32 {
-                if block[j].abs() > block[i].abs() {
-                    i = j;
-                }
-            }
-            // The extreme maps onto -8 · scale; the only error is the f16 rounding of the scale.
-            let rel = (d[b * 32 + i] - block[i]).abs() / block[i].abs();
-            assert!(rel < 1e-3, "block {b}: extreme off by {rel}");
-            // Every element within half a step (plus the clamp at +7 of the far side).
-            let step = q.scales[b].abs();
-            for j in 0..32 {
-                assert!((d[b * 32 + j] - block[j]).abs() <= step * 1.0 + 1e-6);
-            }
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn int8_error_is_at_most_half_a_step() -> Result<()> {
-        let w = ramp(3 * 32);
-        let q = quantize("w", &w, 3, 32, QuantBits::Int8, 16)?;
-        let d = q.dequantize();
-        for (i, (a, b)) in w.iter().zip(&d).enumerate() {
-            let step = q.scales[i / 16].abs();
-            // Half a step inside the code range; an element of the far sign beyond +127 steps
-            // (only the mirror of the block's extreme) is clamped, at most one step off.
-            let bound = if (a / step).abs() <= 127.0 { 0.5 } else { 1.0 };
-            assert!((a - b).abs() <= step * bound + 1e-6, "element {i}");
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn block_size_must_divide_the_input_dim() {
-        let e = quantize(
-            "model.layers.0.mlp.down_proj.weight",
-            &ramp(2 * 48),
-            2,
-            48,
-            QuantBits::Int4,
-            32,
-        )
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-        assert!(
-            e.contains("down_proj") && e.contains("--block-size") && e.contains("48"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn packing_layouts() -> Result<()> {
-        // Row 0: codes -8..7 then 7..-8; row 1 negated-ish pattern.
-        let mut w = Vec::new();
-        for r in 0..2 {
-            for k in 0..32 {
-                let c = if k < 16 {
-                    k as f32 - 8.0
-                } else {
-                    23.0 - k as f32
-                };
-                w.push(if r == 0 { c } else { -c * 0.5 });
-            }
-        }
-        let q = quantize("w", &w, 2, 32, QuantBits::Int4, 16)?;
-        // Row 0 block 0: extreme is -8 → scale 1, codes equal the values.
-        assert_eq!(q.scales[0], 1.0);
-        assert_eq!(&q.codes[..16], &(-8..8).collect::<Vec<i8>>()[..]);
-        let b = q.matmul_nbits_b();
-        assert_eq!(b.len(), 2 * 32 / 2);
-        // codes -8, -7 → unsigned 0, 1 → low nibble 0, high nibble 1.
-        assert_eq!(b[0], 0x10);
-        // Transposed int4: element (k=0, n=0) = -8 → 0x8 low nibble, (k=0, n=1) high nibble.
-        let t = q.transposed_raw();
-        assert_eq!(t.len(), 32);
-        assert_eq!(t[0] & 0x0F, 0x8);
-        assert_eq!(((t[0] >> 4) as i8) << 4 >> 4, q.codes[32]);
-        let s = q.transposed_scales();
-        assert_eq!(s, vec![q.scales[0], q.scales[2], q.scales[1], q.scales[3]]);
-        Ok(())
-    }
-
-    #[test]
-    fn zero_block_quantizes_to_zero() -> Result<()> {
-        let q = quantize("w", &[0.0; 32], 1, 32, QuantBits::Int4, 32)?;
-        assert!(q.dequantize().iter().all(|&x| x == 0.0));
-        Ok(())
-    }
-
-    #[test]
-    fn ort_cpu_checks_block_and_bits() {
-        let mut o = QuantOptions::int4();
-        o.block_size = 24;
-        assert!(o.check().unwrap_err().to_string().contains("--block-size"));
-        o.block_size = 32;
-        o.bits = QuantBits::Int8;
-        if !ORT_CPU_BITS.contains(&QuantBits::Int8) {
-            assert!(o.check().unwrap_err().to_string().contains("--quantize"));
-        }
-        o.target = QuantTarget::Portable;
-        assert!(o.check().is_ok());
-    }
-}
+mod tests;
