@@ -32,14 +32,17 @@ use report::summarize;
 pub use report::{Milestones, MinuteStats, ResourceSample, SoakReport, Verdict};
 use requests::Requests;
 
-/// Resident memory at the end may exceed the baseline (the sample after the first minute) by
-/// this fraction and still count as flat.
+/// Resident memory at the end, and its floor in the last window of load, may exceed the
+/// baseline (its floor in the window after the first minute) by this fraction and still count
+/// as flat.
 pub const RSS_GROWTH_TOLERANCE: f64 = 0.10;
-/// Open descriptors at the end may exceed the baseline by this many per client and still count
-/// as flat: each client's connection may be open at the baseline sample (both of its ends when
-/// the server runs in the load generator's process).
+/// Open descriptors at the end, and their floor in the last window, may exceed the baseline by
+/// this many per client and still count as flat: how many connections are open at a sample
+/// varies by up to one per client (both of its ends when the server runs in the load
+/// generator's process).
 pub const FD_SLACK_PER_CLIENT: usize = 2;
-/// The baseline is the first sample at or after this time (or a quarter of a shorter run).
+/// The baseline window starts this long after the start and lasts as long (a quarter of a
+/// shorter run each); the last window is as long and ends with the load.
 pub const BASELINE_AFTER: Duration = Duration::from_secs(60);
 /// How long a valid request waits after a 503 before its client goes on.
 const BACKOFF_AFTER_503: Duration = Duration::from_millis(100);

@@ -42,14 +42,18 @@ pub struct MinuteStats {
     pub p99_ms: f64,
 }
 
-/// A series' value at the start, at the baseline, at the end, and its maximum.
+/// A series' value at the start, its floors early and late in the load, at the end, and its
+/// maximum. Floors (the smallest sample of a window) are compared because single samples under
+/// load swing with whatever requests are running at that moment; a leak raises the floor.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Milestones<T> {
     /// First sample.
     pub start: Option<T>,
-    /// The baseline sample (see [`BASELINE_AFTER`]).
+    /// The smallest sample of the baseline window (see [`BASELINE_AFTER`]).
     pub baseline: Option<T>,
-    /// Last sample (after the clients stopped).
+    /// The smallest sample of the last window of load (as long as the baseline window).
+    pub last_floor: Option<T>,
+    /// Last sample (after the clients stopped and their connections closed).
     pub end: Option<T>,
     /// Largest sample.
     pub max: Option<T>,
@@ -62,9 +66,11 @@ pub struct Verdict {
     pub accounting_ok: bool,
     /// The last health probe answered 200 (and the process exists).
     pub server_alive: bool,
-    /// End RSS ≤ baseline × (1 + [`RSS_GROWTH_TOLERANCE`]) (`None`: not measured).
+    /// RSS at the end and the last window's floor are both ≤ baseline × (1 +
+    /// [`RSS_GROWTH_TOLERANCE`]) (`None`: not measured).
     pub rss_flat: Option<bool>,
-    /// End descriptors ≤ baseline + [`FD_SLACK_PER_CLIENT`] × clients (`None`: not measured).
+    /// Descriptors at the end and the last window's floor are both ≤ baseline +
+    /// [`FD_SLACK_PER_CLIENT`] × clients (`None`: not measured).
     pub fd_flat: Option<bool>,
     /// The tolerance used for RSS.
     pub rss_growth_tolerance: f64,
@@ -95,8 +101,10 @@ pub struct SoakReport {
     pub minutes: Vec<MinuteStats>,
     /// The samples, in order.
     pub samples: Vec<ResourceSample>,
-    /// When the baseline sample was taken, seconds.
-    pub baseline_at_s: Option<f64>,
+    /// The baseline window, seconds from the start: `[from, to)`.
+    pub baseline_window_s: (f64, f64),
+    /// The last window of load, seconds from the start: `[from, to)`.
+    pub last_window_s: (f64, f64),
     /// Resident memory, bytes.
     pub rss_bytes: Milestones<u64>,
     /// Open descriptors.
@@ -137,31 +145,49 @@ pub(super) fn summarize(
     }
     let minutes = per_minute(records);
 
-    let baseline_at = BASELINE_AFTER
-        .as_secs_f64()
-        .min(opts.duration.as_secs_f64() / 4.0);
-    let baseline = samples.iter().find(|s| s.t_s >= baseline_at);
+    // Windows as long as the baseline's offset: [w, 2w) after the warm-up, and the last w of
+    // the load.
+    let duration = opts.duration.as_secs_f64();
+    let w = BASELINE_AFTER.as_secs_f64().min(duration / 4.0);
+    let baseline_window = (w, 2.0 * w);
+    let last_window = ((duration - w).max(2.0 * w), duration);
+    let within = |(from, to): (f64, f64)| {
+        let v: Vec<&ResourceSample> = samples
+            .iter()
+            .filter(|s| s.t_s >= from && s.t_s < to)
+            .collect();
+        v
+    };
+    let (base, late) = (within(baseline_window), within(last_window));
+    let floor_rss = |v: &[&ResourceSample]| v.iter().filter_map(|s| s.rss_bytes).min();
+    let floor_fds = |v: &[&ResourceSample]| v.iter().filter_map(|s| s.fds).min();
     let first = samples.first();
     let last = samples.last();
     let rss = Milestones {
         start: first.and_then(|s| s.rss_bytes),
-        baseline: baseline.and_then(|s| s.rss_bytes),
+        baseline: floor_rss(&base),
+        last_floor: floor_rss(&late),
         end: last.and_then(|s| s.rss_bytes),
         max: samples.iter().filter_map(|s| s.rss_bytes).max(),
     };
     let fds = Milestones {
         start: first.and_then(|s| s.fds),
-        baseline: baseline.and_then(|s| s.fds),
+        baseline: floor_fds(&base),
+        last_floor: floor_fds(&late),
         end: last.and_then(|s| s.fds),
         max: samples.iter().filter_map(|s| s.fds).max(),
     };
     let fd_slack = FD_SLACK_PER_CLIENT * opts.clients;
+    let rss_ok = |b: u64, v: Option<u64>| {
+        v.is_none_or(|v| v as f64 <= b as f64 * (1.0 + RSS_GROWTH_TOLERANCE))
+    };
     let rss_flat = match (rss.baseline, rss.end) {
-        (Some(b), Some(e)) => Some(e as f64 <= b as f64 * (1.0 + RSS_GROWTH_TOLERANCE)),
+        (Some(b), Some(e)) => Some(rss_ok(b, Some(e)) && rss_ok(b, rss.last_floor)),
         _ => None,
     };
+    let fd_ok = |b: usize, v: Option<usize>| v.is_none_or(|v| v <= b + fd_slack);
     let fd_flat = match (fds.baseline, fds.end) {
-        (Some(b), Some(e)) => Some(e <= b + fd_slack),
+        (Some(b), Some(e)) => Some(fd_ok(b, Some(e)) && fd_ok(b, fds.last_floor)),
         _ => None,
     };
     let process_exists = opts
@@ -187,7 +213,8 @@ pub(super) fn summarize(
         violations,
         violation_examples,
         minutes,
-        baseline_at_s: baseline.map(|s| s.t_s),
+        baseline_window_s: baseline_window,
+        last_window_s: last_window,
         samples,
         rss_bytes: rss,
         fds,
@@ -260,35 +287,40 @@ mod tests {
             rec(SoakKind::Reason, Outcome::Status(200)),
             rec(SoakKind::Oversized, Outcome::Status(413)),
         ];
-        // Baseline: the first sample at ≥ 25 s (a quarter of 100 s).
-        let flat = vec![
-            sample(0.0, 100, 10),
-            sample(25.0, 1000, 20),
-            sample(99.0, 1090, 24),
-        ];
-        let r = summarize(&o, 100.0, &records, flat);
-        assert_eq!(r.baseline_at_s, Some(25.0));
+        // 100 s: the baseline window is [25, 50), the last one [75, 100); floors are compared.
+        let series = |late: (u64, usize), end: (u64, usize)| {
+            vec![
+                sample(0.0, 100, 10),
+                sample(25.0, 1500, 30),
+                sample(40.0, 1000, 20),
+                sample(80.0, 1900, 40),
+                sample(90.0, late.0, late.1),
+                sample(102.0, end.0, end.1),
+            ]
+        };
+        let r = summarize(&o, 100.0, &records, series((1050, 22), (1090, 24)));
+        assert_eq!(r.baseline_window_s, (25.0, 50.0));
+        assert_eq!(r.last_window_s, (75.0, 100.0));
         assert_eq!(r.rss_bytes.baseline, Some(1000));
+        assert_eq!(r.rss_bytes.last_floor, Some(1050));
+        assert_eq!(r.rss_bytes.max, Some(1900));
+        assert_eq!(r.fds.baseline, Some(20));
         assert!(r.verdict.pass, "{:?}", r.verdict);
         assert_eq!(r.by_kind["reason"]["200"], 1);
         assert_eq!(r.minutes.len(), 1);
 
-        let grown = vec![
-            sample(0.0, 100, 10),
-            sample(25.0, 1000, 20),
-            sample(99.0, 1200, 20),
-        ];
-        let r = summarize(&o, 100.0, &records, grown);
-        assert_eq!(r.verdict.rss_flat, Some(false));
-        assert!(!r.verdict.pass);
-
-        let leaked = vec![
-            sample(0.0, 100, 10),
-            sample(25.0, 1000, 20),
-            sample(99.0, 1000, 25),
-        ];
-        let r = summarize(&o, 100.0, &records, leaked);
-        assert_eq!(r.verdict.fd_flat, Some(false));
+        // A raised floor under load fails even when the end is back down, and a higher end
+        // fails even with a flat floor.
+        for (late, end) in [((1200, 20), (1000, 20)), ((1000, 20), (1200, 20))] {
+            let r = summarize(&o, 100.0, &records, series(late, end));
+            assert_eq!(r.verdict.rss_flat, Some(false), "{late:?} {end:?}");
+            assert!(!r.verdict.pass);
+        }
+        // Slack 4 (2 clients): 25 descriptors over a floor of 20 is a leak.
+        for (late, end) in [((1000, 25), (1000, 20)), ((1000, 20), (1000, 25))] {
+            let r = summarize(&o, 100.0, &records, series(late, end));
+            assert_eq!(r.verdict.fd_flat, Some(false), "{late:?} {end:?}");
+        }
 
         let bad = vec![rec(SoakKind::WrongType, Outcome::Status(500))];
         let r = summarize(&o, 100.0, &bad, vec![sample(0.0, 1, 1), sample(30.0, 1, 1)]);

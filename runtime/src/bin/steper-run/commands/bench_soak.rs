@@ -108,16 +108,22 @@ fn print_text(r: &SoakReport) {
     let mib = |v: Option<u64>| v.map_or("-".to_string(), |b| format!("{:.1}", b as f64 / MIB));
     let n = |v: Option<usize>| v.map_or("-".to_string(), |x| x.to_string());
     println!(
-        "  RSS MiB: start {} baseline {} end {} max {}; fds: start {} baseline {} end {} max {} (baseline at {} s)",
+        "  RSS MiB: start {}, floor in {:?} s {}, floor in {:?} s {}, end {}, max {}",
         mib(r.rss_bytes.start),
+        r.baseline_window_s,
         mib(r.rss_bytes.baseline),
+        r.last_window_s,
+        mib(r.rss_bytes.last_floor),
         mib(r.rss_bytes.end),
         mib(r.rss_bytes.max),
+    );
+    println!(
+        "  open descriptors: start {}, baseline floor {}, last floor {}, end {}, max {}",
         n(r.fds.start),
         n(r.fds.baseline),
+        n(r.fds.last_floor),
         n(r.fds.end),
         n(r.fds.max),
-        r.baseline_at_s.map_or("-".to_string(), |t| format!("{t:.0}"))
     );
     println!("  verdict: {:?}", r.verdict);
 }
