@@ -671,8 +671,13 @@ pub fn build_decoder(
 /// One-line description of a weight quantization (graph metadata, genai_config.json).
 pub fn describe(q: &QuantOptions) -> String {
     let mut s = format!(
-        "{} symmetric block {} ({}{}), lm_head {}",
+        "{} {} block {} ({}{}), lm_head {}",
         q.bits.as_str(),
+        if q.zero_points {
+            "with zero points,"
+        } else {
+            "symmetric"
+        },
         q.block_size,
         q.target.op(),
         if q.target == QuantTarget::OrtCpu {

@@ -4,8 +4,9 @@
 //! - [`graph::build_decoder`]: the graph (standard ONNX operators only, Optimum I/O names).
 //! - [`export`]: the export directory: `model.onnx` (+ `model.onnx.data` when over 2 GB),
 //!   `tokenizer.json`, `steper.json` (the runtime [`Manifest`]) and `genai_config.json`.
-//! - [`quant`]: symmetric block-wise weight quantization (`--quantize int4|int8`), the one
-//!   place where weights are quantized and dequantized (graph and verification reference).
+//! - [`quant`]: block-wise weight quantization (`--quantize int4|int8`, symmetric or with zero
+//!   points), the one place where weights are quantized and dequantized (graph and verification
+//!   reference).
 //! - [`verify::verify`]: runs the export on the runtime backends against the candle model.
 //!
 //! ```no_run

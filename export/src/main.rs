@@ -25,8 +25,8 @@ struct Args {
     /// ONNX opset (17 or 18; 21 with --target portable, the default there; 17 otherwise).
     #[arg(long)]
     opset: Option<i64>,
-    /// Quantize the linear layers' weights: int4 or int8 (symmetric, block-wise,
-    /// round-to-nearest; activations stay --dtype).
+    /// Quantize the linear layers' weights: int4 or int8 (block-wise, round-to-nearest,
+    /// symmetric unless --zero-points; activations stay --dtype).
     #[arg(long)]
     quantize: Option<String>,
     /// Weights per quantization block along the input dimension (one scale each); must divide
