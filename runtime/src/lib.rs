@@ -177,8 +177,8 @@ pub use error::{Error, Result};
 pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, ProviderFallback, Sequence};
 pub use manifest::{Manifest, TEMPLATE_VERSION};
 pub use reasoning::{
-    reason, reason_with, Decoding, GeneratorStepModel, HeldPassage, LoopOptions, LoopRun,
-    PassageRef, PromptPrefix, Reasoning, StepModel, StepOutput, StepRequest, StepTrace,
+    reason, reason_with, Decoding, Framework, GeneratorStepModel, HeldPassage, LoopOptions,
+    LoopRun, PassageRef, PromptPrefix, Reasoning, StepModel, StepOutput, StepRequest, StepTrace,
 };
 #[cfg(feature = "bm25")]
 pub use retrieval::Bm25Index;

@@ -31,8 +31,14 @@
 //! The continuation is `" " + sentence` in both formats. Across steps the chat prompt changes
 //! where the plain one does (after the passages held before); what it re-prefills beyond that is
 //! the template's markup between the question and `A:` (a handful of tokens per step).
+//!
+//! The loop's second framework, Self-Ask (question decomposition, [`Framework::SelfAsk`]), has its
+//! own layout in both formats (passages first too, then `Question:`, the follow-ups and their
+//! intermediate answers), rendered by [`PromptLayout::render_for`] and [`PromptLayout::fit_for`].
 
 pub mod chat;
+mod framework;
+pub(crate) mod self_ask;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,6 +48,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::PromptPassage;
 use crate::error::{Error, Result};
 pub use chat::{ChatMessage, ChatTemplate};
+pub use framework::Framework;
 
 /// How step prompts are laid out: the switch `--prompt-format plain|chat`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -164,8 +171,31 @@ impl PromptLayout {
         word_cap: usize,
         suffix: Option<&str>,
     ) -> Result<String> {
+        self.render_for(
+            Framework::Ircot,
+            question,
+            passages,
+            reasoning,
+            word_cap,
+            suffix,
+        )
+    }
+
+    /// The step prompt of `framework` (see [`PromptLayout::render`] for IRCoT's; for Self-Ask
+    /// `reasoning` holds the prior steps, each a follow-up and its intermediate answer, and
+    /// `suffix` what ends the prompt: the pending follow-up with `Intermediate answer:`, or
+    /// `So the final answer is:`).
+    pub fn render_for(
+        &self,
+        framework: Framework,
+        question: &str,
+        passages: &[PromptPassage],
+        reasoning: &[String],
+        word_cap: usize,
+        suffix: Option<&str>,
+    ) -> Result<String> {
         let caps = vec![word_cap; passages.len()];
-        self.render_parts(question, passages, &caps, reasoning, suffix)
+        self.render_parts(framework, question, passages, &caps, reasoning, suffix)
     }
 
     /// [`PromptLayout::render`] fitted to `budget` tokens by `count_tokens`, as [`fit`] does.
@@ -180,8 +210,35 @@ impl PromptLayout {
         budget: usize,
         count_tokens: impl FnMut(&str) -> Result<usize>,
     ) -> Result<FittedPrompt> {
+        self.fit_for(
+            Framework::Ircot,
+            question,
+            passages,
+            reasoning,
+            suffix,
+            word_cap,
+            budget,
+            count_tokens,
+        )
+    }
+
+    /// [`PromptLayout::render_for`] fitted to `budget` tokens by `count_tokens`, as [`fit`]
+    /// does: passage words first, then whole passages; the question and the steps are never cut.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fit_for(
+        &self,
+        framework: Framework,
+        question: &str,
+        passages: &[PromptPassage],
+        reasoning: &[String],
+        suffix: Option<&str>,
+        word_cap: usize,
+        budget: usize,
+        count_tokens: impl FnMut(&str) -> Result<usize>,
+    ) -> Result<FittedPrompt> {
         fit_parts(
             self,
+            framework,
             question,
             passages,
             reasoning,
@@ -194,15 +251,24 @@ impl PromptLayout {
 
     fn render_parts(
         &self,
+        framework: Framework,
         question: &str,
         passages: &[PromptPassage],
         caps: &[usize],
         reasoning: &[String],
         suffix: Option<&str>,
     ) -> Result<String> {
-        match self {
-            PromptLayout::Plain => Ok(render_parts(question, passages, caps, reasoning, suffix)),
-            PromptLayout::Chat(t) => {
+        match (self, framework) {
+            (PromptLayout::Plain, Framework::SelfAsk) => Ok(self_ask::render_plain(
+                question, passages, caps, reasoning, suffix,
+            )),
+            (PromptLayout::Chat(t), Framework::SelfAsk) => {
+                self_ask::render_chat(t, question, passages, caps, reasoning, suffix)
+            }
+            (PromptLayout::Plain, Framework::Ircot) => {
+                Ok(render_parts(question, passages, caps, reasoning, suffix))
+            }
+            (PromptLayout::Chat(t), Framework::Ircot) => {
                 let mut user = String::new();
                 push_passages(&mut user, passages, caps);
                 user.push_str("Q: ");
@@ -333,6 +399,7 @@ pub fn fit(
 ) -> Result<FittedPrompt> {
     fit_parts(
         &PromptLayout::Plain,
+        Framework::Ircot,
         question,
         passages,
         reasoning,
@@ -346,6 +413,7 @@ pub fn fit(
 #[allow(clippy::too_many_arguments)]
 fn fit_parts(
     layout: &PromptLayout,
+    framework: Framework,
     question: &str,
     passages: &[PromptPassage],
     reasoning: &[String],
@@ -362,6 +430,7 @@ fn fit_parts(
     let mut words_dropped = 0;
     loop {
         let text = layout.render_parts(
+            framework,
             question,
             &passages[first..],
             &caps[first..],
