@@ -28,7 +28,9 @@
 //!    that also states `So the final answer is: <answer>` stops the loop.
 //! 3. The step's sentence (its record's target) is `Follow up: q` + newline +
 //!    `Intermediate answer: a`; its query the sub-question and its passages those retrieved for
-//!    it (the first sub-question is asked from the question alone, as in the paper).
+//!    it. The first sub-question is asked from the question alone, as in the paper (FlashRAG
+//!    retrieves for the question first), and every hop's passages stay in the prompt, as the
+//!    passages held P_≤s do for IRCoT (FlashRAG shows only the latest follow-up's).
 //! 4. Output that is not the format (no follow-up where one is asked, no answer where one is
 //!    expected) and the last step (`max_steps`) force the aggregation: the prompt ends with
 //!    `So the final answer is:` and what the model generates is the answer, as IRCoT's stop
