@@ -113,6 +113,9 @@ pub struct ExportOptions {
     /// checkpoint's chat template (`tokenizer_config.json` or `chat_template.jinja`), which is
     /// copied beside the model.
     pub prompt_format: steper_runtime::prompt::PromptFormat,
+    /// The framework the student was trained for (recorded in `steper.json`'s `loop`; the
+    /// runtime's loop runs it unless told otherwise).
+    pub framework: steper_runtime::Framework,
 }
 
 impl Default for ExportOptions {
@@ -124,6 +127,7 @@ impl Default for ExportOptions {
             quantize: None,
             attention: AttentionOp::Standard,
             prompt_format: Default::default(),
+            framework: Default::default(),
         }
     }
 }
@@ -217,6 +221,7 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
     manifest.quantization = quantization.clone();
     manifest.graph.attention = opts.attention;
     manifest.prompt_format = opts.prompt_format;
+    manifest.loop_defaults.framework = opts.framework;
     // A chat-format export must carry a template that renders.
     steper_runtime::prompt::PromptLayout::load(opts.prompt_format, &dir)?;
     manifest.save(&dir.join(steper_runtime::manifest::MANIFEST_FILE))?;

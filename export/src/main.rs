@@ -56,6 +56,11 @@ struct Args {
     /// steper.json.
     #[arg(long, default_value = "plain")]
     prompt_format: String,
+    /// The framework the student was trained for: ircot (each step states a sentence) or
+    /// self-ask (each step asks a follow-up question and answers it); recorded in steper.json,
+    /// where the runtime's loop takes it from.
+    #[arg(long, default_value = "ircot", value_name = "ircot|self-ask")]
+    framework: steper_runtime::Framework,
     /// Always write the weights to model.onnx.data (otherwise only above 2 GB).
     #[arg(long)]
     external_data: bool,
@@ -144,6 +149,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
             .prompt_format
             .parse::<steper_runtime::prompt::PromptFormat>()
             .map_err(|e| anyhow::anyhow!("{e}"))?,
+        framework: a.framework,
     };
     let report = export(&a.checkpoint, &a.out, &opts)
         .with_context(|| format!("exporting {}", a.checkpoint.display()))?;

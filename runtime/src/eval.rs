@@ -381,6 +381,7 @@ mod tests {
             forced: false,
             steps: Vec::new(),
             passages: Vec::new(),
+            framework: Default::default(),
         }
     }
 

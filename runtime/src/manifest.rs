@@ -30,6 +30,10 @@ pub struct LoopDefaults {
     pub passage_word_cap: usize,
     /// Maximum new tokens per generated sentence.
     pub max_sentence_tokens: usize,
+    /// The framework the model was trained for (`ircot` or `self-ask`). IRCoT is left out of
+    /// the file, so manifests written before the choice existed read, and are written, as before.
+    #[serde(default, skip_serializing_if = "crate::prompt::Framework::is_ircot")]
+    pub framework: crate::prompt::Framework,
 }
 
 impl Default for LoopDefaults {
@@ -41,6 +45,7 @@ impl Default for LoopDefaults {
             max_passages: 15,
             passage_word_cap: 100,
             max_sentence_tokens: 48,
+            framework: crate::prompt::Framework::Ircot,
         }
     }
 }
@@ -328,6 +333,42 @@ mod eos_ids_tests {
         // Written back as the list.
         let text = serde_json::to_string(&m)?;
         assert!(text.contains("\"eos_token_ids\":[2]"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_framework_defaults_to_ircot_and_old_manifests_are_written_as_read(
+    ) -> serde_json::Result<()> {
+        // A manifest written before the framework choice: no `framework` in `loop`.
+        let old = with_eos("eos_token_ids", serde_json::json!([2]))?;
+        let old_text = serde_json::to_string_pretty(&old)?;
+        assert!(!old_text.contains("framework"), "{old_text}");
+        let read: Manifest = serde_json::from_str(&old_text)?;
+        assert_eq!(
+            read.loop_defaults.framework,
+            crate::prompt::Framework::Ircot
+        );
+        assert_eq!(serde_json::to_string_pretty(&read)?, old_text);
+        assert_eq!(
+            crate::LoopOptions::from(&read.loop_defaults).framework,
+            crate::prompt::Framework::Ircot
+        );
+        // A Self-Ask model names its framework, and the loop options take it.
+        let mut sa = read;
+        sa.loop_defaults.framework = crate::prompt::Framework::SelfAsk;
+        let text = serde_json::to_string(&sa)?;
+        assert!(text.contains("\"framework\":\"self-ask\""), "{text}");
+        let back: Manifest = serde_json::from_str(&text)?;
+        assert_eq!(
+            crate::LoopOptions::from(&back.loop_defaults).framework,
+            crate::prompt::Framework::SelfAsk
+        );
+        // An unknown framework is refused with the field's name.
+        let bad = text.replace("\"self-ask\"", "\"selfask\"");
+        let err = serde_json::from_str::<Manifest>(&bad)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("selfask"), "{err}");
         Ok(())
     }
 }

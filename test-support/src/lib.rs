@@ -258,6 +258,7 @@ pub fn stepwise_records(world: &Path, questions: usize) -> Result<Vec<StepwiseRe
                 },
                 teacher: "gold".into(),
                 answers: q.answers.clone(),
+                framework: Default::default(),
             });
         }
     }

@@ -150,7 +150,11 @@ pub fn vanilla_record(
         .iter()
         .map(|s| s.sentence.trim().to_string())
         .collect::<Vec<_>>()
-        .join(" ");
+        // IRCoT's sentences run on as one paragraph; Self-Ask's hops are lines.
+        .join(match r.framework {
+            steper_runtime::Framework::Ircot => " ",
+            steper_runtime::Framework::SelfAsk => "\n",
+        });
     Some(StepwiseRecord {
         qid: qid.to_string(),
         stage: Stage::Aggregate,
@@ -168,6 +172,7 @@ pub fn vanilla_record(
         target,
         teacher: teacher.to_string(),
         answers: answers.to_vec(),
+        framework: r.framework,
     })
 }
 

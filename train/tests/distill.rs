@@ -166,6 +166,7 @@ fn scripted(n_steps: usize) -> Reasoning {
                 step: i,
             })
             .collect(),
+        framework: Default::default(),
     }
 }
 

@@ -170,6 +170,16 @@ pub struct StepwiseRecord {
     pub teacher: String,
     /// Gold answers of the question.
     pub answers: Vec<String>,
+    /// The framework the record's step belongs to, which says how its prompt is rendered and
+    /// its target continued ([`crate::prompt::PromptLayout::render_for`],
+    /// [`crate::prompt::Framework::continuation`]). Left out for IRCoT, so records written
+    /// before the choice existed read (and are written) as before. A Self-Ask step's target is
+    /// its hop (`Follow up: q` + newline + `Intermediate answer: a`, with `So the final answer
+    /// is: x` on a third line at aggregation) and its passages include those retrieved for `q`,
+    /// although at inference `q` is written before they are retrieved (see the Self-Ask
+    /// section of docs/guide/runtime.md).
+    #[serde(default, skip_serializing_if = "crate::prompt::Framework::is_ircot")]
+    pub framework: crate::prompt::Framework,
 }
 
 /// How JSONL readers treat malformed lines.
@@ -429,6 +439,7 @@ mod tests {
             target: "So the answer is: c.".into(),
             teacher: "gold".into(),
             answers: vec!["c".into()],
+            framework: Default::default(),
         };
         let s = serde_json::to_string(&r).map_err(|e| Error::Internal(e.to_string()))?;
         assert!(s.contains(r#""stage":"aggregate""#));

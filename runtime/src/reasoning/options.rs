@@ -106,7 +106,7 @@ impl From<&LoopDefaults> for LoopOptions {
             passage_word_cap: d.passage_word_cap,
             stop_phrase: d.stop_phrase.clone(),
             max_sentence_tokens: d.max_sentence_tokens,
-            framework: Framework::Ircot,
+            framework: d.framework,
             prompt: crate::prompt::PromptLayout::Plain,
         }
     }

@@ -335,6 +335,7 @@ impl LoopRun {
                 forced,
                 steps: std::mem::take(&mut self.steps),
                 passages: std::mem::take(&mut self.passages),
+                framework: self.opts.framework,
             }));
         }
         if forced {

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::data::{PromptPassage, Stage, StepwiseRecord};
+use crate::prompt::Framework;
 
 /// A passage held by the loop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +87,9 @@ pub struct Reasoning {
     pub steps: Vec<StepTrace>,
     /// Every passage held, in prompt order.
     pub passages: Vec<HeldPassage>,
+    /// The framework the loop ran (left out of JSON for IRCoT, as before the choice existed).
+    #[serde(default, skip_serializing_if = "Framework::is_ircot")]
+    pub framework: Framework,
 }
 
 impl Reasoning {
@@ -140,6 +144,7 @@ impl Reasoning {
                 target: s.sentence.clone(),
                 teacher: teacher.to_string(),
                 answers: answers.to_vec(),
+                framework: self.framework,
             });
             prior.push(s.sentence.clone());
         }

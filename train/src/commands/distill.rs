@@ -112,6 +112,10 @@ pub struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// How the loop reasons: ircot (each step states a sentence) or self-ask (each step asks a
+    /// follow-up question and answers it); the records carry it, and `fit` renders them so.
+    #[arg(long, default_value = "ircot", value_name = "ircot|self-ask")]
+    framework: steper_runtime::Framework,
 }
 
 /// Runs the teacher over the questions.
@@ -138,7 +142,8 @@ pub fn run(a: Args) -> Result<()> {
         loop_opts: LoopOptions::default()
             .with_top_k(a.top_k)
             .with_max_steps(a.max_steps)
-            .with_max_sentence_tokens(a.max_new_tokens),
+            .with_max_sentence_tokens(a.max_new_tokens)
+            .with_framework(a.framework),
         filter: a.filter,
         vanilla: a.vanilla,
         stop_after: None,
@@ -152,6 +157,13 @@ pub fn run(a: Args) -> Result<()> {
     let format = prompt_format(a.prompt_format.as_deref(), a.teacher_chat)?;
     if a.teacher_chat && !a.teacher.starts_with("openai:") {
         bail!("--teacher-chat needs --teacher openai:URL (a checkpoint: teacher is put in its chat template by --prompt-format chat)");
+    }
+    if a.framework != steper_runtime::Framework::Ircot && a.teacher_prompt != "none" {
+        bail!(
+            "--teacher-prompt {} holds IRCoT demonstrations and --framework {} asks for another format: use --teacher-prompt none",
+            a.teacher_prompt,
+            a.framework
+        );
     }
     let mut summary = if a.teacher == "gold" {
         let mut t = GoldTeacher::new();

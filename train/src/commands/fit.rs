@@ -123,6 +123,10 @@ pub struct Args {
     /// template from its tokenizer_config.json); export with the same --prompt-format.
     #[arg(long, default_value = "plain")]
     prompt_format: String,
+    /// The framework the records were distilled for (ircot or self-ask); records of another
+    /// framework are refused. Default: the records' own (one framework per file).
+    #[arg(long, value_name = "ircot|self-ask")]
+    framework: Option<steper_runtime::Framework>,
     /// Skip malformed record lines (counted) instead of failing.
     #[arg(long)]
     skip_bad: bool,
@@ -187,6 +191,8 @@ pub fn run(a: Args) -> Result<()> {
         .first()
         .context("student config.json has no eos_token_id")?;
     let (records, skipped) = read_records(&a.data, a.skip_bad)?;
+    steper_train::fit::records::records_framework(&records, a.framework)
+        .with_context(|| format!("--data {}", a.data.display()))?;
     let (mut train_r, eval_r) =
         steper_train::fit::records::split_by_question(&records, a.eval_fraction, a.seed);
     let mut questions_note = String::new();

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use steper_runtime::data::{read_jsonl, ReadOptions, StepwiseRecord};
-use steper_runtime::prompt::{target_continuation, PromptLayout};
+use steper_runtime::prompt::{Framework, PromptLayout};
 
 use super::{Example, Stage};
 use crate::error::{Error, Result};
@@ -31,7 +31,33 @@ pub fn read_records(path: &Path, skip_bad: bool) -> Result<(Vec<StepwiseRecord>,
     Ok((loaded.rows, loaded.skipped.len()))
 }
 
-/// Renders and tokenizes records. `eos` ends every target. Each prompt is fitted into
+/// The one framework of `records` (see [`StepwiseRecord::framework`]), checked against
+/// `expected` (`--framework`) when given: records of two frameworks, or of another framework
+/// than the one asked for, are an error naming a record of each.
+pub fn records_framework(
+    records: &[StepwiseRecord],
+    expected: Option<Framework>,
+) -> Result<Framework> {
+    let Some(first) = records.first() else {
+        return Ok(expected.unwrap_or_default());
+    };
+    if let Some(other) = records.iter().find(|r| r.framework != first.framework) {
+        return Err(Error::Input(format!(
+            "the records mix frameworks: qid {} step {} is {} and qid {} step {} is {}; distill each framework into its own file",
+            first.qid, first.step, first.framework, other.qid, other.step, other.framework
+        )));
+    }
+    match expected {
+        Some(fw) if fw != first.framework => Err(Error::Input(format!(
+            "--framework {fw}, but the records are {} (qid {} step {}); distill with --framework {fw} or fit with --framework {}",
+            first.framework, first.qid, first.step, first.framework
+        ))),
+        _ => Ok(first.framework),
+    }
+}
+
+/// Renders and tokenizes records, each in its own framework's layout
+/// ([`StepwiseRecord::framework`]). `eos` ends every target. Each prompt is fitted into
 /// `max_len` minus its target by the runtime's context fitting; a record whose question and
 /// reasoning alone do not fit is an error naming the record.
 pub fn examples_from_records(
@@ -70,13 +96,14 @@ pub fn examples_from_records_in(
     };
     let mut out = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
-        let mut t = enc(&target_continuation(&r.target))?;
+        let mut t = enc(&r.framework.continuation(&r.target))?;
         t.push(eos);
         // The prompt is fitted to the context exactly as the runtime fits it at inference:
         // the oldest passages' tail words go first, never the question or the reasoning.
         let budget = max_len.saturating_sub(t.len());
         let fitted = layout
-            .fit(
+            .fit_for(
+                r.framework,
                 &r.question,
                 &r.passages,
                 &r.reasoning,
@@ -196,6 +223,7 @@ mod tests {
             target: "t".into(),
             teacher: "gold".into(),
             answers: vec![],
+            framework: Default::default(),
         }
     }
 

@@ -165,6 +165,10 @@ pub struct EngineArgs {
     /// (`data/ircot_prompts/hotpotqa.txt`), optionally `:N` for its first N.
     #[arg(long, value_name = "FILE[:N]")]
     pub demos: Option<String>,
+    /// How the loop reasons: `ircot` (each step states a sentence) or `self-ask` (each step asks
+    /// a follow-up question and answers it) (default: the model's manifest, else ircot).
+    #[arg(long, value_name = "ircot|self-ask")]
+    pub framework: Option<steper_runtime::Framework>,
 }
 
 impl EngineArgs {
@@ -203,7 +207,15 @@ impl EngineArgs {
         if let Some(k) = self.top_k {
             opts.loop_options.top_k = k;
         }
+        if let Some(fw) = self.framework {
+            opts.loop_options = opts.loop_options.with_framework(fw);
+        }
         if let Some(spec) = &self.demos {
+            anyhow::ensure!(
+                opts.loop_options.framework == steper_runtime::Framework::Ircot,
+                "--demos {spec}: the demonstrations are IRCoT steps and the loop runs {}; leave out --demos or run --framework ircot",
+                opts.loop_options.framework
+            );
             let (path, n) = steper_runtime::fewshot::parse_spec(spec);
             let demos = steper_runtime::fewshot::load_ircot(&path, n)
                 .with_context(|| format!("--demos {spec}"))?;

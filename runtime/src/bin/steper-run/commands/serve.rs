@@ -59,6 +59,9 @@ pub struct Args {
     /// Log every request (method, path, status, latency) to stderr.
     #[arg(long)]
     pub log_requests: bool,
+    /// How the loop reasons: `ircot` or `self-ask` (default: the model's manifest, else ircot).
+    #[arg(long, value_name = "ircot|self-ask")]
+    pub framework: Option<steper_runtime::Framework>,
 }
 
 /// Serves until SIGTERM or ctrl-c, then finishes the accepted requests and exits.
@@ -94,13 +97,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.index.clone(),
         a.backend.kind(Some(threads)).with_concurrency(a.workers),
     );
+    // The manifest's loop settings with the framework the flag asks for.
+    let loop_options = a
+        .framework
+        .map(|fw| {
+            let path = a.model.join(steper_runtime::manifest::MANIFEST_FILE);
+            steper_runtime::Manifest::load(&path)
+                .map(|m| steper_runtime::LoopOptions::from(&m.loop_defaults).with_framework(fw))
+                .with_context(|| format!("--framework {fw}: reading {}", path.display()))
+        })
+        .transpose()?;
     let t = Instant::now();
     let server = Server::start(config, move || {
-        Engine::builder()
+        let builder = Engine::builder()
             .model_dir(model)
             .backend(backend)
-            .index(index)
-            .build()
+            .index(index);
+        match loop_options {
+            Some(o) => builder.loop_options(o),
+            None => builder,
+        }
+        .build()
     })?;
     let addr = server.addr();
     if !a.json {
