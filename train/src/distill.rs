@@ -91,6 +91,17 @@ pub struct DistillSummary {
     /// that applies a chat template itself (an OpenAI-compatible server's
     /// `/v1/chat/completions`), the format its caller records.
     pub prompt_format: steper_runtime::prompt::PromptFormat,
+    /// The framework the loop ran (left out for IRCoT).
+    #[serde(skip_serializing_if = "steper_runtime::Framework::is_ircot")]
+    pub framework: steper_runtime::Framework,
+    /// Questions of the input not run: for the Self-Ask gold teacher, those without a usable
+    /// decomposition (left out when none).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped_questions: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 const TRACES: &str = "traces.jsonl";

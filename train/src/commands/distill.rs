@@ -10,7 +10,8 @@ use steper_runtime::retrieval::Bm25Index;
 use steper_runtime::LoopOptions;
 use steper_train::distill::{distill, distill_pool, write_summary, DistillOptions, Filter};
 use steper_train::teacher::{
-    CandleTeacher, GoldTeacher, OpenAiConfig, OpenAiTeacher, TeacherPrompt,
+    self_ask_hops, CandleTeacher, GoldSelfAskTeacher, GoldTeacher, OpenAiConfig, OpenAiTeacher,
+    TeacherPrompt,
 };
 
 /// Arguments of `distill`.
@@ -165,7 +166,61 @@ pub fn run(a: Args) -> Result<()> {
             a.framework
         );
     }
-    let mut summary = if a.teacher == "gold" {
+    let mut skipped_questions = 0;
+    let mut summary = if a.teacher == "gold" && a.framework == steper_runtime::Framework::SelfAsk {
+        let mut t = GoldSelfAskTeacher::new();
+        if let Some(s) = &a.fit_student {
+            let cfg = steper_models::LlamaConfig::from_file(&s.join("config.json"))?;
+            let tok = steper_models::load_tokenizer(&s.join("tokenizer.json"), cfg.vocab_size)?;
+            t = t.with_budget(tok, cfg.max_position_embeddings);
+        }
+        // Questions without a usable decomposition are skipped and counted.
+        let mut kept = Vec::with_capacity(qs.len());
+        let mut first_skip = None;
+        for q in &qs {
+            match self_ask_hops(q) {
+                Ok(_) => kept.push(q.clone()),
+                Err(e) => {
+                    t.stats_mut().skip(&e);
+                    first_skip.get_or_insert_with(|| format!("{} ({e})", q.id));
+                }
+            }
+        }
+        skipped_questions = qs.len() - kept.len();
+        if kept.is_empty() {
+            bail!(
+                "--teacher gold --framework self-ask: none of the {} questions of {} has a usable decomposition (MuSiQue's question_decomposition or 2Wiki's evidences; HotpotQA has none), e.g. {}: use an LLM teacher (checkpoint:DIR or openai:URL) for Self-Ask on this data, or --framework ircot",
+                qs.len(),
+                a.data.display(),
+                first_skip.unwrap_or_default()
+            );
+        }
+        let s = distill(
+            &kept,
+            &index,
+            &mut t,
+            |t, q| {
+                // Every kept question has hops (checked above).
+                t.set_example(q).ok();
+            },
+            &opts,
+            &a.out,
+            !a.json,
+        )?;
+        let stats = t.stats();
+        steper_fsutil::write_atomic(
+            &a.out.join("gold_stats.json"),
+            serde_json::to_string_pretty(stats)?.as_bytes(),
+        )?;
+        if !a.json {
+            eprintln!(
+                "gold Self-Ask teacher: {} questions skipped ({} without a decomposition, {} referencing a missing sub-answer, {} incomplete); {} follow-ups, {} answered, {} unretrieved; {} answers, {} unknown",
+                stats.skipped(), stats.skipped_no_decomposition, stats.skipped_missing_reference, stats.skipped_incomplete,
+                stats.follow_ups, stats.answered_hops, stats.unretrieved_hops, stats.answers, stats.unknown_answers
+            );
+        }
+        s
+    } else if a.teacher == "gold" {
         let mut t = GoldTeacher::new();
         if let Some(s) = &a.fit_student {
             let cfg = steper_models::LlamaConfig::from_file(&s.join("config.json"))?;
@@ -236,10 +291,15 @@ pub fn run(a: Args) -> Result<()> {
             a.teacher
         );
     };
-    if summary.prompt_format != format {
+    if summary.prompt_format != format
+        || summary.framework != a.framework
+        || summary.skipped_questions != skipped_questions
+    {
         // The loop's layout stays plain for the gold and OpenAI teachers (the server renders
         // the chat messages); the run's format is the one given.
         summary.prompt_format = format;
+        summary.framework = a.framework;
+        summary.skipped_questions = skipped_questions;
         write_summary(&a.out, &summary)?;
     }
     if a.json {

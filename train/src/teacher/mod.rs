@@ -10,6 +10,10 @@
 //!   (counted in [`GoldStats`]). If the retriever never brought in the whole supporting chain, it
 //!   answers `unknown` at forced aggregation, so the answer filter drops questions whose
 //!   evidence was not retrieved.
+//! - [`GoldSelfAskTeacher`]: the same for Self-Ask (`--framework self-ask`): the follow-ups and
+//!   intermediate answers of MuSiQue's `question_decomposition` (`#k` references resolved) or of
+//!   2Wiki's `evidences` triples ([`self_ask_hops`]), then the final answer; HotpotQA has no
+//!   decomposition and is refused.
 //! - [`CandleTeacher`]: a local Llama-family checkpoint run in candle with its KV cache,
 //!   optionally behind a [`TeacherPrompt`] (e.g. IRCoT's CoT demonstrations).
 //! - [`OpenAiTeacher`]: any OpenAI-compatible HTTP server (`/v1/completions` or
@@ -18,10 +22,12 @@
 
 mod candle;
 mod gold;
+mod gold_self_ask;
 pub mod openai;
 pub mod prompt;
 
 pub use candle::CandleTeacher;
 pub use gold::{sentences, GoldStats, GoldTeacher};
+pub use gold_self_ask::{self_ask_hops, GoldSelfAskTeacher, NoHops, SelfAskGoldStats, SelfAskHop};
 pub use openai::{OpenAiConfig, OpenAiTeacher};
 pub use prompt::TeacherPrompt;
