@@ -4,8 +4,9 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use anyhow::{Context, Result};
 
@@ -269,5 +270,67 @@ fn demonstrations_are_refused_with_self_ask() -> Result<()> {
     assert!(!o.status.success());
     let msg = text(&o);
     assert!(msg.contains("--demos") && msg.contains("self-ask"), "{msg}");
+    Ok(())
+}
+
+/// The serve process, killed when dropped.
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+/// `POST /v1/reason` to `addr` with `body`: the response body.
+fn post_reason(addr: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+    let body = serde_json::to_vec(body)?;
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    write!(
+        conn,
+        "POST /v1/reason HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    conn.write_all(&body)?;
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw)?;
+    let (head, rest) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{raw}");
+    Ok(serde_json::from_str(rest)?)
+}
+
+#[test]
+fn serve_runs_the_flag_s_framework() -> Result<()> {
+    let tiny = steper_test_support::tiny()?;
+    let model = common::test_model()?;
+    let child = Command::new(env!("CARGO_BIN_EXE_steper-run"))
+        .args(["serve", "--model", s(&model), "--index", s(&tiny.index)])
+        .args(["--addr", "127.0.0.1:0", "--backend", "tract", "--json"])
+        .args(["--framework", "self-ask"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut served = Served(child);
+    let stdout = served.0.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let ready: serde_json::Value = serde_json::from_str(&line).with_context(|| line.clone())?;
+    assert_eq!(ready["event"], "ready", "{ready}");
+    let addr = ready["addr"].as_str().context("no addr")?.to_string();
+    let r = post_reason(
+        &addr,
+        &serde_json::json!({"question": question()?, "max_steps": 3}),
+    )?;
+    let steps = r["steps"].as_array().context("no steps")?;
+    assert!(!steps.is_empty(), "{r}");
+    for step in steps {
+        let sentence = step["sentence"].as_str().unwrap_or_default();
+        assert!(
+            sentence.starts_with("Follow up:") || sentence.starts_with("So the final answer is:"),
+            "{sentence:?}"
+        );
+    }
     Ok(())
 }
