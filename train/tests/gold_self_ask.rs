@@ -318,3 +318,28 @@ fn hotpotqa_is_refused_and_missing_sub_answers_are_skipped_and_counted() -> Resu
     assert_eq!(ids, vec![qs[0].id.as_str(), qs[2].id.as_str()]);
     Ok(())
 }
+
+/// At the last allowed step the answer is forced: the gold answer once every hop is answered
+/// (the sentence as an unforced final step would say it), `unknown` before.
+#[test]
+fn a_forced_final_answer_is_the_gold_one_only_after_every_hop() -> Result<()> {
+    let qs = questions("musique_train100.jsonl.gz")?;
+    let q = &qs[0];
+    let dir = tempfile::tempdir()?;
+    let idx = Bm25Index::open(&index(&qs, dir.path())?)?;
+    let hops = self_ask_hops(q).map_err(|e| anyhow::anyhow!("{e}"))?.len();
+    for (max_steps, answer) in [(hops + 1, q.answers[0].as_str()), (hops, "unknown")] {
+        let mut t = GoldSelfAskTeacher::new();
+        t.set_example(q).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let opts = LoopOptions::default()
+            .with_framework(Framework::SelfAsk)
+            .with_max_steps(max_steps);
+        let r = steper_runtime::reason(&q.question, &idx, &mut t, &opts)?;
+        assert!(r.forced, "{r:?}");
+        assert_eq!(r.answer, answer);
+        assert_eq!(r.steps.len(), max_steps);
+        let last = r.steps.last().context("no steps")?;
+        assert_eq!(last.sentence, format!("So the final answer is: {answer}"));
+    }
+    Ok(())
+}
