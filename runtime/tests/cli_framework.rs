@@ -158,6 +158,7 @@ fn eval_runs_self_ask_when_asked() -> Result<()> {
     assert!(o.status.success(), "{}", text(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(summary["questions"], 3);
+    assert_eq!(summary["framework"], "self-ask", "{summary}");
     let lines = std::fs::read_to_string(&out)?;
     let mut records = 0;
     for line in lines.lines() {
