@@ -157,6 +157,42 @@ fn distill_refuses_ircot_demonstrations_with_self_ask() -> Result<()> {
     Ok(())
 }
 
+/// Self-Ask demonstrations run with `--framework self-ask` (the records are Self-Ask ones) and
+/// are refused with IRCoT; the project's file is told apart as Self-Ask (it outgrows the tiny
+/// teacher's context, so the run uses a one-line-passage demonstration of the same format).
+#[test]
+fn distill_takes_self_ask_demonstrations_with_self_ask_only() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let short = dir.path().join("sa.txt");
+    std::fs::write(
+        &short,
+        "[instruction]\nAsk.\n\n[demonstration]\nWikipedia Title: A\na b\n\nQuestion: q?\n\
+         Are follow up questions needed here: Yes.\nFollow up: c?\nIntermediate answer: d\n\
+         So the final answer is: d\n",
+    )?;
+    let o = distill(
+        &dir.path().join("sa"),
+        &["--framework", "self-ask", "--teacher-prompt", s(&short)],
+    )?;
+    ensure!(o.status.success(), "distill: {}", text(&o));
+    let records = read_records(&dir.path().join("sa").join("stepwise.jsonl"))?;
+    ensure!(!records.is_empty(), "no records");
+    for r in &records {
+        assert_eq!(r.framework, Framework::SelfAsk);
+    }
+    let demos = steper_test_support::data_file("self_ask_prompts/demonstrations.txt")?;
+    for file in [&short, &demos] {
+        let o = distill(&dir.path().join("ircot"), &["--teacher-prompt", s(file)])?;
+        assert!(!o.status.success());
+        let msg = text(&o);
+        assert!(
+            msg.contains("self-ask ones") && msg.contains("loop runs ircot"),
+            "{msg}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn fit_renders_self_ask_records_in_their_layout() -> Result<()> {
     let tiny = steper_test_support::tiny()?;

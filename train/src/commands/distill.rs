@@ -46,7 +46,8 @@ pub struct Args {
     /// and checkpoint): a file (format in train/prompts/ircot-fewshot.txt), `default` (that
     /// file, built in), `ircot:PATH[:N]` (IRCoT's CoT demonstrations, e.g.
     /// data/ircot_prompts/hotpotqa.txt, the first N) or `none` (the plain student
-    /// prompt). Step-wise records always keep the plain prompt.
+    /// prompt). The demonstrations must be of --framework's format: for self-ask, e.g.
+    /// data/self_ask_prompts/demonstrations.txt. Step-wise records always keep the plain prompt.
     #[arg(long, default_value = "none")]
     teacher_prompt: String,
     /// The OpenAI teacher's context in tokens (header, demonstrations, prompt and new tokens);
@@ -159,12 +160,12 @@ pub fn run(a: Args) -> Result<()> {
     if a.teacher_chat && !a.teacher.starts_with("openai:") {
         bail!("--teacher-chat needs --teacher openai:URL (a checkpoint: teacher is put in its chat template by --prompt-format chat)");
     }
-    if a.framework != steper_runtime::Framework::Ircot && a.teacher_prompt != "none" {
-        bail!(
-            "--teacher-prompt {} holds IRCoT demonstrations and --framework {} asks for another format: use --teacher-prompt none",
-            a.teacher_prompt,
-            a.framework
-        );
+    // The demonstrations must be of the loop's framework (told from their text).
+    if let Some(p) = TeacherPrompt::from_spec(&a.teacher_prompt)
+        .with_context(|| format!("--teacher-prompt {}", a.teacher_prompt))?
+    {
+        p.check(a.framework)
+            .with_context(|| format!("--teacher-prompt {}", a.teacher_prompt))?;
     }
     let mut skipped_questions = 0;
     let mut summary = if a.teacher == "gold" && a.framework == steper_runtime::Framework::SelfAsk {

@@ -18,12 +18,27 @@
 //! ```
 //!
 //! Lines starting with `#` are comments. There is exactly one `[instruction]` section and any
-//! number of `[demonstration]` sections; each demonstration has a `Q:` line and an `A:` line
-//! that ends with an answer sentence (`answer is: …`).
+//! number of `[demonstration]` sections, all of one framework, told from their text:
+//!
+//! - IRCoT ([`Framework::Ircot`]): a `Q:` line and an `A:` line that ends with an answer
+//!   sentence (`answer is: …`);
+//! - Self-Ask ([`Framework::SelfAsk`], e.g. `data/self_ask_prompts/demonstrations.txt`): a
+//!   `Question:` line, then `Follow up:` lines each followed by an `Intermediate answer:` line,
+//!   and last `So the final answer is: …` (the student's Self-Ask layout).
+//!
+//! A prompt is used only with the framework of its demonstrations ([`TeacherPrompt::check`]).
 
 use std::path::Path;
 
+use steper_runtime::Framework;
+
 use crate::error::{Error, Result};
+
+/// Self-Ask's line labels, as the student's layout writes them.
+const SA_QUESTION: &str = "Question: ";
+const SA_FOLLOW_UP: &str = "Follow up:";
+const SA_INTERMEDIATE: &str = "Intermediate answer:";
+const SA_FINAL: &str = "So the final answer is:";
 
 /// The default prompt file shipped with the crate.
 pub const DEFAULT_FEWSHOT: &str = include_str!("../../prompts/ircot-fewshot.txt");
@@ -35,6 +50,8 @@ pub struct TeacherPrompt {
     pub instruction: String,
     /// Worked examples in the student's template.
     pub demonstrations: Vec<String>,
+    /// The framework of the demonstrations (`None` without any: the header alone fits either).
+    pub framework: Option<Framework>,
 }
 
 /// A chat message (`role` is `system` or `user`).
@@ -127,37 +144,45 @@ impl TeacherPrompt {
             )));
         }
         let mut demonstrations = Vec::with_capacity(demos.len());
+        let mut framework: Option<(usize, Framework)> = None;
         for (n, lines) in demos {
             let d = lines.join("\n").trim().to_string();
-            let has_q = d.lines().any(|l| l.starts_with("Q: "));
-            let a = d.lines().rev().find(|l| l.starts_with("A:"));
-            match (has_q, a) {
-                (false, _) => {
+            let fw = demonstration_framework(&d)
+                .map_err(|why| Error::Input(format!("{origin}:{n}: {why}")))?;
+            match framework {
+                Some((first, f)) if f != fw => {
                     return Err(Error::Input(format!(
-                        "{origin}:{n}: demonstration has no `Q: ` line"
+                        "{origin}:{n}: a {fw} demonstration after the {f} one at line {first} \
+                         (a prompt file holds demonstrations of one framework)"
                     )))
                 }
-                (_, None) => {
-                    return Err(Error::Input(format!(
-                        "{origin}:{n}: demonstration has no `A:` line"
-                    )))
-                }
-                (_, Some(a))
-                    if steper_runtime::answer::extract_answer(a.trim_start_matches("A:"))
-                        .is_none() =>
-                {
-                    return Err(Error::Input(format!(
-                        "{origin}:{n}: the demonstration's `A:` line does not end with an answer \
-                         sentence (expected `... So the answer is: X.`)"
-                    )))
-                }
-                _ => demonstrations.push(d),
+                None => framework = Some((n, fw)),
+                _ => {}
             }
+            demonstrations.push(d);
         }
         Ok(TeacherPrompt {
             instruction,
             demonstrations,
+            framework: framework.map(|(_, f)| f),
         })
+    }
+
+    /// Checks that the demonstrations are of `framework` (the loop's `--framework`): IRCoT
+    /// demonstrations would teach the teacher to write sentences where Self-Ask parses
+    /// follow-ups, and the other way round.
+    pub fn check(&self, framework: Framework) -> Result<()> {
+        match self.framework {
+            Some(f) if f != framework => Err(Error::Input(format!(
+                "the demonstrations are {f} ones and the loop runs {framework}: use {framework} \
+                 demonstrations{} or --teacher-prompt none",
+                match framework {
+                    Framework::SelfAsk => " (e.g. data/self_ask_prompts/demonstrations.txt)",
+                    Framework::Ircot => " (e.g. default or ircot:data/ircot_prompts/musique.txt)",
+                }
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// IRCoT's hand-written CoT demonstrations (`ircot_prompts/<dataset>.txt`, parsed by
@@ -167,6 +192,7 @@ impl TeacherPrompt {
         Ok(TeacherPrompt {
             instruction: Self::default_fewshot()?.instruction,
             demonstrations: steper_runtime::fewshot::load_ircot(path, n)?,
+            framework: Some(Framework::Ircot),
         })
     }
 
@@ -225,6 +251,72 @@ impl TeacherPrompt {
             },
         ]
     }
+}
+
+/// The framework of one demonstration, or why it is neither format.
+fn demonstration_framework(d: &str) -> std::result::Result<Framework, String> {
+    let lines: Vec<&str> = d.lines().map(str::trim_end).collect();
+    if lines.iter().any(|l| l.starts_with(SA_QUESTION)) {
+        return self_ask_demonstration(&lines).map(|()| Framework::SelfAsk);
+    }
+    if !lines.iter().any(|l| l.starts_with("Q: ")) {
+        return Err(
+            "demonstration has no `Q: ` line (IRCoT) or `Question: ` line (Self-Ask)".into(),
+        );
+    }
+    match lines.iter().rev().find(|l| l.starts_with("A:")) {
+        None => Err("demonstration has no `A:` line".into()),
+        Some(a) if steper_runtime::answer::extract_answer(a.trim_start_matches("A:")).is_none() => {
+            Err(
+                "the demonstration's `A:` line does not end with an answer sentence (expected \
+                 `... So the answer is: X.`)"
+                    .into(),
+            )
+        }
+        Some(_) => Ok(Framework::Ircot),
+    }
+}
+
+/// Checks a Self-Ask demonstration's steps: after the `Question:` line, `Follow up:` /
+/// `Intermediate answer:` pairs and last a non-empty `So the final answer is:` line.
+fn self_ask_demonstration(lines: &[&str]) -> std::result::Result<(), String> {
+    let at = lines
+        .iter()
+        .rposition(|l| l.starts_with(SA_QUESTION))
+        .unwrap_or_default();
+    let steps: Vec<&str> = lines[at + 1..]
+        .iter()
+        .copied()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("Are follow up questions needed"))
+        .collect();
+    let Some((last, hops)) = steps.split_last() else {
+        return Err("Self-Ask demonstration has no steps after its `Question:` line".into());
+    };
+    match last.strip_prefix(SA_FINAL) {
+        Some(answer) if !answer.trim().is_empty() => {}
+        _ => {
+            return Err(format!(
+                "Self-Ask demonstration does not end with `{SA_FINAL} X` (its last line: {last:?})"
+            ))
+        }
+    }
+    if hops.is_empty() {
+        return Err("Self-Ask demonstration has no `Follow up:` line".into());
+    }
+    for pair in hops.chunks(2) {
+        let answered = pair.len() == 2
+            && pair[0].starts_with(SA_FOLLOW_UP)
+            && pair[1]
+                .strip_prefix(SA_INTERMEDIATE)
+                .is_some_and(|a| !a.trim().is_empty());
+        if !answered {
+            return Err(format!(
+                "Self-Ask demonstration: expected a `{SA_FOLLOW_UP} q` line followed by \
+                 `{SA_INTERMEDIATE} a`, found {pair:?}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -287,5 +379,60 @@ mod tests {
         let ok = TeacherPrompt::parse("# c\n[instruction]\nDo it.\n", "f").unwrap();
         assert!(ok.demonstrations.is_empty());
         assert_eq!(ok.prefix(), "Do it.\n\n");
+    }
+
+    /// The framework is told from the demonstrations; Self-Ask ones must be the whole format,
+    /// and a file holds one framework.
+    #[test]
+    fn self_ask_demonstrations_are_told_and_checked() {
+        let head = "[instruction]\nAsk.\n\n[demonstration]\n";
+        let ok =
+            "Wikipedia Title: T\nt\n\nQuestion: q?\nAre follow up questions needed here: Yes.\n\
+                  Follow up: a?\nIntermediate answer: b\nSo the final answer is: b\n";
+        let p = TeacherPrompt::parse(&format!("{head}{ok}"), "f").unwrap();
+        assert_eq!(p.framework, Some(Framework::SelfAsk));
+        assert!(p.check(Framework::SelfAsk).is_ok());
+        assert!(p.check(Framework::Ircot).is_err());
+        assert_eq!(
+            TeacherPrompt::default_fewshot().unwrap().framework,
+            Some(Framework::Ircot)
+        );
+        assert_eq!(
+            TeacherPrompt::parse("[instruction]\nx\n", "f")
+                .unwrap()
+                .framework,
+            None
+        );
+        for (bad, why) in [
+            (
+                "Question: q?\nFollow up: a?\nIntermediate answer: b\n",
+                "So the final answer",
+            ),
+            (
+                "Question: q?\nFollow up: a?\nSo the final answer is: b\n",
+                "followed by",
+            ),
+            (
+                "Question: q?\nSo the final answer is: b\n",
+                "no `Follow up:`",
+            ),
+            (
+                "Question: q?\nFollow up: a?\nIntermediate answer:\nSo the final answer is: b\n",
+                "followed by",
+            ),
+            (
+                "Question: q?\nFollow up: a?\nIntermediate answer: b\nSo the final answer is:\n",
+                "So the final answer",
+            ),
+        ] {
+            let e = TeacherPrompt::parse(&format!("{head}{bad}"), "f").unwrap_err();
+            assert!(
+                e.to_string().contains("f:4") && e.to_string().contains(why),
+                "{bad}: {e}"
+            );
+        }
+        let mixed = format!("{head}{ok}\n[demonstration]\nQ: q?\nA: So the answer is: b.\n");
+        let e = TeacherPrompt::parse(&mixed, "f").unwrap_err().to_string();
+        assert!(e.contains("one framework") && e.contains("line 4"), "{e}");
     }
 }
