@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Does int4 with per-block zero points (`steper-export --quantize int4 --zero-points`) keep a
+# trained student's HotpotQA accuracy where symmetric int4 loses it? One command, one run: the
+# student exported fp32, int4 (symmetric), int4 with zero points and int8; `steper-run eval` of
+# each on the first N questions of hotpotqa_dev500 (its own paragraph pool as the index), in the
+# same run on the same questions; `steper-run compare` of each against fp32 (paired intervals,
+# sign tests). Resumable: an export or evaluation whose output exists is skipped.
+# Needs a trained checkpoint: CKPT (default out/demo/student, made by scripts/demo.sh).
+# Knobs (env): OUT (out/quant-zero-points), BIN_DIR (prebuilt binaries, else a release build),
+# N (100), WORKERS (2), BLOCK (32).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/out/quant-zero-points}"
+CKPT="${CKPT:-$ROOT/out/demo/student}"
+N="${N:-100}"
+WORKERS="${WORKERS:-2}"
+BLOCK="${BLOCK:-32}"
+DATA="$ROOT/data"
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
+if [[ -n "${BIN_DIR:-}" ]]; then
+  BIN="$BIN_DIR"
+else
+  cargo build --release -q -p steper-export -p steper-runtime
+  BIN="$ROOT/target/release"
+fi
+[[ -f "$CKPT/config.json" ]] || { echo "missing $CKPT/config.json (see the header of $0)" >&2; exit 1; }
+mkdir -p "$OUT/eval"
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+INDEX="$OUT/index-hotpotqa_dev500"
+[[ -d "$INDEX" ]] || "$BIN/steper-run" index --from-qa "$DATA/hotpotqa_dev500.jsonl.gz" --out "$INDEX" >/dev/null
+
+FORMS="fp32 int4 int4-zp int8"
+for q in $FORMS; do
+  [[ -f "$OUT/student-$q/steper.json" ]] && continue
+  case "$q" in
+    fp32) args=() ;;
+    int4) args=(--quantize int4 --block-size "$BLOCK") ;;
+    int4-zp) args=(--quantize int4 --block-size "$BLOCK" --zero-points) ;;
+    int8) args=(--quantize int8 --block-size "$BLOCK") ;;
+  esac
+  log "export $q"
+  "$BIN/steper-export" --checkpoint "$CKPT" --out "$OUT/student-$q" "${args[@]}" >/dev/null
+done
+for q in $FORMS; do
+  res="$OUT/eval/$q.jsonl"
+  [[ -f "$res.summary.json" ]] && continue
+  log "eval $q"
+  "$BIN/steper-run" eval --model "$OUT/student-$q" --index "$INDEX" \
+    --data "$DATA/hotpotqa_dev500.jsonl.gz" --limit "$N" --workers "$WORKERS" --out "$res" >/dev/null
+done
+runs=()
+for q in $FORMS; do runs+=("$q=$OUT/eval/$q.jsonl"); done
+"$BIN/steper-run" compare --datasets hotpotqa "${runs[@]}" > "$OUT/compare.md"
+
+python3 - "$OUT" "$FORMS" <<'PY'
+import json, sys
+out, forms = sys.argv[1], sys.argv[2].split()
+rows = ["| export | questions | EM | F1 | Acc | forced | mean steps | new tokens / question | questions/s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+for q in forms:
+    s = json.load(open(f"{out}/eval/{q}.jsonl.summary.json"))
+    n = s["questions"]
+    rows.append(f"| {q} | {n} | {100 * s['em']:.1f} | {100 * s['f1']:.1f} | {100 * s['acc']:.1f} "
+                f"| {100 * s['forced_share']:.0f} % | {s['mean_steps']:.2f} | {s['new_tokens'] / n:.1f} "
+                f"| {s['questions_per_sec']:.3f} | {s['seconds']:.0f} |")
+text = "\n".join(rows) + "\n\nPaired comparison against fp32:\n\n" + open(f"{out}/compare.md").read()
+open(f"{out}/results.md", "w").write(text)
+print(text)
+PY
