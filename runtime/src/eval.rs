@@ -22,15 +22,21 @@ use crate::progress::Progress;
 use crate::reasoning::{Reasoning, StepTrace};
 
 /// One evaluated question (a line of `results.jsonl`).
+///
+/// Only the id and the scores are required when reading: a record whose question, golds, token
+/// counts, time or trace were left out (the compact per-question summaries an experiment commits)
+/// reads with those empty or zero, so `steper-run compare` works on it unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
     /// Question id.
     pub id: String,
     /// The question.
+    #[serde(default)]
     pub question: String,
     /// The predicted answer (empty on error).
     pub prediction: String,
     /// Gold answers.
+    #[serde(default)]
     pub golds: Vec<String>,
     /// Exact match.
     pub em: f64,
@@ -43,17 +49,22 @@ pub struct EvalRecord {
     /// Whether the answer came from forced aggregation.
     pub forced: bool,
     /// Tokens generated.
+    #[serde(default)]
     pub new_tokens: usize,
     /// Prompt tokens prefilled.
+    #[serde(default)]
     pub prefilled_tokens: usize,
     /// Prompt tokens reused from the previous step.
+    #[serde(default)]
     pub reused_tokens: usize,
     /// Wall time of the question in seconds.
+    #[serde(default)]
     pub seconds: f64,
     /// The error, when the loop failed on this question (scored 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Per-step trace.
+    #[serde(default)]
     pub trace: Vec<StepTrace>,
 }
 

@@ -211,6 +211,61 @@ fn known_differences_per_dataset_and_pooled() -> Result<()> {
     Ok(())
 }
 
+/// Writes `rows` as the compact per-question summaries an experiment commits: the id, the
+/// prediction and the scores, plus fields of its own (per-step confidence) that a reader ignores.
+fn write_compact(path: &Path, rows: &[EvalRecord]) -> Result<()> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    for r in rows {
+        let line = serde_json::json!({
+            "id": r.id, "prediction": r.prediction, "em": r.em, "f1": r.f1, "acc": r.acc,
+            "steps": r.steps, "forced": r.forced, "step_p": [0.5, 0.75],
+        });
+        serde_json::to_writer(&mut gz, &line)?;
+        gz.write_all(b"\n")?;
+    }
+    std::fs::write(path, gz.finish()?)?;
+    Ok(())
+}
+
+#[test]
+fn compact_records_compare_like_full_ones() -> Result<()> {
+    let f = fixture()?;
+    // The same file names (the datasets are named by them) in folders of their own.
+    let compact = |label: &str, files: &[PathBuf; 2]| -> Result<[PathBuf; 2]> {
+        let mut out = files.clone();
+        for (i, p) in files.iter().enumerate() {
+            let rows = steper_runtime::data::read_jsonl::<EvalRecord>(p, Default::default())?.rows;
+            let name = p.file_name().ok_or_else(|| anyhow!("no file name"))?;
+            let stem = name
+                .to_string_lossy()
+                .replace(".jsonl.gz", "")
+                .replace(".jsonl", "");
+            let dir = f._dir.path().join(format!("compact-{label}"));
+            std::fs::create_dir_all(&dir)?;
+            let q = dir.join(format!("{stem}.jsonl.gz"));
+            write_compact(&q, &rows)?;
+            out[i] = q;
+        }
+        Ok(out)
+    };
+    let opts = CompareOptions {
+        resamples: 500,
+        seed: 3,
+        ..CompareOptions::default()
+    };
+    let full = compare_files(
+        &RunFiles::parse_all(&[run_arg("base", &f.base), run_arg("better", &f.better)])?,
+        &opts,
+    )?;
+    let (base, better) = (compact("base", &f.base)?, compact("better", &f.better)?);
+    let small = compare_files(
+        &RunFiles::parse_all(&[run_arg("base", &base), run_arg("better", &better)])?,
+        &opts,
+    )?;
+    assert_eq!(small.comparisons, full.comparisons);
+    Ok(())
+}
+
 fn steper_run(args: &[&str]) -> Result<Output> {
     Ok(Command::new(env!("CARGO_BIN_EXE_steper-run"))
         .args(args)
