@@ -326,38 +326,16 @@ pub fn quantize(
             message: format!("expected {rows}×{cols} values, got {}", w.len()),
         });
     }
-    let (q_min, q_max) = (bits.q_min() as f32, bits.q_max() as f32);
     let mut codes = Vec::with_capacity(w.len());
     let mut scales = Vec::with_capacity(w.len() / block_size);
     let mut zps = Vec::with_capacity(if zero_points { w.len() / block_size } else { 0 });
     for block in w.chunks_exact(block_size) {
-        let (scale, z) = if zero_points {
-            let lo = block.iter().copied().fold(0f32, f32::min);
-            let hi = block.iter().copied().fold(0f32, f32::max);
-            let scale = half::f16::from_f32((hi - lo) / (q_max - q_min)).to_f32();
-            let z = if scale == 0.0 || !scale.is_finite() {
-                0.0
-            } else {
-                (-lo / scale).round().clamp(0.0, q_max - q_min) + q_min
-            };
-            zps.push(z as i8);
-            (scale, z)
-        } else {
-            let m = block
-                .iter()
-                .copied()
-                .fold(0f32, |a, x| if x.abs() > a.abs() { x } else { a });
-            (half::f16::from_f32(m / q_min).to_f32(), 0.0)
-        };
-        scales.push(scale);
-        for &x in block {
-            let q = if scale == 0.0 || !scale.is_finite() {
-                z
-            } else {
-                ((x / scale).round() + z).clamp(q_min, q_max)
-            };
-            codes.push(q as i8);
+        let p = BlockParams::of(block, bits, zero_points);
+        scales.push(p.scale);
+        if zero_points {
+            zps.push(p.zero as i8);
         }
+        codes.extend(block.iter().map(|&x| p.code(x)));
     }
     Ok(BlockQuantized {
         rows,
@@ -368,6 +346,64 @@ pub fn quantize(
         scales,
         zero_points: zero_points.then_some(zps),
     })
+}
+
+/// The scale and zero point of one block (module doc), and the code of a value under them —
+/// shared by round-to-nearest ([`quantize`]) and GPTQ ([`gptq`]), so both store exactly the same
+/// format.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct BlockParams {
+    /// f16-exact scale (0 for an all-zero block).
+    pub scale: f32,
+    /// Signed zero point as a float code (0 when symmetric).
+    pub zero: f32,
+    q_min: f32,
+    q_max: f32,
+}
+
+impl BlockParams {
+    /// The parameters of `block` (symmetric, or asymmetric with `zero_points`).
+    pub fn of(block: &[f32], bits: QuantBits, zero_points: bool) -> Self {
+        let (q_min, q_max) = (bits.q_min() as f32, bits.q_max() as f32);
+        let (scale, zero) = if zero_points {
+            let lo = block.iter().copied().fold(0f32, f32::min);
+            let hi = block.iter().copied().fold(0f32, f32::max);
+            let scale = half::f16::from_f32((hi - lo) / (q_max - q_min)).to_f32();
+            let z = if scale == 0.0 || !scale.is_finite() {
+                0.0
+            } else {
+                (-lo / scale).round().clamp(0.0, q_max - q_min) + q_min
+            };
+            (scale, z)
+        } else {
+            let m = block
+                .iter()
+                .copied()
+                .fold(0f32, |a, x| if x.abs() > a.abs() { x } else { a });
+            (half::f16::from_f32(m / q_min).to_f32(), 0.0)
+        };
+        BlockParams {
+            scale,
+            zero,
+            q_min,
+            q_max,
+        }
+    }
+
+    /// The code of `x`: `clamp(round(x / scale) + z)`.
+    pub fn code(&self, x: f32) -> i8 {
+        let q = if self.scale == 0.0 || !self.scale.is_finite() {
+            self.zero
+        } else {
+            ((x / self.scale).round() + self.zero).clamp(self.q_min, self.q_max)
+        };
+        q as i8
+    }
+
+    /// The value code `q` stands for: `(q - z) · scale`.
+    pub fn value(&self, q: i8) -> f32 {
+        (q as f32 - self.zero) * self.scale
+    }
 }
 
 impl BlockQuantized {
@@ -527,6 +563,8 @@ pub fn dequantized_checkpoint(
     }
     Ok((cfg, Weights::from_map(map)))
 }
+
+pub mod gptq;
 
 #[cfg(test)]
 mod tests;
