@@ -195,6 +195,9 @@ pub struct Collector {
     /// Per-channel max |x| over the last dimension, for the names asked for (the inputs of the
     /// linear layers, which SmoothQuant-style smoothing needs); `None` for the others.
     pub channels: Vec<Option<Vec<f32>>>,
+    /// `Σ x xᵀ` over the last dimension, for the names asked for by [`Self::with_hessians`]
+    /// (GPTQ's Hessians); `None` for the others.
+    pub hessians: Vec<Option<crate::hessian::HessianSum>>,
 }
 
 impl Collector {
@@ -223,13 +226,29 @@ impl Collector {
             .iter()
             .map(|n| per_channel.contains(n).then(Vec::new))
             .collect();
+        let hessians = names.iter().map(|_| None).collect();
         Ok(Collector {
             session,
             manifest: manifest.clone(),
             names,
             stats,
             channels,
+            hessians,
         })
+    }
+
+    /// Also sums `Σ x xᵀ` (over the last dimension) of the collected tensors in `inputs`.
+    pub fn with_hessians(mut self, inputs: &[String]) -> Self {
+        self.hessians = self
+            .names
+            .iter()
+            .map(|n| {
+                inputs
+                    .contains(n)
+                    .then(|| crate::hessian::HessianSum::new(0))
+            })
+            .collect();
+        self
     }
 
     /// The collected tensor names.
@@ -264,11 +283,12 @@ impl Collector {
             feed.push((Cow::Owned(name.clone()), empty.into()));
         }
         let out = self.session.run(feed).map_err(ort_err)?;
-        for ((name, st), ch) in self
+        for (((name, st), ch), hs) in self
             .names
             .iter()
             .zip(self.stats.iter_mut())
             .zip(self.channels.iter_mut())
+            .zip(self.hessians.iter_mut())
         {
             let v = out
                 .get(name)
@@ -280,6 +300,19 @@ impl Collector {
             if let Some(ch) = ch {
                 let k = shape.last().copied().unwrap_or(0).max(0) as usize;
                 channel_max(ch, data, k).map_err(|m| Error::Stats(format!("`{name}`: {m}")))?;
+            }
+            if let Some(hs) = hs {
+                let k = shape.last().copied().unwrap_or(0).max(0) as usize;
+                if hs.channels() == 0 {
+                    *hs = crate::hessian::HessianSum::new(k);
+                } else if hs.channels() != k {
+                    return Err(Error::Stats(format!(
+                        "`{name}`: {k} channels, earlier prompts had {}",
+                        hs.channels()
+                    )));
+                }
+                hs.add(data)
+                    .map_err(|m| Error::Stats(format!("`{name}`: {m}")))?;
             }
         }
         Ok(())

@@ -8,6 +8,8 @@
 //! - [`collect`]: calibration prompts (balanced step-wise records) and collection on ONNX
 //!   Runtime's CPU provider.
 //! - [`tables`]: TensorRT's native cache and ONNX Runtime's TensorRT flatbuffers table.
+//! - [`hessian`]: GPTQ's calibration Hessians (`Σ x xᵀ` of every linear layer's input) for
+//!   `steper-export --quantize int4 --calibration DIR`.
 //! - [`smooth`]: SmoothQuant-style migration of activation outliers into the weights.
 //! - [`report`]: int8-vs-fp32 agreement (top-1, KL) and decode speed.
 //! - [`pipeline::calibrate`]: all of it, writing the output directory.
@@ -16,6 +18,7 @@
 pub mod collect;
 pub mod genai;
 pub mod graph;
+pub mod hessian;
 pub mod hist;
 pub mod pipeline;
 pub mod report;

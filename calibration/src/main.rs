@@ -78,6 +78,11 @@ struct Args {
     /// `down_proj` or `layers.11.mlp.down_proj`).
     #[arg(long, value_delimiter = ',')]
     keep_float: Vec<String>,
+    /// Also sum GPTQ's Hessians (Σ x xᵀ of every linear layer's input) over the calibration
+    /// prompts and write them as hessians.safetensors, for `steper-export --quantize int4
+    /// --calibration OUT` on the checkpoint this fp32 export was made from.
+    #[arg(long)]
+    hessians: bool,
     /// Output directory (created; must not be the --model directory).
     #[arg(long)]
     out: PathBuf,
@@ -106,6 +111,7 @@ fn main() -> anyhow::Result<()> {
     o.ranges = a.ranges.clone();
     o.smooth_alpha = a.smooth_alpha;
     o.keep_float = a.keep_float.clone();
+    o.hessians = a.hessians;
     let mut bar: Option<ProgressBar> = None;
     let mut progress = |p: Progress| match p {
         Progress::Phase { name, total } => {

@@ -15,6 +15,7 @@ use steper_runtime::{BackendKind, OrtOptions};
 
 use crate::collect::{split_prompts, Collector, Prompt};
 use crate::graph::{self, QdqOptions, QdqSummary, Target};
+use crate::hessian::HessianSum;
 use crate::hist::{Method, DEFAULT_BINS, DEFAULT_PERCENTILE};
 use crate::report::{self, Agreement, Speed};
 use crate::smooth::{self, SmoothOptions, SmoothSummary};
@@ -38,6 +39,8 @@ pub mod files {
     pub const REPORT_JSON: &str = "report.json";
     /// Readable report.
     pub const REPORT_MD: &str = "report.md";
+    /// With `--hessians`: GPTQ's Hessians, keyed by HF weight name.
+    pub const HESSIANS: &str = steper_export::quant::hessians::HESSIANS_FILE;
 }
 
 /// Where calibration prompts come from.
@@ -139,6 +142,10 @@ pub struct CalibrateOptions {
     /// (e.g. `down_proj`, `layers.11.mlp`) is not quantized. A pattern matching no layer is an
     /// error.
     pub keep_float: Vec<String>,
+    /// Also sum GPTQ's Hessians (`Σ x xᵀ` of every linear layer's input) during collection and
+    /// write them as [`files::HESSIANS`] (see [`crate::hessian`]); needs the collection pass (not
+    /// [`Self::ranges`]).
+    pub hessians: bool,
 }
 
 impl CalibrateOptions {
@@ -164,6 +171,7 @@ impl CalibrateOptions {
             ranges: None,
             smooth_alpha: None,
             keep_float: Vec::new(),
+            hessians: false,
         }
     }
 }
@@ -319,18 +327,20 @@ fn load_records(
 }
 
 /// Prefills the calibration prompts through the augmented graph (written into `scratch`, then
-/// removed) and returns every tensor's statistics as ranges (`amax` set by the caller).
+/// removed) and returns every tensor's statistics as ranges (`amax` set by the caller), and the
+/// Hessian sums of the tensors of `hessian_inputs`.
 #[allow(clippy::too_many_arguments)]
 fn collect_ranges(
     model: &tract_onnx::pb::ModelProto,
     tensors: &[String],
     per_channel: &[String],
+    hessian_inputs: &[String],
     manifest: &steper_runtime::Manifest,
     calib: &[Prompt],
     opts: &CalibrateOptions,
     scratch: &Path,
     progress: &mut dyn FnMut(Progress),
-) -> Result<Vec<TensorRange>> {
+) -> Result<(Vec<TensorRange>, HashMap<String, HessianSum>)> {
     let aug = graph::augment(model, tensors);
     let aug_path = scratch.join("augmented.onnx");
     steper_export::write_model(aug, &aug_path, steper_export::ExternalData::Auto)?;
@@ -341,7 +351,8 @@ fn collect_ranges(
         per_channel,
         opts.bins,
         opts.threads,
-    )?;
+    )?
+    .with_hessians(hessian_inputs);
     progress(Progress::Phase {
         name: "collecting ranges",
         total: calib.len(),
@@ -352,7 +363,12 @@ fn collect_ranges(
     }
     let _ = std::fs::remove_file(&aug_path);
     let channels = std::mem::take(&mut collector.channels);
-    Ok(tensors
+    let sums: HashMap<String, HessianSum> = tensors
+        .iter()
+        .zip(std::mem::take(&mut collector.hessians))
+        .filter_map(|(n, h)| h.map(|h| (n.clone(), h)))
+        .collect();
+    let ranges = tensors
         .iter()
         .zip(&collector.stats)
         .zip(channels)
@@ -369,7 +385,8 @@ fn collect_ranges(
             nonfinite: s.nonfinite,
             channel_amax,
         })
-        .collect())
+        .collect();
+    Ok((ranges, sums))
 }
 
 /// Reads the per-method ranges of an earlier run's `calibration.json`; every tensor of
@@ -445,6 +462,14 @@ pub fn calibrate(
             got: opts.out.display().to_string(),
         });
     }
+    if let (true, Some(r)) = (opts.hessians, &opts.ranges) {
+        return Err(Error::Option {
+            option: "--hessians",
+            expected: "a collection pass (the Hessians are summed over the prompts): drop --ranges"
+                .into(),
+            got: format!("--ranges {}", r.display()),
+        });
+    }
     let staging = steper_fsutil::StagingDir::new(&opts.out, steper_fsutil::Existing::Merge)?;
 
     let records = load_records(&opts.data, opts, progress)?;
@@ -479,12 +504,14 @@ pub fn calibrate(
     }
 
     let t_collect = Instant::now();
-    let mut ranges = match &opts.ranges {
-        Some(path) => load_ranges(path, &tensors)?,
+    let hessian_inputs: &[String] = if opts.hessians { &per_channel } else { &[] };
+    let (mut ranges, sums) = match &opts.ranges {
+        Some(path) => (load_ranges(path, &tensors)?, HashMap::new()),
         None => collect_ranges(
             &model,
             &tensors,
             &per_channel,
+            hessian_inputs,
             &manifest,
             &calib,
             opts,
@@ -492,6 +519,11 @@ pub fn calibrate(
             progress,
         )?,
     };
+    if opts.hessians {
+        let tokens: usize = calib.iter().map(|p| p.ids.len()).sum();
+        let h = crate::hessian::hessians(&model, &targets, &sums, tokens as u64, &mpath)?;
+        write_atomic(&staging.path().join(files::HESSIANS), &h.to_bytes()?)?;
+    }
     let collect_seconds = t_collect.elapsed().as_secs_f64();
     for r in ranges.iter_mut() {
         r.amax = match opts.method {

@@ -51,6 +51,23 @@ pub enum Error {
         /// The block size asked for.
         block_size: usize,
     },
+    /// A calibration directory (`--calibration`) that cannot be used: unreadable, not written
+    /// by `steper-calibrate --hessians`, or made for another model.
+    #[error("calibration directory {dir}: {message}")]
+    Calibration {
+        /// The directory (or the file in it).
+        dir: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A weight to quantize with GPTQ has no Hessian in the calibration directory.
+    #[error("calibration directory {dir}: no Hessian for weight `{weight}` (calibrated with another model or an older steper-calibrate?)")]
+    MissingHessian {
+        /// The directory.
+        dir: PathBuf,
+        /// HF name of the weight.
+        weight: String,
+    },
     /// The model cannot be expressed by this exporter.
     #[error("unsupported model: {0}")]
     Unsupported(String),

@@ -75,6 +75,13 @@ pub trait WeightSource {
     /// The tensor `name` (HF naming) as f32 values and shape; `transpose` asks for a 2-D tensor
     /// transposed (`[out, in]` → `[in, out]`, MatMul's right-hand layout).
     fn tensor(&self, name: &str, transpose: bool) -> Result<(Vec<f32>, Vec<usize>)>;
+
+    /// The weight `name` already quantized (e.g. by GPTQ, see
+    /// [`crate::quant::PreQuantized`]); `None`: [`crate::quant::quantize_weight`] rounds it to
+    /// nearest.
+    fn prequantized(&self, _name: &str) -> Option<crate::quant::BlockQuantized> {
+        None
+    }
 }
 
 impl WeightSource for steper_models::Weights {

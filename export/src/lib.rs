@@ -180,15 +180,74 @@ pub struct ExportReport {
 /// Exports the checkpoint `checkpoint` into the directory `out` (created if needed; files in it
 /// are replaced one by one, each atomically).
 pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+    export_with_calibration(checkpoint, out, opts, None)
+}
+
+/// [`export`], with the quantized weights chosen by GPTQ ([`quant::gptq`]) from the Hessians of
+/// the calibration directory `calibration` (`steper-calibrate --hessians` on this checkpoint's
+/// fp32 export) when given. A calibration needs `opts.quantize`; a directory made for another
+/// model ([`Error::Calibration`]) or lacking a quantized weight's Hessian
+/// ([`Error::MissingHessian`]) is refused before anything is written.
+pub fn export_with_calibration(
+    checkpoint: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+    calibration: Option<&Path>,
+) -> Result<ExportReport> {
+    if let (Some(dir), None) = (calibration, &opts.quantize) {
+        return Err(Error::Option {
+            option: "--calibration",
+            expected: "--quantize int4|int8 beside it (the calibration Hessians drive GPTQ)".into(),
+            got: dir.display().to_string(),
+        });
+    }
     let ck = steper_models::Checkpoint::load(
         checkpoint,
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )?;
     let cfg = &ck.config;
+    let gptq_opts = quant::gptq::GptqOptions::default();
+    let hessians = match (calibration, &opts.quantize) {
+        (Some(dir), Some(q)) => {
+            q.check()?;
+            let needed = quant::quantized_weights(cfg, q);
+            Some(quant::hessians::Hessians::load_for(
+                dir,
+                cfg,
+                &ck.weights,
+                &needed,
+            )?)
+        }
+        _ => None,
+    };
+    // GPTQ codes are computed once, before the graph reads them.
+    let prequantized = match (&hessians, &opts.quantize) {
+        (Some(h), Some(q)) => Some(quant::quantize_all(
+            cfg,
+            &ck.weights,
+            q,
+            &quant::Quantizer::Gptq {
+                hessians: h,
+                opts: gptq_opts,
+            },
+        )?),
+        _ => None,
+    };
+    let pre;
+    let source: &dyn graph::WeightSource = match &prequantized {
+        Some(map) => {
+            pre = quant::PreQuantized {
+                weights: &ck.weights,
+                quantized: map,
+            };
+            &pre
+        }
+        None => &ck.weights,
+    };
     let model = graph::build_decoder(
         cfg,
-        &ck.weights,
+        source,
         graph::GraphOptions {
             dtype: opts.dtype.elem(),
             opset: opts.opset,
@@ -196,9 +255,14 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
             attention: opts.attention,
         },
     )?;
-    let quantization = opts
-        .quantize
-        .map(|q| q.record(quant::quantized_weights(cfg, &q).len()));
+    let quantization = opts.quantize.map(|q| {
+        let mut r = q.record(quant::quantized_weights(cfg, &q).len());
+        if hessians.is_some() {
+            r.method = Some("gptq".into());
+            r.damp = Some(gptq_opts.damp);
+        }
+        r
+    });
     // Everything is written into a staging directory beside `out` and swapped in whole, so a
     // run killed half-way leaves the previous export intact (files of `out` the export does not
     // write, e.g. engine caches, are carried over; a stale external-data file is not).

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use steper_export::{
-    export, verify, ExportDtype, ExportOptions, ExternalData, QuantBits, QuantOptions, QuantTarget,
+    export_with_calibration, verify, ExportDtype, ExportOptions, ExternalData, QuantBits,
+    QuantOptions, QuantTarget,
 };
 
 /// Export a STEPER checkpoint to ONNX with a KV cache.
@@ -25,8 +26,8 @@ struct Args {
     /// ONNX opset (17 or 18; 21 with --target portable, the default there; 17 otherwise).
     #[arg(long)]
     opset: Option<i64>,
-    /// Quantize the linear layers' weights: int4 or int8 (block-wise, round-to-nearest,
-    /// symmetric unless --zero-points; activations stay --dtype).
+    /// Quantize the linear layers' weights: int4 or int8 (block-wise, round-to-nearest or GPTQ
+    /// with --calibration, symmetric unless --zero-points; activations stay --dtype).
     #[arg(long)]
     quantize: Option<String>,
     /// Weights per quantization block along the input dimension (one scale each); must divide
@@ -46,6 +47,11 @@ struct Args {
     /// ±max. Needs --quantize.
     #[arg(long)]
     zero_points: bool,
+    /// Quantize with GPTQ instead of round-to-nearest, using the Hessians that `steper-calibrate
+    /// --hessians` wrote into this directory for this checkpoint's fp32 export (refused when made
+    /// for another model). Needs --quantize; --verify recomputes the same codes from it.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
     /// Attention form: standard (standard ONNX operators; every backend, left-padded batches)
     /// or gqa (ONNX Runtime's com.microsoft GroupQueryAttention: one fused kernel appends the
     /// KV cache and attends; ONNX Runtime only, fp32 activations, batch-1 decoding).
@@ -119,6 +125,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
                 (a.target.is_some(), "--target"),
                 (a.quantize_lm_head.is_some(), "--quantize-lm-head"),
                 (a.zero_points, "--zero-points"),
+                (a.calibration.is_some(), "--calibration"),
             ] {
                 if set {
                     anyhow::bail!("option `{name}` needs --quantize int4|int8");
@@ -151,7 +158,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         framework: a.framework,
     };
-    let report = export(&a.checkpoint, &a.out, &opts)
+    let report = export_with_calibration(&a.checkpoint, &a.out, &opts, a.calibration.as_deref())
         .with_context(|| format!("exporting {}", a.checkpoint.display()))?;
     if a.json && !a.verify {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -169,6 +176,9 @@ fn run(a: Args) -> anyhow::Result<bool> {
             report.opset,
             report.ir_version
         );
+        if let Some(dir) = &a.calibration {
+            eprintln!("GPTQ with the Hessians of {}", dir.display());
+        }
     }
     if !a.verify {
         return Ok(true);
@@ -189,6 +199,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
         prompt: a.verify_prompt.clone(),
         tract: !a.no_tract && defaults.tract,
         device: a.verify_device,
+        calibration: a.calibration.clone(),
         ..defaults
     };
     let v = verify::verify(&a.checkpoint, &a.out, &vopts).context("verifying the export")?;

@@ -86,6 +86,9 @@ pub struct VerifyOptions {
     pub tolerance: Tolerance,
     /// The device the candle reference runs on (in f32).
     pub device: DeviceChoice,
+    /// The calibration directory a GPTQ export (`quantization.method: gptq`) was made with: its
+    /// reference recomputes the same GPTQ codes from the same Hessians (deterministic).
+    pub calibration: Option<std::path::PathBuf>,
 }
 
 impl VerifyOptions {
@@ -101,6 +104,7 @@ impl VerifyOptions {
                 ExportDtype::Fp16 => FP16_APPROX,
             },
             device: DeviceChoice::Cpu,
+            calibration: None,
         }
     }
 
@@ -367,7 +371,40 @@ pub fn verify(checkpoint: &Path, out: &Path, opts: &VerifyOptions) -> Result<Ver
     let float_model = steper_models::Llama::new(&ck.config, &ck.weights.to_device(&device)?)?;
     let model = match &quant {
         Some(q) => {
-            let (cfg, w) = crate::quant::dequantized_checkpoint(&ck.config, &ck.weights, q)?;
+            let record = manifest.quantization.as_ref();
+            let gptq = record.and_then(|r| r.method.as_deref()) == Some("gptq");
+            let hessians = match (gptq, &opts.calibration) {
+                (true, Some(dir)) => Some(crate::quant::hessians::Hessians::load_for(
+                    dir,
+                    &ck.config,
+                    &ck.weights,
+                    &crate::quant::quantized_weights(&ck.config, q),
+                )?),
+                (true, None) => {
+                    return Err(Error::Option {
+                        option: "--calibration",
+                        expected: "the calibration directory the GPTQ export was made with \
+                                   (its reference needs the same Hessians)"
+                            .into(),
+                        got: "nothing".into(),
+                    })
+                }
+                (false, _) => None,
+            };
+            let quantizer = match &hessians {
+                Some(h) => crate::quant::Quantizer::Gptq {
+                    hessians: h,
+                    opts: crate::quant::gptq::GptqOptions {
+                        damp: record
+                            .and_then(|r| r.damp)
+                            .unwrap_or(crate::quant::gptq::GptqOptions::default().damp),
+                        ..Default::default()
+                    },
+                },
+                None => crate::quant::Quantizer::RoundToNearest,
+            };
+            let (cfg, w) =
+                crate::quant::dequantized_checkpoint_with(&ck.config, &ck.weights, q, &quantizer)?;
             steper_models::Llama::new(&cfg, &w.to_device(&device)?)?
         }
         None => steper_models::Llama::new(&ck.config, &ck.weights.to_device(&device)?)?,

@@ -190,6 +190,13 @@ pub struct WeightQuantization {
     pub zero_points: bool,
     /// Number of linear layers quantized.
     pub layers: usize,
+    /// How the codes were chosen: `gptq` (second-order error compensation with calibration
+    /// Hessians); absent: round-to-nearest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// GPTQ's damping, relative to the mean of the Hessian's diagonal (with `method: gptq`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damp: Option<f64>,
 }
 
 impl Manifest {

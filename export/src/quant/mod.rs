@@ -248,6 +248,8 @@ impl QuantOptions {
             lm_head: self.lm_head,
             zero_points: self.zero_points,
             layers,
+            method: None,
+            damp: None,
         }
     }
 }
@@ -515,11 +517,49 @@ impl BlockQuantized {
     }
 }
 
-/// Reads and quantizes the weight `name` (`[out, in]`) of `w`.
+/// Reads and quantizes the weight `name` (`[out, in]`) of `w` (round-to-nearest), or returns
+/// the codes `w` already holds for it ([`WeightSource::prequantized`]).
 pub fn quantize_weight(
     w: &dyn WeightSource,
     name: &str,
     q: &QuantOptions,
+) -> Result<BlockQuantized> {
+    if let Some(bq) = w.prequantized(name) {
+        return Ok(bq);
+    }
+    quantize_weight_with(w, name, q, &Quantizer::RoundToNearest)
+}
+
+/// How the weights are quantized.
+#[derive(Debug, Clone, Copy)]
+pub enum Quantizer<'a> {
+    /// Every weight on its own ([`quantize`]).
+    RoundToNearest,
+    /// GPTQ ([`gptq::quantize_gptq`]) with the calibration Hessians of the weights' inputs.
+    Gptq {
+        /// The Hessians (one per quantized weight).
+        hessians: &'a hessians::Hessians,
+        /// Damping and batch.
+        opts: gptq::GptqOptions,
+    },
+}
+
+impl Quantizer<'_> {
+    /// `rtn` or `gptq` (the manifest's `quantization.method`).
+    pub fn method(&self) -> &'static str {
+        match self {
+            Quantizer::RoundToNearest => "rtn",
+            Quantizer::Gptq { .. } => "gptq",
+        }
+    }
+}
+
+/// Reads the weight `name` (`[out, in]`) of `w` and quantizes it with `quantizer`.
+pub fn quantize_weight_with(
+    w: &dyn WeightSource,
+    name: &str,
+    q: &QuantOptions,
+    quantizer: &Quantizer<'_>,
 ) -> Result<BlockQuantized> {
     let (data, shape) = w.tensor(name, false)?;
     let [rows, cols] = shape[..] else {
@@ -528,7 +568,71 @@ pub fn quantize_weight(
             message: format!("expected a 2-D weight, got shape {shape:?}"),
         });
     };
-    quantize(name, &data, rows, cols, q.bits, q.block_size, q.zero_points)
+    match quantizer {
+        Quantizer::RoundToNearest => {
+            quantize(name, &data, rows, cols, q.bits, q.block_size, q.zero_points)
+        }
+        Quantizer::Gptq { hessians, opts } => {
+            let (k, h) = hessians.get(name).ok_or_else(|| Error::Tensor {
+                name: name.into(),
+                message: "no calibration Hessian for this weight".into(),
+            })?;
+            if k != cols {
+                return Err(Error::Tensor {
+                    name: name.into(),
+                    message: format!(
+                        "the calibration Hessian is {k}×{k}, the weight has {cols} inputs"
+                    ),
+                });
+            }
+            gptq::quantize_gptq(
+                name,
+                &data,
+                rows,
+                cols,
+                h,
+                q.bits,
+                q.block_size,
+                q.zero_points,
+                opts,
+            )
+        }
+    }
+}
+
+/// Every weight `q` quantizes ([`quantized_weights`]), quantized once with `quantizer`.
+pub fn quantize_all(
+    cfg: &LlamaConfig,
+    w: &dyn WeightSource,
+    q: &QuantOptions,
+    quantizer: &Quantizer<'_>,
+) -> Result<BTreeMap<String, BlockQuantized>> {
+    quantized_weights(cfg, q)
+        .into_iter()
+        .map(|name| {
+            let bq = quantize_weight_with(w, &name, q, quantizer)?;
+            Ok((name, bq))
+        })
+        .collect()
+}
+
+/// Weights whose quantized codes are already computed (by [`quantize_all`]): the graph builder
+/// and [`dequantized_checkpoint_from`] read the very same codes from it.
+pub struct PreQuantized<'a> {
+    /// The float weights.
+    pub weights: &'a dyn WeightSource,
+    /// The quantized ones, by HF name.
+    pub quantized: &'a BTreeMap<String, BlockQuantized>,
+}
+
+impl WeightSource for PreQuantized<'_> {
+    fn tensor(&self, name: &str, transpose: bool) -> Result<(Vec<f32>, Vec<usize>)> {
+        self.weights.tensor(name, transpose)
+    }
+
+    fn prequantized(&self, name: &str) -> Option<BlockQuantized> {
+        self.quantized.get(name).cloned()
+    }
 }
 
 /// The reference of a quantized export: the checkpoint's config and weights with every weight
@@ -540,12 +644,37 @@ pub fn dequantized_checkpoint(
     weights: &Weights,
     q: &QuantOptions,
 ) -> Result<(LlamaConfig, Weights)> {
+    dequantized_checkpoint_with(cfg, weights, q, &Quantizer::RoundToNearest)
+}
+
+/// [`dequantized_checkpoint`] of weights quantized by `quantizer`.
+pub fn dequantized_checkpoint_with(
+    cfg: &LlamaConfig,
+    weights: &Weights,
+    q: &QuantOptions,
+    quantizer: &Quantizer<'_>,
+) -> Result<(LlamaConfig, Weights)> {
+    let quantized = quantize_all(cfg, weights, q, quantizer)?;
+    dequantized_checkpoint_from(cfg, weights, q, &quantized)
+}
+
+/// [`dequantized_checkpoint`] of the codes `quantized` ([`quantize_all`]'s result; every weight
+/// `q` quantizes must be there).
+pub fn dequantized_checkpoint_from(
+    cfg: &LlamaConfig,
+    weights: &Weights,
+    q: &QuantOptions,
+    quantized: &BTreeMap<String, BlockQuantized>,
+) -> Result<(LlamaConfig, Weights)> {
     let mut cfg = cfg.clone();
     let mut map: BTreeMap<String, Tensor> = weights.tensors().clone();
     let names = quantized_weights(&cfg, q);
     let tied_head = q.lm_head && cfg.tie_word_embeddings;
     for name in &names {
-        let bq = quantize_weight(weights, name, q)?;
+        let bq = quantized.get(name).ok_or_else(|| Error::Tensor {
+            name: name.clone(),
+            message: "not among the quantized weights".into(),
+        })?;
         let t = Tensor::from_vec(bq.dequantize(), (bq.rows, bq.cols), &Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| Error::Tensor {
@@ -565,6 +694,7 @@ pub fn dequantized_checkpoint(
 }
 
 pub mod gptq;
+pub mod hessians;
 
 #[cfg(test)]
 mod tests;
