@@ -1,6 +1,8 @@
 //! Kill-anywhere crash safety of `steper-export`: an output folder holds a good fp32 export (and
 //! a file of the user's); an int8 export with external data into the same folder is SIGKILLed
-//! at seeded random instants (at least [`MIN_KILLS`] that land while it runs) and started
+//! at seeded random instants (at least
+//! [`MIN_KILLS`](steper_test_support::kill::MIN_KILLS) that land while it runs, in a
+//! [`Campaign`]) and started
 //! again until it completes. After every kill the folder must hold exactly the previous export
 //! or exactly the new one, byte for byte — never a mix (a new graph beside old external data,
 //! a manifest of one beside the weights of the other) — and the user's file is kept.
@@ -13,16 +15,8 @@ use std::process::Command;
 use anyhow::{ensure, Result};
 use common::*;
 use serde_json::json;
-use steper_test_support::kill::{
-    kill_and_resume, run_to_completion, temporaries, tree, tree_diff, KillDelays,
-};
+use steper_test_support::kill::{copy_dir, run_to_completion, tree, tree_diff, Campaign};
 
-/// Kills that must land while the exporter runs.
-const MIN_KILLS: usize = 20;
-/// Kills per kill-and-resume run.
-const KILLS_PER_RUN: usize = 5;
-/// Runs before giving up on reaching [`MIN_KILLS`].
-const MAX_RUNS: usize = 40;
 /// A file of the user's in the export folder, which every export keeps.
 const USER_FILE: &str = "notes.txt";
 
@@ -69,53 +63,38 @@ fn an_export_killed_anywhere_leaves_the_previous_or_the_new_export_whole() -> Re
     );
 
     // Up to 1.2× the reference time, so that some kills land after the new export is in place.
-    let mut delays = KillDelays::new(0x00E4_9047, t_ref.mul_f64(1.2));
-    let (mut kills, mut runs) = (Vec::new(), 0);
     let (mut saw_old, mut saw_new) = (0usize, 0usize);
-    while kills.len() < MIN_KILLS {
-        ensure!(
-            runs < MAX_RUNS,
-            "only {} kills landed in {runs} runs",
-            kills.len()
-        );
-        runs += 1;
-        let out = tmp.path().join(format!("run-{runs}"));
-        let o = Command::new("cp")
-            .arg("-r")
-            .arg(&old_ref)
-            .arg(&out)
-            .status()?;
-        ensure!(o.success(), "copying the previous export");
-        let run = kill_and_resume(
-            || export_cmd(&ck, &out, NEW),
-            &mut delays,
-            KILLS_PER_RUN,
-            |_| {
-                let now = tree(&out)?;
-                if now == old {
-                    saw_old += 1;
-                } else {
-                    ensure!(
-                        now == new,
-                        "a mixed export is in place: {:?}",
-                        tree_diff(&now, &new)
-                    );
-                    saw_new += 1;
-                }
-                Ok(())
-            },
-        )?;
-        kills.extend(run.killed_at_ms);
-        let done = tree(&out)?;
-        ensure!(done == new, "run {runs}: {:?}", tree_diff(&done, &new));
-        let left = temporaries(&out)?;
-        ensure!(left.is_empty(), "run {runs}: temporaries left: {left:?}");
-    }
+    let report = Campaign::new(0x00E4_9047, t_ref.mul_f64(1.2)).run(
+        tmp.path(),
+        |_, out| copy_dir(&old_ref, out),
+        |out| export_cmd(&ck, out, NEW),
+        |_, out| {
+            let now = tree(out)?;
+            if now == old {
+                saw_old += 1;
+            } else {
+                ensure!(
+                    now == new,
+                    "a mixed export is in place: {:?}",
+                    tree_diff(&now, &new)
+                );
+                saw_new += 1;
+            }
+            Ok(())
+        },
+        |_, out| {
+            let done = tree(out)?;
+            ensure!(done == new, "{:?}", tree_diff(&done, &new));
+            Ok(())
+        },
+    )?;
     println!(
         "{}",
-        json!({"tool": "steper-export", "reference_ms": t_ref.as_millis() as u64,
-               "runs": runs, "kills": kills.len(), "killed_at_ms": kills,
-               "previous_in_place_after_kill": saw_old, "new_in_place_after_kill": saw_new})
+        report.summary(
+            "steper-export",
+            t_ref,
+            json!({"previous_in_place_after_kill": saw_old, "new_in_place_after_kill": saw_new})
+        )
     );
     Ok(())
 }

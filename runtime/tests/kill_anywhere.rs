@@ -1,6 +1,7 @@
 //! Kill-anywhere crash safety of `steper-run index`: the indexer runs as a child process over
-//! a real train pool, is SIGKILLed at seeded random instants (at least [`MIN_KILLS`] that land
-//! while it runs) and started again until it completes. After every kill the output folder is
+//! a real train pool, is SIGKILLed at seeded random instants (at least
+//! [`MIN_KILLS`](steper_test_support::kill::MIN_KILLS) that land while it runs, in a
+//! [`Campaign`]) and started again until it completes. After every kill the output folder is
 //! either the index that was there before (absent on a first build, or an older index being
 //! replaced) or the complete new one — never a partial or unreadable index; the completed index
 //! answers every probe query as an uninterrupted build does. (tantivy names its segment files
@@ -13,14 +14,8 @@ use std::process::Command;
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use steper_runtime::retrieval::Bm25Index;
-use steper_test_support::kill::{kill_and_resume, run_to_completion, temporaries, KillDelays};
+use steper_test_support::kill::{copy_dir, run_to_completion, Campaign};
 
-/// Kills that must land while the indexer runs.
-const MIN_KILLS: usize = 20;
-/// Kills per kill-and-resume run.
-const KILLS_PER_RUN: usize = 5;
-/// Runs before giving up on reaching [`MIN_KILLS`].
-const MAX_RUNS: usize = 40;
 /// Questions whose top hits probe an index.
 const PROBES: usize = 25;
 
@@ -76,60 +71,49 @@ fn index_killed_anywhere_is_the_previous_or_the_complete_index() -> Result<()> {
     ensure!(want != before, "the two indexes should answer differently");
 
     // Up to 1.2× the reference time, so that some kills land after the new index is in place.
-    let mut delays = KillDelays::new(0x1DE7, t_ref.mul_f64(1.2));
-    let (mut kills, mut runs) = (Vec::new(), 0);
     let (mut saw_previous, mut saw_new) = (0usize, 0usize);
-    while kills.len() < MIN_KILLS {
-        ensure!(
-            runs < MAX_RUNS,
-            "only {} kills landed in {runs} runs",
-            kills.len()
-        );
-        runs += 1;
-        let out = tmp.path().join(format!("run-{runs}"));
-        // Odd runs build a first index; even runs replace an older one.
-        let replacing = runs % 2 == 0;
-        if replacing {
-            let o = Command::new("cp")
-                .arg("-r")
-                .arg(&older)
-                .arg(&out)
-                .status()?;
-            ensure!(o.success(), "copying the older index");
-        }
-        let run = kill_and_resume(
-            || index_cmd(&pool, &out),
-            &mut delays,
-            KILLS_PER_RUN,
-            |_| {
-                if !out.exists() {
-                    ensure!(!replacing, "the older index disappeared");
-                    saw_previous += 1;
-                    return Ok(());
-                }
-                let got = signature(&out, &probes)?;
-                if replacing && got == before {
-                    saw_previous += 1;
-                } else {
-                    ensure!(got == want, "a partial index is in place");
-                    saw_new += 1;
-                }
-                Ok(())
-            },
-        )?;
-        kills.extend(run.killed_at_ms);
-        ensure!(
-            signature(&out, &probes)? == want,
-            "run {runs}: the completed index differs"
-        );
-        let left = temporaries(&out)?;
-        ensure!(left.is_empty(), "run {runs}: temporaries left: {left:?}");
-    }
+    // Odd runs build a first index; even runs replace an older one.
+    let replacing = |run: usize| run.is_multiple_of(2);
+    let report = Campaign::new(0x1DE7, t_ref.mul_f64(1.2)).run(
+        tmp.path(),
+        |run, out| {
+            if replacing(run) {
+                copy_dir(&older, out)?;
+            }
+            Ok(())
+        },
+        |out| index_cmd(&pool, out),
+        |run, out| {
+            if !out.exists() {
+                ensure!(!replacing(run), "the older index disappeared");
+                saw_previous += 1;
+                return Ok(());
+            }
+            let got = signature(out, &probes)?;
+            if replacing(run) && got == before {
+                saw_previous += 1;
+            } else {
+                ensure!(got == want, "a partial index is in place");
+                saw_new += 1;
+            }
+            Ok(())
+        },
+        |_, out| {
+            ensure!(
+                signature(out, &probes)? == want,
+                "the completed index differs"
+            );
+            Ok(())
+        },
+    )?;
     println!(
         "{}",
-        json!({"tool": "steper-run index", "reference_ms": t_ref.as_millis() as u64,
-               "runs": runs, "kills": kills.len(), "killed_at_ms": kills,
-               "previous_in_place_after_kill": saw_previous, "new_in_place_after_kill": saw_new})
+        report.summary(
+            "steper-run index",
+            t_ref,
+            json!({"previous_in_place_after_kill": saw_previous,
+                   "new_in_place_after_kill": saw_new})
+        )
     );
     Ok(())
 }

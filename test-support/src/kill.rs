@@ -1,18 +1,24 @@
 //! Kill-anywhere runs: a tool run as a child process, SIGKILLed at seeded random instants and
 //! started again (so that it resumes) until it completes, with a check of what it left after
 //! every kill. The crash-safety tests of `steper-train fit`, `distill`, `steper-run index` and
-//! `steper-export` are built on it; they compare the completed output with an uninterrupted
-//! run's.
+//! `steper-export` are built on it: each runs a [`Campaign`] of such runs, one fresh output
+//! folder each, and compares every completed output with an uninterrupted run's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// How often a running attempt is polled for exit while its kill instant has not come.
 const POLL: Duration = Duration::from_millis(2);
+/// Kills that must land while the tool runs, per campaign.
+pub const MIN_KILLS: usize = 20;
+/// Kills per kill-and-resume run of a campaign (a fresh output folder each).
+pub const KILLS_PER_RUN: usize = 5;
+/// Runs before a campaign gives up on reaching [`MIN_KILLS`].
+pub const MAX_RUNS: usize = 40;
 
 /// A deterministic stream of kill delays (splitmix64 of the seed).
 #[derive(Debug, Clone)]
@@ -108,6 +114,113 @@ pub fn kill_and_resume(
             }
         }
     }
+}
+
+/// A kill-anywhere campaign: kill-and-resume runs of one tool, each in a fresh output folder
+/// `run-N` under a root, until at least [`MIN_KILLS`] kills have landed while it ran (at most
+/// [`KILLS_PER_RUN`] per run, at most [`MAX_RUNS`] runs), the kill delays drawn from one
+/// seeded stream.
+#[derive(Debug, Clone)]
+pub struct Campaign {
+    delays: KillDelays,
+}
+
+/// What a campaign did: the runs it took and the instants (ms after spawn) of every kill.
+#[derive(Debug, Clone, Default)]
+pub struct CampaignReport {
+    /// Kill-and-resume runs made.
+    pub runs: usize,
+    /// Delays (ms after spawn) at which an attempt was killed while running, over all runs.
+    pub killed_at_ms: Vec<u64>,
+}
+
+impl Campaign {
+    /// Kill delays uniform in `[0, max_delay)`, seeded with `seed` (see [`KillDelays`]).
+    pub fn new(seed: u64, max_delay: Duration) -> Self {
+        Campaign {
+            delays: KillDelays::new(seed, max_delay),
+        }
+    }
+
+    /// Runs the campaign under `root`. For run N (from 1) in `out = root/run-N`: `prepare(N,
+    /// out)` first (e.g. puts a previous output in place), then [`kill_and_resume`] of
+    /// `cmd(out)` with `after_kill(N, out)` after every kill, then `check_done(N, out)` on the
+    /// completed output (the comparison with the uninterrupted run); no temporary may be left.
+    /// Any failure is an error naming the run.
+    pub fn run(
+        mut self,
+        root: &Path,
+        mut prepare: impl FnMut(usize, &Path) -> Result<()>,
+        mut cmd: impl FnMut(&Path) -> Command,
+        mut after_kill: impl FnMut(usize, &Path) -> Result<()>,
+        mut check_done: impl FnMut(usize, &Path) -> Result<()>,
+    ) -> Result<CampaignReport> {
+        let mut report = CampaignReport::default();
+        while report.killed_at_ms.len() < MIN_KILLS {
+            ensure!(
+                report.runs < MAX_RUNS,
+                "only {} kills landed in {} runs",
+                report.killed_at_ms.len(),
+                report.runs
+            );
+            report.runs += 1;
+            let n = report.runs;
+            let out = root.join(format!("run-{n}"));
+            let run = (|| -> Result<KillRun> {
+                prepare(n, &out)?;
+                let run = kill_and_resume(
+                    || cmd(&out),
+                    &mut self.delays,
+                    KILLS_PER_RUN,
+                    |_| after_kill(n, &out),
+                )?;
+                check_done(n, &out)?;
+                let left = temporaries(&out)?;
+                ensure!(left.is_empty(), "temporaries left: {left:?}");
+                Ok(run)
+            })()
+            .with_context(|| format!("run {n}"))?;
+            report.killed_at_ms.extend(run.killed_at_ms);
+        }
+        Ok(report)
+    }
+}
+
+impl CampaignReport {
+    /// The campaign's figures as one JSON object: `tool`, `reference_ms` (the uninterrupted
+    /// run's wall time), `runs`, `kills`, `killed_at_ms`, and the fields of `extra` (an object).
+    pub fn summary(
+        &self,
+        tool: &str,
+        reference: Duration,
+        extra: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "tool": tool, "reference_ms": reference.as_millis() as u64, "runs": self.runs,
+            "kills": self.killed_at_ms.len(), "killed_at_ms": self.killed_at_ms,
+        });
+        if let (Some(m), serde_json::Value::Object(x)) = (v.as_object_mut(), extra) {
+            m.extend(x);
+        }
+        v
+    }
+}
+
+/// Copies the folder `from` to `to` (`cp -r`), e.g. to put a previous output in place.
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    let s = Command::new("cp")
+        .arg("-r")
+        .arg(from)
+        .arg(to)
+        .status()
+        .context("running cp")?;
+    ensure!(
+        s.success(),
+        "copying {} to {}: {s}",
+        from.display(),
+        to.display()
+    );
+    Ok(())
 }
 
 /// Runs `cmd()` once to completion and returns its wall time (the reference run that the kill
@@ -340,6 +453,93 @@ mod tests {
         assert_eq!(run.attempts, 4);
         assert_eq!(run.killed_at_ms.len(), 3);
         assert_eq!(kills_seen, 3);
+    }
+
+    /// A shell command that sleeps (1 s) past any kill instant until it has been started `n`
+    /// times in `out` (counted in a file there), then exits at once.
+    fn completes_on_attempt(out: &Path, n: usize) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "mkdir -p \"$0\" && echo x >> \"$0/attempts\" && \
+                 [ $(wc -l < \"$0/attempts\") -ge {n} ] || exec sleep 1"
+            ))
+            .arg(out);
+        c
+    }
+
+    #[test]
+    fn a_campaign_runs_until_enough_kills_landed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut prepared, mut checked, mut after) = (Vec::new(), Vec::new(), 0);
+        let report = Campaign::new(3, Duration::from_millis(50))
+            .run(
+                tmp.path(),
+                |n, out| {
+                    prepared.push(n);
+                    ensure!(!out.exists(), "a fresh folder per run");
+                    Ok(())
+                },
+                |out| completes_on_attempt(out, KILLS_PER_RUN + 1),
+                |_, _| {
+                    after += 1;
+                    Ok(())
+                },
+                |n, out| {
+                    checked.push(n);
+                    ensure!(out.ends_with(format!("run-{n}")));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        let runs = MIN_KILLS.div_ceil(KILLS_PER_RUN);
+        assert_eq!(report.runs, runs);
+        assert_eq!(report.killed_at_ms.len(), runs * KILLS_PER_RUN);
+        assert_eq!(after, runs * KILLS_PER_RUN);
+        assert_eq!(prepared, (1..=runs).collect::<Vec<_>>());
+        assert_eq!(checked, prepared);
+        let s = report.summary("sh", Duration::from_millis(7), serde_json::json!({"x": 1}));
+        assert_eq!(s["tool"], "sh");
+        assert_eq!(s["reference_ms"], 7);
+        assert_eq!(s["kills"], runs * KILLS_PER_RUN);
+        assert_eq!(s["x"], 1);
+    }
+
+    #[test]
+    fn a_failed_check_is_an_error_naming_the_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = Campaign::new(3, Duration::from_millis(50))
+            .run(
+                tmp.path(),
+                |_, _| Ok(()),
+                |out| completes_on_attempt(out, 2),
+                |_, _| Ok(()),
+                |n, _| {
+                    ensure!(n < 2, "differs from the uninterrupted run");
+                    Ok(())
+                },
+            )
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("run 2") && msg.contains("differs"), "{msg}");
+    }
+
+    #[test]
+    fn a_campaign_that_lands_too_few_kills_fails() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = Campaign::new(3, Duration::from_millis(50))
+            .run(
+                tmp.path(),
+                |_, _| Ok(()),
+                |out| completes_on_attempt(out, 1),
+                |_, _| Ok(()),
+                |_, _| Ok(()),
+            )
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("kills landed in 40 runs"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Kill-anywhere crash safety of `steper-train fit` and `steper-train distill`: each runs as a
-//! child process, is SIGKILLed at seeded random instants (at least [`MIN_KILLS`] that land while
-//! it runs), is started again on the same output until it completes, and the result is compared
+//! child process, is SIGKILLed at seeded random instants (at least
+//! [`MIN_KILLS`](steper_test_support::kill::MIN_KILLS) that land while it runs, in a
+//! [`Campaign`]),, is started again on the same output until it completes, and the result is compared
 //! with an uninterrupted run: fit's final weights byte for byte and its train_log line for line
 //! (all but the measured throughput), distill's records byte for byte and in order. After every
 //! kill the partial output must be readable: every complete log or record line parses, every
@@ -13,16 +14,8 @@ use std::process::Command;
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use steper_test_support::kill::{
-    jsonl_lines, kill_and_resume, run_to_completion, temporaries, tree, tree_diff, without_timings,
-    KillDelays,
+    jsonl_lines, run_to_completion, tree, tree_diff, without_timings, Campaign,
 };
-
-/// Kills that must land while the tool runs, per tool.
-const MIN_KILLS: usize = 20;
-/// Kills per kill-and-resume run (a fresh output folder each).
-const KILLS_PER_RUN: usize = 5;
-/// Runs before giving up on reaching [`MIN_KILLS`].
-const MAX_RUNS: usize = 40;
 
 fn steper_train() -> Command {
     Command::new(env!("CARGO_BIN_EXE_steper-train"))
@@ -153,40 +146,32 @@ fn fit_killed_anywhere_resumes_to_the_uninterrupted_result() -> Result<()> {
         ref_log.len()
     );
 
-    let mut delays = KillDelays::new(0x05EE_DF17, t_ref);
-    let (mut kills, mut runs, mut torn) = (Vec::new(), 0, 0usize);
-    while kills.len() < MIN_KILLS {
-        ensure!(
-            runs < MAX_RUNS,
-            "only {} kills landed in {runs} runs",
-            kills.len()
-        );
-        runs += 1;
-        let out = tmp.path().join(format!("run-{runs}"));
-        let run = kill_and_resume(
-            || fit_cmd(&records, &out).expect("the tiny fixture was made above"),
-            &mut delays,
-            KILLS_PER_RUN,
-            |_| check_fit_partial(&out, &mut torn),
-        )?;
-        kills.extend(run.killed_at_ms);
-        let model = final_model(&out)?;
-        ensure!(
-            model.len() == ref_model.len() && model.iter().zip(&ref_model).all(|(a, b)| a == b),
-            "run {runs}: the final model differs from the uninterrupted run's"
-        );
-        ensure!(
-            log_without_timings(&out)? == ref_log,
-            "run {runs}: train_log differs from the uninterrupted run's"
-        );
-        let left = temporaries(&out)?;
-        ensure!(left.is_empty(), "run {runs}: temporaries left: {left:?}");
-    }
+    let mut torn = 0usize;
+    let report = Campaign::new(0x05EE_DF17, t_ref).run(
+        tmp.path(),
+        |_, _| Ok(()),
+        |out| fit_cmd(&records, out).expect("the tiny fixture was made above"),
+        |_, out| check_fit_partial(out, &mut torn),
+        |_, out| {
+            let model = final_model(out)?;
+            ensure!(
+                model.len() == ref_model.len() && model.iter().zip(&ref_model).all(|(a, b)| a == b),
+                "the final model differs from the uninterrupted run's"
+            );
+            ensure!(
+                log_without_timings(out)? == ref_log,
+                "train_log differs from the uninterrupted run's"
+            );
+            Ok(())
+        },
+    )?;
     println!(
         "{}",
-        json!({"tool": "steper-train fit", "reference_ms": t_ref.as_millis() as u64,
-               "runs": runs, "kills": kills.len(), "killed_at_ms": kills,
-               "torn_log_tails_seen": torn, "all_bit_exact": true})
+        report.summary(
+            "steper-train fit",
+            t_ref,
+            json!({"torn_log_tails_seen": torn, "all_bit_exact": true})
+        )
     );
     Ok(())
 }
@@ -241,50 +226,36 @@ fn distill_killed_anywhere_resumes_to_the_same_records_in_order() -> Result<()> 
     );
     let ref_traces: Vec<Value> = ref_traces.iter().map(without_timings).collect();
 
-    let mut delays = KillDelays::new(0x0D15_7111, t_ref);
-    let (mut kills, mut runs, mut torn) = (Vec::new(), 0, 0usize);
-    while kills.len() < MIN_KILLS {
-        ensure!(
-            runs < MAX_RUNS,
-            "only {} kills landed in {runs} runs",
-            kills.len()
-        );
-        runs += 1;
-        let out = tmp.path().join(format!("run-{runs}"));
-        let run = kill_and_resume(
-            || distill_cmd(&out).expect("the tiny fixture was made above"),
-            &mut delays,
-            KILLS_PER_RUN,
-            |_| check_distill_partial(&out, &mut torn),
-        )?;
-        kills.extend(run.killed_at_ms);
-        let files = tree(&out)?;
-        for f in ["stepwise.jsonl", "vanilla.jsonl"] {
-            let p = PathBuf::from(f);
-            ensure!(
-                files.get(&p) == ref_files.get(&p),
-                "run {runs}: {f} differs from the uninterrupted run's: {:?}",
-                tree_diff(&files, &ref_files)
-            );
-        }
-        let (traces, tail) = jsonl_lines(&out.join("traces.jsonl"))?;
-        ensure!(
-            tail.is_none(),
-            "run {runs}: torn traces.jsonl after completion"
-        );
-        let traces: Vec<Value> = traces.iter().map(without_timings).collect();
-        ensure!(
-            traces == ref_traces,
-            "run {runs}: traces differ (timings aside)"
-        );
-        let left = temporaries(&out)?;
-        ensure!(left.is_empty(), "run {runs}: temporaries left: {left:?}");
-    }
+    let mut torn = 0usize;
+    let report = Campaign::new(0x0D15_7111, t_ref).run(
+        tmp.path(),
+        |_, _| Ok(()),
+        |out| distill_cmd(out).expect("the tiny fixture was made above"),
+        |_, out| check_distill_partial(out, &mut torn),
+        |_, out| {
+            let files = tree(out)?;
+            for f in ["stepwise.jsonl", "vanilla.jsonl"] {
+                let p = PathBuf::from(f);
+                ensure!(
+                    files.get(&p) == ref_files.get(&p),
+                    "{f} differs from the uninterrupted run's: {:?}",
+                    tree_diff(&files, &ref_files)
+                );
+            }
+            let (traces, tail) = jsonl_lines(&out.join("traces.jsonl"))?;
+            ensure!(tail.is_none(), "torn traces.jsonl after completion");
+            let traces: Vec<Value> = traces.iter().map(without_timings).collect();
+            ensure!(traces == ref_traces, "traces differ (timings aside)");
+            Ok(())
+        },
+    )?;
     println!(
         "{}",
-        json!({"tool": "steper-train distill", "reference_ms": t_ref.as_millis() as u64,
-               "runs": runs, "kills": kills.len(), "killed_at_ms": kills,
-               "torn_tails_seen": torn, "all_identical": true})
+        report.summary(
+            "steper-train distill",
+            t_ref,
+            json!({"torn_tails_seen": torn, "all_identical": true})
+        )
     );
     Ok(())
 }
