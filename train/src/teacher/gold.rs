@@ -5,6 +5,8 @@ use std::collections::{HashMap, HashSet};
 use steper_runtime::data::QaExample;
 use steper_runtime::{StepModel, StepOutput, StepRequest};
 
+use super::budget::PromptBudget;
+
 /// Words ignored when scoring sentence relevance.
 const STOP: &[&str] = &[
     "a", "an", "the", "of", "in", "on", "at", "to", "is", "was", "are", "were", "and", "or", "for",
@@ -60,8 +62,7 @@ pub struct GoldTeacher {
     stated: HashSet<String>,
     /// Gold titles done with.
     used: Vec<String>,
-    budget: Option<usize>,
-    tokenizer: Option<tokenizers::Tokenizer>,
+    budget: PromptBudget,
     stats: GoldStats,
 }
 
@@ -85,8 +86,7 @@ impl GoldTeacher {
             facts: HashMap::new(),
             stated: HashSet::new(),
             used: Vec::new(),
-            budget: None,
-            tokenizer: None,
+            budget: PromptBudget::default(),
             stats: GoldStats::default(),
         }
     }
@@ -94,8 +94,7 @@ impl GoldTeacher {
     /// Fits prompts into `budget` tokens of `tokenizer` (the student's), so that the records it
     /// yields fit the student's context.
     pub fn with_budget(mut self, tokenizer: tokenizers::Tokenizer, budget: usize) -> Self {
-        self.tokenizer = Some(tokenizer);
-        self.budget = Some(budget);
+        self.budget = PromptBudget::new(tokenizer, budget);
         self
     }
 
@@ -277,17 +276,11 @@ impl StepModel for GoldTeacher {
     }
 
     fn prompt_budget(&self, max_new_tokens: usize) -> Option<usize> {
-        self.budget.map(|b| b.saturating_sub(max_new_tokens))
+        self.budget.prompt_budget(max_new_tokens)
     }
 
     fn count_tokens(&self, text: &str) -> steper_runtime::Result<usize> {
-        match &self.tokenizer {
-            Some(t) => Ok(t
-                .encode(text, false)
-                .map_err(|e| steper_runtime::Error::Tokenizer(e.to_string()))?
-                .len()),
-            None => Ok(text.split_whitespace().count()),
-        }
+        self.budget.count_tokens(text)
     }
 
     fn begin_question(&mut self, _question: &str) -> steper_runtime::Result<()> {

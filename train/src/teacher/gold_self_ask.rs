@@ -26,6 +26,8 @@ use std::fmt;
 use steper_runtime::data::QaExample;
 use steper_runtime::{StepModel, StepOutput, StepRequest};
 
+use super::budget::PromptBudget;
+
 /// The line a Self-Ask sub-question starts with.
 const FOLLOW_UP: &str = "Follow up:";
 /// What ends the prompt of an answering generation.
@@ -241,8 +243,7 @@ pub struct GoldSelfAskTeacher {
     answered: usize,
     /// A hop's evidence was not retrieved: the run ends `unknown`.
     failed: bool,
-    budget: Option<usize>,
-    tokenizer: Option<tokenizers::Tokenizer>,
+    budget: PromptBudget,
     stats: SelfAskGoldStats,
 }
 
@@ -255,8 +256,7 @@ impl GoldSelfAskTeacher {
     /// Fits prompts into `budget` tokens of `tokenizer` (the student's), so that the records it
     /// yields fit the student's context.
     pub fn with_budget(mut self, tokenizer: tokenizers::Tokenizer, budget: usize) -> Self {
-        self.tokenizer = Some(tokenizer);
-        self.budget = Some(budget);
+        self.budget = PromptBudget::new(tokenizer, budget);
         self
     }
 
@@ -308,17 +308,11 @@ impl StepModel for GoldSelfAskTeacher {
     }
 
     fn prompt_budget(&self, max_new_tokens: usize) -> Option<usize> {
-        self.budget.map(|b| b.saturating_sub(max_new_tokens))
+        self.budget.prompt_budget(max_new_tokens)
     }
 
     fn count_tokens(&self, text: &str) -> steper_runtime::Result<usize> {
-        match &self.tokenizer {
-            Some(t) => Ok(t
-                .encode(text, false)
-                .map_err(|e| steper_runtime::Error::Tokenizer(e.to_string()))?
-                .len()),
-            None => Ok(text.split_whitespace().count()),
-        }
+        self.budget.count_tokens(text)
     }
 
     fn begin_question(&mut self, _question: &str) -> steper_runtime::Result<()> {

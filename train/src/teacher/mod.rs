@@ -20,6 +20,7 @@
 //!   `/v1/chat/completions`), with retries, timeouts and an optional instruction header and
 //!   few-shot demonstrations ([`TeacherPrompt`]) prepended to the student's plain prompt.
 
+mod budget;
 mod candle;
 mod gold;
 mod gold_self_ask;
