@@ -1,26 +1,12 @@
 //! `steper-run` on bad input: clear errors naming file and line, no panic.
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use anyhow::Result;
+use steper_test_support::cli::{self, output_text, path_str};
 
 fn steper_run(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_steper-run"))
-        .args(args)
-        .output()?)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
+    cli::run(env!("CARGO_BIN_EXE_steper-run"), args)
 }
 
 const Q1: &str = r#"{"id":"q1","question":"Where is the Eiffel Tower?","answers":["Paris"],"paragraphs":[{"title":"Eiffel Tower","text":"The Eiffel Tower is in Paris.","is_supporting":true},{"title":"Berlin","text":"Berlin is in Germany.","is_supporting":false}]}"#;
@@ -32,9 +18,9 @@ fn malformed_line_is_named_and_skip_bad_counts_it() -> Result<()> {
     let qa = dir.path().join("qa.jsonl");
     std::fs::write(&qa, format!("{Q1}\n{{\"id\": \"broken\"\n{Q2}\n"))?;
     let out = dir.path().join("idx");
-    let o = steper_run(&["index", "--from-qa", s(&qa), "--out", s(&out)])?;
+    let o = steper_run(&["index", "--from-qa", path_str(&qa), "--out", path_str(&out)])?;
     assert!(!o.status.success());
-    let msg = text(&o);
+    let msg = output_text(&o);
     assert!(msg.contains(&format!("{}:2:", qa.display())), "{msg}");
     assert!(!msg.contains("panicked"), "{msg}");
     assert!(!out.exists());
@@ -42,13 +28,13 @@ fn malformed_line_is_named_and_skip_bad_counts_it() -> Result<()> {
     let o = steper_run(&[
         "index",
         "--from-qa",
-        s(&qa),
+        path_str(&qa),
         "--out",
-        s(&out),
+        path_str(&out),
         "--skip-bad",
         "--json",
     ])?;
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(v["docs"], 2);
     assert_eq!(v["skipped_lines"], 1);
@@ -56,15 +42,15 @@ fn malformed_line_is_named_and_skip_bad_counts_it() -> Result<()> {
     let o = steper_run(&[
         "retrieval-eval",
         "--index",
-        s(&out),
+        path_str(&out),
         "--data",
-        s(&qa),
+        path_str(&qa),
         "--k",
         "1,2",
         "--skip-bad",
         "--json",
     ])?;
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(v["questions"], 2);
     assert_eq!(v["recall"]["recall@2"], 1.0);
@@ -82,12 +68,12 @@ fn missing_field_is_named() -> Result<()> {
     let o = steper_run(&[
         "index",
         "--corpus",
-        s(&corpus),
+        path_str(&corpus),
         "--out",
-        s(&dir.path().join("i")),
+        path_str(&dir.path().join("i")),
     ])?;
     assert!(!o.status.success());
-    let msg = text(&o);
+    let msg = output_text(&o);
     assert!(msg.contains(":2:") && msg.contains("`text`"), "{msg}");
     Ok(())
 }
@@ -100,12 +86,12 @@ fn empty_corpus_is_an_error() -> Result<()> {
     let o = steper_run(&[
         "index",
         "--corpus",
-        s(&corpus),
+        path_str(&corpus),
         "--out",
-        s(&dir.path().join("i")),
+        path_str(&dir.path().join("i")),
     ])?;
     assert!(!o.status.success());
-    let msg = text(&o);
+    let msg = output_text(&o);
     assert!(msg.contains("no documents"), "{msg}");
     assert!(!msg.contains("panicked"), "{msg}");
     Ok(())
@@ -119,11 +105,17 @@ fn foreign_index_directory_is_a_clear_error() -> Result<()> {
     let not_index = dir.path().join("not-an-index");
     std::fs::create_dir_all(&not_index)?;
     std::fs::write(not_index.join("meta.json"), "{\"segments\": []}")?;
-    let o = steper_run(&["retrieval-eval", "--index", s(&not_index), "--data", s(&qa)])?;
+    let o = steper_run(&[
+        "retrieval-eval",
+        "--index",
+        path_str(&not_index),
+        "--data",
+        path_str(&qa),
+    ])?;
     assert!(!o.status.success());
-    let msg = text(&o);
+    let msg = output_text(&o);
     assert!(
-        msg.contains("index") && msg.contains(s(&not_index)),
+        msg.contains("index") && msg.contains(path_str(&not_index)),
         "{msg}"
     );
     assert!(!msg.contains("panicked"), "{msg}");

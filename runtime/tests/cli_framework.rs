@@ -9,23 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use anyhow::{Context, Result};
+use steper_test_support::cli::{self, output_text, path_str};
 
 fn steper_run(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_steper-run"))
-        .args(args)
-        .output()?)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
+    cli::run(env!("CARGO_BIN_EXE_steper-run"), args)
 }
 
 /// A copy of the tiny export whose `steper.json` names `framework` in its `loop`.
@@ -62,9 +49,9 @@ fn ask(model: &Path, extra: &[&str]) -> Result<serde_json::Value> {
     let mut args = vec![
         "ask",
         "--model",
-        s(model),
+        path_str(model),
         "--index",
-        s(&tiny.index),
+        path_str(&tiny.index),
         "--backend",
         "tract",
         "--max-steps",
@@ -74,7 +61,7 @@ fn ask(model: &Path, extra: &[&str]) -> Result<serde_json::Value> {
     args.extend_from_slice(extra);
     args.push(&q);
     let o = steper_run(&args)?;
-    anyhow::ensure!(o.status.success(), "ask {extra:?}: {}", text(&o));
+    anyhow::ensure!(o.status.success(), "ask {extra:?}: {}", output_text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     Ok(v["reasoning"].clone())
 }
@@ -138,13 +125,13 @@ fn eval_runs_self_ask_when_asked() -> Result<()> {
     let o = steper_run(&[
         "eval",
         "--model",
-        s(&model),
+        path_str(&model),
         "--index",
-        s(&tiny.index),
+        path_str(&tiny.index),
         "--backend",
         "tract",
         "--data",
-        s(&dev),
+        path_str(&dev),
         "--limit",
         "3",
         "--max-steps",
@@ -153,9 +140,9 @@ fn eval_runs_self_ask_when_asked() -> Result<()> {
         "self-ask",
         "--json",
         "--out",
-        s(&out),
+        path_str(&out),
     ])?;
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(summary["questions"], 3);
     assert_eq!(summary["framework"], "self-ask", "{summary}");
@@ -183,7 +170,10 @@ fn eval_runs_self_ask_when_asked() -> Result<()> {
 fn a_bad_framework_is_named_on_every_command() -> Result<()> {
     let tiny = steper_test_support::tiny()?;
     let model = common::test_model()?;
-    let (m, i) = (s(&model).to_string(), s(&tiny.index).to_string());
+    let (m, i) = (
+        path_str(&model).to_string(),
+        path_str(&tiny.index).to_string(),
+    );
     for args in [
         vec![
             "ask",
@@ -218,7 +208,7 @@ fn a_bad_framework_is_named_on_every_command() -> Result<()> {
     ] {
         let o = steper_run(&args)?;
         assert!(!o.status.success(), "{args:?}");
-        let msg = text(&o);
+        let msg = output_text(&o);
         assert!(
             msg.contains("--framework")
                 && msg.contains("selfask")
@@ -233,7 +223,7 @@ fn a_bad_framework_is_named_on_every_command() -> Result<()> {
     let o = steper_run(&[
         "ask",
         "--model",
-        s(&bad),
+        path_str(&bad),
         "--index",
         &i,
         "--backend",
@@ -241,7 +231,7 @@ fn a_bad_framework_is_named_on_every_command() -> Result<()> {
         "Q?",
     ])?;
     assert!(!o.status.success());
-    let msg = text(&o);
+    let msg = output_text(&o);
     assert!(
         msg.contains("steper.json") && msg.contains("selfask"),
         "{msg}"
@@ -257,19 +247,19 @@ fn demonstrations_are_refused_with_self_ask() -> Result<()> {
     let o = steper_run(&[
         "ask",
         "--model",
-        s(&model),
+        path_str(&model),
         "--index",
-        s(&tiny.index),
+        path_str(&tiny.index),
         "--backend",
         "tract",
         "--framework",
         "self-ask",
         "--demos",
-        s(&demos),
+        path_str(&demos),
         "Q?",
     ])?;
     assert!(!o.status.success());
-    let msg = text(&o);
+    let msg = output_text(&o);
     assert!(msg.contains("--demos") && msg.contains("self-ask"), "{msg}");
     Ok(())
 }
@@ -307,7 +297,13 @@ fn serve_runs_the_flag_s_framework() -> Result<()> {
     let tiny = steper_test_support::tiny()?;
     let model = common::test_model()?;
     let child = Command::new(env!("CARGO_BIN_EXE_steper-run"))
-        .args(["serve", "--model", s(&model), "--index", s(&tiny.index)])
+        .args([
+            "serve",
+            "--model",
+            path_str(&model),
+            "--index",
+            path_str(&tiny.index),
+        ])
         .args(["--addr", "127.0.0.1:0", "--backend", "tract", "--json"])
         .args(["--framework", "self-ask"])
         .stdout(Stdio::piped())

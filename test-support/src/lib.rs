@@ -11,11 +11,13 @@
 //! - [`smollm2_gguf`]: the SmolLM2-135M-Instruct GGUF, located (and fetched on first use) by
 //!   `scripts/fetch-smollm2.sh`, the same script the demo and the test command use.
 //!
-//! - [`kill`]: kill-anywhere campaigns of a tool run as a child process; [`kv_ops`]: the
-//!   operation lists and reference of the KV-cache property tests.
+//! - [`cli`]: running a workspace binary and reading what it printed; [`kill`]: kill-anywhere
+//!   campaigns of a tool run as a child process; [`kv_ops`]: the operation lists and reference
+//!   of the KV-cache property tests.
 //!
 //! A missing fixture is an error naming what is missing; no test passes without its fixture.
 
+pub mod cli;
 pub mod fake_http;
 pub mod kill;
 pub mod kv_ops;

@@ -3,33 +3,20 @@
 //! records of two frameworks or of another framework than the one asked for.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use anyhow::{ensure, Context, Result};
 use steper_runtime::data::StepwiseRecord;
 use steper_runtime::prompt::{PromptLayout, DEFAULT_WORD_CAP};
 use steper_runtime::Framework;
+use steper_test_support::cli::{self, output_text, path_str};
 use steper_train::fit::records::{examples_from_records_in, records_framework};
 
 /// Questions distilled per run.
 const QUESTIONS: &str = "2";
 
 fn steper_train(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_steper-train"))
-        .args(args)
-        .output()?)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
+    cli::run(env!("CARGO_BIN_EXE_steper-train"), args)
 }
 
 /// Distills the first train questions of the tiny world with the tiny student as teacher.
@@ -42,11 +29,11 @@ fn distill(out: &Path, extra: &[&str]) -> Result<Output> {
         "--teacher",
         &teacher,
         "--data",
-        s(&train),
+        path_str(&train),
         "--index",
-        s(&tiny.index),
+        path_str(&tiny.index),
         "--out",
-        s(out),
+        path_str(out),
         "--limit",
         QUESTIONS,
         "--filter",
@@ -83,11 +70,11 @@ fn fit(records: &Path, out: &Path, extra: &[&str]) -> Result<Output> {
     let mut args = vec![
         "fit",
         "--student",
-        s(&student),
+        path_str(&student),
         "--data",
-        s(records),
+        path_str(records),
         "--out",
-        s(out),
+        path_str(out),
         "--steps",
         "1",
         "--batch-size",
@@ -106,7 +93,7 @@ fn fit(records: &Path, out: &Path, extra: &[&str]) -> Result<Output> {
 fn self_ask_records(dir: &Path) -> Result<Vec<StepwiseRecord>> {
     let out = dir.join("sa");
     let o = distill(&out, &["--framework", "self-ask"])?;
-    ensure!(o.status.success(), "distill: {}", text(&o));
+    ensure!(o.status.success(), "distill: {}", output_text(&o));
     read_records(&out.join("stepwise.jsonl"))
 }
 
@@ -131,7 +118,7 @@ fn distill_self_ask_records_and_traces_carry_the_framework() -> Result<()> {
     // IRCoT records stay as they were: no `framework` written.
     let ircot = dir.path().join("ircot");
     let o = distill(&ircot, &[])?;
-    ensure!(o.status.success(), "distill: {}", text(&o));
+    ensure!(o.status.success(), "distill: {}", output_text(&o));
     let lines = std::fs::read_to_string(ircot.join("stepwise.jsonl"))?;
     ensure!(!lines.trim().is_empty(), "no IRCoT records");
     assert!(!lines.contains("\"framework\""), "{lines}");
@@ -146,14 +133,18 @@ fn distill_refuses_ircot_demonstrations_with_self_ask() -> Result<()> {
         &["--framework", "self-ask", "--teacher-prompt", "default"],
     )?;
     assert!(!o.status.success());
-    let msg = text(&o);
+    let msg = output_text(&o);
     assert!(
         msg.contains("--teacher-prompt") && msg.contains("self-ask"),
         "{msg}"
     );
     let o = distill(&dir.path().join("y"), &["--framework", "selfask"])?;
     assert!(!o.status.success());
-    assert!(text(&o).contains("ircot or self-ask"), "{}", text(&o));
+    assert!(
+        output_text(&o).contains("ircot or self-ask"),
+        "{}",
+        output_text(&o)
+    );
     Ok(())
 }
 
@@ -172,9 +163,14 @@ fn distill_takes_self_ask_demonstrations_with_self_ask_only() -> Result<()> {
     )?;
     let o = distill(
         &dir.path().join("sa"),
-        &["--framework", "self-ask", "--teacher-prompt", s(&short)],
+        &[
+            "--framework",
+            "self-ask",
+            "--teacher-prompt",
+            path_str(&short),
+        ],
     )?;
-    ensure!(o.status.success(), "distill: {}", text(&o));
+    ensure!(o.status.success(), "distill: {}", output_text(&o));
     let records = read_records(&dir.path().join("sa").join("stepwise.jsonl"))?;
     ensure!(!records.is_empty(), "no records");
     for r in &records {
@@ -182,9 +178,12 @@ fn distill_takes_self_ask_demonstrations_with_self_ask_only() -> Result<()> {
     }
     let demos = steper_test_support::data_file("self_ask_prompts/demonstrations.txt")?;
     for file in [&short, &demos] {
-        let o = distill(&dir.path().join("ircot"), &["--teacher-prompt", s(file)])?;
+        let o = distill(
+            &dir.path().join("ircot"),
+            &["--teacher-prompt", path_str(file)],
+        )?;
         assert!(!o.status.success());
-        let msg = text(&o);
+        let msg = output_text(&o);
         assert!(
             msg.contains("self-ask ones") && msg.contains("loop runs ircot"),
             "{msg}"
@@ -253,14 +252,14 @@ fn fit_refuses_mixed_or_mismatched_frameworks() -> Result<()> {
         &["--framework", "ircot"],
     )?;
     assert!(!o.status.success());
-    let msg = text(&o);
+    let msg = output_text(&o);
     assert!(
         msg.contains("--framework ircot") && msg.contains("self-ask") && msg.contains("sa.jsonl"),
         "{msg}"
     );
     let o = fit(&mixed_path, &dir.path().join("fit-b"), &[])?;
     assert!(!o.status.success());
-    let msg = text(&o);
+    let msg = output_text(&o);
     assert!(msg.contains("mix frameworks"), "{msg}");
     assert!(records_framework(&mixed, None).is_err());
     assert_eq!(
@@ -271,7 +270,7 @@ fn fit_refuses_mixed_or_mismatched_frameworks() -> Result<()> {
     // The records' own framework, named or not, trains.
     for (name, extra) in [("fit-c", &["--framework", "self-ask"][..]), ("fit-d", &[])] {
         let o = fit(&sa_path, &dir.path().join(name), extra)?;
-        ensure!(o.status.success(), "fit {extra:?}: {}", text(&o));
+        ensure!(o.status.success(), "fit {extra:?}: {}", output_text(&o));
     }
     Ok(())
 }

@@ -5,13 +5,14 @@
 //! that reference a missing sub-answer are skipped and counted.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use anyhow::{ensure, Context, Result};
 use steper_runtime::data::StepwiseRecord;
 use steper_runtime::data::{corpus_from_qa, read_qa, QaExample, ReadOptions, Stage};
 use steper_runtime::retrieval::{build_index, IndexOptions};
 use steper_runtime::{Bm25Index, Framework, LoopOptions};
+use steper_test_support::cli::{self, output_text, path_str};
 use steper_train::distill::{distill, DistillOptions, Filter, TraceLine};
 use steper_train::teacher::{self_ask_hops, GoldSelfAskTeacher};
 
@@ -224,21 +225,7 @@ fn two_wiki_traces_and_records_are_the_evidence_triples() -> Result<()> {
 }
 
 fn steper_train(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_steper-train"))
-        .args(args)
-        .output()?)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
+    cli::run(env!("CARGO_BIN_EXE_steper-train"), args)
 }
 
 #[test]
@@ -254,16 +241,16 @@ fn hotpotqa_is_refused_and_missing_sub_answers_are_skipped_and_counted() -> Resu
         "--framework",
         "self-ask",
         "--data",
-        s(&hotpot),
+        path_str(&hotpot),
         "--index",
-        s(&hidx),
+        path_str(&hidx),
         "--out",
-        s(&dir.path().join("h-out")),
+        path_str(&dir.path().join("h-out")),
         "--limit",
         "3",
     ])?;
     assert!(!o.status.success());
-    let msg = text(&o);
+    let msg = output_text(&o);
     assert!(
         msg.contains("HotpotQA")
             && msg.contains("decomposition")
@@ -296,16 +283,16 @@ fn hotpotqa_is_refused_and_missing_sub_answers_are_skipped_and_counted() -> Resu
         "--framework",
         "self-ask",
         "--data",
-        s(&data),
+        path_str(&data),
         "--index",
-        s(&idx),
+        path_str(&idx),
         "--out",
-        s(&out),
+        path_str(&out),
         "--filter",
         "none",
         "--json",
     ])?;
-    ensure!(o.status.success(), "{}", text(&o));
+    ensure!(o.status.success(), "{}", output_text(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(summary["questions"], 2, "{summary}");
     assert_eq!(summary["skipped_questions"], 1, "{summary}");
