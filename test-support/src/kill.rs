@@ -505,41 +505,35 @@ mod tests {
         assert_eq!(s["x"], 1);
     }
 
-    #[test]
-    fn a_failed_check_is_an_error_naming_the_run() {
+    /// The error of a campaign whose attempts complete from the `n`th on, every completed
+    /// output checked by `check_done`.
+    fn failed_campaign(n: usize, check_done: impl FnMut(usize, &Path) -> Result<()>) -> String {
         let tmp = tempfile::tempdir().unwrap();
         let err = Campaign::new(3, Duration::from_millis(50))
             .run(
                 tmp.path(),
                 |_, _| Ok(()),
-                |out| completes_on_attempt(out, 2),
+                |out| completes_on_attempt(out, n),
                 |_, _| Ok(()),
-                |n, _| {
-                    ensure!(n < 2, "differs from the uninterrupted run");
-                    Ok(())
-                },
+                check_done,
             )
             .unwrap_err();
-        let msg = format!("{err:#}");
+        format!("{err:#}")
+    }
+
+    #[test]
+    fn a_failed_check_is_an_error_naming_the_run() {
+        let msg = failed_campaign(2, |n, _| {
+            ensure!(n < 2, "differs from the uninterrupted run");
+            Ok(())
+        });
         assert!(msg.contains("run 2") && msg.contains("differs"), "{msg}");
     }
 
     #[test]
     fn a_campaign_that_lands_too_few_kills_fails() {
-        let tmp = tempfile::tempdir().unwrap();
-        let err = Campaign::new(3, Duration::from_millis(50))
-            .run(
-                tmp.path(),
-                |_, _| Ok(()),
-                |out| completes_on_attempt(out, 1),
-                |_, _| Ok(()),
-                |_, _| Ok(()),
-            )
-            .unwrap_err();
-        assert!(
-            format!("{err:#}").contains("kills landed in 40 runs"),
-            "{err:#}"
-        );
+        let msg = failed_campaign(1, |_, _| Ok(()));
+        assert!(msg.contains("kills landed in 40 runs"), "{msg}");
     }
 
     #[test]
