@@ -378,4 +378,27 @@ mod eos_ids_tests {
         assert!(err.to_string().contains("selfask"), "{err}");
         Ok(())
     }
+
+    #[test]
+    fn a_quantization_record_without_method_reads_as_round_to_nearest_and_gptq_round_trips(
+    ) -> serde_json::Result<()> {
+        // A record written before GPTQ: no `method` or `damp`.
+        let old = serde_json::json!({"bits": 4, "block_size": 32, "target": "ort-cpu",
+            "op": "MatMulNBits", "accuracy_level": 4, "lm_head": true, "layers": 211});
+        let mut v = serde_json::to_value(with_eos("eos_token_ids", serde_json::json!([2]))?)?;
+        v["quantization"] = old;
+        let m: Manifest = serde_json::from_value(v)?;
+        let q = m.quantization.clone().expect("quantization read");
+        assert_eq!((q.method, q.damp), (None, None));
+        let text = serde_json::to_string(&m)?;
+        assert!(!text.contains("method") && !text.contains("damp"), "{text}");
+        let mut g = m;
+        if let Some(q) = g.quantization.as_mut() {
+            q.method = Some("gptq".into());
+            q.damp = Some(0.01);
+        }
+        let back: Manifest = serde_json::from_str(&serde_json::to_string(&g)?)?;
+        assert_eq!(back.quantization, g.quantization);
+        Ok(())
+    }
 }
