@@ -37,6 +37,21 @@ impl PromptBudget {
     }
 }
 
+/// The [`steper_runtime::StepModel`] methods `prompt_budget` and `count_tokens` of a teacher
+/// whose field `budget` is a [`PromptBudget`].
+macro_rules! prompt_budget_methods {
+    () => {
+        fn prompt_budget(&self, max_new_tokens: usize) -> Option<usize> {
+            self.budget.prompt_budget(max_new_tokens)
+        }
+
+        fn count_tokens(&self, text: &str) -> steper_runtime::Result<usize> {
+            self.budget.count_tokens(text)
+        }
+    };
+}
+pub(crate) use prompt_budget_methods;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use steper_runtime::data::QaExample;
 use steper_runtime::{StepModel, StepOutput, StepRequest};
 
-use super::budget::PromptBudget;
+use super::budget::{prompt_budget_methods, PromptBudget};
 
 /// Words ignored when scoring sentence relevance.
 const STOP: &[&str] = &[
@@ -275,13 +275,7 @@ impl StepModel for GoldTeacher {
         "gold"
     }
 
-    fn prompt_budget(&self, max_new_tokens: usize) -> Option<usize> {
-        self.budget.prompt_budget(max_new_tokens)
-    }
-
-    fn count_tokens(&self, text: &str) -> steper_runtime::Result<usize> {
-        self.budget.count_tokens(text)
-    }
+    prompt_budget_methods!();
 
     fn begin_question(&mut self, _question: &str) -> steper_runtime::Result<()> {
         self.used.clear();

@@ -26,7 +26,7 @@ use std::fmt;
 use steper_runtime::data::QaExample;
 use steper_runtime::{StepModel, StepOutput, StepRequest};
 
-use super::budget::PromptBudget;
+use super::budget::{prompt_budget_methods, PromptBudget};
 
 /// The line a Self-Ask sub-question starts with.
 const FOLLOW_UP: &str = "Follow up:";
@@ -307,13 +307,7 @@ impl StepModel for GoldSelfAskTeacher {
         "gold"
     }
 
-    fn prompt_budget(&self, max_new_tokens: usize) -> Option<usize> {
-        self.budget.prompt_budget(max_new_tokens)
-    }
-
-    fn count_tokens(&self, text: &str) -> steper_runtime::Result<usize> {
-        self.budget.count_tokens(text)
-    }
+    prompt_budget_methods!();
 
     fn begin_question(&mut self, _question: &str) -> steper_runtime::Result<()> {
         self.answered = 0;
