@@ -1,6 +1,7 @@
 //! Parallel model calls on one loaded model: N threads decoding at once (ONNX Runtime with a pool
 //! of N sessions, tract with its one plan) produce exactly the tokens one thread produces, and a
-//! bad session count is an error naming the option. Runs on the tiny export of
+//! bad session count is an error naming the option; ONNX Runtime without its memory-pattern
+//! optimization computes the same. Runs on the tiny export of
 //! `steper-test-support`.
 
 use std::sync::{Arc, Barrier};
@@ -105,6 +106,36 @@ fn ort_sessions_without_shared_weights_decode_alike() -> Result<()> {
             .with_sessions(2)
             .with_intra_threads(1)
             .with_shared_prepacked_weights(false),
+    ))
+}
+
+#[test]
+fn ort_without_memory_pattern_decodes_the_same_tokens_and_logits() -> Result<()> {
+    // The memory-pattern optimization only plans allocations: switching it off changes where
+    // tensors live, not what is computed.
+    let export = steper_test_support::tiny_export()?;
+    let on = load_model(&export, &BackendKind::Ort(OrtOptions::default()))?.generator;
+    let off = load_model(
+        &export,
+        &BackendKind::Ort(OrtOptions::default().with_memory_pattern(false)),
+    )?
+    .generator;
+    for p in prompts(on.info().vocab_size) {
+        assert_eq!(greedy(on.as_ref(), &p)?, greedy(off.as_ref(), &p)?);
+        let (mut a, mut b) = (on.new_sequence()?, off.new_sequence()?);
+        let la = on.append(&mut a, &p, LogitsMode::Last)?;
+        let lb = off.append(&mut b, &p, LogitsMode::Last)?;
+        assert_eq!(
+            la.last(),
+            lb.last(),
+            "logits differ with the memory pattern off"
+        );
+    }
+    check_concurrent(BackendKind::Ort(
+        OrtOptions::default()
+            .with_sessions(2)
+            .with_intra_threads(1)
+            .with_memory_pattern(false),
     ))
 }
 

@@ -94,6 +94,18 @@ impl BackendKind {
             BackendKind::Tract => BackendKind::Tract,
         }
     }
+
+    /// ONNX Runtime's memory-pattern optimization on or off ([`OrtOptions::memory_pattern`]);
+    /// tract has none.
+    #[cfg(feature = "ort")]
+    #[must_use]
+    pub fn with_memory_pattern(self, enable: bool) -> Self {
+        match self {
+            BackendKind::Ort(o) => BackendKind::Ort(o.with_memory_pattern(enable)),
+            #[cfg(feature = "tract")]
+            BackendKind::Tract => BackendKind::Tract,
+        }
+    }
 }
 
 /// An export directory opened by [`load_model`].

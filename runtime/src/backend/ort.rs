@@ -287,6 +287,11 @@ pub struct OrtOptions {
     /// `ORT_DYLIB_PATH` environment variable. Only the first successful load of a process
     /// counts (ONNX Runtime cannot be loaded twice).
     pub library: Option<PathBuf>,
+    /// ONNX Runtime's memory-pattern optimization (on by default, as in ONNX Runtime): it plans
+    /// a run's allocations once per set of input shapes and keeps every plan for the session's
+    /// lifetime; `false` allocates each run as it goes (a long-running server sees a new prompt
+    /// and past length in almost every call).
+    pub memory_pattern: bool,
 }
 
 impl OrtOptions {
@@ -316,6 +321,7 @@ impl Default for OrtOptions {
             allow_fallback: false,
             kv_cache: KvCacheMode::Auto,
             library: None,
+            memory_pattern: true,
         }
     }
 }
@@ -348,6 +354,12 @@ impl OrtOptions {
     /// How the KV cache is kept between calls.
     pub fn with_kv_cache(mut self, mode: KvCacheMode) -> Self {
         self.kv_cache = mode;
+        self
+    }
+
+    /// ONNX Runtime's memory-pattern optimization on or off.
+    pub fn with_memory_pattern(mut self, enable: bool) -> Self {
+        self.memory_pattern = enable;
         self
     }
 
@@ -776,6 +788,9 @@ fn session_builder(
         .map_err(backend_err)?;
     if let Some(n) = opts.intra_threads {
         b = b.with_intra_threads(n).map_err(backend_err)?;
+    }
+    if !opts.memory_pattern {
+        b = b.with_memory_pattern(false).map_err(backend_err)?;
     }
     if let Some(w) = shared {
         b = b

@@ -62,6 +62,10 @@ pub struct Args {
     /// How the loop reasons: `ircot` or `self-ask` (default: the model's manifest, else ircot).
     #[arg(long, value_name = "ircot|self-ask")]
     pub framework: Option<steper_runtime::Framework>,
+    /// ONNX Runtime: turn off the memory-pattern optimization, which keeps one allocation plan
+    /// per set of input shapes for the server's lifetime.
+    #[arg(long)]
+    pub no_memory_pattern: bool,
 }
 
 /// Serves until SIGTERM or ctrl-c, then finishes the accepted requests and exits.
@@ -95,7 +99,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (model, index, backend) = (
         a.model.clone(),
         a.index.clone(),
-        a.backend.kind(Some(threads)).with_concurrency(a.workers),
+        a.backend
+            .kind(Some(threads))
+            .with_concurrency(a.workers)
+            .with_memory_pattern(!a.no_memory_pattern),
     );
     // The manifest's loop settings with the framework the flag asks for.
     let loop_options = a
