@@ -330,6 +330,9 @@ class Runner:
         write_atomic(spent_file, json.dumps(spent))
         if not ended:
             return False
+        # the resumable checkpoints (≈ 1 GB with the optimizer state) are not needed once the
+        # final model is written; twelve fits would otherwise fill the disk
+        shutil.rmtree(ckpt / "checkpoints", ignore_errors=True)
         log = [json.loads(x) for x in (ckpt / "train_log.jsonl").read_text().splitlines() if x]
         evals = [{"step": r["step"], **r["eval"]} for r in log if r.get("eval")]
         sigma = [{"step": r["step"], "init": r["sigma_init"], "exp": r["sigma_exp"],
