@@ -72,6 +72,24 @@ def metrics_table(r, done):
         steps = f"{sum(x['steps'] for x in pooled) / n:.2f}" if whole else "—"
         lines.append(f"| {label(config)} | " + " | ".join(cells) +
                      f" | {pool} | {forced} | {steps} |")
+    if len(lines) == 2:
+        return "No configuration has a whole dataset evaluated yet (see the progress below)."
+    return "\n".join(lines)
+
+
+def progress_table(r):
+    """Evaluation chunks done per configuration and dataset."""
+    lines = ["| configuration | " + " | ".join(r.p["dev"]) + " |",
+             "|---|" + "---|" * len(r.p["dev"])]
+    for config in configs(r):
+        cells = []
+        for d in r.p["dev"]:
+            chunks = r.chunks(d)
+            done = sum(r.done(f"eval-{config}-{d}-c{k}") for k, _, _ in chunks)
+            cells.append(f"{done} / {len(chunks)}")
+        fit = "" if config in ("base", "fewshot") else \
+            (" (fit done)" if r.done(f"fit-{config}") else " (not fitted)")
+        lines.append(f"| {label(config)}{fit} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -205,9 +223,12 @@ def write_report(r, args):
     if table:
         doc += ["", "| comparison | dataset | questions | EM | F1 | Acc | EM sign test p |",
                 "|---|---|---:|---|---|---|---:|", *table]
-    doc += ["", "The full tables (forced share, steps, Acc sign tests):", ""] + parts
-    doc += ["## Per-step confidence (p̄ / entropy in nats, non-forced steps, pooled)", "",
-            confidence_table(r, done), ""]
+    if parts:
+        doc += ["", "The full tables (forced share, steps, Acc sign tests):", ""] + parts
+    if any(len(done[c]) == len(r.p["dev"]) for c in configs(r)):
+        doc += ["## Per-step confidence (p̄ / entropy in nats, non-forced steps, pooled)", "",
+                confidence_table(r, done), ""]
+    doc += ["## Progress: evaluation chunks done", "", progress_table(r), ""]
     if fits:
         doc += ["## Fits", "", "| run | steps | seconds | held-out loss init / exp / agg "
                 "(last) | final σ init / exp / agg |", "|---|---|---|---|---|"]
@@ -224,8 +245,23 @@ def write_report(r, args):
         load = s.get("load_end", s["segments"][-1]["load_end"] if s.get("segments") else "")
         doc.append(f"| {n} | {s.get('seconds', 0):.0f} | {load} |")
     doc += ["", "## Missing", ""]
-    doc += [f"{len(missing)} stages are not done: " + ", ".join(missing) + "." if missing
-            else "Nothing: every cell of the protocol is measured."]
+    if missing:
+        kinds = {}
+        for n in missing:
+            kinds.setdefault(n.split("-")[0], []).append(n)
+        chunk_s = [s.get("seconds", 0) for n, s in stages if n.startswith("eval-")]
+        est = ""
+        if chunk_s:
+            per = sum(chunk_s) / len(chunk_s)
+            est = (f" The evaluation chunks done so far took {per / 60:.0f} minutes each on "
+                   f"average; the {len(kinds.get('eval', []))} left would take ≈ "
+                   f"{per * len(kinds.get('eval', [])) / 3600:.0f} hours at that rate, the fits "
+                   "and exports beside them.")
+        doc += [f"{len(missing)} stages are not done: "
+                + ", ".join(f"{len(v)} {k}" for k, v in kinds.items())
+                + " (the progress table above says which evaluation chunks)." + est]
+    else:
+        doc += ["Nothing: every cell of the protocol is measured."]
     doc += ["", "## Beside the paper", "", PAPER, ""]
     path = r.sums.parent / f"{r.started}-stepwise-vs-vanilla.md"
     if r.smoke:
