@@ -179,6 +179,10 @@ fn frozen_prefix_layers(cfg: &LlamaConfig, t: &Trainable) -> usize {
 
 fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     let dir = out.join(CKPT_DIR);
+    // A run killed while it staged a checkpoint or removed an old one leaves a temporary that
+    // the next checkpoint save would sweep; a resumed run that saves none (it was killed after
+    // its last checkpoint) must sweep it here.
+    steper_fsutil::remove_stale_temporaries_in(&dir);
     let mut best: Option<(u64, PathBuf)> = None;
     for e in std::fs::read_dir(&dir).ok()?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
