@@ -7,7 +7,7 @@
 //! onto the columns not yet quantized, weighted by how the layer's inputs correlate — the
 //! Hessian `H = Σ x xᵀ` of the layer's output error `‖X (W − Ŵ)ᵀ‖²` over calibration tokens. Its
 //! result is stored in exactly the same format as round-to-nearest ([`BlockQuantized`]: the same
-//! block parameters from [`BlockParams`], taken when a block's first column is reached, from the
+//! block parameters from `BlockParams`, taken when a block's first column is reached, from the
 //! block's weights as compensated so far), so the graph, the manifest and the dequantized
 //! reference are unchanged.
 //!
