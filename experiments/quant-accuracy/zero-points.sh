@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Does int4 with per-block zero points (`steper-export --quantize int4 --zero-points`) keep a
-# trained student's HotpotQA accuracy where symmetric int4 loses it? One command, one run: the
-# student exported fp32, int4 (symmetric), int4 with zero points and int8; `steper-run eval` of
-# each on the first N questions of hotpotqa_dev500 (its own paragraph pool as the index), in the
-# same run on the same questions; `steper-run compare` of each against fp32 (paired intervals,
-# sign tests). Resumable: an export or evaluation whose output exists is skipped.
-# Needs a trained checkpoint: CKPT (default out/demo/student, made by scripts/demo.sh).
+# Which int4 keeps a trained student's HotpotQA accuracy: symmetric round-to-nearest, per-block
+# zero points (`--zero-points`), or GPTQ (`--calibration`, with and without zero points)? One
+# command, one run: the student exported fp32, int4, int4-zp, int8, int4-gptq and int4-gptq-zp;
+# `steper-run eval` of each on the first N questions of hotpotqa_dev500 (its own paragraph pool
+# as the index), on the same questions; `steper-run compare` of each against fp32 (paired
+# intervals, sign tests). GPTQ's Hessians come from `steper-calibrate --hessians` on the fp32
+# export over CALIB_SAMPLES step prompts of the student's own training records (CALIB_DATA), not
+# the dev questions. Resumable: an export, calibration or evaluation whose output exists is
+# skipped. Needs a trained checkpoint: CKPT (default out/demo/student, made by scripts/demo.sh).
 # Knobs (env): OUT (out/quant-zero-points), BIN_DIR (prebuilt binaries, else a release build),
-# N (100), WORKERS (2), BLOCK (32).
+# N (100), WORKERS (2), BLOCK (32), FORMS (all six), CALIB_DATA
+# (out/demo/distill/stepwise.jsonl), CALIB_SAMPLES (128).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -16,12 +19,15 @@ CKPT="${CKPT:-$ROOT/out/demo/student}"
 N="${N:-100}"
 WORKERS="${WORKERS:-2}"
 BLOCK="${BLOCK:-32}"
+FORMS="${FORMS:-fp32 int4 int4-zp int8 int4-gptq int4-gptq-zp}"
+CALIB_DATA="${CALIB_DATA:-$ROOT/out/demo/distill/stepwise.jsonl}"
+CALIB_SAMPLES="${CALIB_SAMPLES:-128}"
 DATA="$ROOT/data"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
 if [[ -n "${BIN_DIR:-}" ]]; then
   BIN="$BIN_DIR"
 else
-  cargo build --release -q -p steper-export -p steper-runtime
+  cargo build --release -q -p steper-train -p steper-export -p steper-runtime -p steper-calibration
   BIN="$ROOT/target/release"
 fi
 [[ -f "$CKPT/config.json" ]] || { echo "missing $CKPT/config.json (see the header of $0)" >&2; exit 1; }
@@ -31,7 +37,19 @@ log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 INDEX="$OUT/index-hotpotqa_dev500"
 [[ -d "$INDEX" ]] || "$BIN/steper-run" index --from-qa "$DATA/hotpotqa_dev500.jsonl.gz" --out "$INDEX" >/dev/null
 
-FORMS="fp32 int4 int4-zp int8"
+# GPTQ needs the fp32 export's Hessians first.
+CALIB="$OUT/calib"
+calibrate() {
+  [[ -f "$CALIB/hessians.safetensors" ]] && return
+  [[ -f "$OUT/student-fp32/steper.json" ]] || {
+    log "export fp32 (for the Hessians)"
+    "$BIN/steper-export" --checkpoint "$CKPT" --out "$OUT/student-fp32" >/dev/null
+  }
+  [[ -f "$CALIB_DATA" ]] || { echo "missing $CALIB_DATA (CALIB_DATA: step-wise records)" >&2; exit 1; }
+  log "calibrate: Hessians over $CALIB_SAMPLES prompts of $CALIB_DATA"
+  "$BIN/steper-calibrate" --model "$OUT/student-fp32" --data "$CALIB_DATA" --hessians \
+    --samples "$CALIB_SAMPLES" --holdout 0 --bench-tokens 0 --out "$CALIB" >"$OUT/calibrate.log" 2>&1
+}
 for q in $FORMS; do
   [[ -f "$OUT/student-$q/steper.json" ]] && continue
   case "$q" in
@@ -39,6 +57,9 @@ for q in $FORMS; do
     int4) args=(--quantize int4 --block-size "$BLOCK") ;;
     int4-zp) args=(--quantize int4 --block-size "$BLOCK" --zero-points) ;;
     int8) args=(--quantize int8 --block-size "$BLOCK") ;;
+    int4-gptq) calibrate; args=(--quantize int4 --block-size "$BLOCK" --calibration "$CALIB") ;;
+    int4-gptq-zp) calibrate; args=(--quantize int4 --block-size "$BLOCK" --zero-points --calibration "$CALIB") ;;
+    *) echo "unknown form $q in FORMS" >&2; exit 2 ;;
   esac
   log "export $q"
   "$BIN/steper-export" --checkpoint "$CKPT" --out "$OUT/student-$q" "${args[@]}" >/dev/null

@@ -66,6 +66,7 @@ fn options(h: &ServerHandle, questions: &[String], seconds: u64, key: &str) -> S
         request_timeout: CLIENT_TIMEOUT,
         server_pid: None,
         api_key: Some(key.to_string()),
+        warmup: steper_loadgen::soak::DEFAULT_WARMUP,
     }
 }
 

@@ -33,17 +33,22 @@ pub use report::{Milestones, MinuteStats, ResourceSample, SoakReport, Verdict};
 use requests::Requests;
 
 /// Resident memory at the end, and its floor in the last window of load, may exceed the
-/// baseline (its floor in the window after the first minute) by this fraction and still count
-/// as flat.
+/// baseline (its floor in the window after the warm-up) by this fraction and still count as
+/// flat.
 pub const RSS_GROWTH_TOLERANCE: f64 = 0.10;
 /// Open descriptors at the end, and their floor in the last window, may exceed the baseline by
 /// this many per client and still count as flat: how many connections are open at a sample
 /// varies by up to one per client (both of its ends when the server runs in the load
 /// generator's process).
 pub const FD_SLACK_PER_CLIENT: usize = 2;
-/// The baseline window starts this long after the start and lasts as long (a quarter of a
-/// shorter run each); the last window is as long and ends with the load.
-pub const BASELINE_AFTER: Duration = Duration::from_secs(60);
+/// The default warm-up ([`SoakOptions::warmup`]): the baseline window starts this long after
+/// the start. Each ONNX Runtime session's arena grows until it has seen the largest shapes the
+/// load sends; with two workers and 16 clients that took two minutes on this project's
+/// hour-long runs (the floor rose 732 → 1,051 → 1,179 MiB over minutes 1–3, then held).
+pub const DEFAULT_WARMUP: Duration = Duration::from_secs(120);
+/// The baseline window and the last window of load each last this long (a quarter of a
+/// shorter run each); the last window ends with the load.
+pub const WINDOW: Duration = Duration::from_secs(60);
 /// How long a valid request waits after a 503 before its client goes on.
 const BACKOFF_AFTER_503: Duration = Duration::from_millis(100);
 /// Pause between the clients' end and the last sample (connections close).
@@ -213,6 +218,9 @@ pub struct SoakOptions {
     pub server_pid: Option<u32>,
     /// Sent as `Authorization: Bearer <key>` with every request when set.
     pub api_key: Option<String>,
+    /// Samples before this are the warm-up: the baseline window starts here (at most a
+    /// quarter of the run). Default [`DEFAULT_WARMUP`].
+    pub warmup: Duration,
 }
 
 /// Resident memory (`VmRSS`, bytes) of `pid` (`None`: this process).
@@ -456,6 +464,7 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             server_pid: None,
             api_key: None,
+            warmup: DEFAULT_WARMUP,
         }
     }
 

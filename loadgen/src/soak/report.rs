@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{
-    acceptable, Outcome, Record, SoakKind, SoakOptions, BASELINE_AFTER, FD_SLACK_PER_CLIENT,
-    MAX_EXAMPLES, RSS_GROWTH_TOLERANCE,
+    acceptable, Outcome, Record, SoakKind, SoakOptions, FD_SLACK_PER_CLIENT, MAX_EXAMPLES,
+    RSS_GROWTH_TOLERANCE, WINDOW,
 };
 use crate::load::percentile;
 
@@ -49,7 +49,7 @@ pub struct MinuteStats {
 pub struct Milestones<T> {
     /// First sample.
     pub start: Option<T>,
-    /// The smallest sample of the baseline window (see [`BASELINE_AFTER`]).
+    /// The smallest sample of the baseline window (see [`SoakOptions::warmup`]).
     pub baseline: Option<T>,
     /// The smallest sample of the last window of load (as long as the baseline window).
     pub last_floor: Option<T>,
@@ -145,12 +145,13 @@ pub(super) fn summarize(
     }
     let minutes = per_minute(records);
 
-    // Windows as long as the baseline's offset: [w, 2w) after the warm-up, and the last w of
-    // the load.
+    // The baseline window [warm-up, warm-up + w) and the last w of the load; on a short run
+    // the warm-up and w are a quarter of it each.
     let duration = opts.duration.as_secs_f64();
-    let w = BASELINE_AFTER.as_secs_f64().min(duration / 4.0);
-    let baseline_window = (w, 2.0 * w);
-    let last_window = ((duration - w).max(2.0 * w), duration);
+    let warm = opts.warmup.as_secs_f64().min(duration / 4.0);
+    let w = WINDOW.as_secs_f64().min(duration / 4.0);
+    let baseline_window = (warm, warm + w);
+    let last_window = ((duration - w).max(warm + w), duration);
     let within = |(from, to): (f64, f64)| {
         let v: Vec<&ResourceSample> = samples
             .iter()
@@ -264,6 +265,7 @@ fn per_minute(records: &[Record]) -> Vec<MinuteStats> {
 mod tests {
     use super::super::tests::opts;
     use super::*;
+    use std::time::Duration;
 
     fn sample(t_s: f64, rss: u64, fds: usize) -> ResourceSample {
         ResourceSample {
@@ -321,6 +323,27 @@ mod tests {
             let r = summarize(&o, 100.0, &records, series(late, end));
             assert_eq!(r.verdict.fd_flat, Some(false), "{late:?} {end:?}");
         }
+
+        // The warm-up keeps the arena's growth out of the baseline: 10 minutes, floor 500 in
+        // the second minute, 1000 from the third on.
+        let long = |warmup: u64| SoakOptions {
+            duration: Duration::from_secs(600),
+            warmup: Duration::from_secs(warmup),
+            ..o.clone()
+        };
+        let series = vec![
+            sample(70.0, 500, 20),
+            sample(130.0, 1000, 20),
+            sample(580.0, 1050, 20),
+            sample(602.0, 1050, 20),
+        ];
+        let r = summarize(&long(120), 600.0, &records, series.clone());
+        assert_eq!(r.baseline_window_s, (120.0, 180.0));
+        assert_eq!(r.rss_bytes.baseline, Some(1000));
+        assert!(r.verdict.pass, "{:?}", r.verdict);
+        let r = summarize(&long(60), 600.0, &records, series);
+        assert_eq!(r.rss_bytes.baseline, Some(500));
+        assert_eq!(r.verdict.rss_flat, Some(false));
 
         let bad = vec![rec(SoakKind::WrongType, Outcome::Status(500))];
         let r = summarize(&o, 100.0, &bad, vec![sample(0.0, 1, 1), sample(30.0, 1, 1)]);

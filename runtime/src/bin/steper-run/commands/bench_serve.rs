@@ -55,6 +55,9 @@ pub struct Args {
     /// of sharing them (to measure what sharing saves in peak RSS).
     #[arg(long)]
     pub no_shared_weights: bool,
+    /// ONNX Runtime's memory-pattern optimization in an in-process server (off, as in `serve`).
+    #[arg(long)]
+    pub memory_pattern: bool,
     /// QA file whose questions are sent round-robin (any format `data convert` reads; plain,
     /// .gz or .zst).
     #[arg(long)]
@@ -95,6 +98,11 @@ pub struct Args {
     /// Soak: seconds between samples of the server's RSS, descriptors and /healthz.
     #[arg(long, default_value_t = 10.0)]
     pub sample_every: f64,
+    /// Soak: seconds of warm-up before the baseline window of RSS and descriptors (at most a
+    /// quarter of the run): the sessions' arenas grow until they have seen the load's largest
+    /// shapes.
+    #[arg(long, value_name = "SECONDS", default_value_t = steper_loadgen::soak::DEFAULT_WARMUP.as_secs_f64())]
+    pub soak_warmup: f64,
     /// Soak: seconds a slow sender takes to send its body.
     #[arg(long, default_value_t = 3.0)]
     pub slow_body_seconds: f64,
@@ -143,7 +151,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (Some(url), _, _) => (host_port(url)?, None, a.server_pid),
         (None, Some(model), Some(index)) => {
             let threads = super::threads_per_worker(a.threads, a.workers);
-            let backend = match a.backend.kind(Some(threads)).with_concurrency(a.workers) {
+            let backend = match a
+                .backend
+                .kind(Some(threads))
+                .with_concurrency(a.workers)
+                .with_memory_pattern(a.memory_pattern)
+            {
                 BackendKind::Ort(o) if a.no_shared_weights => {
                     BackendKind::Ort(o.with_shared_prepacked_weights(false))
                 }

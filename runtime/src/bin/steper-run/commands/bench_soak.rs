@@ -32,6 +32,11 @@ pub fn run(
         "--slow-body-seconds: expected 0 or more seconds, got {}",
         a.slow_body_seconds
     );
+    anyhow::ensure!(
+        a.soak_warmup >= 0.0 && a.soak_warmup.is_finite(),
+        "--soak-warmup: expected 0 or more seconds, got {}",
+        a.soak_warmup
+    );
     if a.url.is_some() && server_pid.is_none() {
         eprintln!("warning: no --server-pid: the server's RSS and descriptors are not sampled, so the verdict cannot pass");
     }
@@ -48,6 +53,7 @@ pub fn run(
         request_timeout: Duration::from_secs_f64(a.request_timeout),
         server_pid,
         api_key,
+        warmup: Duration::from_secs_f64(a.soak_warmup),
     };
     if !a.json {
         eprintln!(

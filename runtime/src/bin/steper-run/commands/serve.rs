@@ -62,10 +62,12 @@ pub struct Args {
     /// How the loop reasons: `ircot` or `self-ask` (default: the model's manifest, else ircot).
     #[arg(long, value_name = "ircot|self-ask")]
     pub framework: Option<steper_runtime::Framework>,
-    /// ONNX Runtime: turn off the memory-pattern optimization, which keeps one allocation plan
-    /// per set of input shapes for the server's lifetime.
+    /// ONNX Runtime: turn on the memory-pattern optimization (off in the server). It keeps one
+    /// allocation plan per set of input shapes for the server's lifetime, and a server sees a
+    /// new set with nearly every prompt length: in an hour-long soak the resident memory of two
+    /// workers rose 1,081 → 1,461 MiB with it, and held 1,179 MiB without it.
     #[arg(long)]
-    pub no_memory_pattern: bool,
+    pub memory_pattern: bool,
 }
 
 /// Serves until SIGTERM or ctrl-c, then finishes the accepted requests and exits.
@@ -102,7 +104,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.backend
             .kind(Some(threads))
             .with_concurrency(a.workers)
-            .with_memory_pattern(!a.no_memory_pattern),
+            .with_memory_pattern(a.memory_pattern),
     );
     // The manifest's loop settings with the framework the flag asks for.
     let loop_options = a
