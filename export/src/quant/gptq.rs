@@ -65,23 +65,11 @@ pub fn quantize_gptq(
     zero_points: bool,
     opts: &GptqOptions,
 ) -> Result<BlockQuantized> {
-    if block_size == 0 || !cols.is_multiple_of(block_size) {
-        return Err(Error::BlockSize {
-            layer: layer.into(),
-            input_dim: cols,
-            block_size,
-        });
-    }
+    super::check_layout(layer, w, rows, cols, block_size)?;
     let bad = |message: String| Error::Tensor {
         name: layer.into(),
         message,
     };
-    if w.len() != rows * cols {
-        return Err(bad(format!(
-            "expected {rows}×{cols} weights, got {}",
-            w.len()
-        )));
-    }
     if h.len() != cols * cols {
         return Err(bad(format!(
             "expected a {cols}×{cols} Hessian of the layer's inputs, got {} values",

@@ -303,6 +303,31 @@ pub struct BlockQuantized {
     pub zero_points: Option<Vec<i8>>,
 }
 
+/// Checks that `block_size` divides the input dimension `cols` ([`Error::BlockSize`]) and that
+/// `w` holds `rows × cols` weights ([`Error::Tensor`]).
+pub(crate) fn check_layout(
+    layer: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    block_size: usize,
+) -> Result<()> {
+    if block_size == 0 || !cols.is_multiple_of(block_size) {
+        return Err(Error::BlockSize {
+            layer: layer.into(),
+            input_dim: cols,
+            block_size,
+        });
+    }
+    if w.len() != rows * cols {
+        return Err(Error::Tensor {
+            name: layer.into(),
+            message: format!("expected {rows}×{cols} weights, got {}", w.len()),
+        });
+    }
+    Ok(())
+}
+
 /// Quantizes the row-major `[rows, cols]` weight `w` of layer `layer` (see the module doc for
 /// the formulas; `zero_points` picks the asymmetric form). `cols` must be a multiple of
 /// `block_size`, else [`Error::BlockSize`].
@@ -315,19 +340,7 @@ pub fn quantize(
     block_size: usize,
     zero_points: bool,
 ) -> Result<BlockQuantized> {
-    if block_size == 0 || !cols.is_multiple_of(block_size) {
-        return Err(Error::BlockSize {
-            layer: layer.into(),
-            input_dim: cols,
-            block_size,
-        });
-    }
-    if w.len() != rows * cols {
-        return Err(Error::Tensor {
-            name: layer.into(),
-            message: format!("expected {rows}×{cols} values, got {}", w.len()),
-        });
-    }
+    check_layout(layer, w, rows, cols, block_size)?;
     let mut codes = Vec::with_capacity(w.len());
     let mut scales = Vec::with_capacity(w.len() / block_size);
     let mut zps = Vec::with_capacity(if zero_points { w.len() / block_size } else { 0 });
