@@ -1,102 +1,20 @@
-"""The STEPER / IRCoT reasoning loop as a plain Python script on onnxruntime-genai: what a user
+"""The reasoning loop (experiments/python-loop/ircot_loop.py) on onnxruntime-genai: what a user
 would write instead of `steper-run eval`. It loads OUR export through its genai_config.json, so
-both sides run the same weights on the same questions.
-
-Loop (DESIGN.md): query = question; BM25 top-k new passages (skip held ones, cap 15); prompt in
-the IRCoT layout (passages first, each capped at 100 words; `Q:`; `A:` + prior sentences);
-greedy generation until EOS, a newline or 48 tokens; keep the first sentence; `answer is:` →
-answer; else the sentence (wh-words and so/thus lead-ins removed) is the next query; at the
-last step force `So the answer is:`. The prompt is re-run from scratch each step (genai's
-generator has no cross-step prefix reuse through its Python API), as a user's script would.
+both sides run the same weights on the same questions. The prompt is re-run from scratch each
+step (genai's generator has no cross-step prefix reuse through its Python API), as a user's
+script would.
 
 usage: ircot_genai.py MODEL_DIR QA.jsonl LIMIT OUT.json [--steps 5] [--top-k 4]
 """
 import argparse
-import gzip
 import json
-import math
-import re
-import string
+import os
 import sys
-import time
-from collections import Counter, defaultdict
 
 import onnxruntime_genai as og
 
-STOP = set("a an and are as at be but by for if in into is it no not of on or such that the their then there these they this to was will with".split())
-
-
-def tokens(text):
-    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in STOP]
-
-
-class Bm25:
-    """Plain BM25 (k1 0.9, b 0.4) over title + text."""
-
-    def __init__(self, docs, k1=0.9, b=0.4):
-        self.docs, self.k1, self.b = docs, k1, b
-        self.tf = [Counter(tokens(d["title"] + " " + d["text"])) for d in docs]
-        self.len = [sum(c.values()) for c in self.tf]
-        self.avg = sum(self.len) / max(1, len(self.len))
-        df = Counter(w for c in self.tf for w in c)
-        n = len(docs)
-        self.idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}
-        self.post = defaultdict(list)
-        for i, c in enumerate(self.tf):
-            for w in c:
-                self.post[w].append(i)
-
-    def search(self, query, k, skip):
-        score = defaultdict(float)
-        for w in set(tokens(query)):
-            idf = self.idf.get(w)
-            if idf is None:
-                continue
-            for i in self.post[w]:
-                f = self.tf[i][w]
-                score[i] += idf * f * (self.k1 + 1) / (f + self.k1 * (1 - self.b + self.b * self.len[i] / self.avg))
-        ranked = sorted((i for i in score if i not in skip), key=lambda i: -score[i])
-        return ranked[:k]
-
-
-def cap(text, n):
-    return " ".join(text.split()[:n])
-
-
-def render(question, passages, reasoning, suffix=None):
-    s = "".join(f"Wikipedia Title: {p['title']}\n{cap(p['text'], 100)}\n\n" for p in passages)
-    s += f"Q: {question}\nA:"
-    for r in reasoning:
-        s += " " + r
-    if suffix:
-        s += " " + suffix
-    return s
-
-
-def first_sentence(text):
-    text = text.strip()
-    m = re.search(r"[.!?](\s|$)", text)
-    return text[: m.start() + 1] if m else text
-
-
-WH = re.compile(r"^(so|thus|therefore|hence)\b[, ]*|\b(what|which|who|whom|whose|when|where|why|how)\b", re.I)
-
-
-def normalize(s):
-    s = s.lower()
-    s = "".join(c for c in s if c not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def f1(pred, gold):
-    p, g = normalize(pred).split(), normalize(gold).split()
-    common = Counter(p) & Counter(g)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    pr, rc = same / len(p), same / len(g)
-    return 2 * pr * rc / (pr + rc)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python-loop"))
+import ircot_loop  # noqa: E402
 
 
 def main():
@@ -108,16 +26,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=4)
     a = ap.parse_args()
-    opener = gzip.open if a.data.endswith(".gz") else open
-    qs = [json.loads(l) for l in opener(a.data, "rt") if l.strip()]
-    seen, docs = set(), []
-    for q in qs:
-        for p in q["paragraphs"]:
-            key = (p["title"], p["text"])
-            if key not in seen:
-                seen.add(key)
-                docs.append({"title": p["title"], "text": p["text"]})
-    bm25 = Bm25(docs)
+    qs, docs = ircot_loop.load(a.data, a.limit)
     model = og.Model(a.model)
     tok = og.Tokenizer(model)
     eos = set()
@@ -125,7 +34,7 @@ def main():
     e = cfg.get("eos_token_id")
     eos.update(e if isinstance(e, list) else [e])
 
-    def generate(prompt, max_new=48):
+    def generate(prompt, max_new=ircot_loop.MAX_NEW_TOKENS):
         ids = tok.encode(prompt)
         p = og.GeneratorParams(model)
         p.set_search_options(do_sample=False, max_length=len(ids) + max_new)
@@ -141,56 +50,12 @@ def main():
             text = tok.decode(out)
             if "\n" in text:
                 break
-        return tok.decode(out).split("\n")[0], len(ids), len(out)
+        return tok.decode(out).split("\n")[0], len(ids), len(out), len(ids)
 
-    qs = qs[: a.limit]
-    t0 = time.perf_counter()
-    em = f1s = 0.0
-    prefilled = generated = 0
-    rows = []
-    for q in qs:
-        held, reasoning, query, answer = [], [], q["question"], None
-        held_ids = set()
-        for step in range(1, a.steps + 1):
-            for i in bm25.search(query, a.top_k, held_ids):
-                if len(held) < 15:
-                    held.append(docs[i])
-                    held_ids.add(i)
-            forced = step == a.steps
-            prompt = render(q["question"], held, reasoning, "So the answer is:" if forced else None)
-            text, n_in, n_out = generate(prompt)
-            prefilled += n_in
-            generated += n_out
-            sent = first_sentence(text)
-            if forced:
-                answer = sent.rstrip(".").strip()
-                break
-            m = re.search(r"answer is:?\s*(.*)", sent, re.I)
-            if m:
-                answer = m.group(1).strip().rstrip(".")
-                break
-            reasoning.append(sent)
-            query = WH.sub(" ", sent).strip() or q["question"]
-        golds = q["answers"]
-        e1 = max(float(normalize(answer) == normalize(g)) for g in golds)
-        f_1 = max(f1(answer, g) for g in golds)
-        em += e1
-        f1s += f_1
-        rows.append({"id": q["id"], "prediction": answer, "em": e1, "f1": f_1, "steps": step})
-    secs = time.perf_counter() - t0
-    n = len(qs)
-    summary = {
-        "engine": "onnxruntime-genai " + getattr(og, "__version__", "?") + " (Python loop)",
-        "questions": n,
-        "em": em / n,
-        "f1": f1s / n,
-        "seconds": secs,
-        "questions_per_sec": n / secs,
-        "prefilled_tokens": prefilled,
-        "generated_tokens": generated,
-    }
-    json.dump({"summary": summary, "records": rows}, open(a.out, "w"), indent=1)
-    print(json.dumps(summary))
+    engine = "onnxruntime-genai " + getattr(og, "__version__", "?") + " (Python loop)"
+    result = ircot_loop.run(qs, docs, generate, engine, a.steps, a.top_k)
+    json.dump(result, open(a.out, "w"), indent=1)
+    print(json.dumps(result["summary"]))
 
 
 if __name__ == "__main__":
