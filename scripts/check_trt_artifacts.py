@@ -446,7 +446,7 @@ def option_keys_we_set(root):
         capture_output=True, text=True, check=True).stdout)
     pkg = next(p for p in meta["packages"] if p["name"] == "ort")
     ep_dir = Path(pkg["manifest_path"]).parent / "src" / "ep"
-    src = (Path(root) / "runtime/src/backend/ort.rs").read_text()
+    src = (Path(root) / "runtime/src/backend/ort/pool.rs").read_text()
     body = src[src.index("fn dispatch("):]
     body = body[:body.index("\n}\n")]
     out = {"ort_crate": f"{pkg['name']} {pkg['version']}"}
