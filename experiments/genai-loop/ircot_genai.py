@@ -47,10 +47,9 @@ def main():
             if t in eos:
                 break
             out.append(t)
-            text = tok.decode(out)
-            if "\n" in text:
+            if ircot_loop.step_done(tok.decode(out)):
                 break
-        return tok.decode(out).split("\n")[0], len(ids), len(out), len(ids)
+        return tok.decode(out), len(ids), len(out), len(ids)
 
     engine = "onnxruntime-genai " + getattr(og, "__version__", "?") + " (Python loop)"
     result = ircot_loop.run(qs, docs, generate, engine, a.steps, a.top_k)

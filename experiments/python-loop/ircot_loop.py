@@ -5,7 +5,8 @@ prefilled_tokens)`; this module has the retrieval, the prompt, the step logic an
 
 Loop: query = question; BM25 (k1 0.9, b 0.4) top-k new passages (skip held ones, cap 15) over the
 QA file's own paragraphs; prompt in the IRCoT layout (passages first, each capped at 100 words;
-`Q:`; `A:` + prior sentences); greedy generation until EOS, a newline or 48 tokens; keep the first
+`Q:`; `A:` + prior sentences); greedy generation until EOS (banned as the first token), a newline after
+the first non-blank character, a complete first sentence or 48 tokens (`step_done`); keep the first
 sentence; `answer is:` → answer; else the sentence (wh-words and so/thus lead-ins removed) is the
 next query; at the last step force `So the answer is:`.
 """
@@ -72,9 +73,21 @@ def render(question, passages, reasoning, suffix=None):
 
 
 def first_sentence(text):
-    text = text.strip()
-    m = re.search(r"[.!?](\s|$)", text)
-    return text[: m.start() + 1] if m else text
+    """The first sentence of the first non-empty line (a `.`, `!` or `?` followed by whitespace or
+    the end; the runtime's rule also spares abbreviations and initials)."""
+    line = text.lstrip().split("\n")[0]
+    m = re.search(r"[.!?](\s|$)", line)
+    return (line[: m.start() + 1] if m else line).strip()
+
+
+def step_done(text):
+    """The runtime's rule for ending a step's generation (besides an end-of-sequence token, which
+    it bans as the first token, and the token limit): a newline after the first non-blank
+    character, or a complete first sentence with more text after it."""
+    if "\n" in text.lstrip():
+        return True
+    t = text.strip()
+    return bool(t) and len(first_sentence(t)) < len(t)
 
 
 WH = re.compile(r"^(so|thus|therefore|hence)\b[, ]*|\b(what|which|who|whom|whose|when|where|why|how)\b", re.I)
