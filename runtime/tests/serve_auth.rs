@@ -267,6 +267,7 @@ fn the_cli_reads_the_key_from_the_environment() -> Result<()> {
         steper_run()
             .args(args)
             .env(VAR, KEY)
+            .env_remove("MALLOC_ARENA_MAX")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?,
@@ -277,6 +278,11 @@ fn the_cli_reads_the_key_from_the_environment() -> Result<()> {
     let ready: serde_json::Value = serde_json::from_str(&line).context("the ready line")?;
     assert_eq!(ready["event"], "ready", "{line}");
     assert_eq!(ready["api_key_env"], VAR);
+    // The long-running defaults: no memory-pattern cache, two malloc arenas on glibc.
+    assert_eq!(ready["memory_pattern"], false, "{line}");
+    if cfg!(all(target_os = "linux", target_env = "gnu")) {
+        assert_eq!(ready["malloc_arena_max"], 2, "{line}");
+    }
     let addr = ready["addr"].as_str().context("addr")?.to_string();
     assert_eq!(send(&addr, "GET", "/healthz", None, None)?.status, 200);
     assert_unauthorized(&send(&addr, "GET", "/v1/models", None, None)?, "Bearer")?;
