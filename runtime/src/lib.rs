@@ -159,6 +159,7 @@ pub mod backend;
 pub mod serve;
 
 // The loop and its types: private modules, re-exported below.
+mod batching;
 mod control;
 mod engine;
 mod error;

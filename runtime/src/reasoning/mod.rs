@@ -139,21 +139,35 @@ pub fn reason_with(
         control.check()?;
         run.prepare(retriever, &*model)?;
         let out = model.generate(&run.request()?)?;
-        let traced = run.traced_steps();
-        match run.finish_step(out)? {
-            Some(done) => {
-                if let Some(last) = done.steps.last() {
-                    control.report(last, &done.passages)?;
-                }
-                return Ok(done);
+        if let Some(done) = finish_and_report(&mut run, out, control)? {
+            return Ok(done);
+        }
+    }
+}
+
+/// Hands a generation's output to `run` and reports the step to `control`'s observer when
+/// it finished one (a step of several rounds is reported once, at its end); returns the
+/// reasoning when the question is answered.
+pub(crate) fn finish_and_report(
+    run: &mut LoopRun,
+    out: StepOutput,
+    control: &LoopControl,
+) -> Result<Option<Reasoning>> {
+    let traced = run.traced_steps();
+    match run.finish_step(out)? {
+        Some(done) => {
+            if let Some(last) = done.steps.last() {
+                control.report(last, &done.passages)?;
             }
-            None => {
-                if run.traced_steps() > traced {
-                    if let Some((last, held)) = run.last_step() {
-                        control.report(last, held)?;
-                    }
+            Ok(Some(done))
+        }
+        None => {
+            if run.traced_steps() > traced {
+                if let Some((last, held)) = run.last_step() {
+                    control.report(last, held)?;
                 }
             }
+            Ok(None)
         }
     }
 }

@@ -63,9 +63,194 @@ pub enum PromptProblem {
     },
 }
 
-/// Generates the completion of `req.prompt`. `seed` drives sampling (ignored when greedy).
-/// `on_piece` receives text as it becomes final (never a piece that could still turn into a
-/// stop sequence, never half a UTF-8 character) and returns false to stop early (client gone).
+/// A completion driven one token at a time: the prompt's tokens, then each next token chosen
+/// from the logits the caller hands over ([`CompletionRun::accept`]), so that the same
+/// decisions run on one sequence ([`complete`]) or in a row of a batched step (the server's
+/// batching workers).
+pub struct CompletionRun {
+    req: CompletionRequest,
+    ids: Vec<u32>,
+    max_new: usize,
+    rng: u64,
+    generated: Vec<u32>,
+    token_texts: Vec<String>,
+    emitted: usize,
+    text: String,
+    out: Completion,
+    /// Set once the completion ended (EOS, a stop sequence, the length, or `on_piece` said
+    /// stop).
+    ended: bool,
+    started: std::time::Instant,
+}
+
+impl CompletionRun {
+    /// Tokenizes `req.prompt`; `Ok(Err(problem))` is a prompt a model of `context` positions
+    /// cannot take. `seed` drives sampling (ignored when greedy).
+    pub fn new(
+        tokenizer: &Tokenizer,
+        context: usize,
+        req: &CompletionRequest,
+        seed: u64,
+    ) -> Result<std::result::Result<Self, PromptProblem>> {
+        let ids = tokenizer
+            .encode(req.prompt.as_str(), req.add_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec();
+        if ids.is_empty() {
+            return Ok(Err(PromptProblem::Empty));
+        }
+        if ids.len() >= context {
+            return Ok(Err(PromptProblem::TooLong {
+                tokens: ids.len(),
+                context,
+            }));
+        }
+        let max_new = req.max_tokens.min(context - ids.len());
+        let out = Completion {
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens: ids.len(),
+            completion_tokens: 0,
+            logprobs: req.logprobs.map(|_| CompletionLogprobs::default()),
+            model_seconds: 0.0,
+        };
+        Ok(Ok(CompletionRun {
+            req: req.clone(),
+            ids,
+            max_new,
+            rng: seed ^ 0x5DEE_CE66_D1CE_5EED,
+            generated: Vec::new(),
+            token_texts: Vec::new(),
+            emitted: 0,
+            text: String::new(),
+            out,
+            ended: max_new == 0,
+            started: std::time::Instant::now(),
+        }))
+    }
+
+    /// The prompt's tokens (to prefill).
+    pub fn prompt(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Whether the completion ended (nothing more to generate).
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Marks the start of model work (prefill), from which `model_seconds` counts.
+    pub fn start_clock(&mut self) {
+        self.started = std::time::Instant::now();
+    }
+
+    /// Chooses the next token from `row` (the logits after the last token run); returns the
+    /// token to run next, or `None` when the completion ended. `on_piece` receives text as it
+    /// becomes final (never a piece that could still turn into a stop sequence, never half a
+    /// UTF-8 character) and returns false to stop early (client gone).
+    pub fn accept(
+        &mut self,
+        tokenizer: &Tokenizer,
+        eos: &[u32],
+        row: &[f32],
+        on_piece: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Option<u32>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let req = &self.req;
+        let stats = softmax_stats(row)?;
+        let lse = stats.log_sum_exp();
+        let id = if req.temperature <= GREEDY_TEMPERATURE {
+            stats.argmax
+        } else if req.top_p < 1.0 {
+            sample_top_p(row, stats.max, req.temperature, req.top_p, &mut self.rng)
+        } else {
+            sample(row, stats.max, req.temperature, &mut self.rng)
+        } as u32;
+        if eos.contains(&id) {
+            self.out.finish_reason = FinishReason::Stop;
+            self.ended = true;
+            return Ok(None);
+        }
+        self.generated.push(id);
+        if let (Some(lp), Some(n)) = (self.out.logprobs.as_mut(), req.logprobs) {
+            let piece = tokenizer
+                .decode(&[id], false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            lp.token_logprobs.push(f64::from(row[id as usize]) - lse);
+            lp.top_logprobs.push(top_logprobs(tokenizer, row, lse, n)?);
+            self.token_texts.push(piece);
+        }
+        self.text = tokenizer
+            .decode(&self.generated, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        if let Some(cut) = earliest_stop(&self.text, &req.stop) {
+            self.text.truncate(cut);
+            self.out.finish_reason = FinishReason::Stop;
+            self.ended = true;
+            return Ok(None);
+        }
+        let safe = stable_prefix_len(&self.text, &req.stop);
+        if safe > self.emitted {
+            if !on_piece(&self.text[self.emitted..safe]) {
+                self.ended = true;
+                return Ok(None);
+            }
+            self.emitted = safe;
+        }
+        if self.generated.len() >= self.max_new {
+            self.out.finish_reason = FinishReason::Length;
+            self.ended = true;
+            return Ok(None);
+        }
+        Ok(Some(id))
+    }
+
+    /// The finished completion; the text not yet handed to `on_piece` goes to it now.
+    pub fn finish(mut self, on_piece: &mut dyn FnMut(&str) -> bool) -> Completion {
+        let mut out = self.out;
+        out.model_seconds = if self.generated.is_empty() && self.max_new == 0 {
+            0.0
+        } else {
+            self.started.elapsed().as_secs_f64()
+        };
+        if self.text.len() > self.emitted {
+            on_piece(&self.text[self.emitted..]);
+        }
+        out.completion_tokens = self.generated.len();
+        if let Some(lp) = out.logprobs.as_mut() {
+            // Offsets count from the start of the prompt, as OpenAI's; tokens past a cut stop
+            // sequence are dropped.
+            let prompt = &self.req.prompt;
+            let mut offset = prompt.len();
+            let end = prompt.len() + self.text.len();
+            let mut keep = 0;
+            for piece in &self.token_texts {
+                if offset >= end {
+                    break;
+                }
+                lp.text_offset.push(offset);
+                offset += piece.len();
+                keep += 1;
+            }
+            lp.tokens = std::mem::take(&mut self.token_texts)
+                .into_iter()
+                .take(keep)
+                .collect();
+            lp.token_logprobs.truncate(keep);
+            lp.top_logprobs.truncate(keep);
+            lp.text_offset.truncate(keep);
+        }
+        out.text = self.text;
+        out
+    }
+}
+
+/// Generates the completion of `req.prompt` on one sequence of `generator`. `seed` drives
+/// sampling (ignored when greedy). `on_piece` receives text as it becomes final (see
+/// [`CompletionRun::accept`]) and returns false to stop early (client gone).
 /// `Ok(Err(problem))` is a prompt the model cannot take. `cancel` is checked before every
 /// model call ([`Error::Cancelled`] / [`Error::DeadlineExceeded`]).
 pub fn complete(
@@ -77,114 +262,22 @@ pub fn complete(
     seed: u64,
     on_piece: &mut dyn FnMut(&str) -> bool,
 ) -> Result<std::result::Result<Completion, PromptProblem>> {
-    let ids = tokenizer
-        .encode(req.prompt.as_str(), req.add_special_tokens)
-        .map_err(|e| Error::Tokenizer(e.to_string()))?
-        .get_ids()
-        .to_vec();
-    if ids.is_empty() {
-        return Ok(Err(PromptProblem::Empty));
-    }
-    let context = generator.info().context_length;
-    if ids.len() >= context {
-        return Ok(Err(PromptProblem::TooLong {
-            tokens: ids.len(),
-            context,
-        }));
-    }
-    let max_new = req.max_tokens.min(context - ids.len());
-    let mut out = Completion {
-        text: String::new(),
-        finish_reason: FinishReason::Length,
-        prompt_tokens: ids.len(),
-        completion_tokens: 0,
-        logprobs: req.logprobs.map(|_| CompletionLogprobs::default()),
-        model_seconds: 0.0,
+    let mut run = match CompletionRun::new(tokenizer, generator.info().context_length, req, seed)? {
+        Ok(run) => run,
+        Err(problem) => return Ok(Err(problem)),
     };
-    if max_new == 0 {
-        return Ok(Ok(out));
+    if run.ended() {
+        return Ok(Ok(run.finish(on_piece)));
     }
-    let t = std::time::Instant::now();
+    run.start_clock();
     cancel.check()?;
     let mut seq = generator.new_sequence()?;
-    let mut logits = generator.append(&mut seq, &ids, LogitsMode::Last)?;
-    let mut rng = seed ^ 0x5DEE_CE66_D1CE_5EED;
-    let mut generated: Vec<u32> = Vec::new();
-    let mut token_texts: Vec<String> = Vec::new();
-    let mut emitted = 0usize;
-    let mut text = String::new();
-    loop {
-        let row = logits.last();
-        let stats = softmax_stats(row)?;
-        let lse = stats.log_sum_exp();
-        let id = if req.temperature <= GREEDY_TEMPERATURE {
-            stats.argmax
-        } else if req.top_p < 1.0 {
-            sample_top_p(row, stats.max, req.temperature, req.top_p, &mut rng)
-        } else {
-            sample(row, stats.max, req.temperature, &mut rng)
-        } as u32;
-        if eos.contains(&id) {
-            out.finish_reason = FinishReason::Stop;
-            break;
-        }
-        generated.push(id);
-        if let (Some(lp), Some(n)) = (out.logprobs.as_mut(), req.logprobs) {
-            let piece = tokenizer
-                .decode(&[id], false)
-                .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            lp.token_logprobs.push(f64::from(row[id as usize]) - lse);
-            lp.top_logprobs.push(top_logprobs(tokenizer, row, lse, n)?);
-            token_texts.push(piece);
-        }
-        text = tokenizer
-            .decode(&generated, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        if let Some(cut) = earliest_stop(&text, &req.stop) {
-            text.truncate(cut);
-            out.finish_reason = FinishReason::Stop;
-            break;
-        }
-        let safe = stable_prefix_len(&text, &req.stop);
-        if safe > emitted {
-            if !on_piece(&text[emitted..safe]) {
-                break;
-            }
-            emitted = safe;
-        }
-        if generated.len() >= max_new {
-            out.finish_reason = FinishReason::Length;
-            break;
-        }
+    let mut logits = generator.append(&mut seq, run.prompt(), LogitsMode::Last)?;
+    while let Some(id) = run.accept(tokenizer, eos, logits.last(), on_piece)? {
         cancel.check()?;
         logits = generator.append(&mut seq, &[id], LogitsMode::Last)?;
     }
-    out.model_seconds = t.elapsed().as_secs_f64();
-    if text.len() > emitted {
-        on_piece(&text[emitted..]);
-    }
-    out.completion_tokens = generated.len();
-    if let Some(lp) = out.logprobs.as_mut() {
-        // Offsets count from the start of the prompt, as OpenAI's; tokens past a cut stop
-        // sequence are dropped.
-        let mut offset = req.prompt.len();
-        let end = req.prompt.len() + text.len();
-        let mut keep = 0;
-        for piece in &token_texts {
-            if offset >= end {
-                break;
-            }
-            lp.text_offset.push(offset);
-            offset += piece.len();
-            keep += 1;
-        }
-        lp.tokens = token_texts.into_iter().take(keep).collect();
-        lp.token_logprobs.truncate(keep);
-        lp.top_logprobs.truncate(keep);
-        lp.text_offset.truncate(keep);
-    }
-    out.text = text;
-    Ok(Ok(out))
+    Ok(Ok(run.finish(on_piece)))
 }
 
 fn top_logprobs(

@@ -43,6 +43,7 @@
 
 mod api;
 mod auth;
+mod batcher;
 mod chat;
 mod completion;
 mod http;
@@ -87,6 +88,12 @@ pub struct ServeConfig {
     /// must allow as many ([`crate::BackendKind::with_concurrency`]: one ONNX Runtime session
     /// per worker); `steper-run serve --workers N` does that.
     pub workers: usize,
+    /// Requests one worker runs at once (continuous batching): with 1 (the default) a worker
+    /// runs one request at a time; with more, the decode tokens of up to `batch` requests —
+    /// reasoning steps and completions — run as one batched model call, requests joining and
+    /// leaving the batch as they arrive and end. Needs a model with a batched step (a
+    /// standard-attention export on ONNX Runtime or tract).
+    pub batch: usize,
     /// Jobs waiting for a worker before requests are refused with 503.
     pub max_queue: usize,
     /// Per-request deadline (body read, queue wait and model time together).
@@ -116,6 +123,13 @@ impl ServeConfig {
     #[must_use]
     pub fn with_workers(mut self, workers: usize) -> Self {
         self.workers = workers;
+        self
+    }
+
+    /// Sets `batch`.
+    #[must_use]
+    pub fn with_batch(mut self, batch: usize) -> Self {
+        self.batch = batch;
         self
     }
 
@@ -174,6 +188,7 @@ impl Default for ServeConfig {
         ServeConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             workers: 1,
+            batch: 1,
             max_queue: 16,
             timeout: Duration::from_secs(60),
             max_body_bytes: 64 * 1024,
@@ -197,6 +212,9 @@ impl ServeConfig {
         };
         if self.workers == 0 {
             return bad("workers", "at least 1", "0".into());
+        }
+        if self.batch == 0 {
+            return bad("batch", "at least 1", "0".into());
         }
         if self.timeout.is_zero() {
             return bad(
@@ -288,7 +306,8 @@ impl Service {
                 .unwrap_or_else(|| engine.info().backend.clone())
         });
         let _ = st.model_name.set(name);
-        st.pool.start_workers(Arc::new(engine), st.config.workers)?;
+        st.pool
+            .start_workers(Arc::new(engine), st.config.workers, st.config.batch)?;
         st.ready.store(true, Ordering::SeqCst);
         st.metrics.set_ready(true);
         Ok(())
@@ -605,6 +624,10 @@ mod tests {
         for c in [
             ServeConfig {
                 workers: 0,
+                ..ServeConfig::default()
+            },
+            ServeConfig {
+                batch: 0,
                 ..ServeConfig::default()
             },
             ServeConfig {

@@ -19,9 +19,9 @@ use super::chat::ChatRequest;
 use super::completion::{complete, Completion, PromptProblem};
 use super::metrics::{ErrorKind, Metrics};
 use crate::control::StepObserver;
-use crate::engine::Engine;
+use crate::engine::{Engine, ReasonOptions};
 use crate::error::{Error, Result};
-use crate::reasoning::{HeldPassage, StepTrace};
+use crate::reasoning::{HeldPassage, Reasoning, StepTrace};
 
 /// Cancellation of one job: set by the HTTP side on timeout or when the client goes away, and
 /// implied once the deadline passes (the runtime's token; the loop and the completion checks
@@ -193,8 +193,18 @@ impl Pool {
         self.capacity
     }
 
-    /// Starts `n` workers over `engine`.
-    pub fn start_workers(&self, engine: Arc<Engine>, n: usize) -> Result<()> {
+    /// Starts `n` workers over `engine`. With `batch` 1 a worker runs one job at a time; with
+    /// more it is a batching worker that runs up to `batch` jobs' decode tokens as one batched
+    /// model call (continuous batching: see [`super::batcher`]), which needs a generator with a
+    /// batched step.
+    pub fn start_workers(&self, engine: Arc<Engine>, n: usize, batch: usize) -> Result<()> {
+        if batch > 1 && engine.generator().batch_decoder().is_none() {
+            return Err(Error::InvalidOption {
+                option: "batch".into(),
+                expected: "1 for a model without a batched step (a GroupQueryAttention export cannot mask left-padded rows: re-export with --attention standard)".into(),
+                got: batch.to_string(),
+            });
+        }
         let mut handles = lock(&self.handles);
         for i in 0..n {
             let rx = Arc::clone(&self.rx);
@@ -202,7 +212,13 @@ impl Pool {
             let metrics = Arc::clone(&self.metrics);
             let h = std::thread::Builder::new()
                 .name(format!("steper-worker-{i}"))
-                .spawn(move || worker_loop(&rx, &engine, &metrics))
+                .spawn(move || {
+                    if batch > 1 {
+                        super::batcher::batch_loop(&rx, &engine, &metrics, batch)
+                    } else {
+                        worker_loop(&rx, &engine, &metrics)
+                    }
+                })
                 .map_err(|e| Error::Server {
                     addr: String::new(),
                     message: format!("cannot start worker thread {i}: {e}"),
@@ -253,13 +269,13 @@ impl Pool {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked while holding it; the data (a sender,
     // a receiver, join handles) is still consistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn worker_loop(rx: &Mutex<Receiver<Job>>, engine: &Engine, metrics: &Arc<Metrics>) {
+pub(super) fn worker_loop(rx: &Mutex<Receiver<Job>>, engine: &Engine, metrics: &Arc<Metrics>) {
     loop {
         let job = match lock(rx).recv() {
             Ok(job) => job,
@@ -286,7 +302,7 @@ fn worker_loop(rx: &Mutex<Receiver<Job>>, engine: &Engine, metrics: &Arc<Metrics
     }
 }
 
-fn timeout_error() -> ApiError {
+pub(super) fn timeout_error() -> ApiError {
     ApiError::new(
         ErrorKind::Timeout,
         "the request did not finish within the server's timeout",
@@ -294,7 +310,7 @@ fn timeout_error() -> ApiError {
 }
 
 /// Maps a runtime error of a job to the client's error.
-fn job_error(e: Error) -> ApiError {
+pub(super) fn job_error(e: Error) -> ApiError {
     match e {
         Error::Cancelled | Error::DeadlineExceeded { .. } => timeout_error(),
         Error::ContextOverflow { .. } => ApiError {
@@ -307,21 +323,30 @@ fn job_error(e: Error) -> ApiError {
     }
 }
 
+/// The timings of a job accepted at `accepted`, started at `started`, done now.
+pub(super) fn timings(accepted: Instant, started: Instant) -> Timings {
+    let done = Instant::now();
+    Timings {
+        queue_ms: (started - accepted).as_secs_f64() * 1e3,
+        run_ms: (done - started).as_secs_f64() * 1e3,
+        total_ms: (done - accepted).as_secs_f64() * 1e3,
+    }
+}
+
 fn run_job(engine: &Engine, metrics: &Arc<Metrics>, job: Job) {
     let started = Instant::now();
-    let timings = |done: Instant| Timings {
-        queue_ms: (started - job.accepted).as_secs_f64() * 1e3,
-        run_ms: (done - started).as_secs_f64() * 1e3,
-        total_ms: (done - job.accepted).as_secs_f64() * 1e3,
-    };
     let event = match &job.work {
-        Work::Reason(req) => match run_reason(engine, req, &job.events, &job.cancel, metrics) {
-            Ok(mut r) => {
-                r.timings = timings(Instant::now());
-                WorkerEvent::ReasonDone(Box::new(r))
+        Work::Reason(req) => {
+            let opts = reason_options(engine, req, &job.events, &job.cancel, metrics);
+            match engine.reason(&req.question, &opts) {
+                Ok(r) => {
+                    let mut r = reason_response(&r, req.include_trace, metrics);
+                    r.timings = timings(job.accepted, started);
+                    WorkerEvent::ReasonDone(Box::new(r))
+                }
+                Err(e) => WorkerEvent::Failed(job_error(e)),
             }
-            Err(e) => WorkerEvent::Failed(e),
-        },
+        }
         Work::Complete(req, seed) => run_completion(engine, metrics, &job, req, *seed, "prompt"),
         Work::Chat(chat, seed) => match render_chat(engine, chat) {
             Ok(req) => run_completion(engine, metrics, &job, &req, *seed, "messages"),
@@ -333,7 +358,7 @@ fn run_job(engine: &Engine, metrics: &Arc<Metrics>, job: Job) {
 
 /// The completion request of a chat request: its messages rendered with the model's template
 /// and the opening of the assistant turn.
-fn render_chat(
+pub(super) fn render_chat(
     engine: &Engine,
     chat: &ChatRequest,
 ) -> std::result::Result<CompletionRequest, ApiError> {
@@ -360,51 +385,57 @@ fn run_completion(
     seed: u64,
     field: &str,
 ) -> WorkerEvent {
-    {
-        {
-            let events = &job.events;
-            let mut on_piece = |s: &str| events.send(WorkerEvent::Piece(s.to_string())).is_ok();
-            match complete(
-                engine.generator(),
-                &job.cancel,
-                engine.tokenizer(),
-                engine.eos_token_ids(),
-                req,
-                seed,
-                &mut on_piece,
-            ) {
-                Ok(Ok(c)) if job.cancel.is_cancelled() => {
-                    let _ = c;
-                    WorkerEvent::Failed(timeout_error())
-                }
-                Ok(Ok(c)) => {
-                    metrics.record_tokens(c.completion_tokens, c.model_seconds);
-                    WorkerEvent::CompletionDone(Box::new(c))
-                }
-                Ok(Err(PromptProblem::Empty)) => {
-                    WorkerEvent::Failed(ApiError::field(field, "encodes to no token"))
-                }
-                Ok(Err(PromptProblem::TooLong { tokens, context })) => {
-                    WorkerEvent::Failed(ApiError::field(
-                        field,
-                        format!(
-                            "{tokens} tokens; the model's context holds {context} (prompt and completion together)"
-                        ),
-                    ))
-                }
-                Err(e) => WorkerEvent::Failed(job_error(e)),
-            }
+    let events = &job.events;
+    let mut on_piece = |s: &str| events.send(WorkerEvent::Piece(s.to_string())).is_ok();
+    let result = complete(
+        engine.generator(),
+        &job.cancel,
+        engine.tokenizer(),
+        engine.eos_token_ids(),
+        req,
+        seed,
+        &mut on_piece,
+    );
+    completion_event(result, &job.cancel, metrics, field)
+}
+
+/// What a completion job reports: its result, or a 400 about `field` for a prompt the model
+/// cannot take, or the job's error (a cancelled job's result is a timeout).
+pub(super) fn completion_event(
+    result: Result<std::result::Result<Completion, PromptProblem>>,
+    cancel: &Cancel,
+    metrics: &Metrics,
+    field: &str,
+) -> WorkerEvent {
+    match result {
+        Ok(Ok(_)) if cancel.is_cancelled() => WorkerEvent::Failed(timeout_error()),
+        Ok(Ok(c)) => {
+            metrics.record_tokens(c.completion_tokens, c.model_seconds);
+            WorkerEvent::CompletionDone(Box::new(c))
         }
+        Ok(Err(PromptProblem::Empty)) => {
+            WorkerEvent::Failed(ApiError::field(field, "encodes to no token"))
+        }
+        Ok(Err(PromptProblem::TooLong { tokens, context })) => WorkerEvent::Failed(ApiError::field(
+            field,
+            format!(
+                "{tokens} tokens; the model's context holds {context} (prompt and completion together)"
+            ),
+        )),
+        Err(e) => WorkerEvent::Failed(job_error(e)),
     }
 }
 
-fn run_reason(
+/// The loop options of a reasoning job: the engine's defaults with the request's settings, its
+/// cancel token, and an observer that streams each step to `events` (and cancels the job when
+/// nobody listens any more).
+pub(super) fn reason_options(
     engine: &Engine,
     req: &ReasonRequest,
     events: &UnboundedSender<WorkerEvent>,
     cancel: &Cancel,
     metrics: &Arc<Metrics>,
-) -> std::result::Result<ReasonResponse, ApiError> {
+) -> ReasonOptions {
     let mut opts = engine.default_options();
     if let Some(n) = req.max_steps {
         opts.loop_options.max_steps = n;
@@ -440,7 +471,15 @@ fn run_reason(
         }
         std::ops::ControlFlow::Continue(())
     }));
-    let r = engine.reason(&req.question, &opts).map_err(job_error)?;
+    opts
+}
+
+/// The answer of a reasoning job (timings left at zero for the caller), its tokens recorded.
+pub(super) fn reason_response(
+    r: &Reasoning,
+    include_trace: bool,
+    metrics: &Metrics,
+) -> ReasonResponse {
     let usage = ReasonUsage {
         new_tokens: r.new_tokens(),
         prefilled_tokens: r.prefilled_tokens(),
@@ -452,21 +491,21 @@ fn run_reason(
         .map(|s| (s.prefill_ms + s.decode_ms) / 1e3)
         .sum();
     metrics.record_tokens(usage.new_tokens, model_s);
-    Ok(ReasonResponse {
+    ReasonResponse {
         id: String::new(),
         question: r.question.clone(),
         answer: r.answer.clone(),
         forced: r.forced,
         num_steps: r.steps.len(),
         passages: r.passages.iter().map(PassageInfo::from).collect(),
-        steps: req.include_trace.then(|| r.steps.clone()),
+        steps: include_trace.then(|| r.steps.clone()),
         usage,
         timings: Timings {
             queue_ms: 0.0,
             run_ms: 0.0,
             total_ms: 0.0,
         },
-    })
+    }
 }
 
 /// Seconds a client is told to wait (`Retry-After`) after a 503.

@@ -45,6 +45,10 @@ pub struct Args {
     /// Workers of an in-process server.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Requests one worker of an in-process server batches (continuous batching, as `serve
+    /// --batch`; 1: one request per worker).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub batch: usize,
     /// Queue of an in-process server.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -166,6 +170,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let mut config = ServeConfig::default()
                 .with_addr(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .with_workers(a.workers)
+                .with_batch(a.batch)
                 .with_max_queue(a.max_queue)
                 .with_max_body_bytes(a.body_limit)
                 .with_timeout(Duration::from_secs_f64(a.request_timeout));
@@ -242,6 +247,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 "in_process_server": in_process,
                 "endpoint": endpoint,
                 "workers": a.workers,
+                "batch": a.batch,
                 "shared_weights": !a.no_shared_weights,
                 "questions": a.questions,
                 "levels": reports,

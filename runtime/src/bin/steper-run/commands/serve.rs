@@ -32,6 +32,13 @@ pub struct Args {
     /// ONNX Runtime session: N workers run N model calls at once).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Continuous batching: each worker runs up to N requests at once, their decode tokens as
+    /// one batched model call (requests join and leave the batch as they arrive and end;
+    /// streaming, deadlines and cancellation unchanged). 1: one request per worker. Needs a
+    /// standard-attention export (not --attention gqa); give the worker all the cores
+    /// (--workers 1).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub batch: usize,
     /// Requests waiting for a worker before new ones get 503 + Retry-After.
     #[arg(long, default_value_t = 16)]
     pub max_queue: usize,
@@ -116,6 +123,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut config = ServeConfig::default()
         .with_addr(a.addr)
         .with_workers(a.workers)
+        .with_batch(a.batch)
         .with_max_queue(a.max_queue)
         .with_timeout(Duration::from_millis(a.timeout_ms))
         .with_max_body_bytes(a.max_body_bytes)
@@ -166,7 +174,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({
                 "event": "ready", "addr": addr.to_string(), "load_seconds": t.elapsed().as_secs_f64(),
-                "workers": a.workers, "max_queue": a.max_queue, "threads_per_worker": threads,
+                "workers": a.workers, "batch": a.batch, "max_queue": a.max_queue, "threads_per_worker": threads,
                 "pid": std::process::id(), "api_key_env": a.api_key_env,
                 "memory_pattern": a.memory_pattern,
                 "malloc_arena_max": arenas_capped.then_some(a.malloc_arenas),
@@ -174,9 +182,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     } else {
         eprintln!(
-            "ready in {:.1} s: {} worker(s) × {threads} thread(s), queue {}, timeout {} ms, body ≤ {} bytes, {}, memory pattern {}, malloc arenas {}, pid {}",
+            "ready in {:.1} s: {} worker(s) × {threads} thread(s), batch {}, queue {}, timeout {} ms, body ≤ {} bytes, {}, memory pattern {}, malloc arenas {}, pid {}",
             t.elapsed().as_secs_f64(),
             a.workers,
+            a.batch,
             a.max_queue,
             a.timeout_ms,
             a.max_body_bytes,
