@@ -158,8 +158,9 @@ fn prompt(len: usize, seed: u64, vocab: usize) -> Vec<u32> {
 }
 
 /// Three sequences of different lengths prefilled alone, placed in a padded batch cache
-/// (grown with `pad_front` first, one row placed again after some steps, trimmed with
-/// `trim_front`), decoded together: every row follows its sequence decoded alone.
+/// (grown with `pad_front` first, trimmed with `trim_front`, its rows reordered with an empty
+/// row added and then dropped by `select_rows`), decoded together: every row follows its
+/// sequence decoded alone.
 fn batched_step_matches_single(backend: BackendKind) -> Result<()> {
     let m = load_model(&steper_test_support::tiny_export()?, &backend)?;
     let g: &dyn Generator = m.generator.as_ref();
@@ -213,7 +214,28 @@ fn batched_step_matches_single(backend: BackendKind) -> Result<()> {
             ..
         })
     ));
+    // The sequence in each row.
+    let mut seq_of_row: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..DECODE_STEPS {
+        if step == DECODE_STEPS * 3 / 4 {
+            // Reverse the rows and add an empty one; then drop it again.
+            let n = prompts.len();
+            let mut rows: Vec<Option<usize>> = (0..n).rev().map(Some).collect();
+            rows.push(None);
+            let wide = dec.select_rows(&cache, &rows)?;
+            assert_eq!((wide.batch(), wide.past()), (n + 1, cache.past()));
+            cache = dec.select_rows(&wide, &(0..n).map(Some).collect::<Vec<_>>())?;
+            seq_of_row.reverse();
+            lens.reverse();
+            next.reverse();
+            assert!(matches!(
+                dec.select_rows(&cache, &[Some(n)]),
+                Err(Error::Misuse {
+                    call: "BatchDecoder::select_rows",
+                    ..
+                })
+            ));
+        }
         if step == DECODE_STEPS / 2 {
             // Every row has at least `past - longest_len` padding columns in front: drop them.
             let common = lens.iter().map(|&l| cache.past() - l).min().unwrap_or(0);
@@ -236,7 +258,7 @@ fn batched_step_matches_single(backend: BackendKind) -> Result<()> {
         let l = dec.step(&mut cache, &input, LogitsMode::Last)?;
         for r in 0..prompts.len() {
             lens[r] += 1;
-            let want = &reference[r][step + 1];
+            let want = &reference[seq_of_row[r]][step + 1];
             let got = l.row(r);
             let worst = want
                 .iter()

@@ -351,6 +351,43 @@ pub trait BatchDecoder: Send + Sync {
     /// positions are left as they are (the caller masks them out). Needs
     /// `src.past() <= dst.past()`.
     fn place_row(&self, dst: &mut BatchCache, row: usize, src: &BatchCache) -> Result<()>;
+
+    /// A new cache of `rows.len()` rows with `cache`'s positions: row `i` is a copy of
+    /// `cache`'s row `rows[i]`, or all zeros for `None` (the caller masks it out). Shrinks a
+    /// batch to the rows still in use, reorders it, or adds empty rows.
+    fn select_rows(&self, cache: &BatchCache, rows: &[Option<usize>]) -> Result<BatchCache>;
+}
+
+/// The checks shared by the backends' [`BatchDecoder::select_rows`].
+#[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
+pub(crate) fn check_select(cache: &BatchCache, rows: &[Option<usize>]) -> Result<()> {
+    if rows.is_empty() || rows.iter().flatten().any(|&r| r >= cache.batch) {
+        return Err(Error::Misuse {
+            call: "BatchDecoder::select_rows",
+            problem: format!(
+                "rows {rows:?} of a cache of {} rows (at least one row, each below the count)",
+                cache.batch
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `rows.len()` blocks of `block` elements: block `i` a copy of `data`'s block `rows[i]`, or
+/// zeros.
+#[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
+pub(crate) fn select_blocks<T: Copy + Default>(
+    data: &[T],
+    block: usize,
+    rows: &[Option<usize>],
+) -> Vec<T> {
+    let mut out = vec![T::default(); rows.len() * block];
+    for (i, r) in rows.iter().enumerate() {
+        if let Some(r) = r {
+            out[i * block..(i + 1) * block].copy_from_slice(&data[r * block..(r + 1) * block]);
+        }
+    }
+    out
 }
 
 /// The checks shared by the backends' [`BatchDecoder::place_row`].

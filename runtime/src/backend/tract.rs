@@ -370,6 +370,39 @@ impl BatchDecoder for TractGenerator {
         }
         Ok(())
     }
+
+    fn select_rows(&self, cache: &BatchCache, rows: &[Option<usize>]) -> Result<BatchCache> {
+        super::check_select(cache, rows)?;
+        let tc = cache
+            .inner
+            .downcast_ref::<TractCache>()
+            .ok_or(Error::ForeignSequence)?;
+        let zero = Tensor::zero_dt(
+            self.cache_dt,
+            &[1, self.kv_heads, cache.past, self.head_dim],
+        )
+        .map_err(backend_err)?;
+        let mut values = Vec::with_capacity(tc.values.len());
+        for v in &tc.values {
+            let parts = rows
+                .iter()
+                .map(|r| match r {
+                    Some(r) => Ok(v.slice(0, *r, r + 1).map_err(backend_err)?),
+                    None => Ok(zero.clone()),
+                })
+                .collect::<Result<Vec<Tensor>>>()?;
+            values.push(
+                Tensor::stack_tensors(0, &parts)
+                    .map_err(backend_err)?
+                    .into_tvalue(),
+            );
+        }
+        Ok(BatchCache {
+            batch: rows.len(),
+            past: cache.past,
+            inner: Box::new(TractCache { values }),
+        })
+    }
 }
 
 /// Where [`place`] copies a batch-1 cache.

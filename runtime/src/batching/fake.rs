@@ -150,6 +150,27 @@ impl BatchDecoder for BatchHashLm {
         Ok(())
     }
 
+    fn select_rows(&self, cache: &BatchCache, rows: &[Option<usize>]) -> Result<BatchCache> {
+        crate::backend::check_select(cache, rows)?;
+        let have = &cache
+            .inner
+            .downcast_ref::<Rows>()
+            .ok_or(Error::ForeignSequence)?
+            .0;
+        let picked = rows
+            .iter()
+            .map(|r| match r {
+                Some(r) => have[*r].clone(),
+                None => vec![None; cache.past],
+            })
+            .collect();
+        Ok(BatchCache {
+            batch: rows.len(),
+            past: cache.past,
+            inner: Box::new(Rows(picked)),
+        })
+    }
+
     fn place_row(&self, dst: &mut BatchCache, row: usize, src: &BatchCache) -> Result<()> {
         crate::backend::check_place(dst, row, src)?;
         let from = src

@@ -293,4 +293,30 @@ impl BatchDecoder for OrtGenerator {
         }
         Ok(())
     }
+
+    fn select_rows(&self, cache: &BatchCache, rows: &[Option<usize>]) -> Result<BatchCache> {
+        crate::backend::check_select(cache, rows)?;
+        let oc = cache
+            .inner
+            .downcast_ref::<OrtCache>()
+            .ok_or_else(not_a_concat_cache)?;
+        let (heads, d, past) = (self.kv_heads, self.head_dim, cache.past);
+        let block = heads * past * d;
+        let shape = [rows.len(), heads, past, d];
+        let mut values = Vec::with_capacity(oc.values.len());
+        for v in &oc.values {
+            values.push(if self.cache_f16 {
+                let (_, x) = v.try_extract_tensor::<half::f16>().map_err(backend_err)?;
+                self.tensor(shape, crate::backend::select_blocks(x, block, rows))?
+            } else {
+                let (_, x) = v.try_extract_tensor::<f32>().map_err(backend_err)?;
+                self.tensor(shape, crate::backend::select_blocks(x, block, rows))?
+            });
+        }
+        Ok(BatchCache {
+            batch: rows.len(),
+            past,
+            inner: Box::new(OrtCache { values }),
+        })
+    }
 }
