@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Which int4 keeps a trained student's HotpotQA accuracy: symmetric round-to-nearest, per-block
-# zero points (`--zero-points`), or GPTQ (`--calibration`, with and without zero points)? One
+# zero points (`--zero-points`), or GPTQ (`--calibration`, with and without zero points; with
+# zero points and the vocabulary projection left float: `int4-gptq-zp-fphead`)? One
 # command, one run: the student exported fp32, int4, int4-zp, int8, int4-gptq and int4-gptq-zp;
 # `steper-run eval` of each on the first N questions of hotpotqa_dev500 (its own paragraph pool
 # as the index), on the same questions; `steper-run compare` of each against fp32 (paired
@@ -59,6 +60,10 @@ for q in $FORMS; do
     int8) args=(--quantize int8 --block-size "$BLOCK") ;;
     int4-gptq) calibrate; args=(--quantize int4 --block-size "$BLOCK" --calibration "$CALIB") ;;
     int4-gptq-zp) calibrate; args=(--quantize int4 --block-size "$BLOCK" --zero-points --calibration "$CALIB") ;;
+    # The same with the vocabulary projection left float (the tied embedding's projection is
+    # the one layer whose rounding every logit sees).
+    int4-gptq-zp-fphead) calibrate; args=(--quantize int4 --block-size "$BLOCK" --zero-points --calibration "$CALIB" --quantize-lm-head false) ;;
+    int4-zp-fphead) args=(--quantize int4 --block-size "$BLOCK" --zero-points --quantize-lm-head false) ;;
     *) echo "unknown form $q in FORMS" >&2; exit 2 ;;
   esac
   log "export $q"
