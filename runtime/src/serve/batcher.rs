@@ -598,4 +598,30 @@ mod tests {
         assert!(a_cancel.is_cancelled());
         Ok(())
     }
+
+    #[test]
+    fn batching_a_model_without_a_batched_step_is_refused_naming_the_option() -> Result<()> {
+        use crate::reasoning::tests::{hash_lm, loop_tokenizer, ListRetriever};
+        let tok = loop_tokenizer()?;
+        let lm = hash_lm(&tok)?;
+        let eos = lm.eos;
+        let engine = Engine::builder()
+            .generator(Arc::new(lm), tok, &[eos])
+            .retriever(Arc::new(ListRetriever::new(10)))
+            .build()?;
+        assert!(engine.generator().batch_decoder().is_none());
+        let pool = super::super::pool::Pool::new(4, Arc::new(Metrics::default()));
+        let engine = Arc::new(engine);
+        let err = pool
+            .start_workers(Arc::clone(&engine), 1, 4)
+            .expect_err("no batched step");
+        assert!(
+            matches!(&err, crate::Error::InvalidOption { option, .. } if option == "batch"),
+            "{err}"
+        );
+        // One request per worker needs no batched step.
+        pool.start_workers(engine, 1, 1)?;
+        pool.close_and_join();
+        Ok(())
+    }
 }
