@@ -449,18 +449,27 @@ class Runner:
                 was.replace(self.summary_path(name))
 
 
+#: Load average at a stage's start below which the machine counts as quiet.
+QUIET_LOAD = 1.0
+#: Margin on an evaluation chunk's expected time.
+ESTIMATE_MARGIN = 1.3
+
+
 def estimate(r, name):
-    """Seconds a stage is expected to take: an evaluation chunk from the last chunk of the
-    same configuration, else from any evaluation; None for fits (they are time-boxed)."""
+    """Seconds a stage is expected to take: an evaluation chunk from the slowest chunk of the
+    same configuration (else of any configuration) that started on a quiet machine — chunks
+    run beside other jobs took 3–4× longer and would keep every later chunk from starting —
+    or from the slowest of all when none did, with a margin; None for fits (time-boxed)."""
     if not name.startswith("eval-"):
         return None if name.startswith("fit-") else 300
     config = re.fullmatch(r"eval-(.+)-\w+_\w+-c\d+", name).group(1)
     done = sorted((r.sums / "stages").glob(f"eval-{config}-*.json")) or \
         sorted((r.sums / "stages").glob("eval-*.json"))
-    rates = [json.loads(p.read_text()) for p in done]
-    rates = [s["seconds"] / max(s["questions"], 1) for s in rates]
+    sums = [json.loads(p.read_text()) for p in done]
+    quiet = [s for s in sums if s.get("load_start", QUIET_LOAD) < QUIET_LOAD] or sums
+    rates = [s["seconds"] / max(s["questions"], 1) for s in quiet]
     per_q = max(rates) if rates else 12.0
-    return per_q * r.p["chunk"]
+    return per_q * r.p["chunk"] * ESTIMATE_MARGIN
 
 
 def cmd_list(r, _args):
