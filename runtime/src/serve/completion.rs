@@ -249,8 +249,9 @@ impl CompletionRun {
 }
 
 /// Generates the completion of `req.prompt` on one sequence of `generator`. `seed` drives
-/// sampling (ignored when greedy). `on_piece` receives text as it becomes final (see
-/// [`CompletionRun::accept`]) and returns false to stop early (client gone).
+/// sampling (ignored when greedy). `on_piece` receives text as it becomes final (never a piece
+/// that could still turn into a stop sequence, never half a UTF-8 character) and returns false
+/// to stop early (client gone).
 /// `Ok(Err(problem))` is a prompt the model cannot take. `cancel` is checked before every
 /// model call ([`Error::Cancelled`] / [`Error::DeadlineExceeded`]).
 pub fn complete(

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::ApiKey;
 use crate::error::{Error, Result};
 
-/// Settings of the service, checked by [`Server::start`].
+/// Settings of the service, checked by [`Server::start`](super::Server::start).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct ServeConfig {
