@@ -56,7 +56,8 @@ fn pad_id(cfg: &LlamaConfig) -> Option<u32> {
 }
 
 /// `genai_config.json` in onnxruntime-genai's format for an export of `cfg` (decoder-only,
-/// separate past/present buffers: the graph concatenates the cache). A weight quantization is
+/// separate past/present buffers: the standard graph concatenates the cache; `export` turns
+/// `past_present_share_buffer` on for a GroupQueryAttention graph). A weight quantization is
 /// recorded as the session option `steper.weight_quantization` (onnxruntime-genai hands unknown
 /// session-option strings to ONNX Runtime as config entries, which ignores keys it does not
 /// know), so the file says what was quantized without a key the genai parser would reject.

@@ -293,6 +293,12 @@ pub fn export_with_calibration(
     if manifest.eos_token_ids.len() > 1 {
         genai["model"]["eos_token_id"] = serde_json::json!(manifest.eos_token_ids);
     }
+    // A GroupQueryAttention graph appends to its cache in place when past and present are one
+    // buffer: onnxruntime-genai then preallocates `max_length` positions and copies nothing
+    // (its own model builder does the same for GQA models). With separate buffers the op copies
+    // the whole cache every token: genai decoded our int4 GQA export 1.7× slower at a
+    // 1,024-token context (docs/results/2026-12-07-decode-vs-genai.md).
+    genai["search"]["past_present_share_buffer"] = serde_json::json!(!opts.attention.is_standard());
     steper_fsutil::write_atomic(
         &dir.join(files::GENAI_CONFIG_FILE),
         serde_json::to_string_pretty(&genai)?.as_bytes(),

@@ -411,6 +411,32 @@ fn gqa_graph_has_one_fused_op_per_layer_and_no_cache_concat_and_says_so() -> Res
     assert_eq!(mg.graph.attention, AttentionOp::GroupQueryAttention);
     let text = std::fs::read_to_string(x.standard.join("steper.json"))?;
     assert!(!text.contains("\"attention\""), "{text}");
+    // onnxruntime-genai shares past and present for the GQA graph (in place), not for the
+    // standard one (its Concat writes a new present).
+    for (dir, share) in [(&x.gqa, true), (&x.standard, false)] {
+        let genai: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("genai_config.json"))?)?;
+        assert_eq!(
+            genai["search"]["past_present_share_buffer"],
+            serde_json::json!(share),
+            "{}",
+            dir.display()
+        );
+    }
+    // RoPE is the op's own (do_rotary from half-width cos/sin caches at position_ids): no
+    // Slice/Concat rotation is left in the graph.
+    for n in &gqa {
+        let attr = |name: &str| n.attribute.iter().find(|a| a.name == name).map(|a| a.i);
+        assert_eq!(attr("do_rotary"), Some(1));
+        assert_eq!(attr("rotary_interleaved"), Some(0));
+        assert_eq!(n.input.len(), 10, "{:?}", n.input);
+        assert_eq!(n.input[9], "position_ids");
+    }
+    // (One Slice and one Concat remain: `logits_to_keep`'s slice and the logits' shape.)
+    for op in ["Slice", "Concat"] {
+        let n = g.node.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(n, 1, "{op} nodes in the GQA graph");
+    }
     Ok(())
 }
 

@@ -99,7 +99,7 @@ impl OrtGenerator {
                 message: format!("ONNX Runtime cannot load the graph: {e}"),
             })
         };
-        let (mut b, used, fallbacks) = session_builder(manifest, opts, shared.as_ref())?;
+        let (mut b, used, fallbacks) = session_builder(manifest, opts, shared.as_ref(), true)?;
         let session = commit(&mut b)?;
         let inputs: Vec<String> = session
             .inputs()
@@ -146,7 +146,7 @@ impl OrtGenerator {
         };
         let mut idle = vec![session];
         for _ in 1..opts.sessions {
-            let (mut b, _, _) = session_builder(manifest, opts, shared.as_ref())?;
+            let (mut b, _, _) = session_builder(manifest, opts, shared.as_ref(), false)?;
             idle.push(commit(&mut b)?);
         }
         let g = &manifest.graph;

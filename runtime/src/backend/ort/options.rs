@@ -256,6 +256,12 @@ pub struct OrtOptions {
     /// hour-long soak two workers' resident memory rose 1,081 → 1,461 MiB with it and held
     /// 1,179 MiB without it). Turn it off for any long-lived session.
     pub memory_pattern: bool,
+    /// Where to write the graph as ONNX Runtime runs it after its optimizations (fusions such as
+    /// `SimplifiedLayerNormalization`, constant folding, prepacking-ready layouts), with its
+    /// initializers in `<path>.data`: to see which fusions an export gets. Written by the first
+    /// session of the pool; `None` (the default) writes nothing. The file is specific to this
+    /// machine's CPU and ONNX Runtime version (ONNX Runtime may insert layout-specific nodes).
+    pub optimized_model: Option<PathBuf>,
 }
 
 impl OrtOptions {
@@ -286,6 +292,7 @@ impl Default for OrtOptions {
             kv_cache: KvCacheMode::Auto,
             library: None,
             memory_pattern: true,
+            optimized_model: None,
         }
     }
 }
@@ -324,6 +331,12 @@ impl OrtOptions {
     /// ONNX Runtime's memory-pattern optimization on or off.
     pub fn with_memory_pattern(mut self, enable: bool) -> Self {
         self.memory_pattern = enable;
+        self
+    }
+
+    /// Writes ONNX Runtime's optimized graph to `path` ([`OrtOptions::optimized_model`]).
+    pub fn with_optimized_model(mut self, path: impl Into<PathBuf>) -> Self {
+        self.optimized_model = Some(path.into());
         self
     }
 

@@ -150,6 +150,7 @@ pub(super) fn session_builder(
     manifest: &Manifest,
     opts: &OrtOptions,
     shared: Option<&SharedWeights>,
+    first: bool,
 ) -> Result<(SessionBuilder, Vec<String>, Vec<ProviderFallback>)> {
     let env = environment(opts.library.as_deref())?;
     let mut b = Session::builder(&env).map_err(backend_err)?;
@@ -166,6 +167,21 @@ pub(super) fn session_builder(
     }
     if !opts.memory_pattern {
         b = b.with_memory_pattern(false).map_err(backend_err)?;
+    }
+    if let (true, Some(path)) = (first, &opts.optimized_model) {
+        // Initializers beside the graph: a real model's weights exceed protobuf's 2 GiB limit.
+        let data = path
+            .file_name()
+            .map(|n| format!("{}.data", n.to_string_lossy()))
+            .unwrap_or_else(|| "optimized.onnx.data".into());
+        b = b
+            .with_optimized_model_path(path)
+            .map_err(backend_err)?
+            .with_config_entry(
+                "session.optimized_model_external_initializers_file_name",
+                data,
+            )
+            .map_err(backend_err)?;
     }
     if let Some(w) = shared {
         b = b

@@ -33,6 +33,9 @@ pub struct Args {
     /// concat; in-place needs a GroupQueryAttention export).
     #[arg(long, default_value = "auto")]
     kv_cache: String,
+    /// ONNX Runtime memory-pattern settings to measure, each a row (comma separated: on, off).
+    #[arg(long, default_value = "on")]
+    memory_pattern: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -54,13 +57,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map(|m| m.parse::<KvCacheMode>())
         .collect::<Result<Vec<_>, _>>()
         .context("--kv-cache")?;
+    let patterns = list(&a.memory_pattern)
+        .iter()
+        .map(|m| match m.as_str() {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            other => anyhow::bail!("--memory-pattern: expected on or off, got {other:?}"),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut runs: Vec<(String, BackendKind)> = Vec::new();
     for b in list(&a.backends) {
         match b.as_str() {
             "ort" => {
                 for &m in &kv_modes {
-                    let o = OrtOptions::default().with_intra_threads(a.threads);
-                    runs.push((b.clone(), BackendKind::Ort(o.with_kv_cache(m))));
+                    for &p in &patterns {
+                        let o = OrtOptions::default()
+                            .with_intra_threads(a.threads)
+                            .with_kv_cache(m)
+                            .with_memory_pattern(p);
+                        runs.push((b.clone(), BackendKind::Ort(o)));
+                    }
                 }
             }
             "tract" => runs.push((b.clone(), BackendKind::Tract)),
@@ -70,9 +86,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for dir in &a.models {
         for (b, kind) in &runs {
-            let kv_cache = match kind {
-                BackendKind::Ort(o) => Some(o.kv_cache.as_str()),
-                _ => None,
+            let (kv_cache, memory_pattern) = match kind {
+                BackendKind::Ort(o) => (Some(o.kv_cache.as_str()), Some(o.memory_pattern)),
+                _ => (None, None),
             };
             let m = load_model(dir, kind).with_context(|| format!("loading {}", dir.display()))?;
             let g = m.generator;
@@ -110,6 +126,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 "dtype": m.manifest.dtype,
                 "backend": b,
                 "kv_cache": kv_cache,
+                "memory_pattern": memory_pattern,
                 "providers": g.info().providers,
                 "prompt_tokens": a.prompt_tokens,
                 "new_tokens": a.new_tokens,
