@@ -22,29 +22,16 @@ ROUNDS="${ROUNDS:-3}"
 OUT="${OUT:-$ROOT/out/bench-kv-cache}"
 QUANT="${QUANT:-fp32 int4}"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
-GGUF="$(bash scripts/fetch-smollm2.sh)"
-log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
-if [[ -n "${BIN_DIR:-}" ]]; then
-  BIN="$BIN_DIR"
-else
-  cargo build --release -q -p steper-train -p steper-export -p steper-runtime >&2
-  BIN="$ROOT/target/release"
-fi
+source scripts/bench-common.sh
+steper_bin
 mkdir -p "$OUT"
 CKPT="$OUT/smollm2"
-if [[ ! -f "$CKPT/config.json" ]]; then
-  rm -rf "$CKPT"
-  "$BIN/steper-train" import --gguf "$GGUF" --out "$CKPT" >/dev/null
-fi
+smollm2_checkpoint "$CKPT"
 for q in $QUANT; do
   for att in standard gqa; do
-    dir="$OUT/onnx-$q-$att"
-    [[ -f "$dir/steper.json" ]] && continue
-    rm -rf "$dir"
     args=(--attention "$att")
     [[ "$q" != fp32 ]] && args+=(--quantize "$q" --block-size 32)
-    log "export $q $att"
-    "$BIN/steper-export" --checkpoint "$CKPT" --out "$dir" "${args[@]}" >/dev/null
+    smollm2_export "$CKPT" "$OUT/onnx-$q-$att" "${args[@]}"
   done
 done
 

@@ -36,7 +36,7 @@ ORT_ALSO="${ORT_ALSO:-}"
 ORT_ALSO_LIB=""
 [[ -n "$ORT_ALSO" ]] && ORT_ALSO_LIB="$(ORT_VERSION="$ORT_ALSO" bash scripts/install-ort.sh)"
 GGUF="$(bash scripts/fetch-smollm2.sh)"
-log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+source scripts/bench-common.sh
 
 # 1. llama-bench from the llama-cpp-python sdist.
 if [[ ! -x "$LLAMA/bin/llama-bench" ]]; then
@@ -78,78 +78,26 @@ fi
 [[ "${BUILD_ONLY:-0}" == 1 ]] && exit 0
 
 # 2. our exports of the same model.
-if [[ -n "${BIN_DIR:-}" ]]; then
-  BIN="$BIN_DIR"
-else
-  cargo build --release -q -p steper-train -p steper-export -p steper-runtime >&2
-  BIN="$ROOT/target/release"
-fi
+steper_bin
 mkdir -p "$OUT"
 CKPT="$OUT/smollm2"
-if [[ ! -f "$CKPT/config.json" ]]; then
-  rm -rf "$CKPT"
-  "$BIN/steper-train" import --gguf "$GGUF" --out "$CKPT" >/dev/null
-fi
+smollm2_checkpoint "$CKPT"
 # *-gqa: the same export with ONNX Runtime's GroupQueryAttention (--attention gqa)
 for q in fp32 int8 int4 fp32-gqa int8-gqa int4-gqa; do
-  if [[ ! -f "$OUT/onnx-$q/steper.json" ]]; then
-    rm -rf "$OUT/onnx-$q"
-    args=()
-    bits="${q%-gqa}"
-    [[ "$bits" != fp32 ]] && args=(--quantize "$bits" --block-size 32)
-    [[ "$q" == *-gqa ]] && args+=(--attention gqa)
-    "$BIN/steper-export" --checkpoint "$CKPT" --out "$OUT/onnx-$q" "${args[@]}" >/dev/null
-  fi
+  args=()
+  bits="${q%-gqa}"
+  [[ "$bits" != fp32 ]] && args=(--quantize "$bits" --block-size 32)
+  [[ "$q" == *-gqa ]] && args+=(--attention gqa)
+  smollm2_export "$CKPT" "$OUT/onnx-$q" "${args[@]}"
 done
 
 GENAI="${GENAI:-1}"
 TRACT="${TRACT:-1}"
-VENV="$CACHE/genai-venv"
-if [[ "$GENAI" == 1 && ! -x "$VENV/bin/python" ]]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check onnxruntime-genai >&2
-fi
-# onnxruntime-genai on one export: the same prompt length / new tokens, greedy, one warm-up run
-# then one measured run; prints {"prefill_tok_s", "decode_tok_s"}.
-genai_bench() {
-  "$VENV/bin/python" - "$1" "$PROMPT" "$NEW" "$THREADS" <<'PY'
-import json, sys, time
-import onnxruntime_genai as og
-out, prompt, new, threads = sys.argv[1], *map(int, sys.argv[2:5])
-cfg = og.Config(out)
-model = og.Model(cfg)
-vocab = json.load(open(out + "/genai_config.json"))["model"]["vocab_size"]
-ids = [(i * 7919 + 17) % vocab for i in range(prompt)]
-def run():
-    p = og.GeneratorParams(model)
-    p.set_search_options(do_sample=False, max_length=prompt + new, min_length=prompt + new)
-    g = og.Generator(model, p)
-    t0 = time.perf_counter()
-    g.append_tokens(ids)
-    tp = time.perf_counter() - t0
-    n = 0
-    t1 = time.perf_counter()
-    while n < new and not g.is_done():
-        g.generate_next_token()
-        n += 1
-    td = time.perf_counter() - t1
-    return prompt / tp, n / td
-run()
-pre, dec = run()
-print(json.dumps({"prefill_tok_s": pre, "decode_tok_s": dec}))
-PY
-}
 if [[ "$GENAI" == 1 ]]; then
+  genai_venv
   # genai reads the intra-op thread count from genai_config.json's session options.
   for e in int4 int4-gqa; do
-    python3 - "$OUT/onnx-$e/genai_config.json" "$THREADS" <<'PY'
-import json, os, sys
-p, t = sys.argv[1], int(sys.argv[2])
-c = json.load(open(p))
-c["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = t
-open(p + ".tmp", "w").write(json.dumps(c, indent=2))
-os.replace(p + ".tmp", p)
-PY
+    genai_threads "$OUT/onnx-$e" "$THREADS"
   done
 fi
 
@@ -180,8 +128,8 @@ for r in $(seq 1 "$ROUNDS"); do
   fi
   if [[ "$GENAI" == 1 ]]; then
     log "round $r/$ROUNDS: onnxruntime-genai (int4)"
-    genai_bench "$OUT/onnx-int4" > "$RAW/genai.$r.json"
-    genai_bench "$OUT/onnx-int4-gqa" > "$RAW/genai-gqa.$r.json"
+    genai_decode "$OUT/onnx-int4" "$PROMPT" "$NEW" > "$RAW/genai.$r.json"
+    genai_decode "$OUT/onnx-int4-gqa" "$PROMPT" "$NEW" > "$RAW/genai-gqa.$r.json"
   fi
 done
 

@@ -20,21 +20,12 @@ THREADS="${THREADS:-2}"
 ROUNDS="${ROUNDS:-5}"
 OUT="${OUT:-$ROOT/out/bench-vs-genai}"
 GENAI_REQ="${GENAI_REQ:-onnxruntime-genai==0.18.0}"
-VENV="$ROOT/.cache/genai-venv"
-log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+source scripts/bench-common.sh
+steper_bin
+genai_venv "$GENAI_REQ"
 
-if [[ -n "${BIN_DIR:-}" ]]; then
-  BIN="$BIN_DIR"
-else
-  cargo build --release -q -p steper-train -p steper-export -p steper-runtime >&2
-  BIN="$ROOT/target/release"
-fi
-if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import onnxruntime_genai" 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$GENAI_REQ" >&2
-fi
 # The ONNX Runtime library onnxruntime-genai runs on (its `onnxruntime` dependency).
-ORT_LIB="$("$VENV/bin/python" - <<'PY'
+ORT_LIB="$("$GENAI_VENV/bin/python" - <<'PY'
 import glob, os, onnxruntime
 libs = sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so.*")))
 print(libs[0])
@@ -42,61 +33,19 @@ PY
 )"
 export ORT_DYLIB_PATH="$ORT_LIB"
 ORT_VER="$(basename "$ORT_LIB" | sed 's/^libonnxruntime\.so\.//')"
-GENAI_VER="$("$VENV/bin/python" -c 'import onnxruntime_genai as og; print(og.__version__)')"
+GENAI_VER="$("$GENAI_VENV/bin/python" -c 'import onnxruntime_genai as og; print(og.__version__)')"
 mkdir -p "$OUT"
 
 if [[ -z "${MODELS:-}" ]]; then
-  GGUF="$(bash scripts/fetch-smollm2.sh)"
   CKPT="$OUT/smollm2"
-  if [[ ! -f "$CKPT/config.json" ]]; then
-    rm -rf "$CKPT"
-    "$BIN/steper-train" import --gguf "$GGUF" --out "$CKPT" >/dev/null
-  fi
-  MODELS=""
-  for q in int4 int4-gqa; do
-    if [[ ! -f "$OUT/onnx-$q/steper.json" ]]; then
-      rm -rf "$OUT/onnx-$q"
-      args=(--quantize int4 --block-size 32)
-      [[ "$q" == *-gqa ]] && args+=(--attention gqa)
-      "$BIN/steper-export" --checkpoint "$CKPT" --out "$OUT/onnx-$q" "${args[@]}" >/dev/null
-    fi
-    MODELS+=" $OUT/onnx-$q"
-  done
+  smollm2_checkpoint "$CKPT"
+  smollm2_export "$CKPT" "$OUT/onnx-int4" --quantize int4 --block-size 32
+  smollm2_export "$CKPT" "$OUT/onnx-int4-gqa" --quantize int4 --block-size 32 --attention gqa
+  MODELS="$OUT/onnx-int4 $OUT/onnx-int4-gqa"
 fi
-# genai reads the intra-op thread count from genai_config.json's session options.
 for m in $MODELS; do
-  python3 - "$m/genai_config.json" "$THREADS" <<'PY'
-import json, os, sys
-p, t = sys.argv[1], int(sys.argv[2])
-c = json.load(open(p))
-c["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = t
-open(p + ".tmp", "w").write(json.dumps(c, indent=2))
-os.replace(p + ".tmp", p)
-PY
+  genai_threads "$m" "$THREADS"
 done
-
-genai_bench() {
-  "$VENV/bin/python" - "$1" "$2" "$NEW" <<'PY'
-import json, sys, time
-import onnxruntime_genai as og
-out, prompt, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-model = og.Model(og.Config(out))
-vocab = json.load(open(out + "/genai_config.json"))["model"]["vocab_size"]
-ids = [(i * 7919 + 17) % vocab for i in range(prompt)]
-def run():
-    p = og.GeneratorParams(model)
-    p.set_search_options(do_sample=False, max_length=prompt + new, min_length=prompt + new)
-    g = og.Generator(model, p)
-    g.append_tokens(ids)
-    n, t = 0, time.perf_counter()
-    while n < new and not g.is_done():
-        g.generate_next_token()
-        n += 1
-    return n / (time.perf_counter() - t)
-run()
-print(json.dumps({"decode_tok_s": run()}))
-PY
-}
 
 RAW="$OUT/raw"
 rm -rf "$RAW"
@@ -108,7 +57,7 @@ for r in $(seq 1 "$ROUNDS"); do
       log "round $r/$ROUNDS, context $p, $name: steper-run, onnxruntime-genai"
       "$BIN/steper-run" bench-decode --model "$m" --backends ort --prompt-tokens "$p" \
         --new-tokens "$NEW" --threads "$THREADS" --runs 1 > "$RAW/steper.$name.$p.$r.json"
-      genai_bench "$m" "$p" > "$RAW/genai.$name.$p.$r.json"
+      genai_decode "$m" "$p" "$NEW" > "$RAW/genai.$name.$p.$r.json"
     done
   done
 done
