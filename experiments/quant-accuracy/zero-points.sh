@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Which int4 keeps a trained student's HotpotQA accuracy: symmetric round-to-nearest, per-block
 # zero points (`--zero-points`), or GPTQ (`--calibration`, with and without zero points; with
-# zero points and the vocabulary projection left float: `int4-gptq-zp-fphead`)? One
+# zero points and the vocabulary projection left float: `int4-gptq-zp-fphead`), or float zero
+# points (`--zero-points float`, llama.cpp's Q4_1 form: `int4-fzp`, `int4-fzp-fphead`,
+# `int4-gptq-fzp-fphead`), which bring back exactly the layers training left on the GGUF's
+# grid? One
 # command, one run: the student exported fp32, int4, int4-zp, int8, int4-gptq and int4-gptq-zp;
 # `steper-run eval` of each on the first N questions of hotpotqa_dev500 (its own paragraph pool
 # as the index), on the same questions; `steper-run compare` of each against fp32 (paired
@@ -64,6 +67,11 @@ for q in $FORMS; do
     # the one layer whose rounding every logit sees).
     int4-gptq-zp-fphead) calibrate; args=(--quantize int4 --block-size "$BLOCK" --zero-points --calibration "$CALIB" --quantize-lm-head false) ;;
     int4-zp-fphead) args=(--quantize int4 --block-size "$BLOCK" --zero-points --quantize-lm-head false) ;;
+    # Float zero points: a float minimum per block (Q4_1's form, a block-sum correction beside
+    # MatMulNBits), exact for the frozen layers imported from the Q4_1 GGUF.
+    int4-fzp) args=(--quantize int4 --block-size "$BLOCK" --zero-points float) ;;
+    int4-fzp-fphead) args=(--quantize int4 --block-size "$BLOCK" --zero-points float --quantize-lm-head false) ;;
+    int4-gptq-fzp-fphead) calibrate; args=(--quantize int4 --block-size "$BLOCK" --zero-points float --calibration "$CALIB" --quantize-lm-head false) ;;
     *) echo "unknown form $q in FORMS" >&2; exit 2 ;;
   esac
   log "export $q"

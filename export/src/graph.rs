@@ -358,7 +358,7 @@ pub fn build_decoder(
     // x · Wᵀ for the HF weight `name` ([out, in]): a float MatMul, or the quantized form.
     let linear = |g: &mut GraphBuilder, hint: &str, x: &str, name: &str| -> Result<String> {
         match &opts.quant {
-            Some(q) => quantized_linear(g, w, q, ft, hint, x, name),
+            Some(q) => quantized_linear(g, w, q, ft, hint, Act::hidden(x), name),
             None => {
                 let (data, shape) = w.tensor(name, true)?;
                 let dims: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
@@ -376,7 +376,7 @@ pub fn build_decoder(
         |g: &mut GraphBuilder, hint: &str, x: &str, names: &[&str]| -> Result<Vec<String>> {
             match &opts.quant {
                 Some(q) if q.target == QuantTarget::OrtCpu && names.len() > 1 => {
-                    fused_matmulnbits(g, w, q, ft, hint, x, names)
+                    fused_matmulnbits(g, w, q, ft, hint, Act::hidden(x), names)
                 }
                 _ => names.iter().map(|n| linear(g, hint, x, n)).collect(),
             }
@@ -579,7 +579,11 @@ pub fn build_decoder(
     let rows = g.op("Reshape", "lm_head", &[&xn, &shape_rows], vec![]);
     let mut lg = match &opts.quant {
         Some(q) if q.lm_head => {
-            quantized_linear(&mut g, w, q, ft, "lm_head", &rows, quant::head_weight(cfg))?
+            let rows = Act {
+                name: &rows,
+                rank: 2,
+            };
+            quantized_linear(&mut g, w, q, ft, "lm_head", rows, quant::head_weight(cfg))?
         }
         _ => {
             let head = if cfg.tie_word_embeddings {
@@ -706,10 +710,10 @@ pub fn describe(q: &QuantOptions) -> String {
     let mut s = format!(
         "{} {} block {} ({}{}), lm_head {}",
         q.bits.as_str(),
-        if q.zero_points {
-            "with zero points,"
-        } else {
-            "symmetric"
+        match q.zero_points {
+            quant::ZeroPoints::None => "symmetric",
+            quant::ZeroPoints::Int => "with zero points,",
+            quant::ZeroPoints::Float => "with float zero points (block-sum correction),",
         },
         q.block_size,
         q.target.op(),
@@ -732,7 +736,7 @@ fn quantized_linear(
     q: &QuantOptions,
     ft: Elem,
     hint: &str,
-    x: &str,
+    x: Act<'_>,
     name: &str,
 ) -> Result<String> {
     let bq = quant::quantize_weight(w, name, q)?;
@@ -741,6 +745,14 @@ fn quantized_linear(
     let bs = q.block_size as i64;
     Ok(match q.target {
         QuantTarget::OrtCpu => matmul_nbits(g, &bq, name, ft, hint, x),
+        QuantTarget::Portable if bq.offsets.is_some() => {
+            // QuantOptions::check refuses this combination before any weight is read.
+            return Err(Error::Option {
+                option: "--zero-points",
+                expected: "none or int with --target portable".into(),
+                got: "float".into(),
+            });
+        }
         QuantTarget::Portable => {
             let elem = match q.bits {
                 QuantBits::Int4 => Elem::I4,
@@ -771,7 +783,7 @@ fn quantized_linear(
                 &inputs,
                 vec![attr_i("axis", 0), attr_i("block_size", bs)],
             );
-            g.op("MatMul", hint, &[x, &wd], vec![])
+            g.op("MatMul", hint, &[x.name, &wd], vec![])
         }
     })
 }
@@ -785,7 +797,7 @@ fn fused_matmulnbits(
     q: &QuantOptions,
     ft: Elem,
     hint: &str,
-    x: &str,
+    x: Act<'_>,
     names: &[&str],
 ) -> Result<Vec<String>> {
     let parts = names
@@ -813,10 +825,16 @@ fn fused_matmulnbits(
             .iter()
             .flat_map(|p| p.scales.iter().copied())
             .collect(),
-        zero_points: q.zero_points.then(|| {
+        zero_points: (q.zero_points == quant::ZeroPoints::Int).then(|| {
             parts
                 .iter()
                 .flat_map(|p| p.zero_points.iter().flatten().copied())
+                .collect()
+        }),
+        offsets: (q.zero_points == quant::ZeroPoints::Float).then(|| {
+            parts
+                .iter()
+                .flat_map(|p| p.offsets.iter().flatten().copied())
                 .collect()
         }),
     };
@@ -851,13 +869,15 @@ fn fused_matmulnbits(
 
 /// `x · Wᵀ` as `com.microsoft.MatMulNBits` over the block-quantized `bq`, its initializers named
 /// after `name` (`{name}.MatMulNBits.B`, `.scales`, and `.zero_points` for asymmetric blocks).
+/// Float zero points (`bq.offsets`) are added as the block-sum correction of the module doc of
+/// [`quant`]: `+ MatMul(block_sums(x), O)`.
 fn matmul_nbits(
     g: &mut GraphBuilder,
     bq: &quant::BlockQuantized,
     name: &str,
     ft: Elem,
     hint: &str,
-    x: &str,
+    x: Act<'_>,
 ) -> String {
     let (n, k) = (bq.rows as i64, bq.cols as i64);
     let nb = bq.blocks_per_row() as i64;
@@ -884,11 +904,11 @@ fn matmul_nbits(
             raw,
         )
     });
-    let mut inputs: Vec<&str> = vec![x, &b, &s];
+    let mut inputs: Vec<&str> = vec![x.name, &b, &s];
     if let Some(z) = &zp {
         inputs.push(z);
     }
-    g.op_in(
+    let y = g.op_in(
         MS_DOMAIN,
         "MatMulNBits",
         hint,
@@ -900,7 +920,52 @@ fn matmul_nbits(
             attr_i("block_size", bs),
             attr_i("accuracy_level", quant::ACCURACY_LEVEL),
         ],
-    )
+    );
+    let Some(offsets) = bq.transposed_offsets() else {
+        return y;
+    };
+    let sums = block_sums(g, hint, x, nb, bs);
+    let o = g.init_float(
+        &format!("{name}.MatMulNBits.offsets"),
+        ft,
+        &[nb, n],
+        &offsets,
+    );
+    let correction = g.op("MatMul", hint, &[&sums, &o], vec![]);
+    g.op("Add", hint, &[&y, &correction], vec![])
+}
+
+/// An activation a linear layer reads, with its rank (3: `[batch, seq, K]` hidden states; 2: the
+/// `[rows, K]` rows of the vocabulary projection).
+#[derive(Clone, Copy)]
+struct Act<'a> {
+    name: &'a str,
+    rank: usize,
+}
+
+impl<'a> Act<'a> {
+    /// `[batch, seq, K]` hidden states.
+    fn hidden(name: &'a str) -> Self {
+        Act { name, rank: 3 }
+    }
+}
+
+/// The sums of each block of `block` consecutive inputs of the activation `x` (`[…, blocks ·
+/// block]`): `ReduceSum(Reshape(x, […, blocks, block]), axes = [-1])`, shaped `[…, blocks]`.
+fn block_sums(g: &mut GraphBuilder, hint: &str, x: Act<'_>, blocks: i64, block: i64) -> String {
+    let shape = format!("const/block_shape_r{}_{blocks}x{block}", x.rank);
+    if !g.initializers.iter().any(|t| t.name == shape) {
+        // 0 keeps the input's dimension (Reshape's allowzero = 0).
+        let mut dims = vec![0; x.rank - 1];
+        dims.extend([blocks, block]);
+        g.const_i64(&shape, &[dims.len() as i64], &dims);
+    }
+    let r = g.op("Reshape", hint, &[x.name, &shape], vec![]);
+    let axes = "const/axes_-1".to_string();
+    if !g.initializers.iter().any(|t| t.name == axes) {
+        g.const_i64(&axes, &[1], &[-1]);
+    }
+    g.op("ReduceSum", hint, &[&r, &axes], vec![attr_i("keepdims", 0)])
 }
 
 /// IR version written (ONNX Runtime 1.31 reads up to 13; 8 is the IR of opsets 17/18's era).

@@ -32,7 +32,7 @@ use tract_onnx::pb::{tensor_proto::DataLocation, ModelProto, StringStringEntryPr
 
 pub use error::{Error, Result};
 pub use onnx::Elem;
-pub use quant::{QuantBits, QuantOptions, QuantTarget};
+pub use quant::{QuantBits, QuantOptions, QuantTarget, ZeroPoints};
 pub use steper_runtime::manifest::AttentionOp;
 pub use steper_runtime::Manifest;
 

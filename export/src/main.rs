@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use steper_export::{
     export_with_calibration, verify, ExportDtype, ExportOptions, ExternalData, QuantBits,
-    QuantOptions, QuantTarget,
+    QuantOptions, QuantTarget, ZeroPoints,
 };
 
 /// Export a STEPER checkpoint to ONNX with a KV cache.
@@ -42,11 +42,14 @@ struct Args {
     /// embedding lookup stays float). Needs --quantize.
     #[arg(long)]
     quantize_lm_head: Option<bool>,
-    /// Asymmetric blocks: a zero point per block beside its scale (MatMulNBits `zero_points`,
-    /// DequantizeLinear `x_zero_point`), so a block's codes span its own [min, max] rather than
-    /// ±max. Needs --quantize.
-    #[arg(long)]
-    zero_points: bool,
+    /// Asymmetric blocks. `--zero-points` (= int): an integer zero point per block beside its
+    /// scale (MatMulNBits `zero_points`, DequantizeLinear `x_zero_point`), so a block's codes span
+    /// its own [min, max] widened to hold 0 rather than ±max. `--zero-points float`: a float
+    /// minimum per block (llama.cpp's Q4_1 form), added as a block-sum correction beside
+    /// MatMulNBits; exact for layers still on a Q4_1 grid (imported from a GGUF and frozen);
+    /// --target ort-cpu only. Needs --quantize.
+    #[arg(long, value_name = "none|int|float", num_args = 0..=1, default_missing_value = "int")]
+    zero_points: Option<String>,
     /// Quantize with GPTQ instead of round-to-nearest, using the Hessians that `steper-calibrate
     /// --hessians` wrote into this directory for this checkpoint's fp32 export (refused when made
     /// for another model). Needs --quantize; --verify recomputes the same codes from it.
@@ -116,7 +119,10 @@ fn run(a: Args) -> anyhow::Result<bool> {
                     None => d.target,
                 },
                 lm_head: a.quantize_lm_head.unwrap_or(d.lm_head),
-                zero_points: a.zero_points,
+                zero_points: match &a.zero_points {
+                    Some(z) => z.parse::<ZeroPoints>()?,
+                    None => d.zero_points,
+                },
             })
         }
         None => {
@@ -124,7 +130,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
                 (a.block_size.is_some(), "--block-size"),
                 (a.target.is_some(), "--target"),
                 (a.quantize_lm_head.is_some(), "--quantize-lm-head"),
-                (a.zero_points, "--zero-points"),
+                (a.zero_points.is_some(), "--zero-points"),
                 (a.calibration.is_some(), "--calibration"),
             ] {
                 if set {

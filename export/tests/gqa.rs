@@ -333,23 +333,30 @@ fn an_in_place_cache_is_refused_for_a_standard_export_naming_the_option() -> Res
 
 #[test]
 fn int4_gqa_export_matches_candle_on_dequantized_weights() -> Result<()> {
-    let q = QuantOptions {
-        bits: QuantBits::Int4,
-        block_size: 32,
-        target: QuantTarget::OrtCpu,
-        lm_head: true,
-        zero_points: false,
-    };
-    let x = export_both(&ExportOptions::quantized(q))?;
-    let ck = steper_models::Checkpoint::load(&x.ckpt, DType::F32, &Device::Cpu)?;
-    let (cfg, w) = dequantized_checkpoint(&ck.config, &ck.weights, &q)?;
-    let r = reference(&steper_models::Llama::new(&cfg, &w)?, &prompt(12), 16)?;
-    let rep = check_backend(&x.gqa, &ort(), &r, INT_MATMULNBITS)?;
-    assert!(
-        rep.pass,
-        "int4 GroupQueryAttention export fails {}: max_rel {} top-1 {}",
-        INT_MATMULNBITS.name, rep.max_rel, rep.top1_agreement
-    );
+    // Float zero points go through the stacked q/k/v MatMulNBits with one block-sum correction.
+    for zero_points in [
+        steper_export::ZeroPoints::None,
+        steper_export::ZeroPoints::Float,
+    ] {
+        let q = QuantOptions {
+            bits: QuantBits::Int4,
+            block_size: 32,
+            target: QuantTarget::OrtCpu,
+            lm_head: true,
+            zero_points,
+        };
+        let x = export_both(&ExportOptions::quantized(q))?;
+        let ck = steper_models::Checkpoint::load(&x.ckpt, DType::F32, &Device::Cpu)?;
+        let (cfg, w) = dequantized_checkpoint(&ck.config, &ck.weights, &q)?;
+        let r = reference(&steper_models::Llama::new(&cfg, &w)?, &prompt(12), 16)?;
+        let rep = check_backend(&x.gqa, &ort(), &r, INT_MATMULNBITS)?;
+        assert!(
+            rep.pass,
+            "int4 GroupQueryAttention export ({zero_points:?} zero points) fails {}: max_rel {} \
+             top-1 {}",
+            INT_MATMULNBITS.name, rep.max_rel, rep.top1_agreement
+        );
+    }
     Ok(())
 }
 
@@ -490,7 +497,7 @@ fn gqa_is_refused_where_it_cannot_run_with_errors_naming_the_option() -> Result<
             block_size: 32,
             target: QuantTarget::Portable,
             lm_head: true,
-            zero_points: false,
+            zero_points: steper_export::ZeroPoints::None,
         })
     };
     let fp16 = ExportOptions {

@@ -12,7 +12,7 @@ use common::*;
 use prost::Message;
 use steper_export::quant::{dequantized_checkpoint, ORT_CPU_BITS};
 use steper_export::verify::{check_backend, reference, Reference, Tolerance, INT_MATMULNBITS};
-use steper_export::{Error, ExportOptions, QuantBits, QuantOptions, QuantTarget};
+use steper_export::{Error, ExportOptions, QuantBits, QuantOptions, QuantTarget, ZeroPoints};
 use steper_runtime::backend::{load_model, BackendKind, OrtOptions};
 use tract_onnx::pb::ModelProto;
 
@@ -22,7 +22,7 @@ fn opts(bits: QuantBits, target: QuantTarget, block_size: usize, lm_head: bool) 
         block_size,
         target,
         lm_head,
-        zero_points: false,
+        zero_points: ZeroPoints::None,
     })
 }
 
@@ -30,7 +30,16 @@ fn opts(bits: QuantBits, target: QuantTarget, block_size: usize, lm_head: bool) 
 fn zopts(bits: QuantBits, target: QuantTarget, block_size: usize, lm_head: bool) -> ExportOptions {
     let mut o = opts(bits, target, block_size, lm_head);
     if let Some(q) = o.quantize.as_mut() {
-        q.zero_points = true;
+        q.zero_points = ZeroPoints::Int;
+    }
+    o
+}
+
+/// [`opts`] with float zero points (a float minimum per block, the block-sum correction).
+fn fopts(bits: QuantBits, target: QuantTarget, block_size: usize, lm_head: bool) -> ExportOptions {
+    let mut o = opts(bits, target, block_size, lm_head);
+    if let Some(q) = o.quantize.as_mut() {
+        q.zero_points = ZeroPoints::Float;
     }
     o
 }
@@ -157,12 +166,127 @@ fn zero_points_are_in_the_graph_and_the_manifest() -> Result<()> {
     let manifest = steper_runtime::Manifest::load(&x.out.join("steper.json"))?;
     let q = manifest.quantization.context("quantization record")?;
     assert!(q.zero_points);
+    assert!(!q.float_zero_points);
     let back = QuantOptions::from_record(&q)?;
-    assert!(back.zero_points);
+    assert_eq!(back.zero_points, ZeroPoints::Int);
     // Symmetric exports write no zero points and no field.
     let s = export_quantized(&opts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true))?;
     let text = std::fs::read_to_string(s.out.join("steper.json"))?;
     assert!(!text.contains("zero_points"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn int4_and_int8_with_float_zero_points_on_ort_cpu_match_candle_on_dequantized_weights(
+) -> Result<()> {
+    check(
+        &fopts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true),
+        &[ort()],
+    )?;
+    check(
+        &fopts(QuantBits::Int8, QuantTarget::OrtCpu, 16, false),
+        &[ort()],
+    )
+}
+
+#[test]
+fn float_zero_points_add_one_block_sum_correction_per_matmulnbits_and_are_recorded() -> Result<()> {
+    let x = export_quantized(&fopts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true))?;
+    let m = graph(&x.out)?;
+    let g = m.graph.as_ref().context("graph")?;
+    let nbits: Vec<_> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "MatMulNBits")
+        .collect();
+    assert!(!nbits.is_empty());
+    for n in &nbits {
+        assert_eq!(n.input.len(), 3, "{}: no integer zero points", n.name);
+        // Its output feeds an Add whose other input is MatMul(ReduceSum(Reshape(x)), offsets).
+        let add = g
+            .node
+            .iter()
+            .find(|a| a.op_type == "Add" && a.input.contains(&n.output[0]))
+            .with_context(|| format!("{}: no Add of the correction", n.name))?;
+        let other = add
+            .input
+            .iter()
+            .find(|i| **i != n.output[0])
+            .context("addend")?;
+        let producer = |out: &String| {
+            g.node
+                .iter()
+                .find(|c| c.output.contains(out))
+                .with_context(|| format!("no node makes {out}"))
+        };
+        let corr = producer(other)?;
+        assert_eq!(corr.op_type, "MatMul");
+        assert!(
+            corr.input[1].ends_with(".MatMulNBits.offsets"),
+            "{:?}",
+            corr.input
+        );
+        let sums = producer(&corr.input[0])?;
+        assert_eq!(sums.op_type, "ReduceSum");
+        let blocks = producer(&sums.input[0])?;
+        assert_eq!(blocks.op_type, "Reshape");
+        assert_eq!(
+            blocks.input[0], n.input[0],
+            "the block sums read the MatMulNBits input"
+        );
+        let k = n
+            .attribute
+            .iter()
+            .find(|a| a.name == "K")
+            .map(|a| a.i)
+            .context("K")?;
+        let shape = g
+            .initializer
+            .iter()
+            .find(|t| t.name == blocks.input[1])
+            .context("block shape")?;
+        let dims: Vec<i64> = shape
+            .raw_data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        // [0, 0, K/32, 32] for hidden states, [0, K/32, 32] for the vocabulary projection's rows.
+        let (lead, tail) = dims.split_at(dims.len() - 2);
+        assert!(lead.iter().all(|&d| d == 0) && !lead.is_empty(), "{dims:?}");
+        assert_eq!(tail, &[k / 32, 32]);
+    }
+    let manifest = steper_runtime::Manifest::load(&x.out.join("steper.json"))?;
+    let q = manifest.quantization.context("quantization record")?;
+    assert!(q.zero_points && q.float_zero_points);
+    assert_eq!(
+        QuantOptions::from_record(&q)?.zero_points,
+        ZeroPoints::Float
+    );
+    Ok(())
+}
+
+#[test]
+fn float_zero_points_are_refused_for_the_portable_target() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ckpt = tmp.path().join("ckpt");
+    tiny_checkpoint(&ckpt, &tiny_config(), 7)?;
+    let out = tmp.path().join("export");
+    match steper_export::export(
+        &ckpt,
+        &out,
+        &fopts(QuantBits::Int4, QuantTarget::Portable, 32, true),
+    ) {
+        Err(Error::Option {
+            option, expected, ..
+        }) => {
+            assert_eq!(option, "--zero-points");
+            assert!(expected.contains("ort-cpu"), "{expected}");
+        }
+        other => panic!("expected a --zero-points option error, got {other:?}"),
+    }
+    assert!(!out.join("model.onnx").exists());
+    let e = "half".parse::<ZeroPoints>().err().context("must fail")?;
+    assert!(e.to_string().contains("float"), "{e}");
     Ok(())
 }
 

@@ -106,7 +106,7 @@ fn quantized(bits: QuantBits, target: QuantTarget) -> ExportOptions {
         block_size: 32,
         target,
         lm_head: true,
-        zero_points: false,
+        zero_points: steper_export::ZeroPoints::None,
     })
 }
 

@@ -188,6 +188,10 @@ pub struct WeightQuantization {
     /// Per-block zero points (asymmetric blocks); absent or false: symmetric, zero point 0.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub zero_points: bool,
+    /// The zero points are float block minimums (llama.cpp's Q4_1 form), added to the integer
+    /// product as a block-sum correction; absent or false: integer zero points.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub float_zero_points: bool,
     /// Number of linear layers quantized.
     pub layers: usize,
     /// How the codes were chosen: `gptq` (second-order error compensation with calibration

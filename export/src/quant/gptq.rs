@@ -26,7 +26,7 @@
 //! weight (rounded to nearest) instead of being zeroed: a channel unseen in calibration can still
 //! carry signal at run time.
 
-use super::{BlockParams, BlockQuantized, QuantBits};
+use super::{BlockParams, BlockQuantized, QuantBits, ZeroPoints};
 use crate::error::{Error, Result};
 
 /// How GPTQ runs.
@@ -62,7 +62,7 @@ pub fn quantize_gptq(
     h: &[f64],
     bits: QuantBits,
     block_size: usize,
-    zero_points: bool,
+    zero_points: ZeroPoints,
     opts: &GptqOptions,
 ) -> Result<BlockQuantized> {
     super::check_layout(layer, w, rows, cols, block_size)?;
@@ -138,15 +138,15 @@ pub fn quantize_gptq(
         .into_iter()
         .map(|p| p.expect("every block reached"))
         .collect();
-    Ok(BlockQuantized {
+    Ok(BlockQuantized::from_params(
         rows,
         cols,
         block_size,
         bits,
         codes,
-        scales: params.iter().map(|p| p.scale).collect(),
-        zero_points: zero_points.then(|| params.iter().map(|p| p.zero as i8).collect()),
-    })
+        &params,
+        zero_points,
+    ))
 }
 
 /// `U`, upper triangular with `(H + λ·mean(diag)·I)⁻¹ = Uᵀ U`, row-major `[n, n]`. A zero

@@ -1,5 +1,6 @@
-//! Block-wise round-to-nearest weight quantization (`steper-export --quantize`), symmetric or
-//! with per-block zero points (`--zero-points`).
+//! Block-wise round-to-nearest weight quantization (`steper-export --quantize`), symmetric,
+//! with per-block integer zero points (`--zero-points`) or with per-block float minimums
+//! (`--zero-points float`).
 //!
 //! This module is the one place where weights are quantized and dequantized: the graph builder
 //! packs [`BlockQuantized`] into the target's initializers, and `--verify` runs the candle model
@@ -33,6 +34,25 @@
 //!
 //! Codes and zero points are kept signed here; `MatMulNBits` stores both as unsigned (`+
 //! 2^(bits-1)`), ONNX `DequantizeLinear` as signed INT4/INT8, and the two give the same ŵ.
+//!
+//! With float zero points (llama.cpp's Q4_1: a scale and a float minimum per block), the
+//! block's own range `[lo, hi]` (not widened) maps onto the codes and `q_min` stands for `lo`
+//! exactly:
+//!
+//! ```text
+//! scale  = f16_round((hi - lo) / (2^bits - 1))
+//! offset = lo - q_min · scale
+//! q      = clamp(round((w - offset) / scale), q_min, 2^(bits-1) - 1)
+//! ŵ      = q · scale + offset
+//! ```
+//!
+//! A weight that is already on such a grid (a layer imported from a Q4_1 GGUF and left frozen
+//! by training) comes back exactly, which an integer zero point cannot do: the minimum of a Q4_1
+//! block is rarely a whole number of steps from 0. `MatMulNBits` takes float zero points only
+//! on its slow unpacked path, so the `ort-cpu` form keeps the codes symmetric and adds the
+//! offsets as a block-sum correction, `y = MatMulNBits(x) + S(x) · O`, with `S(x)` the sums of
+//! each block of the input (`[.., K / block_size]`, a `Reshape` and a `ReduceSum`) and `O` the
+//! offsets transposed (`[K / block_size, N]`, float).
 
 use std::collections::BTreeMap;
 
@@ -147,6 +167,48 @@ impl std::str::FromStr for QuantTarget {
     }
 }
 
+/// How a block's codes are placed (`steper-export --zero-points`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroPoints {
+    /// Symmetric blocks: codes span ±max, zero point 0.
+    #[default]
+    None,
+    /// An integer zero point per block (MatMulNBits `zero_points`, DequantizeLinear
+    /// `x_zero_point`): codes span the block's [min, max] widened to hold 0.
+    Int,
+    /// A float minimum per block (llama.cpp's Q4_1 form): codes span the block's own [min, max];
+    /// `ort-cpu` only.
+    Float,
+}
+
+impl ZeroPoints {
+    /// `none` / `int` / `float`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ZeroPoints::None => "none",
+            ZeroPoints::Int => "int",
+            ZeroPoints::Float => "float",
+        }
+    }
+}
+
+impl std::str::FromStr for ZeroPoints {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(ZeroPoints::None),
+            "int" => Ok(ZeroPoints::Int),
+            "float" => Ok(ZeroPoints::Float),
+            _ => Err(Error::Option {
+                option: "--zero-points",
+                expected: "none, int or float".into(),
+                got: s.into(),
+            }),
+        }
+    }
+}
+
 /// Weight quantization of an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct QuantOptions {
@@ -160,8 +222,8 @@ pub struct QuantOptions {
     /// Quantize the vocabulary projection (lm_head, or the tied embedding's use as lm_head; the
     /// embedding lookup always keeps float weights).
     pub lm_head: bool,
-    /// Per-block zero points (asymmetric blocks) instead of symmetric ones.
-    pub zero_points: bool,
+    /// Symmetric blocks, integer zero points or float minimums.
+    pub zero_points: ZeroPoints,
 }
 
 impl QuantOptions {
@@ -172,7 +234,7 @@ impl QuantOptions {
             block_size: 32,
             target: QuantTarget::OrtCpu,
             lm_head: true,
-            zero_points: false,
+            zero_points: ZeroPoints::None,
         }
     }
 
@@ -199,6 +261,15 @@ impl QuantOptions {
                 }
             }
             QuantTarget::Portable => {
+                if self.zero_points == ZeroPoints::Float {
+                    return Err(Error::Option {
+                        option: "--zero-points",
+                        expected: "none or int with --target portable (DequantizeLinear takes \
+                                   integer zero points; float ones need --target ort-cpu)"
+                            .into(),
+                        got: "float".into(),
+                    });
+                }
                 if self.block_size < 2 {
                     return Err(Error::Option {
                         option: "--block-size",
@@ -233,7 +304,11 @@ impl QuantOptions {
                 got: r.target.clone(),
             })?,
             lm_head: r.lm_head,
-            zero_points: r.zero_points,
+            zero_points: match (r.zero_points, r.float_zero_points) {
+                (_, true) => ZeroPoints::Float,
+                (true, false) => ZeroPoints::Int,
+                (false, false) => ZeroPoints::None,
+            },
         })
     }
 
@@ -246,7 +321,8 @@ impl QuantOptions {
             op: self.target.op().into(),
             accuracy_level: (self.target == QuantTarget::OrtCpu).then_some(ACCURACY_LEVEL as u32),
             lm_head: self.lm_head,
-            zero_points: self.zero_points,
+            zero_points: self.zero_points != ZeroPoints::None,
+            float_zero_points: self.zero_points == ZeroPoints::Float,
             layers,
             method: None,
             damp: None,
@@ -283,252 +359,9 @@ pub fn head_weight(cfg: &LlamaConfig) -> &'static str {
     }
 }
 
-/// A `[rows, cols]` matrix quantized along `cols` (rows = output features `N`, cols = input
-/// features `K`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct BlockQuantized {
-    /// Output features `N`.
-    pub rows: usize,
-    /// Input features `K`.
-    pub cols: usize,
-    /// Input elements per block.
-    pub block_size: usize,
-    /// Bit width.
-    pub bits: QuantBits,
-    /// Signed codes, row-major `[rows, cols]`.
-    pub codes: Vec<i8>,
-    /// One scale per block, row-major `[rows, cols / block_size]`.
-    pub scales: Vec<f32>,
-    /// Signed zero points, one per block like `scales` (`None`: symmetric, all 0).
-    pub zero_points: Option<Vec<i8>>,
-}
-
-/// Checks that `block_size` divides the input dimension `cols` ([`Error::BlockSize`]) and that
-/// `w` holds `rows × cols` weights ([`Error::Tensor`]).
-pub(crate) fn check_layout(
-    layer: &str,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    block_size: usize,
-) -> Result<()> {
-    if block_size == 0 || !cols.is_multiple_of(block_size) {
-        return Err(Error::BlockSize {
-            layer: layer.into(),
-            input_dim: cols,
-            block_size,
-        });
-    }
-    if w.len() != rows * cols {
-        return Err(Error::Tensor {
-            name: layer.into(),
-            message: format!("expected {rows}×{cols} weights, got {}", w.len()),
-        });
-    }
-    Ok(())
-}
-
-/// Quantizes the row-major `[rows, cols]` weight `w` of layer `layer` (see the module doc for
-/// the formulas; `zero_points` picks the asymmetric form). `cols` must be a multiple of
-/// `block_size`, else [`Error::BlockSize`].
-pub fn quantize(
-    layer: &str,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    bits: QuantBits,
-    block_size: usize,
-    zero_points: bool,
-) -> Result<BlockQuantized> {
-    check_layout(layer, w, rows, cols, block_size)?;
-    let mut codes = Vec::with_capacity(w.len());
-    let mut scales = Vec::with_capacity(w.len() / block_size);
-    let mut zps = Vec::with_capacity(if zero_points { w.len() / block_size } else { 0 });
-    for block in w.chunks_exact(block_size) {
-        let p = BlockParams::of(block, bits, zero_points);
-        scales.push(p.scale);
-        if zero_points {
-            zps.push(p.zero as i8);
-        }
-        codes.extend(block.iter().map(|&x| p.code(x)));
-    }
-    Ok(BlockQuantized {
-        rows,
-        cols,
-        block_size,
-        bits,
-        codes,
-        scales,
-        zero_points: zero_points.then_some(zps),
-    })
-}
-
-/// The scale and zero point of one block (module doc), and the code of a value under them —
-/// shared by round-to-nearest ([`quantize`]) and GPTQ ([`gptq`]), so both store exactly the same
-/// format.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct BlockParams {
-    /// f16-exact scale (0 for an all-zero block).
-    pub scale: f32,
-    /// Signed zero point as a float code (0 when symmetric).
-    pub zero: f32,
-    q_min: f32,
-    q_max: f32,
-}
-
-impl BlockParams {
-    /// The parameters of `block` (symmetric, or asymmetric with `zero_points`).
-    pub fn of(block: &[f32], bits: QuantBits, zero_points: bool) -> Self {
-        let (q_min, q_max) = (bits.q_min() as f32, bits.q_max() as f32);
-        let (scale, zero) = if zero_points {
-            let lo = block.iter().copied().fold(0f32, f32::min);
-            let hi = block.iter().copied().fold(0f32, f32::max);
-            let scale = half::f16::from_f32((hi - lo) / (q_max - q_min)).to_f32();
-            let z = if scale == 0.0 || !scale.is_finite() {
-                0.0
-            } else {
-                (-lo / scale).round().clamp(0.0, q_max - q_min) + q_min
-            };
-            (scale, z)
-        } else {
-            let m = block
-                .iter()
-                .copied()
-                .fold(0f32, |a, x| if x.abs() > a.abs() { x } else { a });
-            (half::f16::from_f32(m / q_min).to_f32(), 0.0)
-        };
-        BlockParams {
-            scale,
-            zero,
-            q_min,
-            q_max,
-        }
-    }
-
-    /// The code of `x`: `clamp(round(x / scale) + z)`.
-    pub fn code(&self, x: f32) -> i8 {
-        let q = if self.scale == 0.0 || !self.scale.is_finite() {
-            self.zero
-        } else {
-            ((x / self.scale).round() + self.zero).clamp(self.q_min, self.q_max)
-        };
-        q as i8
-    }
-
-    /// The value code `q` stands for: `(q - z) · scale`.
-    pub fn value(&self, q: i8) -> f32 {
-        (q as f32 - self.zero) * self.scale
-    }
-}
-
-impl BlockQuantized {
-    /// Blocks per row (`cols / block_size`).
-    pub fn blocks_per_row(&self) -> usize {
-        self.cols / self.block_size
-    }
-
-    /// The zero point of block `i` (row-major over `[rows, blocks]`; 0 when symmetric).
-    fn zero_point(&self, i: usize) -> i8 {
-        self.zero_points.as_ref().map(|z| z[i]).unwrap_or(0)
-    }
-
-    /// The dequantized weight `ŵ = (q - z) · scale`, row-major `[rows, cols]`.
-    pub fn dequantize(&self) -> Vec<f32> {
-        self.codes
-            .chunks_exact(self.block_size)
-            .zip(&self.scales)
-            .enumerate()
-            .flat_map(|(i, (b, &s))| {
-                let z = self.zero_point(i) as f32;
-                b.iter().map(move |&q| (q as f32 - z) * s)
-            })
-            .collect()
-    }
-
-    /// `MatMulNBits` input `zero_points` (present only with zero points): uint8, unsigned
-    /// `z + 2^(bits-1)`; for 4 bits two per byte (first in the low nibble), each row's blocks
-    /// packed on their own (`[rows, ⌈blocks/2⌉]`), for 8 bits `[rows, blocks]`.
-    pub fn matmul_nbits_zero_points(&self) -> Option<Vec<u8>> {
-        let z = self.zero_points.as_ref()?;
-        let offset = 1i32 << (self.bits.bits() - 1);
-        let nb = self.blocks_per_row();
-        let unsigned = |v: i8| (v as i32 + offset) as u8;
-        Some(match self.bits {
-            QuantBits::Int8 => z.iter().map(|&v| unsigned(v)).collect(),
-            QuantBits::Int4 => z
-                .chunks_exact(nb)
-                .flat_map(|row| {
-                    row.chunks(2).map(|p| {
-                        (unsigned(p[0]) & 0x0F) | (p.get(1).map(|&v| unsigned(v)).unwrap_or(0) << 4)
-                    })
-                })
-                .collect(),
-        })
-    }
-
-    /// The zero points transposed to `[blocks, rows]` as the raw data of an ONNX `INT4` (packed
-    /// pairwise over the flat tensor) or `INT8` tensor: `DequantizeLinear`'s zero point beside
-    /// [`Self::transposed_scales`]. `None` when symmetric.
-    pub fn transposed_zero_points(&self) -> Option<Vec<u8>> {
-        let z = self.zero_points.as_ref()?;
-        let nb = self.blocks_per_row();
-        let t = (0..nb).flat_map(|b| (0..self.rows).map(move |n| z[n * nb + b]));
-        Some(match self.bits {
-            QuantBits::Int8 => t.map(|v| v as u8).collect(),
-            QuantBits::Int4 => {
-                let v: Vec<u8> = t.map(|q| (q as u8) & 0x0F).collect();
-                v.chunks(2)
-                    .map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4))
-                    .collect()
-            }
-        })
-    }
-
-    /// `MatMulNBits` input B: uint8 `[rows, blocks, block_size · bits / 8]`, unsigned codes
-    /// `q + 2^(bits-1)` (so the default zero point applies), for 4 bits two per byte with the
-    /// first element in the low nibble.
-    pub fn matmul_nbits_b(&self) -> Vec<u8> {
-        let offset = 1i32 << (self.bits.bits() - 1);
-        let unsigned = self.codes.iter().map(|&q| (q as i32 + offset) as u8);
-        match self.bits {
-            QuantBits::Int8 => unsigned.collect(),
-            QuantBits::Int4 => {
-                let u: Vec<u8> = unsigned.collect();
-                // cols is a multiple of block_size, which is even for MatMulNBits, so pairs never
-                // straddle a block.
-                u.chunks(2)
-                    .map(|p| (p[0] & 0x0F) | (p.get(1).copied().unwrap_or(0) << 4))
-                    .collect()
-            }
-        }
-    }
-
-    /// The weight transposed to `[cols, rows]` (MatMul's right-hand layout) as the raw data of
-    /// an ONNX `INT4` (two's complement nibbles, element 0 in the low nibble, the flat tensor
-    /// packed pairwise) or `INT8` tensor.
-    pub fn transposed_raw(&self) -> Vec<u8> {
-        let (r, c) = (self.rows, self.cols);
-        let t = (0..c).flat_map(|k| (0..r).map(move |n| self.codes[n * c + k]));
-        match self.bits {
-            QuantBits::Int8 => t.map(|q| q as u8).collect(),
-            QuantBits::Int4 => {
-                let v: Vec<u8> = t.map(|q| (q as u8) & 0x0F).collect();
-                v.chunks(2)
-                    .map(|p| p[0] | (p.get(1).copied().unwrap_or(0) << 4))
-                    .collect()
-            }
-        }
-    }
-
-    /// The scales transposed to `[blocks, rows]`, the `DequantizeLinear` scale of
-    /// [`Self::transposed_raw`] with `axis = 0`.
-    pub fn transposed_scales(&self) -> Vec<f32> {
-        let nb = self.blocks_per_row();
-        (0..nb)
-            .flat_map(|b| (0..self.rows).map(move |n| self.scales[n * nb + b]))
-            .collect()
-    }
-}
+mod block;
+pub(crate) use block::{check_layout, BlockParams};
+pub use block::{quantize, BlockQuantized};
 
 /// Reads and quantizes the weight `name` (`[out, in]`) of `w` (round-to-nearest), or returns
 /// the codes `w` already holds for it ([`WeightSource::prequantized`]).

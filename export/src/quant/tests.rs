@@ -11,7 +11,7 @@ fn ramp(n: usize) -> Vec<f32> {
 #[test]
 fn int4_codes_stay_in_range_and_the_extreme_is_exact() -> Result<()> {
     let w = ramp(4 * 64);
-    let q = quantize("w", &w, 4, 64, QuantBits::Int4, 32, false)?;
+    let q = quantize("w", &w, 4, 64, QuantBits::Int4, 32, ZeroPoints::None)?;
     assert!(q.codes.iter().all(|&c| (-8..=7).contains(&c)));
     assert_eq!(q.scales.len(), 8);
     let d = q.dequantize();
@@ -38,7 +38,7 @@ fn int4_codes_stay_in_range_and_the_extreme_is_exact() -> Result<()> {
 #[test]
 fn int8_error_is_at_most_half_a_step() -> Result<()> {
     let w = ramp(3 * 32);
-    let q = quantize("w", &w, 3, 32, QuantBits::Int8, 16, false)?;
+    let q = quantize("w", &w, 3, 32, QuantBits::Int8, 16, ZeroPoints::None)?;
     let d = q.dequantize();
     for (i, (a, b)) in w.iter().zip(&d).enumerate() {
         let step = q.scales[i / 16].abs();
@@ -59,7 +59,7 @@ fn block_size_must_divide_the_input_dim() {
         48,
         QuantBits::Int4,
         32,
-        false,
+        ZeroPoints::None,
     )
     .err()
     .map(|e| e.to_string())
@@ -84,7 +84,7 @@ fn packing_layouts() -> Result<()> {
             w.push(if r == 0 { c } else { -c * 0.5 });
         }
     }
-    let q = quantize("w", &w, 2, 32, QuantBits::Int4, 16, false)?;
+    let q = quantize("w", &w, 2, 32, QuantBits::Int4, 16, ZeroPoints::None)?;
     // Row 0 block 0: extreme is -8 → scale 1, codes equal the values.
     assert_eq!(q.scales[0], 1.0);
     assert_eq!(&q.codes[..16], &(-8..8).collect::<Vec<i8>>()[..]);
@@ -104,7 +104,15 @@ fn packing_layouts() -> Result<()> {
 
 #[test]
 fn zero_block_quantizes_to_zero() -> Result<()> {
-    let q = quantize("w", &[0.0; 32], 1, 32, QuantBits::Int4, 32, false)?;
+    let q = quantize(
+        "w",
+        &[0.0; 32],
+        1,
+        32,
+        QuantBits::Int4,
+        32,
+        ZeroPoints::None,
+    )?;
     assert!(q.dequantize().iter().all(|&x| x == 0.0));
     Ok(())
 }
@@ -131,7 +139,7 @@ fn zero_points_use_the_whole_code_range_keep_zero_exact_and_stay_within_a_step()
     w.extend((0..32).map(|i| -0.3 - i as f32 * 0.01));
     w.extend([0.0; 32]);
     for bits in [QuantBits::Int4, QuantBits::Int8] {
-        let q = quantize("w", &w, 1, 128, bits, 32, true)?;
+        let q = quantize("w", &w, 1, 128, bits, 32, ZeroPoints::Int)?;
         let z = q.zero_points.as_ref().expect("zero points");
         assert_eq!(z.len(), 4);
         let (lo, hi) = (bits.q_min() as i8, bits.q_max() as i8);
@@ -170,7 +178,7 @@ fn zero_points_beat_symmetric_blocks_on_one_sided_weights() -> Result<()> {
     let w: Vec<f32> = (0..256)
         .map(|i| 0.2 + ((i * 37 % 64) as f32) / 100.0)
         .collect();
-    let err = |zp: bool| -> Result<f32> {
+    let err = |zp: ZeroPoints| -> Result<f32> {
         let q = quantize("w", &w, 1, 256, QuantBits::Int4, 32, zp)?;
         Ok(w.iter()
             .zip(q.dequantize())
@@ -178,8 +186,101 @@ fn zero_points_beat_symmetric_blocks_on_one_sided_weights() -> Result<()> {
             .sum::<f32>()
             / w.len() as f32)
     };
-    let (sym, asym) = (err(false)?, err(true)?);
+    let (sym, asym) = (err(ZeroPoints::None)?, err(ZeroPoints::Int)?);
     assert!(asym < sym * 0.6, "asymmetric {asym} vs symmetric {sym}");
+    // A float minimum does not widen the range to hold 0, so its step is finer still.
+    let float = err(ZeroPoints::Float)?;
+    assert!(
+        float < asym * 0.8,
+        "float minimum {float} vs integer zero point {asym}"
+    );
+    Ok(())
+}
+
+/// A Q4_1 block as llama.cpp writes it: f16 scale `d` and minimum `m`, codes 0..=15 with both
+/// ends used; the weights are `m + d·q` in f32.
+fn q4_1_grid_rows(rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols / 32)
+        .flat_map(|b| {
+            let d = half::f16::from_f32(0.003 + (b % 7) as f32 * 0.0011).to_f32();
+            let m = half::f16::from_f32(-(0.9 + (b % 11) as f32 * 0.37) * 7.0 * d).to_f32();
+            (0..32).map(move |i| {
+                let q = match i {
+                    0 => 0,
+                    1 => 15,
+                    _ => (i * 7 + b * 3) % 16,
+                };
+                m + d * q as f32
+            })
+        })
+        .collect()
+}
+
+/// Relative tolerance of a value that should come back exactly up to f32 rounding.
+const F32_ROUNDING: f32 = 1e-6;
+
+#[test]
+fn float_zero_points_bring_back_q4_1_weights_exactly_and_integer_ones_cannot() -> Result<()> {
+    let (rows, cols) = (8, 128);
+    let w = q4_1_grid_rows(rows, cols);
+    let q = quantize("w", &w, rows, cols, QuantBits::Int4, 32, ZeroPoints::Float)?;
+    assert!(q.zero_points.is_none());
+    assert_eq!(q.offsets.as_ref().map(Vec::len), Some(rows * cols / 32));
+    assert!(q.codes.iter().all(|&c| (-8..=7).contains(&c)));
+    let amax = w.iter().fold(0f32, |a, x| a.max(x.abs()));
+    for (i, (a, b)) in w.iter().zip(q.dequantize()).enumerate() {
+        assert!(
+            (a - b).abs() <= F32_ROUNDING * amax,
+            "weight {i}: {a} came back as {b}"
+        );
+    }
+    // An integer zero point shifts the whole block by the minimum's distance to the grid.
+    let int = quantize("w", &w, rows, cols, QuantBits::Int4, 32, ZeroPoints::Int)?;
+    let worst = w
+        .iter()
+        .zip(int.dequantize())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst > 1e-4,
+        "integer zero points reproduced the Q4_1 grid ({worst})"
+    );
+    Ok(())
+}
+
+#[test]
+fn float_zero_point_blocks_stay_within_half_a_step_and_keep_constant_blocks_exact() -> Result<()> {
+    let w = ramp(2 * 64);
+    let q = quantize("w", &w, 2, 64, QuantBits::Int4, 32, ZeroPoints::Float)?;
+    for (b, block) in w.chunks(32).enumerate() {
+        let s = q.scales[b];
+        let lo = block.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert!(
+            (s - (hi - lo) / 15.0).abs() <= 1e-3 * s,
+            "block {b}: scale {s}"
+        );
+        let d = &q.dequantize()[b * 32..(b + 1) * 32];
+        for (a, r) in block.iter().zip(d) {
+            assert!(
+                (a - r).abs() <= 0.5 * s * (1.0 + 1e-3),
+                "block {b}: {a} → {r}"
+            );
+        }
+    }
+    let c = quantize(
+        "w",
+        &[0.25; 32],
+        1,
+        32,
+        QuantBits::Int4,
+        32,
+        ZeroPoints::Float,
+    )?;
+    assert!(c.dequantize().iter().all(|&x| x == 0.25));
+    // Transposed to [blocks, rows] for the block-sum correction.
+    let o = q.offsets.clone().expect("offsets");
+    assert_eq!(q.transposed_offsets(), Some(vec![o[0], o[2], o[1], o[3]]));
     Ok(())
 }
 
@@ -200,7 +301,7 @@ fn zero_point_packing_layouts() -> Result<()> {
             }
         }
     }
-    let q = quantize("w", &w, 2, 48, QuantBits::Int4, 16, true)?;
+    let q = quantize("w", &w, 2, 48, QuantBits::Int4, 16, ZeroPoints::Int)?;
     assert_eq!(
         q.zero_points.as_deref(),
         Some(&[-8i8, 7, -3, -8, 7, -3][..])
@@ -214,7 +315,7 @@ fn zero_point_packing_layouts() -> Result<()> {
     // (b0: -8, -8), (b1: 7, 7), (b2: -3, -3).
     assert_eq!(q.transposed_zero_points(), Some(vec![0x88, 0x77, 0xDD]));
     assert_eq!(
-        quantize("w", &w, 2, 48, QuantBits::Int4, 16, false)?.matmul_nbits_zero_points(),
+        quantize("w", &w, 2, 48, QuantBits::Int4, 16, ZeroPoints::None)?.matmul_nbits_zero_points(),
         None
     );
     Ok(())

@@ -79,7 +79,7 @@ fn uncorrelated_inputs_give_round_to_nearest_exactly() -> Result<()> {
     for i in 0..k {
         h[i * k + i] = 3.0;
     }
-    for zero_points in [false, true] {
+    for zero_points in [ZeroPoints::None, ZeroPoints::Int, ZeroPoints::Float] {
         for bits in [QuantBits::Int4, QuantBits::Int8] {
             let g = quantize_gptq(
                 "w",
@@ -93,7 +93,7 @@ fn uncorrelated_inputs_give_round_to_nearest_exactly() -> Result<()> {
                 &Default::default(),
             )?;
             let r = quantize("w", &w, n, k, bits, 32, zero_points)?;
-            assert_eq!(g, r, "{bits:?}, zero points {zero_points}");
+            assert_eq!(g, r, "{bits:?}, zero points {zero_points:?}");
         }
     }
     Ok(())
@@ -106,7 +106,7 @@ fn correlated_inputs_lose_less_than_round_to_nearest() -> Result<()> {
     let x = correlated_inputs(&mut rng, t, k);
     let h = hessian(&x, t, k);
     let w = weights(&mut rng, n, k);
-    for zero_points in [false, true] {
+    for zero_points in [ZeroPoints::None, ZeroPoints::Int, ZeroPoints::Float] {
         let g = quantize_gptq(
             "w",
             &w,
@@ -126,7 +126,7 @@ fn correlated_inputs_lose_less_than_round_to_nearest() -> Result<()> {
         );
         assert!(
             eg < GPTQ_ERROR_SHARE * er,
-            "zero points {zero_points}: GPTQ {eg:.4} vs round-to-nearest {er:.4}"
+            "zero points {zero_points:?}: GPTQ {eg:.4} vs round-to-nearest {er:.4}"
         );
     }
     Ok(())
@@ -149,8 +149,28 @@ fn a_batch_smaller_than_the_matrix_gives_the_same_result() -> Result<()> {
         batch: 32,
         ..Default::default()
     };
-    let a = quantize_gptq("w", &w, n, k, &h, QuantBits::Int4, 32, false, &one)?;
-    let b = quantize_gptq("w", &w, n, k, &h, QuantBits::Int4, 32, false, &small)?;
+    let a = quantize_gptq(
+        "w",
+        &w,
+        n,
+        k,
+        &h,
+        QuantBits::Int4,
+        32,
+        ZeroPoints::None,
+        &one,
+    )?;
+    let b = quantize_gptq(
+        "w",
+        &w,
+        n,
+        k,
+        &h,
+        QuantBits::Int4,
+        32,
+        ZeroPoints::None,
+        &small,
+    )?;
     assert_eq!(a, b);
     Ok(())
 }
@@ -174,7 +194,7 @@ fn an_input_no_token_reached_keeps_its_weight() -> Result<()> {
         &h,
         QuantBits::Int4,
         32,
-        false,
+        ZeroPoints::None,
         &Default::default(),
     )?;
     let d = g.dequantize();
@@ -201,7 +221,7 @@ fn bad_hessians_are_refused_naming_the_layer() {
         &[1.0; 31 * 31],
         QuantBits::Int4,
         32,
-        false,
+        ZeroPoints::None,
         &opts,
     )
     .unwrap_err()
@@ -209,9 +229,19 @@ fn bad_hessians_are_refused_naming_the_layer() {
     assert!(e.contains(name) && e.contains("32×32 Hessian"), "{e}");
     let mut h = vec![0f64; 32 * 32];
     h[33] = f64::NAN;
-    let e = quantize_gptq(name, &w, 2, 32, &h, QuantBits::Int4, 32, false, &opts)
-        .unwrap_err()
-        .to_string();
+    let e = quantize_gptq(
+        name,
+        &w,
+        2,
+        32,
+        &h,
+        QuantBits::Int4,
+        32,
+        ZeroPoints::None,
+        &opts,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("row 1, column 1"), "{e}");
     // Negative definite: damping cannot rescue it.
     let mut h = vec![0f64; 32 * 32];
@@ -221,11 +251,32 @@ fn bad_hessians_are_refused_naming_the_layer() {
     h[0] = 1.0;
     h[1] = -5000.0;
     h[32] = -5000.0;
-    let e = quantize_gptq(name, &w, 2, 32, &h, QuantBits::Int4, 32, false, &opts)
-        .unwrap_err()
-        .to_string();
+    let e = quantize_gptq(
+        name,
+        &w,
+        2,
+        32,
+        &h,
+        QuantBits::Int4,
+        32,
+        ZeroPoints::None,
+        &opts,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("not positive definite"), "{e}");
-    let e = quantize_gptq(name, &w, 2, 32, &h, QuantBits::Int4, 24, false, &opts).unwrap_err();
+    let e = quantize_gptq(
+        name,
+        &w,
+        2,
+        32,
+        &h,
+        QuantBits::Int4,
+        24,
+        ZeroPoints::None,
+        &opts,
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::BlockSize { .. }), "{e}");
 }
 
