@@ -11,7 +11,7 @@
 # Knobs (env): CKPT (the checkpoint; default: SmolLM2-135M-Instruct imported from the GGUF),
 # OUT (out/quant-float-zp), BIN_DIR (prebuilt binaries, else a release build), FORMS (int8
 # int4 int4-zp int4-fzp int4-zp-fphead int4-fzp-fphead), PROMPTS (8), NEW_TOKENS (256),
-# ROUNDS (3), THREADS (2), DECODE ("int4-zp int4-fzp").
+# ROUNDS (3), THREADS (2), DECODE ("int4-zp int4-fzp int4-fzp-og"; ratios against the first).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -22,7 +22,7 @@ PROMPTS="${PROMPTS:-8}"
 NEW_TOKENS="${NEW_TOKENS:-256}"
 ROUNDS="${ROUNDS:-3}"
 THREADS="${THREADS:-2}"
-DECODE="${DECODE:-int4-zp int4-fzp}"
+DECODE="${DECODE:-int4-zp int4-fzp int4-fzp-og}"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(bash scripts/install-ort.sh)}"
 steper_bin
 AGREE="${AGREE_BIN:-$ROOT/target/release/examples/quant_agreement}"
@@ -44,6 +44,7 @@ args_of() {
     int4-fzp) echo "--quantize int4 --zero-points float" ;;
     int4-zp-fphead) echo "--quantize int4 --zero-points int --quantize-lm-head false" ;;
     int4-fzp-fphead) echo "--quantize int4 --zero-points float --quantize-lm-head false" ;;
+    int4-fzp-og) echo "--quantize int4 --zero-points float --off-grid-int8" ;;
     *) echo "unknown form $1" >&2; exit 2 ;;
   esac
 }
@@ -78,9 +79,10 @@ for r in $(seq 1 "$ROUNDS"); do
     --prompt-tokens 128 --new-tokens 128 >"$OUT/decode-round$r.json"
 done
 
-python3 - "$OUT" "$FORMS" "$ROUNDS" <<'PY'
+python3 - "$OUT" "$FORMS" "$ROUNDS" "$DECODE" <<'PY'
 import json, statistics, sys, pathlib
 out, forms, rounds = pathlib.Path(sys.argv[1]), sys.argv[2].split(), int(sys.argv[3])
+decode = sys.argv[4].split()
 lines = ["| form | teacher-forced agreement | free-running agreement | common prefix (mean tokens) |",
          "|---|---:|---:|---:|"]
 for f in forms:
@@ -100,11 +102,13 @@ for name, rs in rows.items():
     lines.append(f"| {name} | {statistics.median(pre):.0f} | {statistics.median(dec):.1f} | "
                  + ", ".join(f"{d:.1f}" for d in dec) + " |")
 for att in ("standard", "gqa"):
-    a, b = rows.get(f"onnx-int4-zp-{att}"), rows.get(f"onnx-int4-fzp-{att}")
-    if a and b:
-        ratios = [y["decode_tok_s"] / x["decode_tok_s"] for x, y in zip(a, b)]
-        lines.append(f"\nfloat / integer zero points, {att} decode: median {statistics.median(ratios):.3f} "
-                     f"(rounds: {', '.join(f'{q:.3f}' for q in ratios)})")
+    base = rows.get(f"onnx-{decode[0]}-{att}")
+    for f in decode[1:]:
+        b = rows.get(f"onnx-{f}-{att}")
+        if base and b:
+            ratios = [y["decode_tok_s"] / x["decode_tok_s"] for x, y in zip(base, b)]
+            lines.append(f"\n{f} / {decode[0]}, {att} decode: median {statistics.median(ratios):.3f} "
+                         f"(rounds: {', '.join(f'{q:.3f}' for q in ratios)})")
 (out / "results.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

@@ -72,6 +72,10 @@ for q in $FORMS; do
     int4-fzp) args=(--quantize int4 --block-size "$BLOCK" --zero-points float) ;;
     int4-fzp-fphead) args=(--quantize int4 --block-size "$BLOCK" --zero-points float --quantize-lm-head false) ;;
     int4-gptq-fzp-fphead) calibrate; args=(--quantize int4 --block-size "$BLOCK" --zero-points float --calibration "$CALIB" --quantize-lm-head false) ;;
+    # The same with the layers training moved off the grid (and the Q8_0 vocabulary projection)
+    # in int8: int4 cannot hold an update smaller than its step.
+    int4-fzp-og) args=(--quantize int4 --block-size "$BLOCK" --zero-points float --off-grid-int8) ;;
+    int4-fzp-og-fphead) args=(--quantize int4 --block-size "$BLOCK" --zero-points float --off-grid-int8 --quantize-lm-head false) ;;
     *) echo "unknown form $q in FORMS" >&2; exit 2 ;;
   esac
   log "export $q"

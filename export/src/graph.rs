@@ -724,6 +724,9 @@ pub fn describe(q: &QuantOptions) -> String {
         },
         if q.lm_head { "quantized" } else { "float" }
     );
+    if q.off_grid_int8 {
+        s.push_str(", layers off the int4 grid in int8");
+    }
     s.push_str(", embedding lookup float");
     s
 }
@@ -754,7 +757,7 @@ fn quantized_linear(
             });
         }
         QuantTarget::Portable => {
-            let elem = match q.bits {
+            let elem = match bq.bits {
                 QuantBits::Int4 => Elem::I4,
                 QuantBits::Int8 => Elem::I8,
             };
@@ -805,6 +808,21 @@ fn fused_matmulnbits(
         .map(|n| quant::quantize_weight(w, n, q))
         .collect::<Result<Vec<_>>>()?;
     let k = parts[0].cols;
+    if let Some((n, p)) = names
+        .iter()
+        .zip(&parts)
+        .find(|(_, p)| p.bits != parts[0].bits)
+    {
+        return Err(Error::Tensor {
+            name: n.to_string(),
+            message: format!(
+                "quantized to {} while {} is {}, so the two cannot share one MatMulNBits",
+                p.bits.as_str(),
+                names[0],
+                parts[0].bits.as_str()
+            ),
+        });
+    }
     if let Some((n, p)) = names.iter().zip(&parts).find(|(_, p)| p.cols != k) {
         return Err(Error::Tensor {
             name: n.to_string(),
@@ -819,7 +837,7 @@ fn fused_matmulnbits(
         rows: parts.iter().map(|p| p.rows).sum(),
         cols: k,
         block_size: q.block_size,
-        bits: q.bits,
+        bits: parts[0].bits,
         codes: parts.iter().flat_map(|p| p.codes.iter().copied()).collect(),
         scales: parts
             .iter()

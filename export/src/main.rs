@@ -50,6 +50,11 @@ struct Args {
     /// --target ort-cpu only. Needs --quantize.
     #[arg(long, value_name = "none|int|float", num_args = 0..=1, default_missing_value = "int")]
     zero_points: Option<String>,
+    /// With --quantize int4 --zero-points float: a layer that int4 cannot reproduce exactly (one
+    /// that training moved off the GGUF's Q4_1 grid, e.g. the top layers of a student trained
+    /// with --top-layers) is quantized to int8 instead, so the update training made survives.
+    #[arg(long)]
+    off_grid_int8: bool,
     /// Quantize with GPTQ instead of round-to-nearest, using the Hessians that `steper-calibrate
     /// --hessians` wrote into this directory for this checkpoint's fp32 export (refused when made
     /// for another model). Needs --quantize; --verify recomputes the same codes from it.
@@ -123,6 +128,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
                     Some(z) => z.parse::<ZeroPoints>()?,
                     None => d.zero_points,
                 },
+                off_grid_int8: a.off_grid_int8,
             })
         }
         None => {
@@ -131,6 +137,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
                 (a.target.is_some(), "--target"),
                 (a.quantize_lm_head.is_some(), "--quantize-lm-head"),
                 (a.zero_points.is_some(), "--zero-points"),
+                (a.off_grid_int8, "--off-grid-int8"),
                 (a.calibration.is_some(), "--calibration"),
             ] {
                 if set {

@@ -344,6 +344,7 @@ fn int4_gqa_export_matches_candle_on_dequantized_weights() -> Result<()> {
             target: QuantTarget::OrtCpu,
             lm_head: true,
             zero_points,
+            off_grid_int8: false,
         };
         let x = export_both(&ExportOptions::quantized(q))?;
         let ck = steper_models::Checkpoint::load(&x.ckpt, DType::F32, &Device::Cpu)?;
@@ -498,6 +499,7 @@ fn gqa_is_refused_where_it_cannot_run_with_errors_naming_the_option() -> Result<
             target: QuantTarget::Portable,
             lm_head: true,
             zero_points: steper_export::ZeroPoints::None,
+            off_grid_int8: false,
         })
     };
     let fp16 = ExportOptions {

@@ -23,6 +23,7 @@ fn opts(bits: QuantBits, target: QuantTarget, block_size: usize, lm_head: bool) 
         target,
         lm_head,
         zero_points: ZeroPoints::None,
+        off_grid_int8: false,
     })
 }
 
@@ -523,6 +524,87 @@ fn verify_reports_agreement_for_a_quantized_export() -> Result<()> {
         assert_eq!(f.steps, 8);
         assert!((0.0..=1.0).contains(&f.top1_prompt) && (0.0..=1.0).contains(&f.greedy));
         assert!(b.pass, "{}: {}", b.backend, rep.tolerance.name);
+    }
+    Ok(())
+}
+
+#[test]
+fn off_grid_int8_keeps_layers_on_a_q4_1_grid_in_int4_and_quantizes_the_others_to_int8() -> Result<()>
+{
+    ensure_ort()?;
+    let tmp = tempfile::tempdir()?;
+    let ckpt = tmp.path().join("ckpt");
+    let cfg = tiny_config();
+    // Layer 0 snapped onto a Q4_1 grid (as if imported from a GGUF and left frozen by
+    // training); the other layers and the vocabulary projection stay random.
+    let w = tiny_weights(&cfg, 7)?;
+    let mut map = w.tensors().clone();
+    for p in steper_models::arch::Projection::ALL {
+        let name = p.weight_name(0);
+        let t = map[&name].to_dtype(DType::F32)?;
+        let (rows, cols) = t.dims2()?;
+        let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let bq = steper_export::quant::quantize(
+            &name,
+            &data,
+            rows,
+            cols,
+            QuantBits::Int4,
+            32,
+            ZeroPoints::Float,
+        )?;
+        let snapped = candle_core::Tensor::from_vec(bq.dequantize(), (rows, cols), &Device::Cpu)?;
+        map.insert(name, snapped.to_dtype(w.dtype())?);
+    }
+    steper_models::Checkpoint::save(&ckpt, &cfg, &steper_models::Weights::from_map(map), None)?;
+    write_tokenizer(&ckpt.join("tokenizer.json"), cfg.vocab_size)?;
+    let mut o = fopts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true);
+    if let Some(q) = o.quantize.as_mut() {
+        q.off_grid_int8 = true;
+    }
+    let out = tmp.path().join("export");
+    steper_export::export(&ckpt, &out, &o)?;
+    let m = graph(&out)?;
+    let g = m.graph.as_ref().context("graph")?;
+    let mut seen = 0;
+    for n in g.node.iter().filter(|n| n.op_type == "MatMulNBits") {
+        let bits = n
+            .attribute
+            .iter()
+            .find(|a| a.name == "bits")
+            .map(|a| a.i)
+            .context("bits")?;
+        let want = if n.input[1].starts_with("model.layers.0.") {
+            4
+        } else {
+            8
+        };
+        assert_eq!(bits, want, "{}", n.input[1]);
+        seen += 1;
+    }
+    assert!(seen > 2, "{seen} MatMulNBits");
+    let q = o.quantize.context("quantized options")?;
+    let manifest = steper_runtime::Manifest::load(&out.join("steper.json"))?;
+    let rec = manifest.quantization.context("quantization record")?;
+    assert!(rec.off_grid_int8);
+    assert_eq!(QuantOptions::from_record(&rec)?, q);
+    // The graph computes the mixed weights the reference dequantizes.
+    let r = dequantized_reference(&ckpt, &q, 8)?;
+    let (b, tol) = ort();
+    let rep = check_backend(&out, &b, &r, tol)?;
+    assert!(
+        rep.pass,
+        "max_rel {} top-1 {}",
+        rep.max_rel, rep.top1_agreement
+    );
+    // Only float zero points can tell a layer on the grid from one off it.
+    let mut bad = opts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true);
+    if let Some(q) = bad.quantize.as_mut() {
+        q.off_grid_int8 = true;
+    }
+    match steper_export::export(&ckpt, &tmp.path().join("bad"), &bad) {
+        Err(Error::Option { option, .. }) => assert_eq!(option, "--off-grid-int8"),
+        other => panic!("expected an --off-grid-int8 option error, got {other:?}"),
     }
     Ok(())
 }

@@ -107,6 +107,7 @@ fn quantized(bits: QuantBits, target: QuantTarget) -> ExportOptions {
         target,
         lm_head: true,
         zero_points: steper_export::ZeroPoints::None,
+        off_grid_int8: false,
     })
 }
 

@@ -192,6 +192,10 @@ pub struct WeightQuantization {
     /// product as a block-sum correction; absent or false: integer zero points.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub float_zero_points: bool,
+    /// Layers (and a vocabulary projection) that int4 could not reproduce exactly were quantized
+    /// to int8 instead (`steper-export --off-grid-int8`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub off_grid_int8: bool,
     /// Number of linear layers quantized.
     pub layers: usize,
     /// How the codes were chosen: `gptq` (second-order error compensation with calibration

@@ -224,6 +224,10 @@ pub struct QuantOptions {
     pub lm_head: bool,
     /// Symmetric blocks, integer zero points or float minimums.
     pub zero_points: ZeroPoints,
+    /// With int4 and float zero points: a layer (or the vocabulary projection) that int4 cannot
+    /// reproduce exactly — one training moved off its GGUF's Q4_1 grid — is quantized to int8
+    /// instead ([`off_grid`]).
+    pub off_grid_int8: bool,
 }
 
 impl QuantOptions {
@@ -235,12 +239,28 @@ impl QuantOptions {
             target: QuantTarget::OrtCpu,
             lm_head: true,
             zero_points: ZeroPoints::None,
+            off_grid_int8: false,
         }
     }
 
     /// Checks the combination before any weight is read: `MatMulNBits` needs a power-of-two
     /// block of at least 16 and a bit width in [`ORT_CPU_BITS`].
     pub fn check(&self) -> Result<()> {
+        if self.off_grid_int8
+            && (self.bits != QuantBits::Int4 || self.zero_points != ZeroPoints::Float)
+        {
+            return Err(Error::Option {
+                option: "--off-grid-int8",
+                expected: "--quantize int4 --zero-points float beside it (only float zero points \
+                           reproduce a layer that is still on its Q4_1 grid)"
+                    .into(),
+                got: format!(
+                    "--quantize {} --zero-points {}",
+                    self.bits.as_str(),
+                    self.zero_points.as_str()
+                ),
+            });
+        }
         match self.target {
             QuantTarget::OrtCpu => {
                 if self.block_size < 16 || !self.block_size.is_power_of_two() {
@@ -309,6 +329,7 @@ impl QuantOptions {
                 (true, false) => ZeroPoints::Int,
                 (false, false) => ZeroPoints::None,
             },
+            off_grid_int8: r.off_grid_int8,
         })
     }
 
@@ -323,6 +344,7 @@ impl QuantOptions {
             lm_head: self.lm_head,
             zero_points: self.zero_points != ZeroPoints::None,
             float_zero_points: self.zero_points == ZeroPoints::Float,
+            off_grid_int8: self.off_grid_int8,
             layers,
             method: None,
             damp: None,
@@ -414,9 +436,14 @@ pub fn quantize_weight_with(
             message: format!("expected a 2-D weight, got shape {shape:?}"),
         });
     };
+    let bits = if q.off_grid_int8 && off_grid(w, name, q)? {
+        QuantBits::Int8
+    } else {
+        q.bits
+    };
     match quantizer {
         Quantizer::RoundToNearest => {
-            quantize(name, &data, rows, cols, q.bits, q.block_size, q.zero_points)
+            quantize(name, &data, rows, cols, bits, q.block_size, q.zero_points)
         }
         Quantizer::Gptq { hessians, opts } => {
             let (k, h) = hessians.get(name).ok_or_else(|| Error::Tensor {
@@ -437,13 +464,65 @@ pub fn quantize_weight_with(
                 rows,
                 cols,
                 h,
-                q.bits,
+                bits,
                 q.block_size,
                 q.zero_points,
                 opts,
             )
         }
     }
+}
+
+/// Relative error (to the matrix's largest magnitude) under which int4 counts as reproducing a
+/// weight exactly: f32 rounding of `q · scale + offset`.
+pub const ON_GRID_TOLERANCE: f32 = 1e-5;
+
+/// Whether the weight `name` belongs to a unit that int4 blocks of `q`'s form cannot reproduce
+/// within [`ON_GRID_TOLERANCE`]: for a layer's projections, any of the layer's seven weights
+/// (they share fused kernels, so a layer is int4 or int8 as a whole); otherwise the weight
+/// itself. A layer imported from a Q4_1 GGUF and left frozen by training is on the grid; one
+/// that training moved is not, and its update is smaller than an int4 step (2 % of the weights'
+/// norm against ~7 % per element for SmolLM2's top 2 layers), so int4 would erase it.
+pub fn off_grid(w: &dyn WeightSource, name: &str, q: &QuantOptions) -> Result<bool> {
+    let layer = name
+        .strip_prefix("model.layers.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|l| l.parse::<usize>().ok());
+    let names: Vec<String> = match layer {
+        Some(l) => steper_models::arch::Projection::ALL
+            .iter()
+            .map(|p| p.weight_name(l))
+            .collect(),
+        None => vec![name.to_string()],
+    };
+    for n in &names {
+        let (data, shape) = w.tensor(n, false)?;
+        let [rows, cols] = shape[..] else {
+            return Err(Error::Tensor {
+                name: n.clone(),
+                message: format!("expected a 2-D weight, got shape {shape:?}"),
+            });
+        };
+        let bq = quantize(
+            n,
+            &data,
+            rows,
+            cols,
+            QuantBits::Int4,
+            q.block_size,
+            q.zero_points,
+        )?;
+        let amax = data.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let tol = ON_GRID_TOLERANCE * amax;
+        if data
+            .iter()
+            .zip(bq.dequantize())
+            .any(|(a, b)| (a - b).abs() > tol)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Every weight `q` quantizes ([`quantized_weights`]), quantized once with `quantizer`.
