@@ -221,7 +221,8 @@ pub fn export_with_calibration(
         }
         _ => None,
     };
-    // GPTQ codes are computed once, before the graph reads them.
+    // The codes are computed once, before the graph reads them (GPTQ's, or round-to-nearest
+    // with each layer's width decided once).
     let prequantized = match (&hessians, &opts.quantize) {
         (Some(h), Some(q)) => Some(quant::quantize_all(
             cfg,
@@ -232,6 +233,15 @@ pub fn export_with_calibration(
                 opts: gptq_opts,
             },
         )?),
+        (None, Some(q)) => {
+            q.check()?;
+            Some(quant::quantize_all(
+                cfg,
+                &ck.weights,
+                q,
+                &quant::Quantizer::RoundToNearest,
+            )?)
+        }
         _ => None,
     };
     let pre;

@@ -14,7 +14,7 @@ use steper_export::quant::{dequantized_checkpoint, ORT_CPU_BITS};
 use steper_export::verify::{check_backend, reference, Reference, Tolerance, INT_MATMULNBITS};
 use steper_export::{Error, ExportOptions, QuantBits, QuantOptions, QuantTarget, ZeroPoints};
 use steper_runtime::backend::{load_model, BackendKind, OrtOptions};
-use tract_onnx::pb::ModelProto;
+use tract_onnx::pb::{GraphProto, ModelProto, NodeProto};
 
 fn opts(bits: QuantBits, target: QuantTarget, block_size: usize, lm_head: bool) -> ExportOptions {
     ExportOptions::quantized(QuantOptions {
@@ -154,11 +154,7 @@ fn zero_points_are_in_the_graph_and_the_manifest() -> Result<()> {
     let x = export_quantized(&zopts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true))?;
     let m = graph(&x.out)?;
     let g = m.graph.as_ref().context("graph")?;
-    let nbits: Vec<_> = g
-        .node
-        .iter()
-        .filter(|n| n.op_type == "MatMulNBits")
-        .collect();
+    let nbits = nodes_of(g, "MatMulNBits");
     assert!(!nbits.is_empty());
     for n in &nbits {
         assert_eq!(n.input.len(), 4, "{}: zero_points input", n.name);
@@ -195,11 +191,7 @@ fn float_zero_points_add_one_block_sum_correction_per_matmulnbits_and_are_record
     let x = export_quantized(&fopts(QuantBits::Int4, QuantTarget::OrtCpu, 32, true))?;
     let m = graph(&x.out)?;
     let g = m.graph.as_ref().context("graph")?;
-    let nbits: Vec<_> = g
-        .node
-        .iter()
-        .filter(|n| n.op_type == "MatMulNBits")
-        .collect();
+    let nbits = nodes_of(g, "MatMulNBits");
     assert!(!nbits.is_empty());
     for n in &nbits {
         assert_eq!(n.input.len(), 3, "{}: no integer zero points", n.name);
@@ -322,11 +314,13 @@ fn graph(dir: &Path) -> Result<ModelProto> {
     )?)?)
 }
 
+/// The nodes of `g` with operator `op`.
+fn nodes_of<'g>(g: &'g GraphProto, op: &str) -> Vec<&'g NodeProto> {
+    g.node.iter().filter(|n| n.op_type == op).collect()
+}
+
 fn count(m: &ModelProto, op: &str) -> usize {
-    m.graph
-        .as_ref()
-        .map(|g| g.node.iter().filter(|n| n.op_type == op).count())
-        .unwrap_or(0)
+    m.graph.as_ref().map(|g| nodes_of(g, op).len()).unwrap_or(0)
 }
 
 #[test]
@@ -344,7 +338,7 @@ fn ort_cpu_graph_uses_matmulnbits_for_every_linear_layer_with_qkv_and_gate_up_fu
         .iter()
         .any(|o| o.domain == "com.microsoft" && o.version == 1));
     let g = m.graph.as_ref().context("graph")?;
-    for n in g.node.iter().filter(|n| n.op_type == "MatMulNBits") {
+    for n in nodes_of(g, "MatMulNBits") {
         assert_eq!(n.domain, "com.microsoft");
         let attr = |k: &str| n.attribute.iter().find(|a| a.name == k).map(|a| a.i);
         assert_eq!(attr("bits"), Some(4));
@@ -567,7 +561,7 @@ fn off_grid_int8_keeps_layers_on_a_q4_1_grid_in_int4_and_quantizes_the_others_to
     let m = graph(&out)?;
     let g = m.graph.as_ref().context("graph")?;
     let mut seen = 0;
-    for n in g.node.iter().filter(|n| n.op_type == "MatMulNBits") {
+    for n in nodes_of(g, "MatMulNBits") {
         let bits = n
             .attribute
             .iter()

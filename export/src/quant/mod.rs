@@ -429,17 +429,28 @@ pub fn quantize_weight_with(
     q: &QuantOptions,
     quantizer: &Quantizer<'_>,
 ) -> Result<BlockQuantized> {
+    let bits = if q.off_grid_int8 && off_grid(w, name, q)? {
+        QuantBits::Int8
+    } else {
+        q.bits
+    };
+    quantize_weight_at(w, name, q, bits, quantizer)
+}
+
+/// [`quantize_weight_with`] at the width `bits`, already decided.
+fn quantize_weight_at(
+    w: &dyn WeightSource,
+    name: &str,
+    q: &QuantOptions,
+    bits: QuantBits,
+    quantizer: &Quantizer<'_>,
+) -> Result<BlockQuantized> {
     let (data, shape) = w.tensor(name, false)?;
     let [rows, cols] = shape[..] else {
         return Err(Error::Tensor {
             name: name.into(),
             message: format!("expected a 2-D weight, got shape {shape:?}"),
         });
-    };
-    let bits = if q.off_grid_int8 && off_grid(w, name, q)? {
-        QuantBits::Int8
-    } else {
-        q.bits
     };
     match quantizer {
         Quantizer::RoundToNearest => {
@@ -484,11 +495,7 @@ pub const ON_GRID_TOLERANCE: f32 = 1e-5;
 /// that training moved is not, and its update is smaller than an int4 step (2 % of the weights'
 /// norm against ~7 % per element for SmolLM2's top 2 layers), so int4 would erase it.
 pub fn off_grid(w: &dyn WeightSource, name: &str, q: &QuantOptions) -> Result<bool> {
-    let layer = name
-        .strip_prefix("model.layers.")
-        .and_then(|r| r.split('.').next())
-        .and_then(|l| l.parse::<usize>().ok());
-    let names: Vec<String> = match layer {
+    let names: Vec<String> = match layer_of(name) {
         Some(l) => steper_models::arch::Projection::ALL
             .iter()
             .map(|p| p.weight_name(l))
@@ -525,17 +532,39 @@ pub fn off_grid(w: &dyn WeightSource, name: &str, q: &QuantOptions) -> Result<bo
     Ok(false)
 }
 
-/// Every weight `q` quantizes ([`quantized_weights`]), quantized once with `quantizer`.
+/// The decoder layer a weight belongs to (`model.layers.L.…`), if any.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|l| l.parse::<usize>().ok())
+}
+
+/// Every weight `q` quantizes ([`quantized_weights`]), quantized once with `quantizer`. With
+/// `--off-grid-int8` each layer's width is decided once ([`off_grid`]) for its seven weights.
 pub fn quantize_all(
     cfg: &LlamaConfig,
     w: &dyn WeightSource,
     q: &QuantOptions,
     quantizer: &Quantizer<'_>,
 ) -> Result<BTreeMap<String, BlockQuantized>> {
+    let mut layer_off_grid: BTreeMap<usize, bool> = BTreeMap::new();
     quantized_weights(cfg, q)
         .into_iter()
         .map(|name| {
-            let bq = quantize_weight_with(w, &name, q, quantizer)?;
+            let off = match (q.off_grid_int8, layer_of(&name)) {
+                (false, _) => false,
+                (true, Some(l)) => match layer_off_grid.get(&l) {
+                    Some(&off) => off,
+                    None => {
+                        let off = off_grid(w, &name, q)?;
+                        layer_off_grid.insert(l, off);
+                        off
+                    }
+                },
+                (true, None) => off_grid(w, &name, q)?,
+            };
+            let bits = if off { QuantBits::Int8 } else { q.bits };
+            let bq = quantize_weight_at(w, &name, q, bits, quantizer)?;
             Ok((name, bq))
         })
         .collect()
