@@ -179,7 +179,8 @@ pub use generator::{Generator, GeneratorInfo, Logits, LogitsMode, ProviderFallba
 pub use manifest::{Manifest, TEMPLATE_VERSION};
 pub use reasoning::{
     reason, reason_with, Decoding, Framework, GeneratorStepModel, HeldPassage, LoopOptions,
-    LoopRun, PassageRef, PromptPrefix, Reasoning, StepModel, StepOutput, StepRequest, StepTrace,
+    LoopRun, PassageRef, PromptLookup, PromptPrefix, Reasoning, StepModel, StepOutput, StepRequest,
+    StepTrace,
 };
 #[cfg(feature = "bm25")]
 pub use retrieval::Bm25Index;

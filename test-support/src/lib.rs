@@ -162,6 +162,9 @@ pub struct Tiny {
     pub student: PathBuf,
     /// The student's fp32 ONNX export (standard attention).
     pub export: PathBuf,
+    /// The same student exported with ONNX Runtime's `GroupQueryAttention` (`--attention gqa`;
+    /// ONNX Runtime only, run with the in-place KV cache).
+    pub export_gqa: PathBuf,
     /// A BM25 index of the world's corpus (read-only: tests that write an index make their own).
     pub index: PathBuf,
 }
@@ -215,6 +218,14 @@ fn build_tiny(dir: &Path) -> Result<()> {
         &student,
         &dir.join("export"),
         &steper_export::ExportOptions::default(),
+    )?;
+    steper_export::export(
+        &student,
+        &dir.join("export-gqa"),
+        &steper_export::ExportOptions {
+            attention: steper_export::AttentionOp::GroupQueryAttention,
+            ..steper_export::ExportOptions::default()
+        },
     )?;
     let docs = read_corpus(&corpus, ReadOptions::default())?.rows;
     build_index(&docs, &dir.join("index"), &corpus, IndexOptions::default())?;
@@ -306,6 +317,7 @@ fn make_tiny(root: &Path) -> Result<Tiny> {
         world: dir.join("world"),
         student: dir.join("student"),
         export: dir.join("export"),
+        export_gqa: dir.join("export-gqa"),
         index: dir.join("index"),
         dir,
     })

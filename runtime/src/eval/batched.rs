@@ -39,6 +39,13 @@ pub(crate) fn answer_batched(
             got: "0".into(),
         });
     }
+    if batch > 1 && options.prompt_lookup.is_some() {
+        return Err(Error::InvalidOption {
+            option: "batch".into(),
+            expected: "1 with prompt-lookup decoding (the batched step decodes one token per question and call)".into(),
+            got: batch.to_string(),
+        });
+    }
     let dec = engine
         .generator()
         .batch_decoder()

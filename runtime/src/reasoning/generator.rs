@@ -8,6 +8,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use super::lookup::PromptLookup;
 use super::model::{StepModel, StepOutput, StepRequest};
 use crate::answer::first_sentence;
 use crate::control::Cancel;
@@ -43,6 +44,7 @@ pub struct GeneratorStepModel<'a> {
     rng: u64,
     seq: Option<Sequence>,
     prefix: Option<Arc<PromptPrefix>>,
+    lookup: Option<PromptLookup>,
 }
 
 /// A text put before every step prompt (few-shot demonstrations), prefilled once: every
@@ -139,6 +141,7 @@ impl<'a> GeneratorStepModel<'a> {
             rng: 0,
             seq: None,
             prefix: None,
+            lookup: None,
         }
     }
 
@@ -158,6 +161,13 @@ impl<'a> GeneratorStepModel<'a> {
     /// Sets the decoding rule (greedy by default).
     pub fn with_decoding(mut self, decoding: Decoding) -> Self {
         self.decoding = decoding;
+        self
+    }
+
+    /// Turns prompt-lookup decoding on (`Some`) or off (`None`, the default). It drafts only
+    /// under greedy decoding; with sampling every token takes its own model call.
+    pub fn with_prompt_lookup(mut self, lookup: Option<PromptLookup>) -> Self {
+        self.lookup = lookup;
         self
     }
 
@@ -249,10 +259,32 @@ impl StepModel for GeneratorStepModel<'_> {
     fn generate(&mut self, req: &StepRequest<'_>) -> Result<StepOutput> {
         let check = || req.cancel.map_or(Ok(()), Cancel::check);
         check()?;
-        let (mut d, mut seq, mut logits) = self.prefill(req)?;
-        while let Some(id) = self.accept(&mut d, logits.last())? {
+        let (mut d, mut seq, logits) = self.prefill(req)?;
+        let lookup = match self.decoding {
+            Decoding::Greedy => self.lookup,
+            Decoding::Sample { .. } => None,
+        };
+        let mut next = self.accept(&mut d, logits.last())?;
+        let mut history = Vec::new();
+        while let Some(id) = next {
             check()?;
-            logits = self.generator.append(&mut seq, &[id], LogitsMode::Last)?;
+            // Tokens after `id` that could still be picked: a longer draft is wasted work.
+            let room = d.max_new.saturating_sub(d.picks);
+            let draft = match lookup {
+                Some(pl) if room > 0 => {
+                    history.clear();
+                    history.extend_from_slice(seq.tokens());
+                    history.push(id);
+                    pl.draft(&history, room)
+                }
+                _ => &[],
+            };
+            if draft.is_empty() {
+                let logits = self.generator.append(&mut seq, &[id], LogitsMode::Last)?;
+                next = self.accept(&mut d, logits.last())?;
+                continue;
+            }
+            next = self.verify(&mut d, &mut seq, id, draft)?;
         }
         Ok(self.finish(d, seq))
     }
@@ -359,6 +391,41 @@ impl GeneratorStepModel<'_> {
             return Ok(None);
         }
         Ok(Some(id))
+    }
+
+    /// Runs `id` and the prompt-lookup `draft` after it in one model call and accepts tokens
+    /// from its logits as one-token-per-call decoding would have: each drafted token is kept
+    /// while it is the token picked at its position, the first other pick is returned as the
+    /// next token to run, and the cache is cut back to the tokens kept.
+    fn verify(
+        &mut self,
+        d: &mut StepDecode,
+        seq: &mut Sequence,
+        id: u32,
+        draft: &[u32],
+    ) -> Result<Option<u32>> {
+        let base = seq.len();
+        let mut input = Vec::with_capacity(draft.len() + 1);
+        input.push(id);
+        input.extend_from_slice(draft);
+        let logits = self.generator.append(seq, &input, LogitsMode::All)?;
+        // Positions whose keys/values are what one-token decoding would have cached.
+        let mut kept = 0;
+        let mut next = None;
+        for row in 0..input.len() {
+            kept = row + 1;
+            match self.accept(d, logits.row(row))? {
+                Some(t) if draft.get(row) == Some(&t) => {}
+                other => {
+                    next = other;
+                    break;
+                }
+            }
+        }
+        if base + kept < seq.len() {
+            self.generator.truncate(seq, base + kept)?;
+        }
+        Ok(next)
     }
 
     /// Ends the step: keeps `seq` for the next step's reuse and returns the output.

@@ -47,6 +47,7 @@
 
 mod generator;
 mod ircot;
+mod lookup;
 mod model;
 mod options;
 mod self_ask;
@@ -59,6 +60,7 @@ pub(crate) mod tests;
 pub use crate::prompt::Framework;
 pub(crate) use generator::StepDecode;
 pub use generator::{Decoding, GeneratorStepModel, PromptPrefix};
+pub use lookup::PromptLookup;
 pub use model::{StepModel, StepOutput, StepRequest};
 pub use options::LoopOptions;
 pub use state::LoopRun;

@@ -3,6 +3,7 @@
 
 mod generator;
 mod ircot;
+mod lookup;
 mod self_ask;
 
 use std::collections::{HashMap, HashSet};
@@ -112,6 +113,12 @@ pub(crate) struct HashLm {
     pub period: u32,
     pub eos: u32,
     pub appended: Mutex<usize>,
+    /// Model calls ([`Generator::append`]) so far.
+    pub calls: Mutex<usize>,
+    /// Copies like an induction head: the next token is the one that followed the latest
+    /// earlier occurrence of the last two cached tokens, when there is one (what prompt-lookup
+    /// decoding drafts), else the hash's.
+    pub copy: bool,
 }
 
 /// Named tolerance: logits of the chosen token stand this far above the rest.
@@ -119,6 +126,15 @@ pub(crate) const FAKE_MARGIN: f32 = 4.0;
 
 impl HashLm {
     fn next(&self, cache: &[u32]) -> u32 {
+        if self.copy && cache.len() > 2 && cache.last() != Some(&self.period) {
+            let n = cache.len();
+            if let Some(s) = (0..n - 2)
+                .rev()
+                .find(|&s| cache[s..s + 2] == cache[n - 2..])
+            {
+                return cache[s + 2];
+            }
+        }
         let tail = &cache[cache.len().saturating_sub(6)..];
         let mut h: u64 = 1469598103934665603;
         for &t in tail {
@@ -152,6 +168,9 @@ impl Generator for HashLm {
     ) -> Result<crate::generator::Logits> {
         if let Ok(mut a) = self.appended.lock() {
             *a += tokens.len();
+        }
+        if let Ok(mut c) = self.calls.lock() {
+            *c += 1;
         }
         let cache = seq
             .cache_mut()
@@ -259,5 +278,7 @@ pub(crate) fn hash_lm(tok: &Tokenizer) -> Result<HashLm> {
         period: id(".")?,
         eos: id("[EOS]")?,
         appended: Mutex::new(0),
+        calls: Mutex::new(0),
+        copy: false,
     })
 }

@@ -155,6 +155,11 @@ pub struct EngineArgs {
     /// Prefill every step from scratch instead of reusing the KV cache of the common prefix.
     #[arg(long)]
     pub no_kv_reuse: bool,
+    /// Prompt-lookup decoding: draft up to N tokens copied from the prompt after the step's
+    /// last 3 (or 2) tokens and verify them in one model call. Greedy output is unchanged;
+    /// steps that restate a passage take fewer model calls. Not with `eval --batch` > 1.
+    #[arg(long, value_name = "N")]
+    pub prompt_lookup: Option<usize>,
     /// Maximum steps (default: the model's manifest).
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -201,6 +206,12 @@ impl EngineArgs {
         super::warn_fallbacks(engine.info());
         let mut opts = engine.default_options();
         opts.kv_reuse = !self.no_kv_reuse;
+        if let Some(n) = self.prompt_lookup {
+            let pl = steper_runtime::PromptLookup::with_max_draft(n);
+            pl.validate()
+                .with_context(|| format!("--prompt-lookup {n}"))?;
+            opts.prompt_lookup = Some(pl);
+        }
         if let Some(n) = self.max_steps {
             opts.loop_options.max_steps = n;
         }
