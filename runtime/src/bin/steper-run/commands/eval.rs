@@ -62,6 +62,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut v = serde_json::to_value(&summary)?;
     v["backend"] = serde_json::to_value(engine.info())?;
     v["kv_reuse"] = serde_json::json!(opts.kv_reuse);
+    v["prompt_lookup"] = serde_json::json!(opts.prompt_lookup);
     v["framework"] = serde_json::json!(opts.loop_options.framework);
     v["demos"] = serde_json::json!(a.engine.demos);
     v["batch"] = serde_json::json!(a.batch);
