@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import resource
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,13 @@ def write_atomic(path, data):
 
 def load1():
     return round(os.getloadavg()[0], 2)
+
+
+def cpu_children():
+    """CPU seconds (user + system) of the waited-for child processes so far: a stage's compute,
+    whatever else ran beside it and however long it was paused."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 class Runner:
@@ -323,10 +331,11 @@ class Runner:
             args += ["--sigma-lr", self.p["steper_sigma_lr"]]
         spent_file = run / "fit-seconds.json"
         spent = json.loads(spent_file.read_text()) if spent_file.exists() else []
-        t, l0 = time.time(), load1()
+        t, l0, c0 = time.time(), load1(), cpu_children()
         ended = self.sh(args, run / "fit.log", timeout=budget_s)
         spent.append({"seconds": round(time.time() - t, 1), "load_start": l0,
-                      "load_end": load1(), "ended": ended})
+                      "load_end": load1(), "ended": ended,
+                      "cpu_seconds": round(cpu_children() - c0, 1)})
         write_atomic(spent_file, json.dumps(spent))
         if not ended:
             return False
@@ -376,7 +385,7 @@ class Runner:
         if config == "fewshot":
             args += ["--demos", f"{DATA / 'ircot_prompts' / DEMO_FILES[dataset]}:"
                                 f"{self.p['demos']}"]
-        t, l0 = time.time(), load1()
+        t, l0, c0 = time.time(), load1(), cpu_children()
         if not self.sh(args, self.out / "logs" / f"{name}.log", timeout=budget_s):
             return False
         compact = []
@@ -397,7 +406,7 @@ class Runner:
         write_atomic(cfile, gzip.compress(("\n".join(compact) + "\n").encode(), mtime=0))
         s = json.loads(Path(f"{res}.summary.json").read_text())
         body = {"seconds": round(time.time() - t, 1), "load_start": l0, "load_end": load1(),
-                "questions": s["questions"], "errors": s["errors"], "em": s["em"],
+                "cpu_seconds": round(cpu_children() - c0, 1), "questions": s["questions"], "errors": s["errors"], "em": s["em"],
                 "f1": s["f1"], "acc": s["acc"], "forced_share": s["forced_share"],
                 "mean_steps": s["mean_steps"], "questions_per_sec": s["questions_per_sec"],
                 "reuse_ratio": s.get("reuse_ratio"), "range": [lo, hi]}
