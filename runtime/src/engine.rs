@@ -150,6 +150,7 @@ pub struct EngineBuilder {
     retriever: Option<Arc<dyn Retriever>>,
     loop_options: Option<LoopOptions>,
     chat_template: Option<ChatTemplate>,
+    prompt_lookup: Option<PromptLookup>,
 }
 
 impl EngineBuilder {
@@ -204,6 +205,14 @@ impl EngineBuilder {
     #[must_use]
     pub fn retriever(mut self, retriever: Arc<dyn Retriever>) -> Self {
         self.retriever = Some(retriever);
+        self
+    }
+
+    /// Prompt-lookup decoding in [`Engine::default_options`] (default: off); checked in
+    /// [`EngineBuilder::build`].
+    #[must_use]
+    pub fn prompt_lookup(mut self, lookup: PromptLookup) -> Self {
+        self.prompt_lookup = Some(lookup);
         self
     }
 
@@ -298,6 +307,9 @@ impl EngineBuilder {
             loop_options.prompt = PromptLayout::chat(template.with_leading_bos_stripped(adds_bos));
         }
         loop_options.validate()?;
+        if let Some(pl) = &self.prompt_lookup {
+            pl.validate()?;
+        }
         Ok(Engine {
             chat_template,
             generator,
@@ -307,6 +319,7 @@ impl EngineBuilder {
             manifest,
             model_dir,
             loop_options,
+            prompt_lookup: self.prompt_lookup,
             prefix: Mutex::new(None),
         })
     }
@@ -322,6 +335,7 @@ pub struct Engine {
     manifest: Option<Manifest>,
     model_dir: Option<PathBuf>,
     loop_options: LoopOptions,
+    prompt_lookup: Option<PromptLookup>,
     /// The last prompt prefix asked for, prefilled once (few-shot demonstrations are the same
     /// for every question of a run).
     prefix: Mutex<Option<Arc<PromptPrefix>>>,
@@ -343,10 +357,12 @@ impl Engine {
         EngineBuilder::default()
     }
 
-    /// Options from the model's manifest (or the builder's loop options), greedy, KV reuse on.
+    /// Options from the model's manifest (or the builder's loop options), greedy, KV reuse on,
+    /// the builder's prompt lookup (off unless set).
     pub fn default_options(&self) -> ReasonOptions {
         ReasonOptions {
             loop_options: self.loop_options.clone(),
+            prompt_lookup: self.prompt_lookup,
             ..ReasonOptions::default()
         }
     }

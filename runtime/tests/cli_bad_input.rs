@@ -121,3 +121,69 @@ fn foreign_index_directory_is_a_clear_error() -> Result<()> {
     assert!(!msg.contains("panicked"), "{msg}");
     Ok(())
 }
+
+#[test]
+fn prompt_lookup_settings_that_cannot_run_are_refused_naming_the_flag() -> Result<()> {
+    let tiny = steper_test_support::tiny()?;
+    let (model, index) = (path_str(&tiny.export), path_str(&tiny.index));
+    let dir = tempfile::tempdir()?;
+    let qa = dir.path().join("qa.jsonl");
+    std::fs::write(&qa, format!("{Q1}\n"))?;
+    let out = dir.path().join("eval.jsonl");
+    let eval = |extra: &[&str]| -> Result<Output> {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model,
+            "--index",
+            index,
+            "--data",
+            path_str(&qa),
+            "--out",
+            path_str(&out),
+        ];
+        args.extend_from_slice(extra);
+        steper_run(&args)
+    };
+    // No draft at all.
+    let o = eval(&["--prompt-lookup", "0"])?;
+    assert!(!o.status.success());
+    let msg = output_text(&o);
+    assert!(
+        msg.contains("--prompt-lookup 0") && msg.contains("at least 1"),
+        "{msg}"
+    );
+    // A batched evaluation cannot verify drafts.
+    let o = eval(&["--prompt-lookup", "4", "--batch", "2"])?;
+    assert!(!o.status.success());
+    let msg = output_text(&o);
+    assert!(
+        msg.contains("batch") && msg.contains("prompt-lookup"),
+        "{msg}"
+    );
+    // Nor can a batching server worker: refused before the model loads.
+    let o = steper_run(&[
+        "serve",
+        "--model",
+        model,
+        "--index",
+        index,
+        "--addr",
+        "127.0.0.1:0",
+        "--batch",
+        "2",
+        "--prompt-lookup",
+        "4",
+    ])?;
+    assert!(!o.status.success());
+    let msg = output_text(&o);
+    assert!(msg.contains("--prompt-lookup 4 needs --batch 1"), "{msg}");
+    assert!(!msg.contains("panicked"), "{msg}");
+    // With one question in flight it runs.
+    let o = eval(&["--prompt-lookup", "4", "--json"])?;
+    assert!(o.status.success(), "{}", output_text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(v["questions"], 1);
+    assert_eq!(v["prompt_lookup"]["max_draft"], 4);
+    Ok(())
+}

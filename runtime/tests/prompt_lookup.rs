@@ -150,3 +150,39 @@ fn batched_evaluation_refuses_prompt_lookup_naming_the_batch() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn an_engine_built_with_prompt_lookup_uses_it_by_default_and_refuses_a_bad_setting() -> Result<()> {
+    let tiny = steper_test_support::tiny()?;
+    let build = |pl: Option<PromptLookup>| {
+        let b = Engine::builder()
+            .model_dir(&tiny.export)
+            .backend(BackendKind::Ort(OrtOptions::default()))
+            .index(&tiny.index);
+        match pl {
+            Some(pl) => b.prompt_lookup(pl),
+            None => b,
+        }
+        .build()
+    };
+    let plain = build(None)?;
+    let looked = build(Some(PromptLookup::default()))?;
+    assert_eq!(plain.default_options().prompt_lookup, None);
+    assert_eq!(
+        looked.default_options().prompt_lookup,
+        Some(PromptLookup::default())
+    );
+    for q in tiny.questions("dev")?.iter().take(3) {
+        let a = plain.reason(&q.question, &plain.default_options())?;
+        let b = looked.reason(&q.question, &looked.default_options())?;
+        assert_eq!(a.answer, b.answer, "{}", q.id);
+        assert_eq!(a.sentences(), b.sentences(), "{}", q.id);
+    }
+    let e = build(Some(PromptLookup::with_max_draft(0)));
+    assert!(
+        matches!(&e, Err(Error::InvalidOption { option, .. }) if option == "prompt_lookup.max_draft"),
+        "{:?}",
+        e.map(|_| ())
+    );
+    Ok(())
+}

@@ -219,6 +219,15 @@ impl<'e> LoopSlot<'e> {
     /// The loop for `question` under `options` (its cancel token and observer included).
     pub(crate) fn new(engine: &'e Engine, question: &str, options: &ReasonOptions) -> Result<Self> {
         use crate::reasoning::StepModel;
+        if options.prompt_lookup.is_some() {
+            return Err(Error::InvalidOption {
+                option: "prompt_lookup".into(),
+                expected:
+                    "none in a batched loop (its step decodes one token per sequence and call)"
+                        .into(),
+                got: "a prompt-lookup setting".into(),
+            });
+        }
         let mut model = engine.step_model(options)?;
         let run =
             LoopRun::new(question, &options.loop_options)?.with_cancel(options.cancel.clone());

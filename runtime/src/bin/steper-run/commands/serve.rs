@@ -39,6 +39,11 @@ pub struct Args {
     /// (--workers 1).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub batch: usize,
+    /// Prompt-lookup decoding for reasoning requests (as `eval --prompt-lookup`): after each
+    /// picked token, up to N tokens copied from the prompt run in the same model call and are
+    /// kept while greedy decoding would have picked them. Needs --batch 1.
+    #[arg(long, value_name = "N")]
+    pub prompt_lookup: Option<usize>,
     /// Requests waiting for a worker before new ones get 503 + Retry-After.
     #[arg(long, default_value_t = 16)]
     pub max_queue: usize,
@@ -117,6 +122,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .try_init()
             .map_err(|e| anyhow::anyhow!("--log-requests: {e}"))?;
     }
+    let lookup = a
+        .prompt_lookup
+        .map(|n| -> anyhow::Result<steper_runtime::PromptLookup> {
+            let pl = steper_runtime::PromptLookup::with_max_draft(n);
+            pl.validate()
+                .with_context(|| format!("--prompt-lookup {n}"))?;
+            anyhow::ensure!(
+                a.batch == 1,
+                "--prompt-lookup {n} needs --batch 1, got --batch {}: a batching worker decodes one token per request and model call",
+                a.batch
+            );
+            Ok(pl)
+        })
+        .transpose()?;
     let arenas_capped = cap_malloc_arenas(a.malloc_arenas);
     let api_key = a.api_key_env.as_deref().map(api_key_from_env).transpose()?;
     let threads = super::threads_per_worker(a.threads, a.workers);
@@ -155,6 +174,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .model_dir(model)
             .backend(backend)
             .index(index);
+        let builder = match lookup {
+            Some(pl) => builder.prompt_lookup(pl),
+            None => builder,
+        };
         match loop_options {
             Some(o) => builder.loop_options(o),
             None => builder,
@@ -176,7 +199,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 "event": "ready", "addr": addr.to_string(), "load_seconds": t.elapsed().as_secs_f64(),
                 "workers": a.workers, "batch": a.batch, "max_queue": a.max_queue, "threads_per_worker": threads,
                 "pid": std::process::id(), "api_key_env": a.api_key_env,
-                "memory_pattern": a.memory_pattern,
+                "memory_pattern": a.memory_pattern, "prompt_lookup": a.prompt_lookup,
                 "malloc_arena_max": arenas_capped.then_some(a.malloc_arenas),
             })
         );
