@@ -472,13 +472,25 @@ def estimate(r, name):
     if not name.startswith("eval-"):
         return None if name.startswith("fit-") else 300
     config = re.fullmatch(r"eval-(.+)-\w+_\w+-c\d+", name).group(1)
-    done = sorted((r.sums / "stages").glob(f"eval-{config}-*.json")) or \
-        sorted((r.sums / "stages").glob("eval-*.json"))
-    sums = [json.loads(p.read_text()) for p in done]
-    quiet = [s for s in sums if s.get("load_start", QUIET_LOAD) < QUIET_LOAD] or sums
-    rates = [s["seconds"] / max(s["questions"], 1) for s in quiet]
-    per_q = max(rates) if rates else 12.0
-    return per_q * r.p["chunk"] * ESTIMATE_MARGIN
+    every = [json.loads(p.read_text()) for p in sorted((r.sums / "stages").glob("eval-*.json"))]
+    own = [json.loads(p.read_text())
+           for p in sorted((r.sums / "stages").glob(f"eval-{config}-*.json"))]
+
+    def quiet_seconds(s):
+        # the child processes' CPU time over the cores is what the stage costs on a quiet
+        # machine, however long it was paused or shared; older summaries have only wall time,
+        # which counts when the machine was quiet at the start
+        if "cpu_seconds" in s:
+            return s["cpu_seconds"] / (os.cpu_count() or 1)
+        return s["seconds"] if s.get("load_start", QUIET_LOAD) < QUIET_LOAD else None
+
+    for pool in (own, every):
+        rates = [q / max(s["questions"], 1) for s in pool
+                 if (q := quiet_seconds(s)) is not None]
+        if rates:
+            return max(rates) * r.p["chunk"] * ESTIMATE_MARGIN
+    rates = [s["seconds"] / max(s["questions"], 1) for s in every]
+    return (max(rates) if rates else 12.0) * r.p["chunk"] * ESTIMATE_MARGIN
 
 
 def cmd_list(r, _args):
