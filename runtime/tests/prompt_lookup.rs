@@ -3,71 +3,20 @@
 //! decoding on ONNX Runtime (the standard and the GroupQueryAttention export with its in-place
 //! cache) and tract; batched evaluation refuses it. Without the fixture the tests fail and say so.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
 use steper_runtime::eval::{evaluate, evaluate_batched, EvalOptions};
-use steper_runtime::{
-    load_model, BackendKind, Engine, Error, Generator, GeneratorInfo, Logits, LogitsMode,
-    OrtOptions, PromptLookup, Sequence,
-};
+use steper_runtime::{load_model, BackendKind, Engine, Error, Generator, OrtOptions, PromptLookup};
+use steper_test_support::hooked::{CallCounter, Hooked};
 
 /// Questions compared.
 const QUESTIONS: usize = 12;
 
-/// A generator that counts the model calls and cache cuts of the one it wraps.
-struct Counting {
-    inner: Arc<dyn Generator>,
-    calls: AtomicUsize,
-    cuts: AtomicUsize,
-}
-
-impl Counting {
-    /// (calls, cuts) since the last take.
-    fn take(&self) -> (usize, usize) {
-        (
-            self.calls.swap(0, Ordering::SeqCst),
-            self.cuts.swap(0, Ordering::SeqCst),
-        )
-    }
-}
-
-impl Generator for Counting {
-    fn info(&self) -> &GeneratorInfo {
-        self.inner.info()
-    }
-    fn new_sequence(&self) -> steper_runtime::Result<Sequence> {
-        self.inner.new_sequence()
-    }
-    fn append(
-        &self,
-        seq: &mut Sequence,
-        tokens: &[u32],
-        mode: LogitsMode,
-    ) -> steper_runtime::Result<Logits> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.append(seq, tokens, mode)
-    }
-    fn truncate(&self, seq: &mut Sequence, len: usize) -> steper_runtime::Result<()> {
-        if len < seq.len() {
-            self.cuts.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.truncate(seq, len)
-    }
-    fn fork(&self, seq: &Sequence, len: usize) -> steper_runtime::Result<Sequence> {
-        self.inner.fork(seq, len)
-    }
-}
-
 fn same_answers_with_and_without_lookup(backend: BackendKind, gqa: bool) -> Result<()> {
     let tiny = steper_test_support::tiny()?;
     let model = load_model(if gqa { &tiny.export_gqa } else { &tiny.export }, &backend)?;
-    let counting = Arc::new(Counting {
-        inner: model.generator,
-        calls: AtomicUsize::new(0),
-        cuts: AtomicUsize::new(0),
-    });
+    let counting = Arc::new(Hooked::new(model.generator, CallCounter::default()));
     let engine = Engine::builder()
         .generator(
             Arc::clone(&counting) as Arc<dyn Generator>,
@@ -88,14 +37,14 @@ fn same_answers_with_and_without_lookup(backend: BackendKind, gqa: bool) -> Resu
     };
     let plain = engine.default_options();
     let (s0, r0) = evaluate(&engine, &qa, &plain, &opts, None)?;
-    let (calls0, cuts0) = counting.take();
+    let (calls0, cuts0) = counting.hook.take();
     assert_eq!(s0.errors, 0, "{r0:?}");
     let generated: usize = r0.iter().flat_map(|r| &r.trace).map(|s| s.new_tokens).sum();
     assert!(generated > 3 * QUESTIONS, "{generated} tokens generated");
     for pl in [PromptLookup::default(), PromptLookup::with_max_draft(2)] {
         let looked = plain.clone().with_prompt_lookup(Some(pl));
         let (s1, r1) = evaluate(&engine, &qa, &looked, &opts, None)?;
-        let (calls, cuts) = counting.take();
+        let (calls, cuts) = counting.hook.take();
         assert_eq!(s1.errors, 0, "{r1:?}");
         for (a, b) in r0.iter().zip(&r1) {
             assert_eq!(a.prediction, b.prediction, "answer of {} ({pl:?})", a.id);

@@ -18,10 +18,8 @@ use steper_loadgen::load::{run_load, LoadEndpoint, LoadOptions};
 use steper_runtime::serve::{
     complete, sample, CompletionRequest, Endpoint, ErrorKind, ServeConfig, Server, ServerHandle,
 };
-use steper_runtime::{
-    load_model, BackendKind, Engine, Generator, GeneratorInfo, Logits, LogitsMode, OrtOptions,
-    Sequence,
-};
+use steper_runtime::{load_model, BackendKind, Engine, OrtOptions};
+use steper_test_support::hooked::{CallHook, Hooked};
 
 /// Client-side timeout of one request in these tests (a hung server fails the test instead of
 /// hanging it).
@@ -464,13 +462,8 @@ fn metrics_counters_move() -> Result<()> {
     Ok(())
 }
 
-/// Wraps a generator so the test decides when model calls may run: every `append` waits for
-/// the gate to open (at most [`POLL_LIMIT`], so a broken test cannot hang forever).
-struct Gated {
-    inner: Arc<dyn Generator>,
-    gate: Arc<Gate>,
-}
-
+/// Decides when the model calls of a wrapped generator ([`Hooked`]) may run: every `append`
+/// waits for the gate to open (at most [`POLL_LIMIT`], so a broken test cannot hang forever).
 #[derive(Default)]
 struct Gate {
     open: Mutex<bool>,
@@ -499,24 +492,9 @@ impl Gate {
     }
 }
 
-impl Generator for Gated {
-    fn info(&self) -> &GeneratorInfo {
-        self.inner.info()
-    }
-    fn new_sequence(&self) -> steper_runtime::Result<Sequence> {
-        self.inner.new_sequence()
-    }
-    fn append(
-        &self,
-        seq: &mut Sequence,
-        tokens: &[u32],
-        mode: LogitsMode,
-    ) -> steper_runtime::Result<Logits> {
-        self.gate.pass();
-        self.inner.append(seq, tokens, mode)
-    }
-    fn truncate(&self, seq: &mut Sequence, len: usize) -> steper_runtime::Result<()> {
-        self.inner.truncate(seq, len)
+impl CallHook for Gate {
+    fn on_append(&self, _tokens: &[u32]) {
+        self.pass();
     }
 }
 
@@ -525,10 +503,7 @@ fn gated_engine(f: &Fixture, gate: &Arc<Gate>) -> steper_runtime::Result<Engine>
     let eos = m.manifest.eos_token_ids.clone();
     Engine::builder()
         .generator(
-            Arc::new(Gated {
-                inner: m.generator,
-                gate: Arc::clone(gate),
-            }),
+            Arc::new(Hooked::new(m.generator, Arc::clone(gate))),
             m.tokenizer,
             &eos,
         )

@@ -14,11 +14,14 @@
 //! - [`cli`]: running a workspace binary and reading what it printed; [`kill`]: kill-anywhere
 //!   campaigns of a tool run as a child process; [`kv_ops`]: the operation lists and reference
 //!   of the KV-cache property tests.
+//! - [`hooked`]: a generator wrapper that counts (or holds back) the model calls of the one it
+//!   wraps.
 //!
 //! A missing fixture is an error naming what is missing; no test passes without its fixture.
 
 pub mod cli;
 pub mod fake_http;
+pub mod hooked;
 pub mod kill;
 pub mod kv_ops;
 
