@@ -5,8 +5,12 @@
 # side's questions/s, EM, F1, forced share and tokens, and the ratios.
 #
 # usage: experiments/llamacpp-loop/run.sh [LIMIT (100)] [QA (data/hotpotqa_dev500.jsonl.gz)]
+# A trained student instead of the base model: STUDENT=<checkpoint directory> (one imported from
+# the SmolLM2 GGUF by `steper-train import` and trained); llama.cpp then runs
+# `steper-export --format gguf` of it on that GGUF (its frozen tensors the GGUF's own Q4_1 blocks,
+# the trained ones GGUF_TYPE, q8_0 by default) and our exports are made from it.
 # env: BIN_DIR (prebuilt binaries, else a release build), OUT (out/llamacpp-loop), EXPORTS (our
-# export forms, "int4-gqa int8-gqa int4"; int4/int8 = --quantize, -gqa = --attention gqa),
+# export forms, "int4-gqa int8-gqa int4"; int4/int8 = --quantize, fp32 = none, -gqa = --attention gqa),
 # WORKERS (2) and THREADS (1: ONNX Runtime threads per worker) of `steper-run eval`, LLAMA_THREADS
 # (2), LLAMA_CPP_PYTHON (llama-cpp-python==0.3.36, built from its sdist into
 # .cache/llamacpp-venv on first use: no binary wheel exists).
@@ -42,10 +46,22 @@ else
   BIN="$ROOT/target/release"
 fi
 GGUF="$(bash scripts/fetch-smollm2.sh)"
-CKPT="$OUT/smollm2"
-if [[ ! -f "$CKPT/config.json" ]]; then
-  rm -rf "$CKPT"
-  "$BIN/steper-train" import --gguf "$GGUF" --out "$CKPT" >/dev/null
+if [[ -n "${STUDENT:-}" ]]; then
+  [[ -f "$STUDENT/config.json" ]] || { echo "STUDENT=$STUDENT: no config.json there" >&2; exit 1; }
+  CKPT="$STUDENT"
+  BASE_GGUF="$GGUF"
+  GGUF="$OUT/student.gguf"
+  if [[ ! -f "$GGUF" ]]; then
+    log "steper-export --format gguf (base $BASE_GGUF)"
+    "$BIN/steper-export" --checkpoint "$CKPT" --format gguf --gguf-base "$BASE_GGUF" \
+      --gguf-type "${GGUF_TYPE:-q8_0}" --out "$GGUF" --json >"$OUT/student-gguf.json"
+  fi
+else
+  CKPT="$OUT/smollm2"
+  if [[ ! -f "$CKPT/config.json" ]]; then
+    rm -rf "$CKPT"
+    "$BIN/steper-train" import --gguf "$GGUF" --out "$CKPT" >/dev/null
+  fi
 fi
 NAME="$(basename "$QA")"
 NAME="${NAME%.gz}"
@@ -61,7 +77,8 @@ for q in $EXPORTS; do
   if [[ ! -f "$OUT/onnx-$q/steper.json" ]]; then
     rm -rf "$OUT/onnx-$q"
     bits="${q%-gqa}"
-    args=(--quantize "$bits" --block-size 32)
+    args=()
+    [[ "$bits" != fp32 ]] && args+=(--quantize "$bits" --block-size 32)
     [[ "$q" == *-gqa ]] && args+=(--attention gqa)
     log "export $q"
     "$BIN/steper-export" --checkpoint "$CKPT" --out "$OUT/onnx-$q" "${args[@]}" >/dev/null
@@ -78,9 +95,9 @@ log "llama.cpp loop ($LLAMA_THREADS threads)"
 "$VENV/bin/python" "$ROOT/experiments/llamacpp-loop/ircot_llamacpp.py" "$GGUF" "$QA" "$LIMIT" \
   "$OUT/llamacpp-$NAME.json" --threads "$LLAMA_THREADS" >/dev/null
 
-python3 - "$OUT" "$NAME" "$EXPORTS" "$WORKERS" "$THREADS" <<'PY'
+python3 - "$OUT" "$NAME" "$EXPORTS" "$WORKERS" "$THREADS" "$GGUF" <<'PY'
 import json, sys
-out, name, exports, workers, threads = sys.argv[1], sys.argv[2], sys.argv[3].split(), *sys.argv[4:6]
+out, name, exports, workers, threads, gguf = sys.argv[1], sys.argv[2], sys.argv[3].split(), *sys.argv[4:7]
 theirs = json.load(open(f"{out}/llamacpp-{name}.json"))["summary"]
 rows = {}
 for q in exports:
@@ -92,5 +109,5 @@ for q in exports:
         "seconds": s["seconds"],
         "ratio_questions_per_sec": s["questions_per_sec"] / theirs["questions_per_sec"],
     }
-print(json.dumps({"llamacpp_python_loop": theirs, "steper_run": rows}, indent=1))
+print(json.dumps({"gguf": gguf, "llamacpp_python_loop": theirs, "steper_run": rows}, indent=1))
 PY

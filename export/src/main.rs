@@ -1,5 +1,6 @@
 //! `steper-export`: checkpoint → ONNX (KV cache) + manifest files, optionally verified against
-//! the candle model on ONNX Runtime and tract. Thin: argument parsing and dispatch.
+//! the candle model on ONNX Runtime and tract; or checkpoint → GGUF on its base GGUF
+//! (`--format gguf`, [`steper_models::gguf::export_gguf`]). Thin: argument parsing and dispatch.
 
 use std::path::PathBuf;
 
@@ -10,7 +11,8 @@ use steper_export::{
     QuantOptions, QuantTarget, ZeroPoints,
 };
 
-/// Export a STEPER checkpoint to ONNX with a KV cache.
+/// Export a STEPER checkpoint to ONNX with a KV cache (for steper-run), or to a GGUF file for
+/// llama.cpp on the base GGUF it was imported from (--format gguf).
 #[derive(Parser)]
 #[command(name = "steper-export", version, about)]
 struct Args {
@@ -94,6 +96,20 @@ struct Args {
     /// `--features cuda`).
     #[arg(long, visible_alias = "device", default_value = "cpu")]
     verify_device: steper_models::DeviceChoice,
+    /// Output format: onnx (a model directory for steper-run: ONNX Runtime, tract, TensorRT) or
+    /// gguf (one file for llama.cpp, llama-server, Ollama; --out is the file, --gguf-base the
+    /// GGUF the checkpoint was imported from, whose metadata and tokenizer are copied and whose
+    /// blocks are kept for every tensor training left unchanged).
+    #[arg(long, default_value = "onnx", value_name = "onnx|gguf")]
+    format: String,
+    /// With --format gguf: the GGUF the checkpoint was imported from (`steper-train import`);
+    /// refused when made for another model.
+    #[arg(long, value_name = "FILE")]
+    gguf_base: Option<PathBuf>,
+    /// With --format gguf: how the tensors training changed are stored (q8_0, f16 or f32;
+    /// default q8_0); norms and biases stay f32.
+    #[arg(long, value_name = "TYPE")]
+    gguf_type: Option<String>,
     /// Print the reports as JSON.
     #[arg(long)]
     json: bool,
@@ -113,6 +129,20 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(a: Args) -> anyhow::Result<bool> {
+    match a.format.as_str() {
+        "onnx" => {
+            for (set, name) in [
+                (a.gguf_base.is_some(), "--gguf-base"),
+                (a.gguf_type.is_some(), "--gguf-type"),
+            ] {
+                if set {
+                    anyhow::bail!("option `{name}` needs --format gguf");
+                }
+            }
+        }
+        "gguf" => return run_gguf(&a).map(|()| true),
+        other => anyhow::bail!("--format: expected onnx or gguf, got `{other}`"),
+    }
     let quantize = match &a.quantize {
         Some(bits) => {
             let d = QuantOptions::int4();
@@ -222,4 +252,61 @@ fn run(a: Args) -> anyhow::Result<bool> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
     Ok(v.pass)
+}
+
+/// `--format gguf`: the checkpoint as one llama.cpp file on the base GGUF it was imported from.
+fn run_gguf(a: &Args) -> anyhow::Result<()> {
+    for (set, name) in [
+        (a.quantize.is_some(), "--quantize"),
+        (a.block_size.is_some(), "--block-size"),
+        (a.target.is_some(), "--target"),
+        (a.quantize_lm_head.is_some(), "--quantize-lm-head"),
+        (a.zero_points.is_some(), "--zero-points"),
+        (a.off_grid_int8, "--off-grid-int8"),
+        (a.calibration.is_some(), "--calibration"),
+        (a.opset.is_some(), "--opset"),
+        (a.external_data, "--external-data"),
+        (a.verify, "--verify"),
+        (a.dtype != "fp32", "--dtype"),
+        (a.attention != "standard", "--attention"),
+    ] {
+        if set {
+            anyhow::bail!(
+                "option `{name}` is for --format onnx; a GGUF keeps the base's blocks for frozen tensors and --gguf-type for trained ones"
+            );
+        }
+    }
+    let base = a
+        .gguf_base
+        .as_deref()
+        .context("--format gguf needs --gguf-base FILE: the GGUF the checkpoint was imported from (its metadata and tokenizer are copied)")?;
+    if a.out.extension().and_then(|e| e.to_str()) != Some("gguf") {
+        anyhow::bail!(
+            "--out {}: with --format gguf the output is one file; expected a path ending in .gguf",
+            a.out.display()
+        );
+    }
+    let ty = match &a.gguf_type {
+        Some(t) => t.parse::<steper_models::gguf::GgufTensorType>()?,
+        None => steper_models::gguf::GgufTensorType::Q8_0,
+    };
+    let report = steper_models::gguf::export_gguf(&a.checkpoint, base, &a.out, ty)
+        .with_context(|| format!("exporting {} as GGUF", a.checkpoint.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        eprintln!(
+            "wrote {} ({} tensors: {} kept as the base {} stores them, {} rewritten as {}; {} MB)",
+            report.out.display(),
+            report.tensors,
+            report.copied,
+            base.display(),
+            report.rewritten.len(),
+            serde_json::to_value(report.trained_type)?
+                .as_str()
+                .unwrap_or_default(),
+            report.bytes / 1_000_000
+        );
+    }
+    Ok(())
 }

@@ -4,6 +4,10 @@
 /// Max abs difference tolerated between two f32 implementations of the same forward pass.
 pub const F32_LOGIT_ATOL: f32 = 1e-4;
 
+/// Q8_0 keeps 8 bits per weight with one f16 scale per 32: for normal(0, 0.02) weights the
+/// rounding error is below 0.02 * 4 / 127 ≈ 6e-4; a little slack for the scale's f16 rounding.
+pub const Q8_0_WEIGHT_ATOL: f32 = 1e-3;
+
 /// Max abs difference of two float slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");

@@ -5,13 +5,9 @@ mod common;
 use anyhow::Result;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{max_abs_diff, tiny_gguf_config, write_tiny_gguf, F32_LOGIT_ATOL};
+use common::{max_abs_diff, tiny_gguf_config, write_tiny_gguf, F32_LOGIT_ATOL, Q8_0_WEIGHT_ATOL};
 use steper_models::gguf::import_gguf;
 use steper_models::{Checkpoint, Weights};
-
-/// Q8_0 keeps 8 bits per weight with one f16 scale per 32: for normal(0, 0.02) weights the
-/// rounding error is below 0.02 * 4 / 127 ≈ 6e-4; a little slack for the scale's f16 rounding.
-const Q8_0_WEIGHT_ATOL: f32 = 1e-3;
 
 #[test]
 fn f32_gguf_imports_exactly_and_unpermutes_qk() -> Result<()> {

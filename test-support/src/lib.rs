@@ -14,6 +14,7 @@
 //! - [`cli`]: running a workspace binary and reading what it printed; [`kill`]: kill-anywhere
 //!   campaigns of a tool run as a child process; [`kv_ops`]: the operation lists and reference
 //!   of the KV-cache property tests.
+//! - [`gguf`]: what a GGUF file stores (tensor blocks, metadata), to compare two files.
 //! - [`hooked`]: a generator wrapper that counts (or holds back) the model calls of the one it
 //!   wraps.
 //!
@@ -21,6 +22,7 @@
 
 pub mod cli;
 pub mod fake_http;
+pub mod gguf;
 pub mod hooked;
 pub mod kill;
 pub mod kv_ops;

@@ -2,14 +2,15 @@
 //! `llama`, `qwen2`) into an HF-style checkpoint directory: every tensor dequantized to f32, Q/K
 //! rows un-permuted back to HF's RoPE layout where the family's converter permuted them (Llama,
 //! not Qwen2), tensor names mapped to HF names (biases included), `config.json` from the metadata and `tokenizer.json` rebuilt from the
-//! `tokenizer.ggml.*` metadata.
+//! `tokenizer.ggml.*` metadata. The way back, a trained checkpoint written as a GGUF that
+//! llama.cpp runs, is [`write`].
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::arch::{Family, Projection, LAYER_NORMS};
@@ -17,6 +18,10 @@ use crate::config::{LlamaConfig, TokenIds};
 use crate::error::{Error, Result};
 use crate::weights::{Weights, CONFIG_FILE, TOKENIZER_FILE};
 use steper_fsutil::{Existing, StagingDir};
+
+pub mod write;
+
+pub use write::{export_gguf, GgufExportReport, GgufTensorType};
 
 /// Tensor types this importer dequantizes (those candle's GGML kernels implement).
 pub const SUPPORTED_TYPES: &[GgmlDType] = &[
@@ -271,8 +276,9 @@ impl GgufFile {
         Ok(cfg)
     }
 
-    /// Dequantizes one tensor to f32 with its GGUF (row-major, reversed) shape.
-    fn dequantize(&mut self, name: &str) -> Result<Tensor> {
+    /// One tensor as stored (its blocks as they are in the file), with its GGUF (row-major,
+    /// reversed) shape.
+    fn read_stored(&mut self, name: &str) -> Result<QTensor> {
         let info = self
             .content
             .tensor_infos
@@ -284,16 +290,20 @@ impl GgufFile {
                 info.ggml_dtype
             )));
         }
-        let q = info
-            .read(
-                &mut self.file,
-                self.content.tensor_data_offset,
-                &Device::Cpu,
-            )
-            .map_err(|e| Error::Gguf {
-                path: self.path.clone(),
-                message: format!("tensor `{name}`: {e}"),
-            })?;
+        info.read(
+            &mut self.file,
+            self.content.tensor_data_offset,
+            &Device::Cpu,
+        )
+        .map_err(|e| Error::Gguf {
+            path: self.path.clone(),
+            message: format!("tensor `{name}`: {e}"),
+        })
+    }
+
+    /// Dequantizes one tensor to f32 with its GGUF (row-major, reversed) shape.
+    fn dequantize(&mut self, name: &str) -> Result<Tensor> {
+        let q = self.read_stored(name)?;
         let t = q.dequantize(&Device::Cpu)?;
         let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
@@ -307,44 +317,14 @@ impl GgufFile {
     /// All weights in HF layout and names, dequantized to f32.
     pub fn hf_weights(&mut self, cfg: &LlamaConfig) -> Result<Weights> {
         let mut w = Weights::default();
-        let fam = cfg.family();
-        let heads = cfg.num_attention_heads;
-        let kv = cfg.kv_heads();
-        w.insert(
-            "model.embed_tokens.weight",
-            self.dequantize("token_embd.weight")?,
-        );
-        w.insert("model.norm.weight", self.dequantize("output_norm.weight")?);
-        if !cfg.tie_word_embeddings {
-            w.insert("lm_head.weight", self.dequantize("output.weight")?);
-        }
-        for l in 0..cfg.num_hidden_layers {
-            for (hf, gg) in LAYER_NORMS {
-                let t = self.dequantize(&format!("blk.{l}.{gg}.weight"))?;
-                w.insert(format!("model.layers.{l}.{hf}.weight"), t);
-            }
-            for p in Projection::ALL {
-                // llama.cpp's `permute` for interleaved RoPE, undone for HF's half rotation.
-                let heads = match p {
-                    Projection::Q if fam.gguf_permutes_qk => Some(heads),
-                    Projection::K if fam.gguf_permutes_qk => Some(kv),
-                    _ => None,
-                };
-                let t = self.dequantize(&format!("blk.{l}.{}.weight", p.gguf()))?;
-                let t = match heads {
-                    Some(n) => unpermute_rope_rows(&t, n)?,
-                    None => t,
-                };
-                w.insert(p.weight_name(l), t);
-                if fam.has_bias(cfg, p) {
-                    let b = self.dequantize(&format!("blk.{l}.{}.bias", p.gguf()))?;
-                    let b = match heads {
-                        Some(n) => unpermute_rope_rows(&b.unsqueeze(1)?, n)?.squeeze(1)?,
-                        None => b,
-                    };
-                    w.insert(p.bias_name(l), b);
-                }
-            }
+        for m in tensor_map(cfg) {
+            let t = self.dequantize(&m.gguf)?;
+            // llama.cpp's `permute` for interleaved RoPE, undone for HF's half rotation.
+            let t = match m.permuted_heads {
+                Some(n) => m.map_rows(&t, |x| unpermute_rope_rows(x, n))?,
+                None => t,
+            };
+            w.insert(m.hf, t);
         }
         w.check(cfg, &self.path)?;
         Ok(w)
@@ -446,6 +426,81 @@ pub fn permute_rope_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)
+}
+
+/// How one GGUF tensor of a family's model maps onto its HF tensor.
+#[derive(Debug, Clone)]
+pub struct TensorMapping {
+    /// The GGUF name (`blk.0.attn_q.weight`).
+    pub gguf: String,
+    /// The HF name (`model.layers.0.self_attn.q_proj.weight`).
+    pub hf: String,
+    /// The head count of llama.cpp's Q/K row permutation, where the family's converter permutes
+    /// this tensor's rows.
+    pub permuted_heads: Option<usize>,
+    /// A bias (one dimension: its rows are permuted as a column).
+    pub bias: bool,
+}
+
+impl TensorMapping {
+    /// Applies a row operation (a permutation) to the tensor, a bias as a one-column matrix.
+    pub fn map_rows(&self, t: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        if self.bias {
+            Ok(f(&t.unsqueeze(1)?)?.squeeze(1)?)
+        } else {
+            f(t)
+        }
+    }
+}
+
+/// Every tensor of `cfg`'s model as llama.cpp's converter names and lays it out, in the
+/// converter's order (embedding, final norm, output head when untied, then per layer the norms,
+/// the projections and their biases).
+pub fn tensor_map(cfg: &LlamaConfig) -> Vec<TensorMapping> {
+    let fam = cfg.family();
+    let plain = |gguf: &str, hf: &str| TensorMapping {
+        gguf: gguf.into(),
+        hf: hf.into(),
+        permuted_heads: None,
+        bias: false,
+    };
+    let mut out = vec![
+        plain("token_embd.weight", "model.embed_tokens.weight"),
+        plain("output_norm.weight", "model.norm.weight"),
+    ];
+    if !cfg.tie_word_embeddings {
+        out.push(plain("output.weight", "lm_head.weight"));
+    }
+    for l in 0..cfg.num_hidden_layers {
+        for (hf, gg) in LAYER_NORMS {
+            out.push(plain(
+                &format!("blk.{l}.{gg}.weight"),
+                &format!("model.layers.{l}.{hf}.weight"),
+            ));
+        }
+        for p in Projection::ALL {
+            let heads = match p {
+                Projection::Q if fam.gguf_permutes_qk => Some(cfg.num_attention_heads),
+                Projection::K if fam.gguf_permutes_qk => Some(cfg.kv_heads()),
+                _ => None,
+            };
+            out.push(TensorMapping {
+                gguf: format!("blk.{l}.{}.weight", p.gguf()),
+                hf: p.weight_name(l),
+                permuted_heads: heads,
+                bias: false,
+            });
+            if fam.has_bias(cfg, p) {
+                out.push(TensorMapping {
+                    gguf: format!("blk.{l}.{}.bias", p.gguf()),
+                    hf: p.bias_name(l),
+                    permuted_heads: heads,
+                    bias: true,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Imports `gguf` into a new checkpoint directory `out` (`config.json`, `model.safetensors`,
