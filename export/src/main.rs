@@ -269,6 +269,13 @@ fn run_gguf(a: &Args) -> anyhow::Result<()> {
         (a.verify, "--verify"),
         (a.dtype != "fp32", "--dtype"),
         (a.attention != "standard", "--attention"),
+        (a.prompt_format != "plain", "--prompt-format"),
+        (
+            a.framework != steper_runtime::Framework::Ircot,
+            "--framework",
+        ),
+        (a.verify_prompt.is_some(), "--verify-prompt"),
+        (a.no_tract, "--no-tract"),
     ] {
         if set {
             anyhow::bail!(

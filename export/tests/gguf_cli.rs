@@ -18,7 +18,7 @@ fn options_that_do_not_apply_are_refused_by_name() -> Result<()> {
     let out = dir.path().join("s.gguf");
     let base = dir.path().join("base.gguf");
     let ck = path_str(student);
-    let cases: [(Vec<&str>, &str); 5] = [
+    let cases: [(Vec<&str>, &str); 6] = [
         (vec!["--format", "gguf"], "--gguf-base FILE"),
         (
             vec![
@@ -45,6 +45,17 @@ fn options_that_do_not_apply_are_refused_by_name() -> Result<()> {
         (
             vec!["--gguf-type", "q8_0"],
             "option `--gguf-type` needs --format gguf",
+        ),
+        (
+            vec![
+                "--format",
+                "gguf",
+                "--gguf-base",
+                path_str(&base),
+                "--framework",
+                "self-ask",
+            ],
+            "option `--framework` is for --format onnx",
         ),
         (
             vec!["--format", "ggml"],
