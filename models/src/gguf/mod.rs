@@ -3,7 +3,7 @@
 //! rows un-permuted back to HF's RoPE layout where the family's converter permuted them (Llama,
 //! not Qwen2), tensor names mapped to HF names (biases included), `config.json` from the metadata and `tokenizer.json` rebuilt from the
 //! `tokenizer.ggml.*` metadata. The way back, a trained checkpoint written as a GGUF that
-//! llama.cpp runs, is [`write`].
+//! llama.cpp runs, is [`export_gguf`] (module [`mod@write`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
