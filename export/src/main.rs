@@ -115,6 +115,20 @@ struct Args {
     json: bool,
 }
 
+impl Args {
+    /// The options that shape `--quantize` (whether each is set, its flag).
+    fn quantization_options(&self) -> [(bool, &'static str); 6] {
+        [
+            (self.block_size.is_some(), "--block-size"),
+            (self.target.is_some(), "--target"),
+            (self.quantize_lm_head.is_some(), "--quantize-lm-head"),
+            (self.zero_points.is_some(), "--zero-points"),
+            (self.off_grid_int8, "--off-grid-int8"),
+            (self.calibration.is_some(), "--calibration"),
+        ]
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     steper_runtime::backend::set_library_env(None);
@@ -162,14 +176,7 @@ fn run(a: Args) -> anyhow::Result<bool> {
             })
         }
         None => {
-            for (set, name) in [
-                (a.block_size.is_some(), "--block-size"),
-                (a.target.is_some(), "--target"),
-                (a.quantize_lm_head.is_some(), "--quantize-lm-head"),
-                (a.zero_points.is_some(), "--zero-points"),
-                (a.off_grid_int8, "--off-grid-int8"),
-                (a.calibration.is_some(), "--calibration"),
-            ] {
+            for (set, name) in a.quantization_options() {
                 if set {
                     anyhow::bail!("option `{name}` needs --quantize int4|int8");
                 }
@@ -256,14 +263,8 @@ fn run(a: Args) -> anyhow::Result<bool> {
 
 /// `--format gguf`: the checkpoint as one llama.cpp file on the base GGUF it was imported from.
 fn run_gguf(a: &Args) -> anyhow::Result<()> {
-    for (set, name) in [
+    let onnx_only = [
         (a.quantize.is_some(), "--quantize"),
-        (a.block_size.is_some(), "--block-size"),
-        (a.target.is_some(), "--target"),
-        (a.quantize_lm_head.is_some(), "--quantize-lm-head"),
-        (a.zero_points.is_some(), "--zero-points"),
-        (a.off_grid_int8, "--off-grid-int8"),
-        (a.calibration.is_some(), "--calibration"),
         (a.opset.is_some(), "--opset"),
         (a.external_data, "--external-data"),
         (a.verify, "--verify"),
@@ -276,7 +277,8 @@ fn run_gguf(a: &Args) -> anyhow::Result<()> {
         ),
         (a.verify_prompt.is_some(), "--verify-prompt"),
         (a.no_tract, "--no-tract"),
-    ] {
+    ];
+    for (set, name) in onnx_only.into_iter().chain(a.quantization_options()) {
         if set {
             anyhow::bail!(
                 "option `{name}` is for --format onnx; a GGUF keeps the base's blocks for frozen tensors and --gguf-type for trained ones"
